@@ -1,0 +1,31 @@
+# The two commands of a fresh machine: `make run` (install + whole pipeline on the sample data) and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install run test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+run: install  ## pull the versioned sample data and run prepare -> train -> evaluate
+	dvc pull
+	dvc repro
+	dvc metrics show
+
+test: install  ## the whole test suite (what .ci/run calls)
+	python -m pytest -q -ra
+
+test-fast: install  ## everything but the end-to-end tests that train
+	python -m pytest -q -ra -m "not slow"
+
+bench: install
+	python benchmarks/train_throughput.py
+
+clean:
+	rm -rf prepared models train eval/report mlruns mlflow.db

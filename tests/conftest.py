@@ -1,0 +1,46 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dfdetect.config import parse_params
+from dfdetect.sample_data import generate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_params(**sections):
+    """Params for fast tests: small images, few epochs, no MLflow model logging unless asked."""
+    raw = {
+        "seed": 7,
+        "prepare": {"image_size": 48, "min_size": 16},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 0.002, "early_stopping_patience": 0},
+        "mlflow": {"log_model": False},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_params(raw, "test params")
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample") / "data"
+    generate(root, {"train": 24, "val": 8, "test": 8}, size=64, seed=3)
+    return root
+
+
+@pytest.fixture
+def data_copy(sample_root, tmp_path) -> Path:
+    """A private copy of the small sample data set that a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(sample_root, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def prepared_small(sample_root, tmp_path_factory) -> Path:
+    from dfdetect.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(sample_root, out, small_params().prepare)
+    return out
