@@ -52,7 +52,7 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise ImageError(f"{name}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
+                raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS}")
             img.load()
         except ImageError:
             raise

@@ -1,4 +1,4 @@
-"""The shipped architectures. Each returns one logit per image: the evidence for "fake"."""
+"""The shipped architectures. Each gives one logit per image (N or N x 1): the evidence for "fake"."""
 
 from __future__ import annotations
 
@@ -33,27 +33,18 @@ class CustomCNN(nn.Module):
                                   nn.Dropout(dropout), nn.Linear(128, 1))
 
     def forward(self, x):
-        return self.head(self.pool(self.features(x))).squeeze(1)
-
-
-class _SqueezeLogit(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x).squeeze(1)
+        return self.head(self.pool(self.features(x)))
 
 
 @register_model("resnet50", imagenet_weights=tvm.ResNet50_Weights.IMAGENET1K_V2)
 def resnet50(dropout: float = 0.3) -> nn.Module:
     net = tvm.resnet50(weights=None)
     net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, 1))
-    return _SqueezeLogit(net)
+    return net
 
 
 @register_model("efficientnet_b0", imagenet_weights=tvm.EfficientNet_B0_Weights.IMAGENET1K_V1)
 def efficientnet_b0(dropout: float = 0.3) -> nn.Module:
     net = tvm.efficientnet_b0(weights=None)
     net.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.classifier[1].in_features, 1))
-    return _SqueezeLogit(net)
+    return net

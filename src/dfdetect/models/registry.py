@@ -1,6 +1,7 @@
 """The model registry: adding an architecture is one decorated class or function.
 
-Every model maps an N x 3 x H x W normalised batch to N logits of "fake" (label 1). Constructors only
+Every model maps an N x 3 x H x W normalised batch to N logits of "fake" (label 1); `create_model` wraps
+it in `Detector`, which flattens the output. Constructors only
 build the architecture; ImageNet weights are loaded afterwards, from a local file, by `create_model`.
 """
 
@@ -77,13 +78,24 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
+class Detector(nn.Module):
+    """Wraps any registered network so that every model returns a flat vector of N logits."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).reshape(-1)
+
+
 def create_model(params: ModelParams) -> nn.Module:
     spec = get_spec(params.name)
-    model = spec.build(dropout=params.dropout)
-    if params.pretrained:
+    net = spec.build(dropout=params.dropout)
+    if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
         path = imagenet_weights_file(spec, params.weights_path)
-        load_matching(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
-    return model
+        load_matching(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    return Detector(net)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,39 @@
+import torch
+
+from dfdetect.augment import augment_batch
+from dfdetect.config import AugmentParams
+
+
+def batch():
+    x = torch.zeros(8, 3, 16, 16)
+    x[:, :, :, :8] = 1.0  # left half white: a flip is visible
+    return x
+
+
+def test_same_generator_state_gives_same_augmentation():
+    p = AugmentParams()
+    a = augment_batch(batch(), p, torch.Generator().manual_seed(1))
+    b = augment_batch(batch(), p, torch.Generator().manual_seed(1))
+    c = augment_batch(batch(), p, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (8, 3, 16, 16) and a.min() >= 0 and a.max() <= 1
+
+
+def test_flip_only_flips_some_images_whole():
+    out = augment_batch(batch(), AugmentParams(hflip=True, rotation_degrees=0, color_jitter=0), torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(img, batch()[0].flip(-1))) for img in out]
+    kept = [bool(torch.equal(img, batch()[0])) for img in out]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def test_disabled_augmentation_is_identity():
+    out = augment_batch(batch(), AugmentParams(hflip=False, rotation_degrees=0, color_jitter=0), torch.Generator().manual_seed(0))
+    assert torch.equal(out, batch())
+
+
+def test_rotation_is_bounded_and_per_image():
+    x = torch.rand(4, 3, 32, 32)
+    out = augment_batch(x, AugmentParams(hflip=False, rotation_degrees=10, color_jitter=0), torch.Generator().manual_seed(0))
+    centre_diff = (out[:, :, 12:20, 12:20] - x[:, :, 12:20, 12:20]).abs().mean()
+    assert 0 < centre_diff < 0.3  # a small rotation moves pixels a little, not a scramble
+    assert not torch.equal(out[0] - x[0], out[1] - x[1])

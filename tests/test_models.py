@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from dfdetect.config import ModelParams
+from dfdetect.models import ModelError, available_models, count_parameters, create_model, register_model
+from dfdetect.models.registry import _MODELS
+
+
+def test_shipped_models_are_registered():
+    assert {"custom_cnn", "resnet50", "efficientnet_b0"} <= set(available_models())
+
+
+@pytest.mark.parametrize("name", ["custom_cnn", "resnet50", "efficientnet_b0"])
+def test_each_model_gives_one_logit_per_image(name):
+    model = create_model(ModelParams(name=name)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2,)
+
+
+def test_custom_cnn_is_compact():
+    model = create_model(ModelParams(name="custom_cnn"))
+    assert count_parameters(model) < 5_000_000
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    assert any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_unknown_model_lists_the_registry():
+    with pytest.raises(ModelError, match=r"model.name: unknown model 'vgg'.*custom_cnn"):
+        create_model(ModelParams(name="vgg"))
+
+
+def test_adding_a_model_is_one_decorated_class():
+    @register_model("test_tiny")
+    class Tiny(nn.Module):
+        def __init__(self, dropout=0.0):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.fc(x.mean(dim=(2, 3))).squeeze(1)
+
+    try:
+        assert create_model(ModelParams(name="test_tiny"))(torch.zeros(4, 3, 8, 8)).shape == (4,)
+        with pytest.raises(ModelError, match="registered twice"):
+            register_model("test_tiny")(Tiny)
+    finally:
+        _MODELS.pop("test_tiny")
+
+
+def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ModelError) as err:
+        create_model(ModelParams(name="resnet50", pretrained=True))
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert f"not found at {expected}" in str(err.value)
+    assert "Nothing is downloaded" in str(err.value) and "model.weights_path" in str(err.value)
+
+
+def test_custom_cnn_has_no_imagenet_weights():
+    with pytest.raises(ModelError, match="has no ImageNet weights"):
+        create_model(ModelParams(name="custom_cnn", pretrained=True))
+
+
+def test_imagenet_weights_load_from_a_user_file(tmp_path):
+    reference = tvm.efficientnet_b0(weights=None)  # stands in for the ImageNet file: same names and shapes
+    path = tmp_path / "effnet.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model(ModelParams(name="efficientnet_b0", pretrained=True, weights_path=str(path)))
+    loaded = model.net.features[0][0].weight  # Detector.net is the torchvision network
+    assert torch.equal(loaded, reference.features[0][0].weight)
+
+
+def test_a_wrong_weights_file_is_refused(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save(tvm.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ModelError, match="tensors match this model; wrong file"):
+        create_model(ModelParams(name="resnet50", pretrained=True, weights_path=str(path)))

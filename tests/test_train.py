@@ -1,0 +1,93 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from dfdetect import checkpoint
+from dfdetect.checkpoint import CheckpointError
+from dfdetect.train import TrainError, train
+from conftest import small_params
+
+
+def _history(path):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(path))]
+
+
+def test_training_writes_checkpoints_history_and_metrics(prepared_small, tmp_path):
+    result = train(small_params(), prepared_small, tmp_path / "models", tmp_path / "history.csv",
+                   tmp_path / "metrics.json", track=False)
+    assert result.completed and result.epochs_run == 3 and 1 <= result.best_epoch <= 3
+    rows = _history(tmp_path / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == result.best_epoch
+    best = checkpoint.load(tmp_path / "models" / "best.pt")
+    assert best["label_map"] == {"real": 0, "fake": 1}
+    assert best["preprocess"]["image_size"] == 48 and best["epoch"] == result.best_epoch
+    assert 0.0 <= best["threshold"] <= 1.0
+    summary = json.loads((tmp_path / "models" / "summary.json").read_text())
+    assert summary["best_epoch"] == result.best_epoch and summary["model"] == "custom_cnn"
+    assert not list((tmp_path / "models").glob("*.tmp")) and not list((tmp_path / "models").glob(".*"))
+
+
+@pytest.mark.parametrize("recipe", [{"optimizer": "sgd", "scheduler": "step", "step_size": 1},
+                                    {"optimizer": "adam", "scheduler": "cosine"}])
+def test_resume_gives_the_same_weights_and_metrics(prepared_small, tmp_path, recipe):
+    params = small_params(train=recipe)
+    straight = train(params, prepared_small, tmp_path / "a", tmp_path / "a.csv", track=False)
+
+    first = train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", stop_after_epochs=1, track=False)
+    assert not first.completed and first.epochs_run == 1
+    assert not (tmp_path / "b" / "summary.json").exists()
+    resumed = train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", resume=tmp_path / "b" / "last.pt", track=False)
+
+    assert resumed.completed and resumed.epochs_run == 3
+    assert (resumed.best_epoch, resumed.best_val_auc, resumed.threshold) == (straight.best_epoch, straight.best_val_auc, straight.threshold)
+    assert _history(tmp_path / "a.csv") == _history(tmp_path / "b.csv")
+    for name in ("last.pt", "best.pt"):
+        a, b = checkpoint.load(tmp_path / "a" / name), checkpoint.load(tmp_path / "b" / name)
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for key in a["state_dict"]:
+            assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_resume_with_changed_params_is_refused(prepared_small, tmp_path):
+    train(small_params(), prepared_small, tmp_path / "m", stop_after_epochs=1, track=False)
+    with pytest.raises(TrainError, match=r"params differ.*\n  train.lr: checkpoint 0.002, now 0.01"):
+        train(small_params(train={"lr": 0.01}), prepared_small, tmp_path / "m", resume=tmp_path / "m" / "last.pt", track=False)
+
+
+def test_early_stopping_stops_when_val_auc_stalls(prepared_small, tmp_path):
+    params = small_params(train={"epochs": 30, "early_stopping_patience": 1, "lr": 1e-9})
+    result = train(params, prepared_small, tmp_path / "m", track=False)
+    assert result.stopped_early and result.completed and result.epochs_run < 30
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a loadable checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="foreign.pt: not a dfdetect-checkpoint/1 checkpoint"):
+        checkpoint.load(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        checkpoint.load(tmp_path / "absent.pt")
+
+
+def test_inverted_label_map_is_refused(tmp_path):
+    checkpoint.save(tmp_path / "old.pt", {"model": {}, "state_dict": {}, "preprocess": {}})
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    state["label_map"] = {"fake": 0, "real": 1}  # the original service's alphabetical map
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="differs from dfdetect's"):
+        checkpoint.load(tmp_path / "old.pt")
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "dfdetect-checkpoint/1", "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        checkpoint.load(tmp_path / "evil.pt")
