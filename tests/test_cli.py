@@ -1,0 +1,56 @@
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from dfdetect.cli import app
+from conftest import REPO
+
+runner = CliRunner()
+
+
+def test_unknown_params_key_fails_before_any_work(tmp_path, data_copy):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((REPO / "params.yaml").read_text().replace("  lr: 0.002", "  lr: 0.002\n  learnign_rate: 0.1"))
+    result = runner.invoke(app, ["prepare", "--params", str(bad), "--data", str(data_copy), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "train.learnign_rate: unknown key (value 0.1)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_split_via_cli(tmp_path, data_copy):
+    shutil.rmtree(data_copy / "train")
+    result = runner.invoke(app, ["prepare", "--params", str(REPO / "params.yaml"), "--data", str(data_copy),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "missing split folder 'train'" in result.output
+
+
+@pytest.mark.parametrize("command", ["sample-data", "prepare", "train", "evaluate", "predict", "check-params"])
+def test_every_command_explains_its_options(command):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "--params" in result.output or "--checkpoint" in result.output
+    assert "Usage" in result.output
+
+
+def test_train_with_missing_prepared_data_says_what_to_run(tmp_path):
+    result = runner.invoke(app, ["train", "--params", str(REPO / "params.yaml"), "--prepared", str(tmp_path / "none"),
+                                 "--models", str(tmp_path / "m"), "--no-mlflow"])
+    assert result.exit_code == 2
+    assert "run `dfdetect prepare` first" in result.output
+
+
+def test_predict_reports_unreadable_images_and_classifies_the_rest(prepared_small, tmp_path, sample_root):
+    from dfdetect.train import train
+    from conftest import small_params
+
+    train(small_params(train={"epochs": 1}), prepared_small, tmp_path / "m", track=False)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xffnope")
+    good = next((sample_root / "test" / "fake").iterdir())
+    result = runner.invoke(app, ["predict", str(good), str(tmp_path / "broken.jpg"), "--checkpoint", str(tmp_path / "m" / "best.pt")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert lines[0]["label"] in ("real", "fake") and 0.0 <= lines[0]["fake_probability"] <= 1.0
+    assert "broken.jpg: not a readable image" in lines[1]["error"]

@@ -1,0 +1,124 @@
+"""End to end: `dvc repro` in a fresh copy of the repository on the versioned sample data, tracked in MLflow.
+
+Also the label-map regression: known fakes come out "fake" in evaluation, from the checkpoint, from the
+MLflow model and from the CLI (the original service inverted every verdict).
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def run(cmd, cwd, env, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh copy of the working tree (what a clone holds), its own git repo, data pulled from the DVC remote."""
+    dst = tmp_path_factory.mktemp("clone") / "dfdetect"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{dst.parent / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    run(["git", "init", "-q"], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "clone"], dst, env)
+    run(["dvc", "pull", "data.dvc"], dst, env)
+    assert len(list((dst / "data").rglob("*.jpg"))) == 1000
+    out = run(["dvc", "repro"], dst, env)
+    return dst, env, out
+
+
+def test_repro_runs_every_stage_and_reaches_a_good_auc(project):
+    dst, env, out = project
+    for stage in ("prepare", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((dst / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_real"] == metrics["n_fake"] == 100
+    assert metrics["roc_auc"] >= 0.9, metrics
+    for key in ("accuracy", "precision", "recall", "f1", "average_precision", "eer", "threshold"):
+        assert key in metrics
+    for plot in ("roc.csv", "pr.csv", "confusion.csv"):
+        assert (dst / "eval" / "plots" / plot).stat().st_size > 0
+    assert len((dst / "train" / "history.csv").read_text().splitlines()) >= 2
+
+
+def test_second_repro_is_a_no_op(project):
+    dst, env, _ = project
+    out = run(["dvc", "repro"], dst, env)
+    assert "Data and pipelines are up to date." in out
+    assert "Running stage" not in out
+
+
+def test_known_fakes_are_called_fake_all_the_way(project):
+    from dfdetect.inference import Predictor
+    from dfdetect.preprocessing import decode_image
+
+    dst, env, _ = project
+    rows = list(csv.DictReader((dst / "eval" / "report" / "predictions.csv").open()))
+    fakes = [r for r in rows if r["path"].startswith("test/fake/")]
+    reals = [r for r in rows if r["path"].startswith("test/real/")]
+    assert all(r["label"] == "1" for r in fakes) and all(r["label"] == "0" for r in reals)
+    assert sum(r["predicted"] == "1" for r in fakes) >= 0.9 * len(fakes)
+    assert sum(r["predicted"] == "0" for r in reals) >= 0.9 * len(reals)
+
+    images = [decode_image((dst / "data" / r["path"]).read_bytes()) for r in fakes[:10] + reals[:10]]
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    run_id = json.loads((dst / "models" / "summary.json").read_text())["run_id"]
+    for predictor in (Predictor.from_checkpoint(dst / "models" / "best.pt"), Predictor.from_mlflow(f"runs:/{run_id}/model")):
+        labels = [v.label for v in predictor.verdicts(images)]
+        assert labels[:10].count("fake") >= 9 and labels[10:].count("real") >= 9, (predictor.source, labels)
+
+    out = run(["dfdetect", "predict", str(dst / "data" / fakes[0]["path"]), "--checkpoint", str(dst / "models" / "best.pt")], dst, env)
+    assert json.loads(out.strip().splitlines()[-1])["label"] == ("fake" if fakes[0]["predicted"] == "1" else "real")
+
+
+def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
+    import mlflow
+
+    dst, env, _ = project
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run_id = json.loads((dst / "models" / "summary.json").read_text())["run_id"]
+    run_ = client.get_run(run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.lr"] == "0.002" and run_.data.params["model.name"] == "custom_cnn"
+    md5 = yaml.safe_load((dst / "data.dvc").read_text())["outs"][0]["md5"]
+    assert run_.data.tags["dfdetect.data_version"] == md5
+    assert len(run_.data.tags["dfdetect.git_commit"]) >= 40
+    epochs = len((dst / "train" / "history.csv").read_text().splitlines()) - 1
+    assert len(client.get_metric_history(run_id, "val_auc")) == epochs
+    assert run_.data.metrics["test_roc_auc"] == json.loads((dst / "eval" / "metrics.json").read_text())["roc_auc"]
+    artifacts = {a.path for folder in ("training", "evaluation", "checkpoint") for a in client.list_artifacts(run_id, folder)}
+    assert {"training/training_curves.png", "evaluation/roc.png", "evaluation/confusion.png", "checkpoint/best.pt"} <= artifacts
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert info.metadata["label_map"] == {"real": 0, "fake": 1}
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 128, 128]
+
+
+def test_dvc_experiment_with_a_changed_param(project):
+    dst, env, _ = project
+    out = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=0.0005", "-S", "train.epochs=2"], dst, env)
+    assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], dst, env))
+    flat = json.dumps(shown)
+    assert '"lr": 0.0005' in flat
