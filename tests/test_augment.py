@@ -37,3 +37,17 @@ def test_rotation_is_bounded_and_per_image():
     centre_diff = (out[:, :, 12:20, 12:20] - x[:, :, 12:20, 12:20]).abs().mean()
     assert 0 < centre_diff < 0.3  # a small rotation moves pixels a little, not a scramble
     assert not torch.equal(out[0] - x[0], out[1] - x[1])
+
+
+def test_colour_jitter_matches_torchvision_v2_formulas():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.rand(3, 3, 24, 24)
+    params = AugmentParams(hflip=False, rotation_degrees=0, color_jitter=0.3)
+    out = augment_batch(x.clone(), params, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=gen), torch.rand(3, generator=gen)  # the flip and angle draws
+    b, c, s = (torch.rand(3, generator=gen) * 0.6 + 0.7 for _ in range(3))
+    for i in range(3):
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b[i].item()), c[i].item()), s[i].item())
+        assert torch.allclose(out[i], ref, atol=1e-5)

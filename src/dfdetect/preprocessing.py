@@ -75,10 +75,12 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def standardize(batch01: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+def standardize(batch01: torch.Tensor, cfg: PreprocessConfig, inplace: bool = False) -> torch.Tensor:
     """float NCHW in [0, 1] -> normalised with the stored mean and std."""
     mean = torch.tensor(cfg.mean, device=batch01.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=batch01.device).view(1, 3, 1, 1)
+    if inplace:
+        return batch01.sub_(mean).div_(std)
     return (batch01 - mean) / std
 
 

@@ -16,13 +16,13 @@ from torch import nn
 
 from . import checkpoint, runtime
 from .augment import augment_batch
-from .config import Params
+from .config import AugmentParams, Params
 from .data import batch_loader, load_split, preprocess_config
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import eer_and_threshold, roc_auc
 from .models import count_parameters, create_model
 from .inference import predict_scores
-from .preprocessing import standardize
+from .preprocessing import PreprocessConfig, standardize
 from .progress import progress
 from . import tracking
 
@@ -59,6 +59,25 @@ def make_scheduler(optimizer, params: Params):
     if t.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def training_batch(images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, pre: PreprocessConfig,
+                   rt: runtime.Runtime) -> torch.Tensor:
+    """uint8 batch from the cache -> augmented, normalised model input on the device."""
+    x = images.to(rt.device, non_blocking=True).float().div_(255)
+    x = standardize(augment_batch(x, augment, gen), pre, inplace=True)
+    return x.contiguous(memory_format=rt.memory_format())
+
+
+def train_step(model: nn.Module, optimizer, scaler, rt: runtime.Runtime, x: torch.Tensor, y: torch.Tensor):
+    with rt.autocast():
+        logits = model(x).float()
+    loss = F.binary_cross_entropy_with_logits(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 def _comparable(params: Params) -> dict:
@@ -175,17 +194,9 @@ def train(
                 task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader), info="")
                 loss_sum, correct, seen = 0.0, 0, 0
                 for images, y in train_loader:
-                    x = images.to(rt.device, non_blocking=True).float().div_(255)
-                    x = augment_batch(x, t.augment, augment_gen)
-                    x = standardize(x, pre).contiguous(memory_format=rt.memory_format())
+                    x = training_batch(images, t.augment, augment_gen, pre, rt)
                     y = y.to(rt.device).float()
-                    with rt.autocast():
-                        logits = model(x).float()
-                    loss = F.binary_cross_entropy_with_logits(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                    loss, logits = train_step(model, optimizer, scaler, rt, x, y)
                     loss_sum += loss.item() * len(y)
                     correct += int(((logits > 0).float() == y).sum())
                     seen += len(y)
