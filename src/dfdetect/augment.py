@@ -29,15 +29,17 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
     """float N x 3 x H x W in [0, 1] -> augmented batch, same shape. `gen` is a CPU generator."""
     n, device = images.shape[0], images.device
     # Draw every random number first, always the same count, so the stream does not depend on params.
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = torch.rand(n, generator=gen)
     angle = _uniform(gen, n, -params.rotation_degrees, params.rotation_degrees)
     j = params.color_jitter
     factors = [_uniform(gen, n, max(0.0, 1 - j), 1 + j) for _ in range(3)]  # brightness, contrast, saturation
+    # One host-to-device copy for all of them: each small copy would stall a GPU pipeline.
+    flip, angle, *factors = torch.stack([flip, angle, *factors]).to(device).unbind(0)
     out = images
     if params.hflip:
-        out = torch.where(flip.to(device).view(n, 1, 1, 1), out.flip(-1), out)
+        out = torch.where((flip < 0.5).view(n, 1, 1, 1), out.flip(-1), out)
     if params.rotation_degrees > 0:
-        theta = angle.to(device) * (math.pi / 180)
+        theta = angle * (math.pi / 180)
         cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
         affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(affine.to(out.dtype), list(out.shape), align_corners=False)
@@ -45,7 +47,7 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
     if j > 0:
         if out is images:
             out = images.clone()  # the colour steps work in place
-        b, c, s = (f.to(device).view(n, 1, 1, 1) for f in factors)
+        b, c, s = (f.view(n, 1, 1, 1) for f in factors)
         luma = torch.tensor(LUMA, device=device, dtype=out.dtype).view(1, 3, 1, 1)
         out.mul_(b).clamp_(0, 1)  # brightness
         mean_gray = (out.mean(dim=(2, 3), keepdim=True) * luma).sum(1, keepdim=True)

@@ -156,7 +156,8 @@ def train(
         log.info("resuming from %s after epoch %d", resume, state["epoch"])
 
     train_loader = batch_loader(train_split, t.batch_size, shuffle=True, generator=shuffle_gen,
-                                num_workers=t.num_workers, drop_last=len(train_split.labels) > t.batch_size)
+                                num_workers=t.num_workers, drop_last=len(train_split.labels) > t.batch_size,
+                                pin_memory=rt.device.type == "cuda")
     val_loader = batch_loader(val_split, max(t.batch_size, 64), shuffle=False)
     log.info("model %s (%d parameters) on %s, precision %s, channels_last %s; %d train / %d val images",
              params.model.name, count_parameters(model), rt.device, rt.precision, rt.channels_last,
