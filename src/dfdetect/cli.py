@@ -95,13 +95,14 @@ def train(
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .models import ModelError
+    from .tracking import TrackingError
     from .train import TrainError
     from .train import train as run_train
 
     params = _params(params_path)
     try:
         result = run_train(params, prepared, models, history, metrics, resume, stop_after_epochs, track=not no_mlflow)
-    except (DatasetError, ModelError, CheckpointError, TrainError) as exc:
+    except (DatasetError, ModelError, CheckpointError, TrainError, TrackingError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result.__dict__))
 
@@ -120,11 +121,12 @@ def evaluate(
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .evaluate import evaluate as run_evaluate
+    from .tracking import TrackingError
 
     params = _params(params_path)
     try:
         result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow)
-    except (DatasetError, CheckpointError, ValueError) as exc:
+    except (DatasetError, CheckpointError, ValueError, TrackingError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result, indent=2))
 
@@ -154,13 +156,176 @@ def predict(
                                "threshold": round(v.threshold, 6)}))
 
 
-@app.command("models")
-def list_models():
-    """List the architectures in the model registry."""
+@app.command("architectures")
+def list_architectures():
+    """List the architectures in the model registry of dfdetect (for model.name)."""
     from .models import available_models
 
     for name in available_models():
         typer.echo(name)
+
+
+def _registry_errors():
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .registry import RegistryError
+    from .tracking import TrackingError
+
+    return (RegistryError, TrackingError, DatasetError, CheckpointError)
+
+
+@app.command()
+def register(
+    models: Path = typer.Option(Path("models"), "--models", help="Folder with summary.json (the training run) from `dfdetect train`."),
+    metrics: Path = typer.Option(Path("eval/metrics.json"), "--metrics", help="Metrics from `dfdetect evaluate`; become version tags."),
+    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output of `dfdetect prepare` (counts for the model card)."),
+    out: Path = typer.Option(Path("registry/registration.json"), "--out", help="Where to write the registered name and version."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Register the evaluated run's model as a new version and give it the alias `challenger`."""
+    params = _params(params_path)
+    from .registry import register as run_register
+
+    try:
+        result = run_register(params, models, metrics, prepared, out)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def promote(
+    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="The data both models are scored on (its test split)."),
+    out: Path = typer.Option(Path("registry"), "--out", help="Folder for promotion.json and promotion.md."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the gate rejects the challenger."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Re-score `champion` and `challenger` on the same data; move `champion` only if the gate in params passes."""
+    params = _params(params_path)
+    from .registry import promote as run_promote
+
+    try:
+        report = run_promote(params, prepared, out)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    typer.echo((out / "promotion.md").read_text())
+    if strict and report["verdict"] == "rejected":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option(..., "--reason", help="Why; recorded in the alias history and on the version."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Move `champion` back to the version the current champion replaced."""
+    params = _params(params_path)
+    from .registry import rollback as run_rollback
+
+    try:
+        typer.echo(json.dumps(run_rollback(params, reason)))
+    except _registry_errors() as exc:
+        _fail(str(exc))
+
+
+models_app = typer.Typer(help="The registered versions in the MLflow model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Versions, aliases, key metrics, and when and why each alias moved."""
+    params = _params(params_path)
+    from .registry import list_versions
+
+    try:
+        listing = list_versions(params)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{listing['name']}")
+    for col in ("version", "aliases", "created", "roc_auc", "eer", "promotion", "run"):
+        table.add_column(col)
+    for v in listing["versions"]:
+        table.add_row(v["version"], ", ".join(v["aliases"]), v["created"], v["metrics"].get("roc_auc", "-"),
+                      v["metrics"].get("eer", "-"), v["promotion"] or "-", v["run_id"][:8])
+    history = Table(title="alias history")
+    for col in ("at", "alias", "version", "from", "by", "reason"):
+        history.add_column(col)
+    for h in listing["history"]:
+        history.add_row(h["at"], h["alias"], str(h["version"]), str(h.get("from") or "-"), h["by"], h.get("reason", ""))
+    console = Console(width=200)
+    console.print(table)
+    console.print(history)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+server_app = typer.Typer(help="Run the servers a team uses, on 127.0.0.1 (foreground; Ctrl-C stops them all).",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("mlflow")
+def server_mlflow(
+    root: Path = typer.Option(Path(".servers"), "--root", help="Folder for the server's data, S3 buckets and logs."),
+    port: int = typer.Option(5000, "--port", help="MLflow server port."),
+    postgres: bool = typer.Option(False, "--postgres", help="Back the tracking server with PostgreSQL (started here) instead of SQLite."),
+    s3: bool = typer.Option(True, "--s3/--no-s3", help="Store artifacts in S3: starts `rclone serve s3` over ROOT/s3 unless --s3-endpoint is given."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help="An existing S3 endpoint (MinIO, AWS); credentials from AWS_* variables."),
+    s3_port: int = typer.Option(9000, "--s3-port", help="Port of the local S3 endpoint."),
+    bucket: str = typer.Option("mlflow", "--bucket", help="Artifact bucket."),
+):
+    """MLflow tracking server with SQLite or PostgreSQL and S3 artifacts (proxied: clients need no S3 keys)."""
+    import os
+    import signal
+    import time
+
+    from . import servers
+
+    root = root.resolve()
+    started: list = []
+    try:
+        env: dict = {}
+        if s3 and not s3_endpoint:
+            key = os.environ.get("AWS_ACCESS_KEY_ID", "dfdetect")
+            secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "dfdetect-secret")
+            started.append(servers.start_s3(root / "s3", key, secret, port=s3_port, buckets=(bucket, "dvc"), log_dir=root))
+            env = started[-1].env
+            typer.echo(f"S3 endpoint {started[-1].url} over {root / 's3'} (buckets: {bucket}, dvc)")
+        elif s3_endpoint:
+            env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+        if postgres:
+            started.append(servers.start_postgres(root / "postgres", log_dir=root))
+            backend = started[-1].url
+            typer.echo(f"PostgreSQL at {backend}")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            backend = f"sqlite:///{root / 'mlflow.db'}"
+        artifacts = f"s3://{bucket}/artifacts" if s3 else str(root / "artifacts")
+        started.append(servers.start_mlflow(backend, artifacts, port=port, env=env, log_dir=root))
+        typer.echo(f"MLflow tracking server: {started[-1].url}  (export MLFLOW_TRACKING_URI={started[-1].url}); logs in {root}")
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the servers as Ctrl-C does
+        while all(s.proc.poll() is None for s in started):
+            time.sleep(1)
+        _fail("a server exited; see its log in " + str(root))
+    except servers.ServerError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in reversed(started):
+            server.stop()
 
 
 @app.command("check-params")

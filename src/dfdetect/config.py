@@ -86,6 +86,26 @@ class SampleDataParams(Section):
         return self
 
 
+# The metrics of dfdetect.metrics, by name (tests keep the two in step; config stays free of heavy imports).
+MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer"]
+LOWER_IS_BETTER = frozenset({"eer"})
+
+
+class RegistryParams(Section):
+    model_name: str = Field("dfdetect-detector", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                            description="registered model name in the MLflow model registry")
+
+
+class PromotionParams(Section):
+    metric: MetricName = Field("roc_auc", description="the metric a challenger must beat the champion on")
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="by at least this much (absolute)")
+    floors: dict[MetricName, float] = Field(
+        default_factory=lambda: {"roc_auc": 0.8},
+        description="every one must hold for the challenger (for eer: a ceiling); alone decide with no champion",
+    )
+    lock_timeout_s: float = Field(120.0, gt=0, description="how long to wait for another promotion to finish")
+
+
 class MlflowParams(Section):
     experiment: str = Field("dfdetect", min_length=1)
     tracking_uri: str | None = Field(None, description="used when $MLFLOW_TRACKING_URI is unset; default sqlite:///mlflow.db")
@@ -99,6 +119,8 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    promotion: PromotionParams = PromotionParams()
     mlflow: MlflowParams = MlflowParams()
 
 

@@ -13,12 +13,13 @@ from sklearn import metrics as skm
 
 from . import checkpoint, runtime, tracking
 from .config import Params
-from .data import batch_loader, load_meta, load_split
+from .data import PreparedSplit, batch_loader, load_meta, load_split
 from .inference import predict_scores
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
 from .metrics import compute_all, eer_and_threshold
 from .plots import confusion_png, pr_png, roc_png
+from .preprocessing import PreprocessConfig, decode_image, resize_square
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,32 @@ def choose_split(prepared_dir: Path, wanted: str) -> tuple[str, list[str]]:
     raise ValueError(f"evaluate.split={wanted!r} is not in the prepared data (have {sorted(available)})")
 
 
+def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> PreparedSplit:
+    """The split as this model's preprocessing sees it: the cache when sizes agree, else the original files."""
+    data = load_split(prepared_dir, split)
+    if data.images.shape[1] == pre.image_size:
+        return data
+    root = Path(load_meta(prepared_dir)["data_dir"])
+    log.info("model expects %dpx, cache holds %dpx: decoding %d originals from %s", pre.image_size,
+             data.images.shape[1], len(data.relpaths), root)
+    arrays = [resize_square(decode_image((root / rel).read_bytes(), rel), pre.image_size) for rel in data.relpaths]
+    return PreparedSplit(np.stack(arrays), data.labels, data.relpaths)
+
+
+def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """P(fake) of every image, in fp32 so that metrics do not depend on the machine's precision."""
+    rt = runtime.resolve(device, "fp32", "off")
+    return predict_scores(model.to(rt.device), batch_loader(data, 128, shuffle=False), pre, rt)
+
+
 def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
              metrics_path: str | Path, plots_dir: str | Path, track: bool = True) -> dict:
     prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
     state = checkpoint.load(model_dir / "best.pt")
     model, pre = checkpoint.model_from_state(state)
     split, notes = choose_split(prepared_dir, params.evaluate.split)
-    data = load_split(prepared_dir, split)
-    rt = runtime.resolve(params.train.device, "fp32", "off")  # fp32: metrics must not depend on the machine
-    scores, labels, loss = predict_scores(model.to(rt.device), batch_loader(data, 128, shuffle=False), pre, rt)
+    data = split_for(prepared_dir, split, pre)
+    scores, labels, loss = score_model(model, pre, data, params.train.device)
 
     threshold = float(state.get("threshold", 0.5)) if params.evaluate.threshold == "val" else float(params.evaluate.threshold)
     results = compute_all(labels, scores, threshold)

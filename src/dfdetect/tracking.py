@@ -6,7 +6,10 @@ import hashlib
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -20,10 +23,45 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri or DEFAULT_TRACKING_URI
 
 
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used."""
+
+
+def redact(uri: str) -> str:
+    """The URI without user name and password: safe for logs, tags and files."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the server, instead of hanging in MLflow's retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingError(f"MLflow tracking server at {redact(uri)} is unreachable ({problem})")
+
+
 def setup_mlflow(params: Params):
     import mlflow  # imported here: a slow import that most commands do not need
 
-    mlflow.set_tracking_uri(tracking_uri(params))
+    uri = tracking_uri(params)
+    # Bounded retries: a server that went away mid-run fails the step in seconds, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(params.mlflow.experiment)
     return mlflow
 

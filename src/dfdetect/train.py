@@ -243,7 +243,7 @@ def train(
         if metrics_path:
             atomic_write_json(metrics_path, best)
         atomic_write_json(model_dir / "summary.json", {
-            **asdict(result), "model": params.model.name, "tracking_uri": tracking.tracking_uri(params) if track else None,
+            **asdict(result), "model": params.model.name, "tracking_uri": tracking.redact(tracking.tracking_uri(params)) if track else None,
             "data_version": tracking.data_version(), "params_hash": tracking.params_hash(params)})
         if mlflow:
             from .model_logging import log_training_outputs
