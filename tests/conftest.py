@@ -44,3 +44,20 @@ def prepared_small(sample_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare(sample_root, out, small_params().prepare)
     return out
+
+
+@pytest.fixture(scope="session")
+def tracked_run(prepared_small, tmp_path_factory):
+    """A small trained and evaluated model, tracked in a SQLite MLflow store: what `register` starts from."""
+    from dfdetect.evaluate import evaluate
+    from dfdetect.train import train
+
+    root = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params = small_params(mlflow={"log_model": True, "tracking_uri": uri}, train={"epochs": 2})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        train(params, prepared_small, root / "models", root / "history.csv")
+        evaluate(params, prepared_small, root / "models", root / "eval", root / "eval" / "metrics.json", root / "plots")
+    return {"params": params, "uri": uri, "prepared": prepared_small, "models": root / "models",
+            "metrics": root / "eval" / "metrics.json", "root": root}
