@@ -51,8 +51,10 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_reaches_a_good_auc(project):
     dst, env, out = project
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
+    registration = json.loads((dst / "registry" / "registration.json").read_text())
+    assert registration["version"] == "1" and registration["alias"] == "challenger"
     metrics = json.loads((dst / "eval" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_real"] == metrics["n_fake"] == 100
     assert metrics["roc_auc"] >= 0.9, metrics
