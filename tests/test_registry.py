@@ -158,6 +158,12 @@ def test_unreachable_tracking_server_fails_fast_without_leaking_credentials(env,
     assert "s3cret" not in str(err.value) and "admin" not in str(err.value)
 
 
+def test_params_logged_to_mlflow_never_carry_credentials():
+    params = parse_params({"mlflow": {"tracking_uri": "https://bot:hunter2@mlflow.internal"}})
+    assert tracking.flat_params(params)["mlflow.tracking_uri"] == "https://***@mlflow.internal"
+    assert "hunter2" not in json.dumps(tracking.flat_params(params))
+
+
 def test_redact_removes_user_and_password():
     assert tracking.redact("https://u:p@mlflow.example.com:8443/x") == "https://***@mlflow.example.com:8443/x"
     assert tracking.redact("postgresql+psycopg2://mlflow:pw@db/mlflow") == "postgresql+psycopg2://***@db/mlflow"

@@ -101,6 +101,8 @@ def flat_params(params: Params) -> dict[str, str]:
             flat[prefix] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
     walk("", params.model_dump(mode="json"))
+    if flat.get("mlflow.tracking_uri") not in (None, "None"):
+        flat["mlflow.tracking_uri"] = redact(flat["mlflow.tracking_uri"])
     return flat
 
 
