@@ -302,8 +302,12 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Move `champion` to the `challenger` if it wins on the same data and holds every floor."""
+def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None = None,
+            expected_challenger: str | None = None) -> dict:
+    """Move `champion` to the `challenger` if it wins on the same data and holds every floor.
+
+    `expected_challenger` (a pipeline's own registration) refuses to promote a challenger registered since.
+    """
     from .evaluate import choose_split
 
     prepared_dir = Path(prepared_dir)
@@ -314,6 +318,9 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
         challenger_mv = _alias_version(client, name, CHALLENGER)
         if challenger_mv is None:
             raise RegistryError(f"registered model '{name}' has no '{CHALLENGER}'; run `dfdetect register` first")
+        if expected_challenger is not None and str(challenger_mv.version) != str(expected_challenger):
+            raise RegistryError(f"'{CHALLENGER}' of '{name}' is version {challenger_mv.version}, not {expected_challenger}: "
+                                "another registration came in between; promote it deliberately")
         champion_mv = _alias_version(client, name, CHAMPION)
         report = {"name": name, "at": _now(), "split": split, "notes": notes, "prepared_dir": str(prepared_dir),
                   "rule": params.promotion.model_dump(exclude={"lock_timeout_s"})}
