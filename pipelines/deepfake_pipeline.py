@@ -14,10 +14,15 @@ DEFAULT_IMAGE = "ghcr.io/dfdetect/dfdetect:0.1.0"  # built from infra/; override
 PIPELINE_NAME = "dfdetect-deepfake-detector"
 
 
+def min_roc_auc_to_register(params: Params) -> float:
+    """A model below the promotion floor could never become champion: not worth a registry version."""
+    return float(params.promotion.floors.get("roc_auc", 0.0))
+
+
 def build_pipeline(params: Params, image: str = DEFAULT_IMAGE):
     c = make_components(image)
     d = pipeline_sections(params)
-    min_auc = float(params.promotion.floors.get("roc_auc", 0.0))
+    min_auc = min_roc_auc_to_register(params)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Train, evaluate, register and promote a deepfake image detector.")
     def deepfake_pipeline(

@@ -12,7 +12,7 @@ from pathlib import Path
 from dfdetect.config import Params
 from dfdetect.orchestration import pipeline_sections
 
-from .deepfake_pipeline import DEFAULT_IMAGE, build_pipeline
+from .deepfake_pipeline import DEFAULT_IMAGE, build_pipeline, min_roc_auc_to_register
 
 COMPILED = Path(__file__).with_name("deepfake_pipeline.yaml")
 
@@ -38,6 +38,7 @@ def arguments(params: Params, **pipeline_args) -> dict:
     """Pipeline arguments: every params section, plus the data and tracking settings that are given."""
     args = pipeline_sections(params)
     args.pop("sample_data")
+    args["register_min_roc_auc"] = min_roc_auc_to_register(params)
     return {**args, **{k: v for k, v in pipeline_args.items() if v is not None}}
 
 

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def run(cmd, cwd, env, timeout=600):
+def run(cmd, cwd, env, timeout=600, stdout_only=False):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,16 @@ def test_dvc_experiment_with_a_changed_param(project):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], dst, env))
     flat = json.dumps(shown)
     assert '"lr": 0.0005' in flat
+
+
+def test_kubeflow_local_run_matches_the_dvc_run(project):
+    """Parity: the same params and seed through kfp.local, data from the DVC remote at HEAD, give the same metrics."""
+    dst, env, _ = project
+    out = run(["dfdetect", "pipeline", "run", "--local", "--dvc-repo", str(dst), "--dvc-rev", "HEAD",
+               "--pipeline-root", str(dst.parent / "kfp-root")], dst, env, timeout=900, stdout_only=True)
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    kfp_metrics = json.loads("\n".join(lines[start:]))["metrics"]
+    dvc_metrics = json.loads((dst / "eval" / "metrics.json").read_text())
+    for key in ("roc_auc", "average_precision", "eer", "accuracy", "f1", "threshold"):
+        assert kfp_metrics[key] == pytest.approx(dvc_metrics[key], abs=1e-6), key

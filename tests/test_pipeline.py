@@ -1,0 +1,176 @@
+"""The Kubeflow pipeline: compiled YAML up to date, local runs with kfp.local, submission to a (recording) API."""
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dfdetect.cli import app
+from dfdetect.config import load_params
+from conftest import REPO
+from pipelines.deepfake_pipeline import DEFAULT_IMAGE
+from pipelines.runner import PipelineError, check_host, compile_pipeline
+
+runner = CliRunner()
+COMMITTED = REPO / "pipelines" / "deepfake_pipeline.yaml"
+
+
+def test_committed_yaml_is_up_to_date(tmp_path):
+    fresh = compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "p.yaml", DEFAULT_IMAGE)
+    # Parsed, not as text: KFP's comment header lists dict defaults in no fixed order.
+    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(COMMITTED.read_text()), \
+        "stale: run `dfdetect pipeline compile` and commit pipelines/deepfake_pipeline.yaml"
+
+
+def test_compiled_pipeline_has_typed_steps_condition_and_params_defaults(tmp_path):
+    spec = yaml.safe_load(compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "p.yaml", "registry.local/dfdetect:9").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"fetch-data", "prepare", "train", "evaluate", "condition-1"} <= set(tasks)
+    assert "triggerPolicy" in tasks["condition-1"]
+    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert set(inner) == {"register", "promote"}
+    outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    assert outputs["roc"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert spec["components"]["comp-train"]["outputDefinitions"]["artifacts"]["model_dir"]["artifactType"]["schemaTitle"] == "system.Model"
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.local/dfdetect:9"}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert defaults["train"]["defaultValue"]["lr"] == params["train"]["lr"]
+    assert defaults["model"]["defaultValue"]["name"] == params["model"]["name"]
+    assert defaults["register_min_roc_auc"]["defaultValue"] == params["promotion"]["floors"]["roc_auc"]
+
+
+class RecordingKFP(BaseHTTPRequestHandler):
+    """Answers the Kubeflow Pipelines v2beta1 calls kfp.Client makes, and records them."""
+
+    requests: list = []
+
+    def _reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path, None))
+        self._reply({"multi_user": False} if "healthz" in self.path else {})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.requests.append(("POST", self.path, body))
+        if self.path.endswith("/experiments"):
+            self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        elif self.path.endswith("/runs"):
+            self._reply({"run_id": "run-1", "display_name": body["display_name"], "experiment_id": body["experiment_id"]})
+        else:
+            self._reply({})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    RecordingKFP.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingKFP)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", RecordingKFP.requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_submit_uploads_the_spec_with_experiment_run_name_and_parameters(kfp_api):
+    host, requests = kfp_api
+    result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--experiment",
+                                 "faces-v2", "--run-name", "nightly", "--dvc-repo", "https://git.example/dfdetect.git",
+                                 "--dvc-rev", "v1.2", "--param", "train.lr=0.0005", "-p", str(REPO / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["run_id"] == "run-1"
+    posted = {path: body for method, path, body in requests if method == "POST"}
+    assert posted["/apis/v2beta1/experiments"]["display_name"] == "faces-v2"
+    run = posted["/apis/v2beta1/runs"]
+    assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
+    assert run["pipeline_spec"]["pipelineInfo"] == yaml.safe_load(COMMITTED.read_text())["pipelineInfo"]
+    values = run["runtime_config"]["parameters"]
+    assert values["train"]["lr"] == 0.0005 and values["train"]["epochs"] == 12
+    assert values["dvc_repo"] == "https://git.example/dfdetect.git" and values["dvc_rev"] == "v1.2"
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_host_is_named_quickly():
+    from dfdetect.servers import free_port
+
+    host = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(PipelineError, match=f"Kubeflow Pipelines at {host} is unreachable"):
+        check_host(host)
+
+
+def test_unknown_parameter_is_refused_before_anything_runs(kfp_api):
+    host, requests = kfp_api
+    result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--param",
+                                 "train.learning_rate=0.1", "-p", str(REPO / "params.yaml")])
+    assert result.exit_code == 2 and "train.learning_rate: unknown key" in result.output
+    result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--param",
+                                 "trainer.lr=0.1", "-p", str(REPO / "params.yaml")])
+    assert result.exit_code == 2 and "unknown parameter (no section 'trainer')" in result.output
+    assert requests == []
+
+
+def _small_params(tmp_path, **promotion):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["image_size"] = 48
+    params["train"].update(epochs=2, batch_size=16)
+    params["promotion"].update(promotion)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.slow
+def test_local_run_trains_evaluates_registers_and_promotes(sample_root, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = _small_params(tmp_path, floors={})
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--package", str(COMMITTED), "--data-source", str(sample_root),
+                                 "--tracking-uri", uri, "--pipeline-root", str(tmp_path / "root"), "-p", str(params),
+                                 "--param", "promotion.floors={}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")  # the command's JSON comes last
+    outputs = json.loads("\n".join(lines[start:]))
+    assert outputs["register"] == "1" and outputs["promote"] == "promoted"
+    assert 0.0 <= outputs["metrics"]["roc_auc"] <= 1.0 and outputs["metrics"]["split"] == "test"
+    client = mlflow.MlflowClient(uri)
+    assert client.get_model_version_by_alias("dfdetect-detector", "champion").version in ("1", 1)
+    run_dir = tmp_path / "root" / outputs["run_dir"].split("/")[-1]
+    evaluate = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
+    assert "confusionMatrix" in evaluate["artifacts"]["roc"]["artifacts"][0]["metadata"]
+    assert (run_dir / "promote" / "report").read_text().startswith("# Promotion of dfdetect-detector version 1")
+
+
+@pytest.mark.slow
+def test_a_failing_step_stops_the_run_names_it_and_registers_nothing(sample_root, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(sample_root, broken)
+    shutil.rmtree(broken / "val")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--package", str(COMMITTED), "--data-source", str(broken),
+                                 "--tracking-uri", uri, "--pipeline-root", str(tmp_path / "root"), "-p",
+                                 str(_small_params(tmp_path))])
+    assert result.exit_code == 2
+    assert "local pipeline run failed" in result.output and "'prepare'" in result.output
+    assert mlflow.MlflowClient(uri).search_registered_models() == []
