@@ -37,7 +37,8 @@ def compile_pipeline(params: Params, out: str | Path = COMPILED, image: str = DE
 def arguments(params: Params, **pipeline_args) -> dict:
     """Pipeline arguments: every params section, plus the data and tracking settings that are given."""
     args = pipeline_sections(params)
-    args.pop("sample_data")
+    for section in ("sample_data", "serving"):  # not steps of the pipeline
+        args.pop(section)
     args["register_min_roc_auc"] = min_roc_auc_to_register(params)
     return {**args, **{k: v for k, v in pipeline_args.items() if v is not None}}
 

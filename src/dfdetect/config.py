@@ -106,6 +106,18 @@ class PromotionParams(Section):
     lock_timeout_s: float = Field(120.0, gt=0, description="how long to wait for another promotion to finish")
 
 
+class ServingParams(Section):
+    alias: str = Field("champion", min_length=1, description="registry alias (or version) the service answers with")
+    challenger_mode: Literal["off", "ab", "shadow"] = Field(
+        "off", description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers")
+    challenger_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    poll_interval_s: float = Field(10.0, ge=0.5, description="how often the service checks the registry for promotions")
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_latency_ms: int = Field(200, ge=1, le=60_000, description="adaptive batching: longest wait to fill a batch")
+    max_upload_mb: float = Field(10.0, gt=0, le=1024)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 class MlflowParams(Section):
     experiment: str = Field("dfdetect", min_length=1)
     tracking_uri: str | None = Field(None, description="used when $MLFLOW_TRACKING_URI is unset; default sqlite:///mlflow.db")
@@ -121,6 +133,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     promotion: PromotionParams = PromotionParams()
+    serving: ServingParams = ServingParams()
     mlflow: MlflowParams = MlflowParams()
 
 

@@ -1,0 +1,115 @@
+"""The dfdetect BentoML service: `bentoml serve serving.service:Detector`.
+
+Two services: `Detector` answers HTTP (the original service's endpoints) and sends every image through
+`Scorer.score`, a batchable API, so concurrent requests are batched adaptively. The Scorer holds the models
+and follows the registry's aliases. Settings come from params.yaml (`DFDETECT_PARAMS`), the tracking server
+from `MLFLOW_TRACKING_URI`.
+"""
+
+import logging
+import os
+import threading
+import time
+from http import HTTPStatus
+from pathlib import Path
+
+import aiohttp
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException, InvalidArgument
+from fastapi import FastAPI
+
+from dfdetect.config import load_params
+from dfdetect.preprocessing import ImageError, decode_image, resize_square
+from dfdetect.serving import ModelSet, RegistryLoader, Scored, frame_response
+
+log = logging.getLogger("dfdetect.serving")
+PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
+SERVING = PARAMS.serving
+
+
+class PayloadTooLarge(BentoMLException):
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60})
+class Scorer:
+    def __init__(self):
+        self.models = ModelSet(PARAMS, RegistryLoader(PARAMS))
+        self.models.refresh()
+        self._stop = threading.Event()
+        threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
+    def score(self, images: np.ndarray) -> np.ndarray:
+        """N x S x S x 3 uint8 -> N rows of [P(fake), threshold, version, shadow P(fake) or -1, shadow version or -1]."""
+        rows = []
+        for s in self.models.score(images):
+            shadow = s.shadow or {}
+            rows.append([s.fake_probability, s.threshold, float(s.version.rsplit("/", 1)[1]),
+                         shadow.get("fake_probability", -1.0), float(shadow["version"].rsplit("/", 1)[1]) if shadow else -1.0])
+        return np.asarray(rows, dtype=np.float64)
+
+    @bentoml.api
+    def info(self) -> dict:
+        return self.models.info()
+
+
+health_app = FastAPI(title="dfdetect health")
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60})
+@bentoml.asgi_app(health_app, path="/")
+class Detector:
+    scorer = bentoml.depends(Scorer)
+
+    def __init__(self):
+        self._info, self._info_at = {}, 0.0
+
+        @health_app.get("/health")
+        async def health():
+            info = await self._current_info(max_age=0)
+            return {"status": "ok" if info.get("ready") else "loading", **info}
+
+    async def _scorer(self, method: str, *args):
+        """Call the Scorer; retry a dropped keep-alive connection (the call is idempotent) instead of a 500."""
+        for attempt in range(3):
+            try:
+                return await getattr(self.scorer.to_async, method)(*args)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == 2:
+                    raise
+                log.warning("call to Scorer.%s dropped (%s); retrying", method, exc)
+
+    async def _current_info(self, max_age: float = 1.0) -> dict:
+        if time.monotonic() - self._info_at > max_age:
+            self._info, self._info_at = await self._scorer("info"), time.monotonic()
+        return self._info
+
+    def _read_image(self, image: Path, field: str = "image") -> np.ndarray:
+        size = image.stat().st_size
+        limit = int(SERVING.max_upload_mb * 1024 * 1024)
+        if size > limit:
+            raise PayloadTooLarge(f"{field}: {size} bytes is over the limit of {limit} bytes (serving.max_upload_mb)")
+        try:
+            return decode_image(image.read_bytes(), field)
+        except ImageError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    async def _score(self, arrays: list[np.ndarray]) -> list[Scored]:
+        rows = await self._scorer("score", np.stack(arrays))
+        name = PARAMS.registry.model_name
+        return [Scored(float(r[0]), float(r[1]), f"{name}/{int(r[2])}",
+                       {"version": f"{name}/{int(r[4])}", "fake_probability": float(r[3])} if r[4] >= 0 else None)
+                for r in rows]
+
+    @bentoml.api(route="/inference/analyze-frame")
+    async def analyze_frame(self, image: Path, frameNumber: int = 0) -> dict:
+        """One image (multipart field `image`) -> the original service's verdict JSON."""
+        started = time.perf_counter()
+        img = self._read_image(image)
+        info = await self._current_info()
+        if not info.get("ready"):
+            raise bentoml.exceptions.ServiceUnavailable("model not loaded yet")
+        scored = (await self._score([resize_square(img, int(info["image_size"]))]))[0]
+        return frame_response(frameNumber, scored, started)

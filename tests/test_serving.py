@@ -1,0 +1,171 @@
+"""`bentoml serve` on 127.0.0.1, called over HTTP with real JPEGs; a promotion while requests run."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from dfdetect import registry
+from dfdetect.servers import free_port
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def service(tracked_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    raw = tracked_run["params"].model_dump(mode="json")
+    raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
+    raw["promotion"].update(floors={}, min_improvement=0.0)
+    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.05, max_latency_ms=50, device="cpu")
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    params = registry.parse_params(raw) if hasattr(registry, "parse_params") else None
+    from dfdetect.config import parse_params
+
+    params = parse_params(raw)
+    registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
+    registry.promote(params, tracked_run["prepared"])
+
+    port = free_port()
+    env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracked_run["uri"],
+           "BENTOML_HOME": str(root / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(root / "serve.log", "wb")
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).json().get("ready"):
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            assert time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def jpeg(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def post_frame(url, data: bytes, name="face.jpg", **form):
+    return requests.post(f"{url}/inference/analyze-frame", files={"image": (name, data, "image/jpeg")}, data=form, timeout=30)
+
+
+def test_health_reports_model_version_alias_and_device(service):
+    body = requests.get(f"{service['url']}/health", timeout=5).json()
+    assert body["status"] == "ok" and body["ready"] is True
+    assert body["model"] == service["params"].registry.model_name and body["version"] == "1"
+    assert body["alias"] == "champion" and body["device"] == "cpu"
+
+
+def test_analyze_frame_answers_the_original_json(service, sample_root):
+    fake = next((sample_root / "test" / "fake").iterdir())
+    r = post_frame(service["url"], jpeg(fake), frameNumber="12")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) >= {"frameNumber", "confidence", "distribution", "is_fake", "processingTime", "modelVersion"}
+    assert body["frameNumber"] == 12 and body["modelVersion"] == f"{service['params'].registry.model_name}/1"
+    assert body["distribution"]["real"] + body["distribution"]["fake"] == pytest.approx(1.0, abs=1e-5)
+    loaded = registry.load("champion", params=service["params"])
+    assert body["is_fake"] == (body["distribution"]["fake"] >= loaded.threshold)
+
+
+def test_same_verdict_as_the_library(service, sample_root):
+    """Serving preprocesses with the training code: its probability matches the library's, up to bf16."""
+    from dfdetect.inference import Predictor
+    from dfdetect.preprocessing import decode_image
+
+    loaded = registry.load("champion", params=service["params"])
+    predictor = Predictor(loaded.model, loaded.preprocess, loaded.threshold, "registry")
+    for path in sorted((sample_root / "test" / "real").iterdir())[:3]:
+        expected = float(predictor.score([decode_image(path.read_bytes())])[0])
+        served = post_frame(service["url"], jpeg(path)).json()["distribution"]["fake"]
+        assert served == pytest.approx(expected, abs=0.02)
+
+
+@pytest.mark.parametrize("payload, name, status, message", [
+    (b"this is not an image", "notes.jpg", 400, "not a readable image"),
+    ("truncated", "cut.jpg", 400, "not a readable image"),
+    ("bomb", "bomb.png", 400, "exceeds the limit"),
+    ("large", "huge.png", 413, "over the limit"),
+])
+def test_bad_uploads_get_a_4xx_that_says_why(service, sample_root, payload, name, status, message):
+    if payload == "truncated":
+        payload = jpeg(next((sample_root / "test" / "fake").iterdir()))[:300]
+    elif payload == "bomb":
+        buf = io.BytesIO()
+        Image.new("1", (9000, 9000)).save(buf, "PNG")
+        payload = buf.getvalue()
+    elif payload == "large":
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buf, "PNG")
+        payload = buf.getvalue()
+    r = post_frame(service["url"], payload, name=name)
+    assert r.status_code == status, r.text
+    assert message in r.text and "error" in r.text
+
+
+def test_missing_field_is_a_400(service):
+    r = requests.post(f"{service['url']}/inference/analyze-frame", data={"frameNumber": "1"}, timeout=10)
+    assert r.status_code == 400 and "image" in r.text
+
+
+def test_a_promotion_reaches_the_running_service_without_a_failed_request(service, sample_root):
+    image = jpeg(next((sample_root / "test" / "fake").iterdir()))
+    statuses, versions, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = post_frame(service["url"], image)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                versions.append(r.json()["modelVersion"])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        run = service["run"]
+        registry.register(service["params"], run["models"], run["metrics"], run["prepared"])
+        assert registry.promote(service["params"], run["prepared"])["verdict"] == "promoted"
+        name = service["params"].registry.model_name
+        deadline = time.monotonic() + 30
+        while not versions or versions[-1] != f"{name}/2":
+            assert time.monotonic() < deadline, f"still answering {versions[-1:]}"
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert versions[0] == f"{name}/1" and versions[-1] == f"{name}/2"
+    assert requests.get(f"{service['url']}/health", timeout=5).json()["version"] == "2"

@@ -1,0 +1,106 @@
+"""The serving logic without a server: routing, shadow scoring, hot swaps, the response format."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dfdetect.config import parse_params
+from dfdetect.preprocessing import PreprocessConfig
+from dfdetect.registry import LoadedModel
+from dfdetect.serving import ModelSet, Scored, frame_response
+
+
+class Constant(nn.Module):
+    """A model whose logit is fixed: tells which version answered."""
+
+    def __init__(self, logit: float):
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(logit), requires_grad=False)
+
+    def forward(self, x):
+        return self.logit.expand(x.shape[0])
+
+
+class FakeRegistry:
+    def __init__(self):
+        self.aliases = {"champion": "1", "challenger": "2"}
+        self.logits = {"1": -2.0, "2": 2.0, "3": 0.0}
+        self.loads = 0
+
+    def resolve(self, ref):
+        return self.aliases.get(ref, ref)
+
+    def __call__(self, ref):
+        version = self.resolve(ref)
+        self.loads += 1
+        return LoadedModel(Constant(self.logits[version]), PreprocessConfig(16), {"real": 0, "fake": 1}, 0.5,
+                           "det", version, ref, "run")
+
+
+def images(n=64):
+    return np.zeros((n, 16, 16, 3), dtype=np.uint8)
+
+
+def model_set(mode="off", fraction=0.5):
+    params = parse_params({"serving": {"challenger_mode": mode, "challenger_fraction": fraction, "device": "cpu"}})
+    registry = FakeRegistry()
+    ms = ModelSet(params, registry, seed=1)
+    ms.refresh()
+    return ms, registry
+
+
+def test_champion_alone_answers_when_mode_is_off():
+    ms, _ = model_set("off")
+    assert {s.version for s in ms.score(images())} == {"det/1"}
+    assert ms.challenger is None
+
+
+def test_ab_mode_splits_traffic_by_the_configured_fraction():
+    ms, _ = model_set("ab", fraction=0.25)
+    versions = [s.version for s in ms.score(images(2000))]
+    assert 0.2 < versions.count("det/2") / len(versions) < 0.3
+    by_version = {s.version: s.fake_probability for s in ms.score(images(50))}
+    assert by_version["det/1"] == pytest.approx(1 / (1 + np.exp(2)), rel=1e-2)
+
+
+def test_shadow_mode_scores_the_challenger_but_the_champion_answers():
+    ms, _ = model_set("shadow")
+    scored = ms.score(images(5))
+    assert {s.version for s in scored} == {"det/1"}
+    assert all(s.shadow["version"] == "det/2" and s.shadow["fake_probability"] > 0.8 for s in scored)
+
+
+def test_a_promotion_is_picked_up_and_unchanged_aliases_load_nothing():
+    ms, registry = model_set("off")
+    loads = registry.loads
+    assert ms.refresh() is False and registry.loads == loads
+    registry.aliases["champion"] = "3"
+    assert ms.refresh() is True and ms.primary.version == "3"
+    assert ms.score(images(1))[0].version == "det/3"
+
+
+def test_a_failing_poll_keeps_serving():
+    import threading
+
+    ms, registry = model_set("off")
+    ms.params = parse_params({"serving": {"poll_interval_s": 0.5, "device": "cpu"}})
+    registry.resolve = lambda ref: (_ for _ in ()).throw(ConnectionError("tracking server down"))
+    stop = threading.Event()
+    worker = threading.Thread(target=ms.watch, args=(stop,))
+    worker.start()
+    time.sleep(1.2)
+    stop.set()
+    worker.join(5)
+    assert ms.score(images(1))[0].version == "det/1"
+
+
+def test_response_keeps_the_original_format_with_fake_as_label_one():
+    body = frame_response(7, Scored(0.9, 0.5, "det/4"), time.perf_counter())
+    assert body["frameNumber"] == 7 and body["is_fake"] is True and body["modelVersion"] == "det/4"
+    assert body["distribution"] == {"real": pytest.approx(0.1), "fake": pytest.approx(0.9)}
+    assert body["confidence"] == pytest.approx(0.9) and body["processingTime"] >= 0
+    real = frame_response(0, Scored(0.2, 0.5, "det/4"), time.perf_counter())
+    assert real["is_fake"] is False and real["confidence"] == pytest.approx(0.8)
