@@ -19,9 +19,12 @@ import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from fastapi import FastAPI
 
+from prometheus_client import Counter
+
 from dfdetect.config import load_params
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
-from dfdetect.serving import ModelSet, RegistryLoader, Scored, frame_response
+from dfdetect.serving import ModelSet, RegistryLoader, Scored, frame_response, video_response
+from dfdetect.video import VideoError, read_frames
 
 log = logging.getLogger("dfdetect.serving")
 PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
@@ -30,6 +33,10 @@ SERVING = PARAMS.serving
 
 class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+# Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
+PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version and label", ["version", "label"])
 
 
 @bentoml.service(workers=1, traffic={"timeout": 60})
@@ -86,15 +93,24 @@ class Detector:
             self._info, self._info_at = await self._scorer("info"), time.monotonic()
         return self._info
 
-    def _read_image(self, image: Path, field: str = "image") -> np.ndarray:
-        size = image.stat().st_size
-        limit = int(SERVING.max_upload_mb * 1024 * 1024)
+    @staticmethod
+    def _check_size(upload: Path, field: str, limit_mb: float, param: str) -> None:
+        size, limit = upload.stat().st_size, int(limit_mb * 1024 * 1024)
         if size > limit:
-            raise PayloadTooLarge(f"{field}: {size} bytes is over the limit of {limit} bytes (serving.max_upload_mb)")
+            raise PayloadTooLarge(f"{field}: {size} bytes is over the limit of {limit} bytes ({param})")
+
+    def _read_image(self, image: Path, field: str = "image") -> np.ndarray:
+        self._check_size(image, field, SERVING.max_upload_mb, "serving.max_upload_mb")
         try:
             return decode_image(image.read_bytes(), field)
         except ImageError as exc:
             raise InvalidArgument(str(exc)) from None
+
+    async def _ready_info(self) -> dict:
+        info = await self._current_info()
+        if not info.get("ready"):
+            raise bentoml.exceptions.ServiceUnavailable("model not loaded yet")
+        return info
 
     async def _score(self, arrays: list[np.ndarray]) -> list[Scored]:
         rows = await self._scorer("score", np.stack(arrays))
@@ -108,8 +124,24 @@ class Detector:
         """One image (multipart field `image`) -> the original service's verdict JSON."""
         started = time.perf_counter()
         img = self._read_image(image)
-        info = await self._current_info()
-        if not info.get("ready"):
-            raise bentoml.exceptions.ServiceUnavailable("model not loaded yet")
-        scored = (await self._score([resize_square(img, int(info["image_size"]))]))[0]
+        size = int((await self._ready_info())["image_size"])
+        scored = (await self._score([resize_square(img, size)]))[0]
+        PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
         return frame_response(frameNumber, scored, started)
+
+    @bentoml.api(route="/inference/analyze-video")
+    async def analyze_video(self, video: Path) -> dict:
+        """A video (multipart field `video`): per-frame scores of uniformly sampled frames and their mean."""
+        started = time.perf_counter()
+        self._check_size(video, "video", SERVING.max_video_mb, "serving.max_video_mb")
+        try:
+            clip = read_frames(video, SERVING.video_frames, "video")
+        except VideoError as exc:
+            raise InvalidArgument(str(exc)) from None
+        size = int((await self._ready_info())["image_size"])
+        from PIL import Image
+
+        scored = await self._score([resize_square(Image.fromarray(f), size) for f in clip.frames])
+        body = video_response(clip, scored, started)
+        PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
+        return body

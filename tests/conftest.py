@@ -61,3 +61,20 @@ def tracked_run(prepared_small, tmp_path_factory):
         evaluate(params, prepared_small, root / "models", root / "eval", root / "eval" / "metrics.json", root / "plots")
     return {"params": params, "uri": uri, "prepared": prepared_small, "models": root / "models",
             "metrics": root / "eval" / "metrics.json", "root": root}
+
+
+def write_video(path, frames, fps=10):
+    """An MPEG-4 video of the given RGB frames (PyAV's bundled FFmpeg), for video tests."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

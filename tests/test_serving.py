@@ -169,3 +169,37 @@ def test_a_promotion_reaches_the_running_service_without_a_failed_request(servic
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert versions[0] == f"{name}/1" and versions[-1] == f"{name}/2"
     assert requests.get(f"{service['url']}/health", timeout=5).json()["version"] == "2"
+
+
+@pytest.fixture(scope="module")
+def clip(sample_root, tmp_path_factory):
+    from conftest import write_video
+
+    faces = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((sample_root / "test" / "fake").iterdir())[:8]]
+    frames = [faces[i % len(faces)] for i in range(30)]
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames, fps=10)
+
+
+def test_analyze_video_scores_sampled_frames_and_their_mean(service, clip):
+    r = requests.post(f"{service['url']}/inference/analyze-video", files={"video": ("clip.mp4", clip.read_bytes(), "video/mp4")},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["frames"]) == service["params"].serving.video_frames
+    assert body["frames"][0]["frameNumber"] == 0 and body["frames"][-1]["frameNumber"] == 29
+    assert body["fake_probability"] == pytest.approx(np.mean([f["fake_probability"] for f in body["frames"]]), abs=1e-5)
+    assert body["resolution"] == {"width": 64, "height": 64} and body["fps"] == pytest.approx(10)
+    assert body["duration"] == pytest.approx(3.0, abs=0.2) and body["total_frames"] == 30
+
+
+def test_unsupported_video_is_a_400(service):
+    r = requests.post(f"{service['url']}/inference/analyze-video", files={"video": ("x.mp4", b"\x00\x00\x00 ftypisom junk", "video/mp4")},
+                      timeout=30)
+    assert r.status_code == 400 and "not a supported video" in r.text
+
+
+def test_metrics_count_requests_per_endpoint_and_predictions_per_version_and_label(service, sample_root):
+    post_frame(service["url"], jpeg(next((sample_root / "test" / "real").iterdir())))
+    text = requests.get(f"{service['url']}/metrics", timeout=10).text
+    assert 'endpoint="/inference/analyze-frame"' in text and "bentoml_service_request_duration_seconds" in text
+    assert "dfdetect_predictions_total{" in text and f'version="{service["params"].registry.model_name}/' in text

@@ -61,6 +61,10 @@ class Scored:
     version: str  # name/version that answered
     shadow: dict | None = None  # the challenger's score in shadow mode
 
+    @property
+    def is_fake(self) -> bool:
+        return self.fake_probability >= self.threshold
+
 
 class ModelSet:
     """The served champion (and challenger), kept in step with the registry by `refresh`.
@@ -139,8 +143,7 @@ class ModelSet:
 
 def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
     """The original service's JSON for one frame, with the verdict the right way round (fake = label 1)."""
-    p = scored.fake_probability
-    is_fake = p >= scored.threshold
+    p, is_fake = scored.fake_probability, scored.is_fake
     body = {
         "frameNumber": frame_number,
         "confidence": round(p if is_fake else 1 - p, 6),
@@ -152,6 +155,23 @@ def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
     if scored.shadow:
         body["shadow"] = scored.shadow
     return body
+
+
+def video_response(clip, scored: list[Scored], started: float) -> dict:
+    """Per-frame verdicts and the video's: the mean frame score (the benchmarks' video-level protocol)."""
+    mean = float(np.mean([s.fake_probability for s in scored]))
+    threshold, version = scored[0].threshold, scored[0].version
+    return {
+        "frames": [{"frameNumber": i, "fake_probability": round(s.fake_probability, 6), "is_fake": s.is_fake,
+                    "modelVersion": s.version} for i, s in zip(clip.indices, scored)],
+        "fake_probability": round(mean, 6),
+        "is_fake": mean >= threshold,
+        "confidence": round(mean if mean >= threshold else 1 - mean, 6),
+        "duration": round(clip.duration_s, 3), "fps": round(clip.fps, 3), "total_frames": clip.total_frames,
+        "resolution": {"width": clip.width, "height": clip.height},
+        "processingTime": round((time.perf_counter() - started) * 1000, 2),
+        "modelVersion": version,
+    }
 
 
 class RegistryLoader:
