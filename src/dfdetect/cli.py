@@ -156,6 +156,33 @@ def predict(
                                "threshold": round(v.threshold, 6)}))
 
 
+@app.command("export")
+def export_cmd(
+    checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
+    model_ref: Optional[str] = typer.Option(None, "--model", help="A registry alias or version instead of --checkpoint (e.g. champion)."),
+    out: Path = typer.Option(Path("exports"), "--out", "-o", help="Folder for model.onnx, model.int8.onnx and export.json."),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write a dynamically quantised int8 model."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Export to ONNX (fp32 and int8) and report the largest probability difference from eager PyTorch."""
+    from .export import export
+
+    try:
+        if model_ref:
+            from .registry import load
+
+            loaded = load(model_ref, params=_params(params_path))
+            model, pre, threshold, source = loaded.model, loaded.preprocess, loaded.threshold, f"{loaded.name}/{loaded.version}"
+        else:
+            from .checkpoint import load as load_checkpoint, model_from_state
+
+            state = load_checkpoint(checkpoint)
+            (model, pre), threshold, source = model_from_state(state), float(state.get("threshold", 0.5)), str(checkpoint)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(export(model, pre, threshold, out, int8, source), indent=2))
+
+
 @app.command("architectures")
 def list_architectures():
     """List the architectures in the model registry of dfdetect (for model.name)."""

@@ -9,23 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import checkpoint
 from .config import Params
+from .export import FakeProbability
 from .labels import LABEL_MAP
 from .plots import training_curves_png
-
-
-class FakeProbability(nn.Module):
-    """The logged model: a normalised N x 3 x S x S batch -> P(fake) for each image."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return torch.sigmoid(self.net(x).float())
 
 
 def _requirements() -> list[str]:

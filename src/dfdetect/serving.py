@@ -26,11 +26,19 @@ class ServedModel:
     """A registered version ready to score uint8 batches: bf16 + channels_last on a CPU that has native bf16
     (about 3x eager fp32 here), fp16 on CUDA; the weights stay fp32."""
 
-    def __init__(self, loaded: LoadedModel, device: str = "auto"):
-        self.rt = runtime.resolve(device, "auto", "auto")
-        self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
+    def __init__(self, loaded: LoadedModel, device: str = "auto", runtime_name: str = "torch"):
         self.name, self.version, self.threshold = loaded.name, loaded.version, loaded.threshold
         self.preprocess: PreprocessConfig = loaded.preprocess
+        self.runtime_name = runtime_name
+        if runtime_name == "torch":
+            self.rt = runtime.resolve(device, "auto", "auto")
+            self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
+        else:  # ONNX Runtime on the CPU, exported from this very version at load time
+            from .export import OnnxModel, onnx_bytes, quantize_int8
+
+            self.rt = runtime.resolve("cpu", "fp32", "off")
+            graph = onnx_bytes(loaded.model.eval(), self.preprocess.image_size)
+            self.model = OnnxModel(quantize_int8(graph) if runtime_name == "onnx-int8" else graph)
 
     @property
     def label(self) -> str:
@@ -44,6 +52,8 @@ class ServedModel:
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.round().clamp(0, 255).to(torch.uint8)
         x = normalize(x, self.preprocess).contiguous(memory_format=self.rt.memory_format())
+        if self.runtime_name != "torch":
+            return self.model(x.numpy())
         with torch.inference_mode(), self.rt.autocast():
             return torch.sigmoid(self.model(x).float()).cpu().numpy()
 
@@ -87,7 +97,7 @@ class ModelSet:
     def _fresh(self, ref: str, current: ServedModel | None) -> ServedModel:
         if current is not None and self.loader.resolve(ref) == current.version:
             return current  # the cheap check: no download when nothing moved
-        return ServedModel(self.loader(ref), self.params.serving.device)
+        return ServedModel(self.loader(ref), self.params.serving.device, self.params.serving.runtime)
 
     def refresh(self) -> bool:
         """Follow the aliases; True when a served version changed."""
@@ -137,7 +147,7 @@ class ModelSet:
         primary, challenger = self.primary, self.challenger
         return {"ready": primary is not None, "model": primary and primary.name, "version": primary and primary.version,
                 "alias": self.params.serving.alias, "device": primary and str(primary.rt.device),
-                "precision": primary and primary.rt.precision, "image_size": primary and primary.preprocess.image_size,
+                "precision": primary and primary.rt.precision, "runtime": primary and primary.runtime_name, "image_size": primary and primary.preprocess.image_size,
                 "challenger": challenger and challenger.version, "challenger_mode": self.params.serving.challenger_mode}
 
 
