@@ -203,3 +203,15 @@ def test_metrics_count_requests_per_endpoint_and_predictions_per_version_and_lab
     text = requests.get(f"{service['url']}/metrics", timeout=10).text
     assert 'endpoint="/inference/analyze-frame"' in text and "bentoml_service_request_duration_seconds" in text
     assert "dfdetect_predictions_total{" in text and f'version="{service["params"].registry.model_name}/' in text
+
+
+def test_package_builds_a_bento_with_the_wheel_and_the_endpoints(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run([str(BIN / "dfdetect"), "package"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = tmp_path / "bentoml" / "bentos" / name / version
+    assert (bento / "env" / "python" / "wheels" / "dfdetect-0.1.0-py3-none-any.whl").exists()
+    openapi = (bento / "apis" / "openapi.yaml").read_text()
+    assert "/inference/analyze-frame" in openapi and "/inference/analyze-video" in openapi

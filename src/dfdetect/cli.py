@@ -183,6 +183,31 @@ def export_cmd(
     typer.echo(json.dumps(export(model, pre, threshold, out, int8, source), indent=2))
 
 
+@app.command("package")
+def package_cmd(
+    bentofile: Path = typer.Option(Path("bentofile.yaml"), "--bentofile", help="The Bento build file."),
+    version: Optional[str] = typer.Option(None, "--version", help="Bento version; default: BentoML's generated one."),
+):
+    """Build the Bento of the serving service (`bentoml build`), with the dfdetect wheel inside."""
+    import shutil
+    import subprocess
+    import sys
+
+    from . import __version__
+
+    wheel = Path("dist") / f"dfdetect-{__version__}-py3-none-any.whl"
+    steps = [[sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", "dist", "."],
+             [shutil.which("bentoml") or "bentoml", "build", "-f", str(bentofile), "--output", "tag"]
+             + (["--version", version] if version else [])]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            _fail(f"{' '.join(cmd[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    if not wheel.exists():
+        _fail(f"{wheel}: the wheel was not built")
+    typer.echo(done.stdout.strip().splitlines()[-1])
+
+
 @app.command("architectures")
 def list_architectures():
     """List the architectures in the model registry of dfdetect (for model.name)."""

@@ -1,0 +1,78 @@
+"""The step functions that become KFP components. Each imports dfdetect and calls the same function as the
+DVC stage; KFP serialises each function on its own, so imports live inside the bodies."""
+
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def fetch_data(data_source: str, dvc_repo: str, dvc_rev: str, data: Output[Dataset]):
+    """The data set from the DVC remote at a git revision (data_source 'dvc') or from a folder."""
+    from dfdetect.orchestration import fetch_data as fetch
+
+    fetch(data_source, dvc_repo, dvc_rev, data.path)
+
+
+def prepare(data: Input[Dataset], prepare: dict, prepared: Output[Dataset], report: Output[Markdown]):
+    """`dfdetect prepare`: validate, manifest, report, image cache."""
+    import shutil
+
+    from dfdetect.orchestration import params_from
+    from dfdetect.prepare import prepare as run_prepare
+
+    run_prepare(data.path, prepared.path, params_from({"prepare": prepare}).prepare, workers=2)
+    shutil.copy(f"{prepared.path}/report.md", report.path)
+
+
+def train(prepared: Input[Dataset], seed: int, model: dict, train: dict, mlflow: dict, tracking_uri: str,
+          model_dir: Output[Model], history: Output[Artifact]) -> str:
+    """`dfdetect train`; returns the MLflow run id."""
+    from dfdetect.orchestration import params_from, use_tracking
+    from dfdetect.train import train as run_train
+
+    use_tracking(tracking_uri)
+    params = params_from({"seed": seed, "model": model, "train": train, "mlflow": mlflow})
+    result = run_train(params, prepared.path, model_dir.path, history.path)
+    model_dir.metadata.update({"run_id": result.run_id, "best_epoch": result.best_epoch, "val_auc": result.best_val_auc})
+    return result.run_id or ""
+
+
+def evaluate(prepared: Input[Dataset], model_dir: Input[Model], evaluate: dict, mlflow: dict, tracking_uri: str,
+             metrics: Output[Metrics], roc: Output[ClassificationMetrics], report: Output[Markdown],
+             evaluation: Output[Artifact]) -> float:
+    """`dfdetect evaluate`; returns the test ROC-AUC that gates registration."""
+    from dfdetect.evaluate import evaluate as run_evaluate
+    from dfdetect.orchestration import log_kfp_evaluation, params_from, use_tracking
+
+    use_tracking(tracking_uri)
+    params = params_from({"evaluate": evaluate, "mlflow": mlflow})
+    out = evaluation.path
+    result = run_evaluate(params, prepared.path, model_dir.path, out, f"{out}/metrics.json", f"{out}/plots")
+    log_kfp_evaluation(result, out, metrics, roc, report)
+    return float(result["roc_auc"])
+
+
+def register(prepared: Input[Dataset], model_dir: Input[Model], evaluation: Input[Artifact], registry: dict,
+             mlflow: dict, tracking_uri: str) -> str:
+    """`dfdetect register`: a new model version with alias challenger; returns the version."""
+    from dfdetect.orchestration import params_from, use_tracking
+    from dfdetect.registry import register as run_register
+
+    use_tracking(tracking_uri)
+    params = params_from({"registry": registry, "mlflow": mlflow})
+    return run_register(params, model_dir.path, f"{evaluation.path}/metrics.json", prepared.path)["version"]
+
+
+def promote(prepared: Input[Dataset], version: str, registry: dict, promotion: dict, mlflow: dict,
+            tracking_uri: str, report: Output[Markdown]) -> str:
+    """`dfdetect promote` of the version just registered; returns the verdict."""
+    import shutil
+    import tempfile
+
+    from dfdetect.orchestration import params_from, use_tracking
+    from dfdetect.registry import promote as run_promote
+
+    use_tracking(tracking_uri)
+    params = params_from({"registry": registry, "promotion": promotion, "mlflow": mlflow})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_promote(params, prepared.path, tmp, expected_challenger=version)
+        shutil.copy(f"{tmp}/promotion.md", report.path)
+    return result["verdict"]

@@ -1,0 +1,480 @@
+"""The `dfdetect` command line: a thin layer over the library, one command per pipeline step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import ParamsError, load_params
+
+app = typer.Typer(
+    help="Train, evaluate and use deepfake image detectors. Every step reads params.yaml (see README).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+log = logging.getLogger("dfdetect")
+
+PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file (typed schema; see README).")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _params(path: Path):
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        _fail(str(exc))
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")):
+    _setup_logging(verbose)
+
+
+@app.command("sample-data")
+def sample_data_cmd(
+    out: Path = typer.Option(Path("data"), "--out", "-o", help="Folder to write {train,val,test}/{real,fake}/*.jpg into."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Generate the embedded synthetic face-swap data set (deterministic for a given seed and size)."""
+    from .sample_data import generate
+
+    params = _params(params_path)
+    counts = generate(out, params.sample_data.per_class, params.sample_data.image_size, params.seed)
+    typer.echo(json.dumps(counts))
+
+
+@app.command()
+def prepare(
+    data: Path = typer.Option(Path("data"), "--data", "-d", help="Data set root in the layout {train,val,test}/{real,fake}/*."),
+    out: Path = typer.Option(Path("prepared"), "--out", "-o", help="Folder for manifest.csv, report.md/json and the image cache."),
+    workers: int = typer.Option(2, "--workers", "-j", min=1, help="Processes decoding images."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Validate the data set, write its manifest and report, and decode and resize it once into a cache."""
+    from .data import DatasetError
+    from .prepare import prepare as run_prepare
+
+    params = _params(params_path)
+    try:
+        report = run_prepare(data, out, params.prepare, workers=workers)
+    except DatasetError as exc:
+        _fail(str(exc))
+    typer.echo((out / "report.md").read_text())
+    if report["notes"]:
+        log.warning("; ".join(report["notes"]))
+
+
+@app.command()
+def train(
+    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output folder of `dfdetect prepare`."),
+    models: Path = typer.Option(Path("models"), "--models", help="Where best.pt, last.pt and summary.json go."),
+    history: Path = typer.Option(Path("train/history.csv"), "--history", help="Per-epoch curves (DVC plots)."),
+    metrics: Path = typer.Option(Path("train/metrics.json"), "--metrics", help="Validation metrics of the best epoch (DVC metrics)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (e.g. models/last.pt) to continue from; params must match."),
+    stop_after_epochs: Optional[int] = typer.Option(None, "--stop-after-epochs", min=1,
+                                                   help="End this invocation after N epochs (preemptible jobs); continue with --resume."),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not track the run in MLflow."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Train the model named in params.yaml; tracks params, curves and the model in MLflow."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .models import ModelError
+    from .tracking import TrackingError
+    from .train import TrainError
+    from .train import train as run_train
+
+    params = _params(params_path)
+    try:
+        result = run_train(params, prepared, models, history, metrics, resume, stop_after_epochs, track=not no_mlflow)
+    except (DatasetError, ModelError, CheckpointError, TrainError, TrackingError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result.__dict__))
+
+
+@app.command()
+def evaluate(
+    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output folder of `dfdetect prepare`."),
+    models: Path = typer.Option(Path("models"), "--models", help="Folder with best.pt and summary.json from `dfdetect train`."),
+    out: Path = typer.Option(Path("eval"), "--out", "-o", help="Report, predictions and PNG figures."),
+    metrics: Path = typer.Option(Path("eval/metrics.json"), "--metrics", help="Metrics file (DVC metrics)."),
+    plots: Path = typer.Option(Path("eval/plots"), "--plots", help="roc.csv, pr.csv, confusion.csv (DVC plots)."),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to the training run in MLflow."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Score the best checkpoint on the test split (val when there is none) and write metrics and plots."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .evaluate import evaluate as run_evaluate
+    from .tracking import TrackingError
+
+    params = _params(params_path)
+    try:
+        result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow)
+    except (DatasetError, CheckpointError, ValueError, TrackingError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files to classify."),
+    checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
+    model_uri: Optional[str] = typer.Option(None, "--model-uri", help="An MLflow model URI (runs:/ID/model, models:/NAME@alias); overrides --checkpoint."),
+):
+    """Classify images as real or fake; prints one JSON line per image."""
+    from .inference import Predictor
+    from .preprocessing import ImageError, decode_image
+
+    try:
+        predictor = Predictor.from_mlflow(model_uri) if model_uri else Predictor.from_checkpoint(checkpoint)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    for path in images:
+        try:
+            img = decode_image(path.read_bytes(), str(path))
+        except (ImageError, OSError) as exc:
+            typer.echo(json.dumps({"path": str(path), "error": str(exc)}))
+            continue
+        v = predictor.verdicts([img])[0]
+        typer.echo(json.dumps({"path": str(path), "label": v.label, "fake_probability": round(v.fake_probability, 6),
+                               "threshold": round(v.threshold, 6)}))
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
+    model_ref: Optional[str] = typer.Option(None, "--model", help="A registry alias or version instead of --checkpoint (e.g. champion)."),
+    out: Path = typer.Option(Path("exports"), "--out", "-o", help="Folder for model.onnx, model.int8.onnx and export.json."),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write a dynamically quantised int8 model."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Export to ONNX (fp32 and int8) and report the largest probability difference from eager PyTorch."""
+    from .export import export
+
+    try:
+        if model_ref:
+            from .registry import load
+
+            loaded = load(model_ref, params=_params(params_path))
+            model, pre, threshold, source = loaded.model, loaded.preprocess, loaded.threshold, f"{loaded.name}/{loaded.version}"
+        else:
+            from .checkpoint import load as load_checkpoint, model_from_state
+
+            state = load_checkpoint(checkpoint)
+            (model, pre), threshold, source = model_from_state(state), float(state.get("threshold", 0.5)), str(checkpoint)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(export(model, pre, threshold, out, int8, source), indent=2))
+
+
+@app.command("package")
+def package_cmd(
+    bentofile: Path = typer.Option(Path("bentofile.yaml"), "--bentofile", help="The Bento build file."),
+    version: Optional[str] = typer.Option(None, "--version", help="Bento version; default: BentoML's generated one."),
+):
+    """Build the Bento of the serving service (`bentoml build`), with the dfdetect wheel inside."""
+    import shutil
+    import subprocess
+    import sys
+
+    from . import __version__
+
+    wheel = Path("dist") / f"dfdetect-{__version__}-py3-none-any.whl"
+    steps = [[sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", "dist", "."],
+             [shutil.which("bentoml") or "bentoml", "build", "-f", str(bentofile), "--output", "tag"]
+             + (["--version", version] if version else [])]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            _fail(f"{' '.join(cmd[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    if not wheel.exists():
+        _fail(f"{wheel}: the wheel was not built")
+    typer.echo(done.stdout.strip().splitlines()[-1])
+
+
+@app.command("architectures")
+def list_architectures():
+    """List the architectures in the model registry of dfdetect (for model.name)."""
+    from .models import available_models
+
+    for name in available_models():
+        typer.echo(name)
+
+
+def _registry_errors():
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .registry import RegistryError
+    from .tracking import TrackingError
+
+    return (RegistryError, TrackingError, DatasetError, CheckpointError)
+
+
+@app.command()
+def register(
+    models: Path = typer.Option(Path("models"), "--models", help="Folder with summary.json (the training run) from `dfdetect train`."),
+    metrics: Path = typer.Option(Path("eval/metrics.json"), "--metrics", help="Metrics from `dfdetect evaluate`; become version tags."),
+    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output of `dfdetect prepare` (counts for the model card)."),
+    out: Path = typer.Option(Path("registry/registration.json"), "--out", help="Where to write the registered name and version."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Register the evaluated run's model as a new version and give it the alias `challenger`."""
+    params = _params(params_path)
+    from .registry import register as run_register
+
+    try:
+        result = run_register(params, models, metrics, prepared, out)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def promote(
+    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="The data both models are scored on (its test split)."),
+    out: Path = typer.Option(Path("registry"), "--out", help="Folder for promotion.json and promotion.md."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the gate rejects the challenger."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Re-score `champion` and `challenger` on the same data; move `champion` only if the gate in params passes."""
+    params = _params(params_path)
+    from .registry import promote as run_promote
+
+    try:
+        report = run_promote(params, prepared, out)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    typer.echo((out / "promotion.md").read_text())
+    if strict and report["verdict"] == "rejected":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option(..., "--reason", help="Why; recorded in the alias history and on the version."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Move `champion` back to the version the current champion replaced."""
+    params = _params(params_path)
+    from .registry import rollback as run_rollback
+
+    try:
+        typer.echo(json.dumps(run_rollback(params, reason)))
+    except _registry_errors() as exc:
+        _fail(str(exc))
+
+
+models_app = typer.Typer(help="The registered versions in the MLflow model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Versions, aliases, key metrics, and when and why each alias moved."""
+    params = _params(params_path)
+    from .registry import list_versions
+
+    try:
+        listing = list_versions(params)
+    except _registry_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{listing['name']}")
+    for col in ("version", "aliases", "created", "roc_auc", "eer", "promotion", "run"):
+        table.add_column(col)
+    for v in listing["versions"]:
+        table.add_row(v["version"], ", ".join(v["aliases"]), v["created"], v["metrics"].get("roc_auc", "-"),
+                      v["metrics"].get("eer", "-"), v["promotion"] or "-", v["run_id"][:8])
+    history = Table(title="alias history")
+    for col in ("at", "alias", "version", "from", "by", "reason"):
+        history.add_column(col)
+    for h in listing["history"]:
+        history.add_row(h["at"], h["alias"], str(h["version"]), str(h.get("from") or "-"), h["by"], h.get("reason", ""))
+    console = Console(width=200)
+    console.print(table)
+    console.print(history)
+
+
+pipeline_app = typer.Typer(help="The same pipeline as a Kubeflow Pipelines (v2) pipeline: compile, run locally, submit.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+PACKAGE_OPT = typer.Option(Path("pipelines/deepfake_pipeline.yaml"), "--package", help="The compiled pipeline YAML.")
+PARAM_OPT = typer.Option([], "--param", help="Override a params.yaml value for this run, e.g. --param train.lr=0.0005 (repeatable).")
+
+
+def _pipeline_args(params_path: Path, overrides: list[str], **extra) -> dict:
+    from .orchestration import apply_overrides
+    from pipelines.runner import arguments
+
+    try:
+        params = apply_overrides(_params(params_path), overrides)
+    except ParamsError as exc:
+        _fail(str(exc))
+    return arguments(params, **extra)
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Path = typer.Option(Path("pipelines/deepfake_pipeline.yaml"), "--out", "-o", help="Where to write the IR YAML."),
+    image: Optional[str] = typer.Option(None, "--image", help="Container image of the components (built from infra/)."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Write the pipeline IR YAML that the Kubeflow UI uploads; parameter defaults come from params.yaml."""
+    from pipelines.deepfake_pipeline import DEFAULT_IMAGE
+    from pipelines.runner import compile_pipeline
+
+    typer.echo(str(compile_pipeline(_params(params_path), out, image or DEFAULT_IMAGE)))
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    local: bool = typer.Option(False, "--local", help="Run here with kfp.local's SubprocessRunner (no Docker, no cluster)."),
+    package: Path = PACKAGE_OPT,
+    data_source: str = typer.Option("dvc", "--data-source", help="'dvc' (the DVC remote at --dvc-rev) or a data folder."),
+    dvc_repo: Path = typer.Option(Path("."), "--dvc-repo", help="Git repository whose data.dvc names the data."),
+    dvc_rev: str = typer.Option("HEAD", "--dvc-rev", help="Git revision of the data version."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI for every step (default: as `dfdetect train`)."),
+    pipeline_root: Path = typer.Option(Path(".kfp"), "--pipeline-root", help="Where local runs keep their artifacts."),
+    overrides: list[str] = PARAM_OPT,
+    params_path: Path = PARAMS_OPT,
+):
+    """Run the compiled pipeline on this machine, logging to MLflow; prints the run's outputs as JSON."""
+    from .tracking import tracking_uri as default_uri
+    from pipelines.runner import PipelineError, run_local, run_outputs
+
+    if not local:
+        _fail("only --local runs here; use `dfdetect pipeline submit --host URL` for a cluster")
+    if not package.exists():
+        _fail(f"{package}: no compiled pipeline; run `dfdetect pipeline compile` first")
+    uri = tracking_uri or default_uri(_params(params_path))
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # tasks run in other folders
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    args = _pipeline_args(params_path, overrides, data_source=data_source, dvc_repo=str(dvc_repo.resolve()),
+                          dvc_rev=dvc_rev, tracking_uri=uri)
+    try:
+        run_dir = run_local(package, args, pipeline_root)
+    except PipelineError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(run_outputs(run_dir), indent=2))
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: str = typer.Option(..., "--host", help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80."),
+    package: Path = PACKAGE_OPT,
+    experiment: str = typer.Option("dfdetect", "--experiment", help="KFP experiment (created if missing)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run name; default dfdetect-<timestamp>."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user clusters)."),
+    dvc_repo: str = typer.Option("", "--dvc-repo", help="Git URL the cluster clones for data.dvc (data from the DVC remote)."),
+    dvc_rev: str = typer.Option("HEAD", "--dvc-rev", help="Git revision of the data version."),
+    data_source: str = typer.Option("dvc", "--data-source", help="'dvc' or a folder the cluster's pods can read."),
+    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI reachable from the cluster."),
+    overrides: list[str] = PARAM_OPT,
+    params_path: Path = PARAMS_OPT,
+):
+    """Upload the compiled pipeline and start a run on a Kubeflow cluster."""
+    from pipelines.runner import PipelineError, submit
+
+    if not package.exists():
+        _fail(f"{package}: no compiled pipeline; run `dfdetect pipeline compile` first")
+    args = _pipeline_args(params_path, overrides, data_source=data_source, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
+                          tracking_uri=tracking_uri)
+    try:
+        typer.echo(json.dumps(submit(host, package, args, experiment, run_name, namespace)))
+    except PipelineError as exc:
+        _fail(str(exc))
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+server_app = typer.Typer(help="Run the servers a team uses, on 127.0.0.1 (foreground; Ctrl-C stops them all).",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("mlflow")
+def server_mlflow(
+    root: Path = typer.Option(Path(".servers"), "--root", help="Folder for the server's data, S3 buckets and logs."),
+    port: int = typer.Option(5000, "--port", help="MLflow server port."),
+    postgres: bool = typer.Option(False, "--postgres", help="Back the tracking server with PostgreSQL (started here) instead of SQLite."),
+    s3: bool = typer.Option(True, "--s3/--no-s3", help="Store artifacts in S3: starts `rclone serve s3` over ROOT/s3 unless --s3-endpoint is given."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help="An existing S3 endpoint (MinIO, AWS); credentials from AWS_* variables."),
+    s3_port: int = typer.Option(9000, "--s3-port", help="Port of the local S3 endpoint."),
+    bucket: str = typer.Option("mlflow", "--bucket", help="Artifact bucket."),
+):
+    """MLflow tracking server with SQLite or PostgreSQL and S3 artifacts (proxied: clients need no S3 keys)."""
+    import os
+    import signal
+    import time
+
+    from . import servers
+
+    root = root.resolve()
+    started: list = []
+    try:
+        env: dict = {}
+        if s3 and not s3_endpoint:
+            key = os.environ.get("AWS_ACCESS_KEY_ID", "dfdetect")
+            secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "dfdetect-secret")
+            started.append(servers.start_s3(root / "s3", key, secret, port=s3_port, buckets=(bucket, "dvc"), log_dir=root))
+            env = started[-1].env
+            typer.echo(f"S3 endpoint {started[-1].url} over {root / 's3'} (buckets: {bucket}, dvc)")
+        elif s3_endpoint:
+            env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+        if postgres:
+            started.append(servers.start_postgres(root / "postgres", log_dir=root))
+            backend = started[-1].url
+            typer.echo(f"PostgreSQL at {backend}")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            backend = f"sqlite:///{root / 'mlflow.db'}"
+        artifacts = f"s3://{bucket}/artifacts" if s3 else str(root / "artifacts")
+        started.append(servers.start_mlflow(backend, artifacts, port=port, env=env, log_dir=root))
+        typer.echo(f"MLflow tracking server: {started[-1].url}  (export MLFLOW_TRACKING_URI={started[-1].url}); logs in {root}")
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the servers as Ctrl-C does
+        while all(s.proc.poll() is None for s in started):
+            time.sleep(1)
+        _fail("a server exited; see its log in " + str(root))
+    except servers.ServerError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+@app.command("check-params")
+def check_params(params_path: Path = PARAMS_OPT):
+    """Validate params.yaml against the schema and print the effective values."""
+    typer.echo(json.dumps(_params(params_path).model_dump(mode="json"), indent=2))
+
+
+if __name__ == "__main__":
+    app()

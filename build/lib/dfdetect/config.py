@@ -1,0 +1,175 @@
+"""The typed schema of params.yaml: one section per stage, validated before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(Section):
+    image_size: int = Field(128, ge=16, le=1024, description="side of the square images the cache holds")
+    min_size: int = Field(32, ge=1, description="images smaller than this (either side) are excluded")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="fatal when more than this fraction of files is unreadable"
+    )
+    allow_leakage: bool = Field(False, description="allow the same content in two splits (not advised)")
+
+
+class ModelParams(Section):
+    name: str = Field("custom_cnn", description="an architecture from the model registry")
+    pretrained: bool = Field(False, description="start from ImageNet weights (local file or torch cache)")
+    weights_path: str | None = Field(None, description="file of ImageNet weights; default: torch hub cache")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class AugmentParams(Section):
+    hflip: bool = True
+    rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
+
+
+class TrainParams(Section):
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(0.001, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+    weight_decay: float = Field(0.0001, ge=0.0, le=1.0)
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = Field(5, ge=1, description="StepLR only: epochs between decays")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="StepLR only: decay factor")
+    early_stopping_patience: int = Field(5, ge=0, description="epochs without val AUC gain; 0 disables")
+    augment: AugmentParams = AugmentParams()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 AMP on CUDA, bf16 autocast on a CPU that has native bf16, else fp32"
+    )
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+class EvaluateParams(Section):
+    split: Literal["test", "val"] = "test"
+    threshold: Union[float, Literal["val"]] = Field(
+        "val", description="decision threshold, or 'val': the EER threshold found on validation"
+    )
+
+    @model_validator(mode="after")
+    def _threshold_range(self):
+        if isinstance(self.threshold, float) and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be within [0, 1] or 'val', got {self.threshold}")
+        return self
+
+
+class SampleDataParams(Section):
+    per_class: dict[str, int] = Field(
+        default_factory=lambda: {"train": 300, "val": 100, "test": 100},
+        description="images per class in each split",
+    )
+    image_size: int = Field(128, ge=32, le=512)
+
+    @model_validator(mode="after")
+    def _splits(self):
+        unknown = set(self.per_class) - {"train", "val", "test"}
+        if unknown or "train" not in self.per_class or "val" not in self.per_class:
+            raise ValueError(f"per_class keys must be train, val and optionally test, got {sorted(self.per_class)}")
+        return self
+
+
+# The metrics of dfdetect.metrics, by name (tests keep the two in step; config stays free of heavy imports).
+MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer"]
+LOWER_IS_BETTER = frozenset({"eer"})
+
+
+class RegistryParams(Section):
+    model_name: str = Field("dfdetect-detector", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                            description="registered model name in the MLflow model registry")
+
+
+class PromotionParams(Section):
+    metric: MetricName = Field("roc_auc", description="the metric a challenger must beat the champion on")
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="by at least this much (absolute)")
+    floors: dict[MetricName, float] = Field(
+        default_factory=lambda: {"roc_auc": 0.8},
+        description="every one must hold for the challenger (for eer: a ceiling); alone decide with no champion",
+    )
+    lock_timeout_s: float = Field(120.0, gt=0, description="how long to wait for another promotion to finish")
+
+
+class ServingParams(Section):
+    alias: str = Field("champion", min_length=1, description="registry alias (or version) the service answers with")
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch", description="torch: bf16 autocast + channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU)")
+    challenger_mode: Literal["off", "ab", "shadow"] = Field(
+        "off", description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers")
+    challenger_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    poll_interval_s: float = Field(10.0, ge=0.5, description="how often the service checks the registry for promotions")
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_latency_ms: int = Field(200, ge=1, le=60_000, description="adaptive batching: longest wait to fill a batch")
+    max_upload_mb: float = Field(10.0, gt=0, le=1024, description="largest image upload")
+    max_video_mb: float = Field(200.0, gt=0, le=10_240, description="largest video upload")
+    video_frames: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from a video")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class MlflowParams(Section):
+    experiment: str = Field("dfdetect", min_length=1)
+    tracking_uri: str | None = Field(None, description="used when $MLFLOW_TRACKING_URI is unset; default sqlite:///mlflow.db")
+    log_model: bool = True
+
+
+class Params(Section):
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    sample_data: SampleDataParams = SampleDataParams()
+    prepare: PrepareParams = PrepareParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    promotion: PromotionParams = PromotionParams()
+    serving: ServingParams = ServingParams()
+    mlflow: MlflowParams = MlflowParams()
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or breaks the schema."""
+
+
+def _describe(error: dict, raw: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (value {error['input']!r})"
+    return f"{key}: got {error['input']!r}; {error['msg']}"
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, raw) for e in exc.errors()]
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))

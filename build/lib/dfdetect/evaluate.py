@@ -1,0 +1,127 @@
+"""`dfdetect evaluate`: score the trained model on the test split; metrics, plots and a report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics as skm
+
+from . import checkpoint, runtime, tracking
+from .config import Params
+from .data import PreparedSplit, batch_loader, load_meta, load_split
+from .inference import predict_scores
+from .io_utils import atomic_write_json, atomic_write_text
+from .labels import CLASS_NAMES
+from .metrics import compute_all, eer_and_threshold
+from .plots import confusion_png, pr_png, roc_png
+from .preprocessing import PreprocessConfig, decode_image, resize_square
+
+log = logging.getLogger(__name__)
+
+
+def _csv(rows: list[dict], fields: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def choose_split(prepared_dir: Path, wanted: str) -> tuple[str, list[str]]:
+    available = load_meta(prepared_dir)["splits"]
+    if wanted in available:
+        return wanted, []
+    if wanted == "test" and "val" in available:
+        return "val", ["the data set has no 'test' split: these metrics are on 'val', which also chose the "
+                       "best epoch and the threshold, so they are optimistic"]
+    raise ValueError(f"evaluate.split={wanted!r} is not in the prepared data (have {sorted(available)})")
+
+
+def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> PreparedSplit:
+    """The split as this model's preprocessing sees it: the cache when sizes agree, else the original files."""
+    data = load_split(prepared_dir, split)
+    if data.images.shape[1] == pre.image_size:
+        return data
+    root = Path(load_meta(prepared_dir)["data_dir"])
+    log.info("model expects %dpx, cache holds %dpx: decoding %d originals from %s", pre.image_size,
+             data.images.shape[1], len(data.relpaths), root)
+    arrays = [resize_square(decode_image((root / rel).read_bytes(), rel), pre.image_size) for rel in data.relpaths]
+    return PreparedSplit(np.stack(arrays), data.labels, data.relpaths)
+
+
+def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """P(fake) of every image, in fp32 so that metrics do not depend on the machine's precision."""
+    rt = runtime.resolve(device, "fp32", "off")
+    return predict_scores(model.to(rt.device), batch_loader(data, 128, shuffle=False), pre, rt)
+
+
+def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
+             metrics_path: str | Path, plots_dir: str | Path, track: bool = True) -> dict:
+    prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
+    state = checkpoint.load(model_dir / "best.pt")
+    model, pre = checkpoint.model_from_state(state)
+    split, notes = choose_split(prepared_dir, params.evaluate.split)
+    data = split_for(prepared_dir, split, pre)
+    scores, labels, loss = score_model(model, pre, data, params.train.device)
+
+    threshold = float(state.get("threshold", 0.5)) if params.evaluate.threshold == "val" else float(params.evaluate.threshold)
+    results = compute_all(labels, scores, threshold)
+    results.update({"loss": loss, "threshold": threshold, "eer_threshold": eer_and_threshold(labels, scores)[1],
+                    "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum())})
+    metrics = {"split": split, **{k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}}
+    if notes:
+        metrics["note"] = " ".join(notes)
+
+    predicted = (scores >= threshold).astype(int)
+    fpr, tpr, roc_thr = skm.roc_curve(labels, scores)
+    prec, rec, _ = skm.precision_recall_curve(labels, scores)
+    matrix = skm.confusion_matrix(labels, predicted, labels=[0, 1])
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plots_dir / "roc.csv", _csv([{"fpr": f, "tpr": t, "threshold": min(1.0, h)} for f, t, h in zip(fpr, tpr, roc_thr)], ["fpr", "tpr", "threshold"]))
+    atomic_write_text(plots_dir / "pr.csv", _csv([{"recall": r, "precision": p} for r, p in zip(rec, prec)], ["recall", "precision"]))
+    atomic_write_text(plots_dir / "confusion.csv", _csv([{"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]} for a, p in zip(labels, predicted)], ["actual", "predicted"]))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "predictions.csv", _csv(
+        [{"path": p, "label": int(y), "fake_probability": round(float(s), 6), "predicted": int(q)}
+         for p, y, s, q in zip(data.relpaths, labels, scores, predicted)], ["path", "label", "fake_probability", "predicted"]))
+    figures = out_dir / "figures"
+    roc_png(fpr, tpr, results["roc_auc"], figures / "roc.png")
+    pr_png(rec, prec, results["average_precision"], figures / "pr.png")
+    confusion_png(matrix, CLASS_NAMES, figures / "confusion.png")
+    atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state))
+    atomic_write_json(metrics_path, metrics)
+
+    if track:
+        log_to_mlflow(params, model_dir, metrics, out_dir)
+    return metrics
+
+
+def report_markdown(metrics: dict, matrix: np.ndarray, state: dict) -> str:
+    lines = [f"# Evaluation on '{metrics['split']}'", ""]
+    if "note" in metrics:
+        lines += [f"**Note:** {metrics['note']}", ""]
+    lines += [f"Model `{state['model']['name']}` from epoch {state.get('best_epoch', '?')}; "
+              f"{metrics['n_real']} real and {metrics['n_fake']} fake images; decision threshold {metrics['threshold']:.4f}.",
+              "", "| metric | value |", "|---|---|"]
+    for key in ("roc_auc", "average_precision", "eer", "accuracy", "precision", "recall", "f1", "loss"):
+        lines.append(f"| {key} | {metrics[key]:.4f} |")
+    lines += ["", "Confusion matrix (rows: actual, columns: predicted):", "", "| | real | fake |", "|---|---|---|",
+              f"| real | {matrix[0, 0]} | {matrix[0, 1]} |", f"| fake | {matrix[1, 0]} | {matrix[1, 1]} |"]
+    return "\n".join(lines) + "\n"
+
+
+def log_to_mlflow(params: Params, model_dir: Path, metrics: dict, out_dir: Path) -> None:
+    summary_path = model_dir / "summary.json"
+    run_id = json.loads(summary_path.read_text()).get("run_id") if summary_path.exists() else None
+    mlflow = tracking.setup_mlflow(params)
+    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="evaluate"):
+        mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.set_tag("dfdetect.eval_split", metrics["split"])
+        mlflow.log_artifacts(str(out_dir / "figures"), artifact_path="evaluation")
+        mlflow.log_artifact(str(out_dir / "report.md"), artifact_path="evaluation")

@@ -1,0 +1,78 @@
+"""Detection metrics, each defined once in a registry (label 1 = fake, scores = P(fake))."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from sklearn import metrics as skm
+
+# name -> fn(labels, scores, threshold) -> float
+_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, float], float]] = {}
+
+
+def register_metric(name: str):
+    def decorator(fn):
+        _METRICS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return len(np.unique(labels)) == 2
+
+
+@register_metric("accuracy")
+def accuracy(labels, scores, threshold):
+    return float(skm.accuracy_score(labels, scores >= threshold))
+
+
+@register_metric("precision")
+def precision(labels, scores, threshold):
+    return float(skm.precision_score(labels, scores >= threshold, zero_division=0))
+
+
+@register_metric("recall")
+def recall(labels, scores, threshold):
+    return float(skm.recall_score(labels, scores >= threshold, zero_division=0))
+
+
+@register_metric("f1")
+def f1(labels, scores, threshold):
+    return float(skm.f1_score(labels, scores >= threshold, zero_division=0))
+
+
+@register_metric("roc_auc")
+def roc_auc(labels, scores, threshold):
+    return float(skm.roc_auc_score(labels, scores)) if _both_classes(labels) else float("nan")
+
+
+@register_metric("average_precision")
+def average_precision(labels, scores, threshold):
+    return float(skm.average_precision_score(labels, scores)) if _both_classes(labels) else float("nan")
+
+
+def eer_and_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Equal error rate (where false positive and false negative rates meet) and the score there."""
+    if not _both_classes(labels):
+        return float("nan"), 0.5
+    fpr, tpr, thresholds = skm.roc_curve(labels, scores)
+    i = int(np.nanargmin(np.abs((1 - tpr) - fpr)))
+    return float((fpr[i] + 1 - tpr[i]) / 2), float(min(1.0, thresholds[i]))
+
+
+@register_metric("eer")
+def eer(labels, scores, threshold):
+    return eer_and_threshold(labels, scores)[0]
+
+
+def compute_all(labels, scores, threshold: float = 0.5, names: list[str] | None = None) -> dict[str, float]:
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if len(labels) != len(scores) or len(labels) == 0:
+        raise ValueError(f"need as many labels as scores, and at least one; got {len(labels)} and {len(scores)}")
+    return {name: _METRICS[name](labels, scores, threshold) for name in (names or list(_METRICS))}
+
+
+def available_metrics() -> list[str]:
+    return list(_METRICS)

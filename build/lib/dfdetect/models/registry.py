@@ -1,0 +1,102 @@
+"""The model registry: adding an architecture is one decorated class or function.
+
+Every model maps an N x 3 x H x W normalised batch to N logits of "fake" (label 1); `create_model` wraps
+it in `Detector`, which flattens the output. Constructors only
+build the architecture; ImageNet weights are loaded afterwards, from a local file, by `create_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelParams
+
+
+class ModelError(ValueError):
+    """An unknown architecture or unusable weights."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]  # build(dropout=...) -> module with a 1-logit head
+    imagenet_weights: object | None = None  # a torchvision WeightsEnum, when ImageNet weights exist
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, imagenet_weights=None):
+    def decorator(builder):
+        if name in _MODELS:
+            raise ModelError(f"model {name!r} is registered twice")
+        _MODELS[name] = ModelSpec(name, builder, imagenet_weights)
+        return builder
+
+    return decorator
+
+
+def available_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ModelError(f"model.name: unknown model {name!r}; available: {available_models()}") from None
+
+
+def imagenet_weights_file(spec: ModelSpec, weights_path: str | None) -> Path:
+    """Where the ImageNet weights must be: the user's file, else torchvision's file in the torch hub cache."""
+    if spec.imagenet_weights is None:
+        raise ModelError(f"model {spec.name!r} has no ImageNet weights; set model.pretrained: false")
+    if weights_path:
+        path = Path(weights_path)
+    else:
+        filename = spec.imagenet_weights.url.rsplit("/", 1)[-1]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise ModelError(
+            f"ImageNet weights for {spec.name!r} not found at {path}. Nothing is downloaded at run time: "
+            f"fetch {spec.imagenet_weights.url} and put it there, or set model.weights_path to the file."
+        )
+    return path
+
+
+def load_matching(model: nn.Module, state: dict, source: str) -> None:
+    """Load every tensor whose name and shape match (the classification head differs by design)."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < 0.9 * len(own):
+        raise ModelError(f"{source}: only {len(usable)} of {len(own)} tensors match this model; wrong file?")
+    model.load_state_dict(usable, strict=False)
+
+
+class Detector(nn.Module):
+    """Wraps any registered network so that every model returns a flat vector of N logits."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).reshape(-1)
+
+
+def create_model(params: ModelParams) -> nn.Module:
+    spec = get_spec(params.name)
+    net = spec.build(dropout=params.dropout)
+    if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
+        path = imagenet_weights_file(spec, params.weights_path)
+        load_matching(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    return Detector(net)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,57 @@
+"""PNG figures for MLflow and reports (DVC draws its own plots from the CSV files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: servers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def training_curves_png(rows: list[dict], path: Path) -> None:
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        a.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
+    a.set_xlabel("epoch"), a.set_title("loss"), a.legend()
+    for key in ("train_acc", "val_acc", "val_auc"):
+        b.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
+    b.set_xlabel("epoch"), b.set_title("accuracy and AUC"), b.set_ylim(0, 1.02), b.legend()
+    _save(fig, path)
+
+
+def roc_png(fpr, tpr, auc: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"ROC-AUC {auc:.4f}")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate (real called fake)"), ax.set_ylabel("true positive rate (fakes caught)")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def pr_png(recall, precision, ap: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(recall, precision, label=f"AP {ap:.4f}")
+    ax.set_xlabel("recall (fake)"), ax.set_ylabel("precision (fake)"), ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def confusion_png(matrix: np.ndarray, class_names, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(class_names)), class_names), ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted"), ax.set_ylabel("actual")
+    _save(fig, path)

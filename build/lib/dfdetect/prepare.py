@@ -1,0 +1,200 @@
+"""`dfdetect prepare`: validate a data set, write its manifest and report, and decode it once into a cache."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import PrepareParams
+from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
+from .io_utils import atomic_dir
+from .labels import CLASS_NAMES, LABEL_MAP
+from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
+from .progress import progress
+
+log = logging.getLogger(__name__)
+MANIFEST_FIELDS = ["path", "split", "label", "class", "sha256", "width", "height", "status"]
+
+
+@dataclass
+class Checked:
+    file: ImageFile
+    sha256: str
+    pixel_sha256: str | None = None
+    width: int = 0
+    height: int = 0
+    array: np.ndarray | None = None
+    status: str = "ok"  # ok | unreadable | too_small | duplicate
+    problem: str = ""
+
+
+def check_one(file: ImageFile, image_size: int, min_size: int) -> Checked:
+    data = file.path.read_bytes()
+    checked = Checked(file, hashlib.sha256(data).hexdigest())
+    try:
+        img = decode_image(data, file.relpath)
+    except ImageError as exc:
+        checked.status, checked.problem = "unreadable", str(exc)
+        return checked
+    checked.width, checked.height = img.size
+    checked.pixel_sha256 = hashlib.sha256(img.tobytes()).hexdigest()
+    if min(img.size) < min_size:
+        checked.status = "too_small"
+        checked.problem = f"{file.relpath}: {img.width}x{img.height} is under the minimum side of {min_size}px"
+        return checked
+    checked.array = resize_square(img, image_size)
+    return checked
+
+
+def _check_chunk(args) -> list[Checked]:
+    files, image_size, min_size = args
+    return [check_one(f, image_size, min_size) for f in files]
+
+
+def check_all(files: list[ImageFile], params: PrepareParams, workers: int) -> list[Checked]:
+    chunks = [files[i : i + 256] for i in range(0, len(files), 256)]
+    results: list[Checked] = []
+    with progress() as bar:
+        task = bar.add_task("decoding images", total=len(files), info="")
+        if workers <= 1 or len(chunks) <= 1:
+            outputs = map(_check_chunk, [(c, params.image_size, params.min_size) for c in chunks])
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            outputs = pool.map(_check_chunk, [(c, params.image_size, params.min_size) for c in chunks])
+        try:
+            for out in outputs:
+                results += out
+                bar.advance(task, len(out))
+        finally:
+            if pool:
+                pool.shutdown()
+    return results
+
+
+def find_leaks(checked: list[Checked]) -> list[dict]:
+    """The same decoded content in more than one split."""
+    by_content = defaultdict(list)
+    for c in checked:
+        if c.pixel_sha256:
+            by_content[c.pixel_sha256].append(c)
+    leaks = []
+    for group in by_content.values():
+        if len({c.file.split for c in group}) > 1:
+            leaks.append({"pixel_sha256": group[0].pixel_sha256, "files": [c.file.relpath for c in group]})
+    return leaks
+
+
+def mark_duplicates(checked: list[Checked]) -> int:
+    """Keep one copy of identical content within a split; the rest would only weigh it twice."""
+    seen, n = set(), 0
+    for c in checked:
+        if c.status != "ok":
+            continue
+        key = (c.file.split, c.pixel_sha256)
+        if key in seen:
+            c.status, c.problem, n = "duplicate", f"{c.file.relpath}: same content as another file in its split", n + 1
+        seen.add(key)
+    return n
+
+
+def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], params: PrepareParams) -> dict:
+    counts = Counter((c.file.split, c.file.class_name) for c in checked if c.status == "ok")
+    splits = sorted({c.file.split for c in checked}, key=["train", "val", "test"].index)
+    per_split = {}
+    for s in splits:
+        real, fake = counts[(s, "real")], counts[(s, "fake")]
+        per_split[s] = {"real": real, "fake": fake, "total": real + fake, "fake_fraction": round(fake / max(1, real + fake), 4)}
+    problems = {status: [c.problem for c in checked if c.status == status] for status in ("unreadable", "too_small", "duplicate")}
+    return {
+        "label_map": LABEL_MAP,
+        "image_size": params.image_size,
+        "files_found": len(checked),
+        "files_used": sum(counts.values()),
+        "splits": per_split,
+        "unreadable": problems["unreadable"],
+        "too_small": problems["too_small"],
+        "duplicates_within_split": problems["duplicate"],
+        "leaks_across_splits": leaks,
+        "notes": notes,
+    }
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["# Data report", "", f"Files found: {report['files_found']}, used: {report['files_used']}, "
+             f"images resized to {report['image_size']}px. Labels: {report['label_map']}.", "",
+             "| split | real | fake | total | fake fraction |", "|---|---|---|---|---|"]
+    for s, c in report["splits"].items():
+        lines.append(f"| {s} | {c['real']} | {c['fake']} | {c['total']} | {c['fake_fraction']:.2f} |")
+    for title, key in [("Unreadable or truncated (excluded)", "unreadable"), ("Under the minimum size (excluded)", "too_small"),
+                       ("Duplicates within a split (excluded)", "duplicates_within_split")]:
+        lines += ["", f"## {title}: {len(report[key])}"] + [f"- {p}" for p in report[key][:200]]
+    lines += ["", f"## Same content in two splits (leakage): {len(report['leaks_across_splits'])}"]
+    lines += [f"- {', '.join(leak['files'])}" for leak in report["leaks_across_splits"][:200]]
+    if report["notes"]:
+        lines += ["", "## Notes"] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_manifest(path: Path, checked: list[Checked]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for c in checked:
+        writer.writerow({"path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
+                         "sha256": c.sha256, "width": c.width, "height": c.height, "status": c.status})
+    path.write_text(buf.getvalue())
+
+
+def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int = 1) -> dict:
+    """Validate `data_dir`, then atomically (re)write `out_dir` with manifest, report and cache."""
+    files, notes = discover(data_dir)
+    log.info("found %d images under %s", len(files), data_dir)
+    checked = check_all(files, params, workers)
+
+    unreadable = [c for c in checked if c.status == "unreadable"]
+    if len(unreadable) > params.max_bad_fraction * len(checked):
+        listing = "\n  ".join(c.problem for c in unreadable[:20])
+        raise DatasetError(
+            f"{len(unreadable)} of {len(checked)} files are unreadable, above prepare.max_bad_fraction="
+            f"{params.max_bad_fraction}:\n  {listing}"
+        )
+    leaks = find_leaks(checked)
+    if leaks and not params.allow_leakage:
+        listing = "\n  ".join(", ".join(leak["files"]) for leak in leaks[:20])
+        raise DatasetError(
+            f"{len(leaks)} images appear in more than one split (leakage; set prepare.allow_leakage to override):\n  {listing}"
+        )
+    mark_duplicates(checked)
+    for c in checked:
+        if c.status != "ok":
+            log.warning("excluded: %s", c.problem)
+    report = build_report(checked, leaks, notes, params)
+    for split, counts in report["splits"].items():
+        for class_name in CLASS_NAMES:
+            if counts[class_name] == 0:
+                raise DatasetError(f"{Path(data_dir) / split / class_name}: no usable images left after validation")
+
+    preprocess = PreprocessConfig(image_size=params.image_size)
+    meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {}}
+    with atomic_dir(out_dir) as tmp:
+        for split in report["splits"]:
+            used = [c for c in checked if c.file.split == split and c.status == "ok"]
+            img_path, lab_path = cache_paths(tmp, split)
+            np.save(img_path, np.stack([c.array for c in used]))
+            np.save(lab_path, np.array([c.file.label for c in used], dtype=np.int64))
+            meta["splits"][split] = {"count": len(used), "relpaths": [c.file.relpath for c in used]}
+        write_manifest(tmp / "manifest.csv", checked)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(report_markdown(report))
+        (tmp / CACHE_META).write_text(json.dumps(meta) + "\n")
+    return report

@@ -1,0 +1,96 @@
+"""Image decoding and preprocessing shared by prepare, training, evaluation and serving.
+
+Training reads images that `prepare` resized with `resize_square`; serving calls the same function on
+uploads, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import IMAGENET_MEAN, IMAGENET_STD
+
+# A decompression bomb (huge declared dimensions) is refused before decoding.
+MAX_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: not an image, truncated, too large."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "shorter-side bilinear antialias + center crop"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return cls(
+            image_size=int(d["image_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            resize=str(d.get("resize", cls.resize)),
+        )
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """Decode fully (so truncation is caught here, not later) and convert to RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS}")
+            img.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
+        except Exception as exc:  # PIL raises several types for bad data
+            raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return img.convert("RGB")
+
+
+def resize_square(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` and center-crop: an HxWx3 uint8 array."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def standardize(batch01: torch.Tensor, cfg: PreprocessConfig, inplace: bool = False) -> torch.Tensor:
+    """float NCHW in [0, 1] -> normalised with the stored mean and std."""
+    mean = torch.tensor(cfg.mean, device=batch01.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=batch01.device).view(1, 3, 1, 1)
+    if inplace:
+        return batch01.sub_(mean).div_(std)
+    return (batch01 - mean) / std
+
+
+def normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW normalised with the stored mean and std."""
+    return standardize(batch_uint8.float() / 255.0, cfg)
+
+
+def to_model_input(images: list[Image.Image] | list[np.ndarray], cfg: PreprocessConfig) -> torch.Tensor:
+    """PIL images (or already-resized arrays) -> a normalised float batch for the model."""
+    arrays = [im if isinstance(im, np.ndarray) else resize_square(im, cfg.image_size) for im in images]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return normalize(batch, cfg)

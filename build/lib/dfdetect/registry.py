@@ -1,0 +1,416 @@
+"""The MLflow model registry with staged promotion: register -> `challenger`, gated promote -> `champion`, rollback.
+
+Aliases move only under a registry-wide lock (a lock entry that the tracking server's unique names make
+exclusive), so two promotions at once cannot interleave. Every move is recorded: in the alias history on the
+registered model, in tags on the versions, and in a promotion report logged with the challenger's run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import checkpoint, tracking
+from .config import LOWER_IS_BETTER, Params
+from .io_utils import atomic_write_json, atomic_write_text
+from .labels import LABEL_MAP
+from .preprocessing import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "dfdetect.alias_history"
+PREVIOUS_TAG = "dfdetect.previous_champion"
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
+TAG_VALUE_LIMIT = 5000  # MLflow's limit on a tag value
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def client_for(params: Params):
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri(params)
+    tracking.check_reachable(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _not_found(exc) -> bool:
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def get_version(client, name: str, ref: str):
+    """A version by number ("3") or alias ("champion"); a clear error when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if str(ref).isdigit():
+            return client.get_model_version(name, str(ref))
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException as exc:
+        if _not_found(exc):
+            what = f"version {ref}" if str(ref).isdigit() else f"alias '{ref}'"
+            raise RegistryError(f"registered model '{name}' has no {what}") from None
+        raise
+
+
+def _alias_version(client, name: str, alias: str):
+    try:
+        return get_version(client, name, alias)
+    except RegistryError:
+        return None
+
+
+# --- history ----------------------------------------------------------------------------------------------
+
+def alias_history(client, name: str) -> list[dict]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return []
+
+
+def _record(client, name: str, entry: dict) -> None:
+    history = alias_history(client, name) + [entry]
+    while len(json.dumps(history)) > TAG_VALUE_LIMIT and len(history) > 1:
+        history.pop(0)  # the oldest moves drop out of the tag; version tags and reports keep them
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+@contextmanager
+def registry_lock(client, name: str, timeout_s: float, stale_after_s: float = 900):
+    """Exclusive across processes and machines: creating a registered model of a taken name fails."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}.promotion-lock"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "acquired_at": str(time.time())},
+                                           description=f"Held by a dfdetect promotion or rollback of '{name}'.")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            tags = client.get_registered_model(lock).tags
+        except MlflowException:
+            continue  # released meanwhile
+        if time.time() - float(tags.get("acquired_at", "0")) > stale_after_s:
+            log.warning("breaking a stale registry lock held by %s", tags.get("holder"))
+            try:
+                client.delete_registered_model(lock)
+            except MlflowException:
+                pass
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"another promotion or rollback of '{name}' holds the lock ({tags.get('holder')}); "
+                                f"waited {timeout_s:.0f}s")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    preprocess: PreprocessConfig
+    label_map: dict
+    threshold: float
+    name: str
+    version: str
+    alias: str | None
+    run_id: str
+
+
+def load_version(client, name: str, ref: str) -> LoadedModel:
+    from mlflow.exceptions import MlflowException
+
+    mv = get_version(client, name, ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(mv.run_id, CHECKPOINT_ARTIFACT, tmp)
+        except (MlflowException, OSError) as exc:
+            raise RegistryError(f"version {mv.version} of '{name}' has no dfdetect checkpoint ({CHECKPOINT_ARTIFACT}) "
+                                f"with its label map and preprocessing: {type(exc).__name__}") from None
+        try:
+            state = checkpoint.load(path)
+        except (checkpoint.CheckpointError, ValueError) as exc:
+            raise RegistryError(f"version {mv.version} of '{name}': {exc}") from None
+    model, pre = checkpoint.model_from_state(state)
+    alias = None if str(ref).isdigit() else str(ref)
+    return LoadedModel(model, pre, state["label_map"], float(state.get("threshold", 0.5)), name, str(mv.version),
+                       alias, mv.run_id)
+
+
+def load(alias_or_version: str = CHAMPION, name: str | None = None, params: Params | None = None) -> LoadedModel:
+    """The registered model, its preprocessing, label map, threshold and version: what serving needs."""
+    params = params or Params()
+    return load_version(client_for(params), name or params.registry.model_name, alias_or_version)
+
+
+# --- register ---------------------------------------------------------------------------------------------
+
+def model_card(name: str, version: str, run, metrics: dict, data_report: dict | None) -> str:
+    p = run.data.params
+    lines = [f"# Model card: {name} version {version}", "",
+             "## Intended use",
+             "Flags face images (face crops) that were likely manipulated by face swapping, as a signal for human",
+             "review in trust-and-safety workflows. The output is P(fake); the verdict uses the stored threshold.", "",
+             "## Known limits",
+             "- Trained and tested on one data distribution: expect lower accuracy on other generators, compression",
+             "  levels and cameras (deepfake detectors typically lose 0.1-0.2 ROC-AUC across data sets).",
+             "- Not a proof of authenticity or of manipulation; do not use as the sole basis of a decision.",
+             "- Scores whole images at the trained size; faces should be cropped as in training.", "",
+             "## Data",
+             f"- data version (DVC md5): `{run.data.tags.get('dfdetect.data_version', 'unknown')}`",
+             f"- git commit: `{run.data.tags.get('dfdetect.git_commit', 'unknown')}`",
+             f"- label map: {LABEL_MAP}"]
+    if data_report:
+        for split, c in data_report.get("splits", {}).items():
+            lines.append(f"- {split}: {c['real']} real, {c['fake']} fake")
+    lines += ["", f"## Metrics ({metrics.get('split', '?')} split)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
+    lines += ["", "## Training parameters", ""]
+    lines += [f"- `{k}`: {p[k]}" for k in sorted(p) if k.startswith(("model.", "train.", "prepare.", "seed"))]
+    lines += ["", f"Training run: `{run.info.run_id}`"]
+    return "\n".join(lines) + "\n"
+
+
+def register(params: Params, model_dir: str | Path, metrics_path: str | Path, prepared_dir: str | Path | None = None,
+             out_path: str | Path | None = None) -> dict:
+    """Register the evaluated training run's model as a new version and make it the `challenger`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    summary_path, metrics_path = Path(model_dir) / "summary.json", Path(metrics_path)
+    if not summary_path.exists():
+        raise RegistryError(f"{summary_path}: no training summary; run `dfdetect train` first")
+    run_id = json.loads(summary_path.read_text()).get("run_id")
+    if not run_id:
+        raise RegistryError(f"{summary_path}: the training run was not tracked in MLflow (--no-mlflow); nothing to register")
+    if not metrics_path.exists():
+        raise RegistryError(f"{metrics_path}: the run has no evaluation metrics; run `dfdetect evaluate` first")
+    metrics = json.loads(metrics_path.read_text())
+    report_path = Path(prepared_dir) / "report.json" if prepared_dir else None
+    data_report = json.loads(report_path.read_text()) if report_path and report_path.exists() else None
+
+    client = client_for(params)
+    name = params.registry.model_name
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise RegistryError(f"run {run_id} not found at {tracking.redact(tracking.tracking_uri(params))}; "
+                            "was it trained against another tracking server?") from None
+    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    if CHECKPOINT_ARTIFACT not in artifacts:
+        raise RegistryError(f"run {run_id} has no {CHECKPOINT_ARTIFACT}; only completed dfdetect training runs can be registered")
+
+    tags = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    tags.update({"eval_split": str(metrics.get("split")), "data_version": run.data.tags.get("dfdetect.data_version", "unknown"),
+                 "git_commit": run.data.tags.get("dfdetect.git_commit", "unknown"),
+                 "params_hash": run.data.tags.get("dfdetect.params_hash", tracking.params_hash(params)),
+                 "label_map": json.dumps(LABEL_MAP), "checkpoint": CHECKPOINT_ARTIFACT})
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+    card = model_card(name, str(mv.version), run, metrics, data_report)
+    client.update_model_version(name, str(mv.version), description=card)
+    client.log_text(run_id, card, f"model_card/{name}-v{mv.version}.md")
+    previous = _alias_version(client, name, CHALLENGER)
+    client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
+    _record(client, name, {"alias": CHALLENGER, "version": str(mv.version), "from": str(previous.version) if previous else None,
+                           "at": _now(), "by": "register", "reason": f"registered from run {run_id}"})
+    result = {"name": name, "version": str(mv.version), "run_id": run_id, "alias": CHALLENGER,
+              "tracking_uri": tracking.redact(tracking.tracking_uri(params))}
+    if out_path:
+        atomic_write_json(out_path, result)
+    log.info("registered %s version %s as %s", name, mv.version, CHALLENGER)
+    return result
+
+
+# --- promote ----------------------------------------------------------------------------------------------
+
+def _better(metric: str, challenger: float, champion: float, margin: float) -> bool:
+    gain = champion - challenger if metric in LOWER_IS_BETTER else challenger - champion
+    return gain >= margin - 1e-12
+
+
+def _floor_holds(metric: str, value: float, floor: float) -> bool:
+    return value <= floor if metric in LOWER_IS_BETTER else value >= floor
+
+
+def _evaluate_version(loaded: LoadedModel, prepared_dir: Path, split: str) -> dict:
+    from .evaluate import score_model, split_for
+    from .metrics import compute_all
+
+    data = split_for(prepared_dir, split, loaded.preprocess)
+    scores, labels, _ = score_model(loaded.model, loaded.preprocess, data)
+    return {k: round(v, 6) for k, v in compute_all(labels, scores, loaded.threshold).items()}
+
+
+def decide(params: Params, challenger: dict, champion: dict | None) -> tuple[str, list[str]]:
+    """The gate: 'promoted' or 'rejected', with one line per check."""
+    rule = params.promotion
+    checks, ok = [], True
+    for metric, floor in rule.floors.items():
+        holds = _floor_holds(metric, challenger[metric], floor)
+        ok &= holds
+        checks.append(f"floor {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
+                      f"{challenger[metric]:.4f} {'holds' if holds else 'FAILS'}")
+    if champion is not None:
+        beats = _better(rule.metric, challenger[rule.metric], champion[rule.metric], rule.min_improvement)
+        ok &= beats
+        checks.append(f"{rule.metric}: challenger {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f}, "
+                      f"needs an improvement of at least {rule.min_improvement}: {'yes' if beats else 'NO'}")
+    else:
+        checks.append("no champion yet: the floors alone decide")
+    return ("promoted" if ok else "rejected"), checks
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# Promotion of {report['name']} version {report['challenger']['version']}: **{report['verdict']}**", "",
+             f"At {report['at']}, on the '{report['split']}' split of {report['prepared_dir']}.", "",
+             f"Rule: beat the champion on `{report['rule']['metric']}` by at least {report['rule']['min_improvement']}, "
+             f"and hold every floor {report['rule']['floors']}.", "", "| metric | challenger | champion |", "|---|---|---|"]
+    champ = report["champion"]["metrics"] if report["champion"] else {}
+    for k, v in report["challenger"]["metrics"].items():
+        lines.append(f"| {k} | {v:.4f} | {champ[k]:.4f} |" if k in champ else f"| {k} | {v:.4f} | - |")
+    lines += ["", "## Checks"] + [f"- {c}" for c in report["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None = None,
+            expected_challenger: str | None = None) -> dict:
+    """Move `champion` to the `challenger` if it wins on the same data and holds every floor.
+
+    `expected_challenger` (a pipeline's own registration) refuses to promote a challenger registered since.
+    """
+    from .evaluate import choose_split
+
+    prepared_dir = Path(prepared_dir)
+    client = client_for(params)
+    name = params.registry.model_name
+    split, notes = choose_split(prepared_dir, "test")
+    with registry_lock(client, name, params.promotion.lock_timeout_s):
+        challenger_mv = _alias_version(client, name, CHALLENGER)
+        if challenger_mv is None:
+            raise RegistryError(f"registered model '{name}' has no '{CHALLENGER}'; run `dfdetect register` first")
+        if expected_challenger is not None and str(challenger_mv.version) != str(expected_challenger):
+            raise RegistryError(f"'{CHALLENGER}' of '{name}' is version {challenger_mv.version}, not {expected_challenger}: "
+                                "another registration came in between; promote it deliberately")
+        champion_mv = _alias_version(client, name, CHAMPION)
+        report = {"name": name, "at": _now(), "split": split, "notes": notes, "prepared_dir": str(prepared_dir),
+                  "rule": params.promotion.model_dump(exclude={"lock_timeout_s"})}
+        if champion_mv is not None and str(champion_mv.version) == str(challenger_mv.version):
+            report.update(verdict="already champion", checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
+                          challenger={"version": str(challenger_mv.version), "metrics": {}}, champion=None)
+            return _write_report(report, out_dir)
+        challenger = _evaluate_version(load_version(client, name, str(challenger_mv.version)), prepared_dir, split)
+        champion = (_evaluate_version(load_version(client, name, str(champion_mv.version)), prepared_dir, split)
+                    if champion_mv is not None else None)
+        verdict, checks = decide(params, challenger, champion)
+        report.update(verdict=verdict, checks=checks,
+                      challenger={"version": str(challenger_mv.version), "metrics": challenger},
+                      champion={"version": str(champion_mv.version), "metrics": champion} if champion_mv else None)
+
+        prefix = "dfdetect.promotion."
+        common = {prefix + "at": report["at"], prefix + "verdict": verdict,
+                  prefix + "rule": json.dumps(report["rule"], sort_keys=True)}
+        for key, value in {**common, prefix + "compared_with": str(champion_mv.version) if champion_mv else "none",
+                           prefix + params.promotion.metric: str(challenger[params.promotion.metric])}.items():
+            client.set_model_version_tag(name, str(challenger_mv.version), key, value)
+        if champion_mv is not None:
+            for key, value in {**common, prefix + "challenged_by": str(challenger_mv.version),
+                               prefix + params.promotion.metric: str(champion[params.promotion.metric])}.items():
+                client.set_model_version_tag(name, str(champion_mv.version), key, value)
+        if verdict == "promoted":
+            client.set_model_version_tag(name, str(challenger_mv.version), PREVIOUS_TAG,
+                                         str(champion_mv.version) if champion_mv else "")
+            client.set_registered_model_alias(name, CHAMPION, str(challenger_mv.version))
+            _record(client, name, {"alias": CHAMPION, "version": str(challenger_mv.version),
+                                   "from": str(champion_mv.version) if champion_mv else None, "at": report["at"],
+                                   "by": "promote", "reason": "; ".join(checks)})
+        client.log_text(challenger_mv.run_id, json.dumps(report, indent=2), f"promotion/report-{report['at']}.json")
+        client.log_text(challenger_mv.run_id, report_markdown(report), f"promotion/report-{report['at']}.md")
+    log.info("promotion of %s v%s: %s", name, challenger_mv.version, verdict)
+    return _write_report(report, out_dir)
+
+
+def _write_report(report: dict, out_dir) -> dict:
+    if out_dir:
+        atomic_write_json(Path(out_dir) / "promotion.json", report)
+        atomic_write_text(Path(out_dir) / "promotion.md", report_markdown(report))
+    return report
+
+
+# --- rollback and listing ---------------------------------------------------------------------------------
+
+def rollback(params: Params, reason: str) -> dict:
+    """Move `champion` back to the version it replaced."""
+    client = client_for(params)
+    name = params.registry.model_name
+    with registry_lock(client, name, params.promotion.lock_timeout_s):
+        current = _alias_version(client, name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"registered model '{name}' has no '{CHAMPION}' to roll back")
+        previous = current.tags.get(PREVIOUS_TAG)
+        if not previous:
+            raise RegistryError(f"version {current.version} of '{name}' replaced no earlier champion; nothing to roll back to")
+        get_version(client, name, previous)  # still there?
+        at = _now()
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        client.set_model_version_tag(name, str(current.version), "dfdetect.rolled_back", f"{at}: {reason}")
+        _record(client, name, {"alias": CHAMPION, "version": previous, "from": str(current.version), "at": at,
+                               "by": "rollback", "reason": reason})
+    log.info("rolled %s '%s' back from v%s to v%s", name, CHAMPION, current.version, previous)
+    return {"name": name, "alias": CHAMPION, "version": previous, "from": str(current.version), "at": at, "reason": reason}
+
+
+def list_versions(params: Params) -> dict:
+    client = client_for(params)
+    name = params.registry.model_name
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise RegistryError(f"no registered model '{name}' at {tracking.redact(tracking.tracking_uri(params))}") from None
+        raise
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = []
+    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+        versions.append({
+            "version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
+            "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
+            "run_id": mv.run_id,
+            "metrics": {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")},
+            "promotion": mv.tags.get("dfdetect.promotion.verdict"),
+            "rolled_back": mv.tags.get("dfdetect.rolled_back"),
+        })
+    return {"name": name, "versions": versions, "history": alias_history(client, name)}

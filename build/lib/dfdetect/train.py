@@ -1,0 +1,254 @@
+"""`dfdetect train`: train a detector on the prepared cache, with checkpoints, resume and MLflow tracking."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint, runtime
+from .augment import augment_batch
+from .config import AugmentParams, Params
+from .data import batch_loader, load_split, preprocess_config
+from .io_utils import atomic_write_json, atomic_write_text
+from .metrics import eer_and_threshold, roc_auc
+from .models import count_parameters, create_model
+from .inference import predict_scores
+from .preprocessing import PreprocessConfig, standardize
+from .progress import progress
+from . import tracking
+
+log = logging.getLogger(__name__)
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "seconds"]
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    best_epoch: int
+    best_val_auc: float
+    threshold: float
+    epochs_run: int
+    completed: bool
+    stopped_early: bool
+
+
+def make_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
+    t = params.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_scheduler(optimizer, params: Params):
+    t = params.train
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    if t.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def training_batch(images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, pre: PreprocessConfig,
+                   rt: runtime.Runtime) -> torch.Tensor:
+    """uint8 batch from the cache -> augmented, normalised model input on the device."""
+    x = images.to(rt.device, non_blocking=True).float().div_(255)
+    x = standardize(augment_batch(x, augment, gen), pre, inplace=True)
+    return x.contiguous(memory_format=rt.memory_format())
+
+
+def train_step(model: nn.Module, optimizer, scaler, rt: runtime.Runtime, x: torch.Tensor, y: torch.Tensor):
+    with rt.autocast():
+        logits = model(x).float()
+    loss = F.binary_cross_entropy_with_logits(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
+def _comparable(params: Params) -> dict:
+    """What must not change between a run and its resumption."""
+    return {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump(exclude={"device", "num_workers"})}
+
+
+def _diff(a: dict, b: dict, prefix="") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: checkpoint {va!r}, now {vb!r}")
+    return out
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+class _NoTracking:
+    """Stands in for MLflow when tracking is off (library use in tests and benchmarks)."""
+
+    def log_metrics(self, *a, **k):
+        pass
+
+
+def train(
+    params: Params,
+    prepared_dir: str | Path,
+    model_dir: str | Path,
+    history_path: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop_after_epochs: int | None = None,
+    track: bool = True,
+) -> TrainResult:
+    """Train; `stop_after_epochs` ends this invocation early (a preemptible job), `resume` continues it."""
+    model_dir = Path(model_dir)
+    t = params.train
+    rt = runtime.resolve(t.device, t.precision, t.channels_last)
+    runtime.seed_everything(params.seed)
+    pre = preprocess_config(prepared_dir)
+    train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+
+    model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
+    optimizer = make_optimizer(model, params)
+    scheduler = make_scheduler(optimizer, params)
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
+    shuffle_gen = torch.Generator().manual_seed(params.seed)
+    augment_gen = torch.Generator().manual_seed(params.seed + 1)
+    state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "stale_epochs": 0, "history": [], "run_id": None,
+             "threshold": 0.5}
+
+    if resume:
+        ckpt = checkpoint.load(resume)
+        changed = _diff(ckpt["params"], _comparable(params))
+        if changed:
+            raise TrainError(f"{resume}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        shuffle_gen.set_state(ckpt["rng"]["shuffle"])
+        augment_gen.set_state(ckpt["rng"]["augment"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], rt.device)
+        state.update({k: ckpt[k] for k in state})
+        log.info("resuming from %s after epoch %d", resume, state["epoch"])
+
+    train_loader = batch_loader(train_split, t.batch_size, shuffle=True, generator=shuffle_gen,
+                                num_workers=t.num_workers, drop_last=len(train_split.labels) > t.batch_size,
+                                pin_memory=rt.device.type == "cuda")
+    val_loader = batch_loader(val_split, max(t.batch_size, 64), shuffle=False)
+    log.info("model %s (%d parameters) on %s, precision %s, channels_last %s; %d train / %d val images",
+             params.model.name, count_parameters(model), rt.device, rt.precision, rt.channels_last,
+             len(train_split.labels), len(val_split.labels))
+
+    mlflow = tracking.setup_mlflow(params) if track else None
+    run = None
+    if mlflow:
+        run = mlflow.start_run(run_id=state["run_id"]) if state["run_id"] else mlflow.start_run()
+        state["run_id"] = run.info.run_id
+        if not resume:
+            mlflow.log_params(tracking.flat_params(params))
+            mlflow.set_tags({"dfdetect.data_version": tracking.data_version(), "dfdetect.git_commit": tracking.git_commit(),
+                             "dfdetect.params_hash": tracking.params_hash(params), "dfdetect.label_map": "real=0,fake=1",
+                             "dfdetect.device": str(rt.device), "dfdetect.precision": rt.precision})
+    sink = mlflow or _NoTracking()
+
+    def ckpt_state(epoch: int) -> dict:
+        return {
+            "model": params.model.model_dump(), "state_dict": model.state_dict(), "preprocess": pre.to_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": {"shuffle": shuffle_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
+            "params": _comparable(params), **{**state, "epoch": epoch},
+        }
+
+    stopped_early, epochs_this_run = False, 0
+    try:
+        with progress() as bar:
+            for epoch in range(state["epoch"] + 1, t.epochs + 1):
+                if stop_after_epochs is not None and epochs_this_run >= stop_after_epochs:
+                    break
+                started = time.time()
+                model.train()
+                task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader), info="")
+                loss_sum, correct, seen = 0.0, 0, 0
+                for images, y in train_loader:
+                    x = training_batch(images, t.augment, augment_gen, pre, rt)
+                    y = y.to(rt.device).float()
+                    loss, logits = train_step(model, optimizer, scaler, rt, x, y)
+                    loss_sum += loss.item() * len(y)
+                    correct += int(((logits > 0).float() == y).sum())
+                    seen += len(y)
+                    bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+
+                scores, labels, val_loss = predict_scores(model, val_loader, pre, rt)
+                val_auc = roc_auc(labels, scores, 0.5)
+                row = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                       "val_loss": val_loss, "val_acc": float(((scores >= 0.5) == labels).mean()), "val_auc": val_auc,
+                       "seconds": round(time.time() - started, 2)}
+                state["history"].append(row)
+                bar.update(task, info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
+                sink.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+                if val_auc > state["best_val_auc"] + 1e-6:
+                    state.update(best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0,
+                                 threshold=eer_and_threshold(labels, scores)[1])
+                    checkpoint.save(model_dir / "best.pt", ckpt_state(epoch))
+                else:
+                    state["stale_epochs"] += 1
+                state["epoch"] = epoch
+                epochs_this_run += 1
+                checkpoint.save(model_dir / "last.pt", ckpt_state(epoch))
+                if t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience:
+                    log.info("early stopping: val AUC has not improved for %d epochs", state["stale_epochs"])
+                    stopped_early = True
+                    break
+    except BaseException:
+        if mlflow:
+            mlflow.end_run(status="FAILED")
+        raise
+
+    completed = stopped_early or state["epoch"] >= t.epochs
+    result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
+                         state["epoch"], completed, stopped_early)
+    if history_path:
+        write_history(Path(history_path), state["history"])
+    if completed:
+        best = {"best_epoch": result.best_epoch, "val_auc": result.best_val_auc, "threshold": result.threshold,
+                "epochs_run": result.epochs_run}
+        if metrics_path:
+            atomic_write_json(metrics_path, best)
+        atomic_write_json(model_dir / "summary.json", {
+            **asdict(result), "model": params.model.name, "tracking_uri": tracking.redact(tracking.tracking_uri(params)) if track else None,
+            "data_version": tracking.data_version(), "params_hash": tracking.params_hash(params)})
+        if mlflow:
+            from .model_logging import log_training_outputs
+
+            log_training_outputs(mlflow, params, model_dir / "best.pt", history_path, best)
+    if mlflow:
+        mlflow.end_run(status="FINISHED" if completed else "KILLED")
+    return result
