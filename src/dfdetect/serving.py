@@ -26,12 +26,12 @@ class ServedModel:
     """A registered version ready to score uint8 batches: bf16 + channels_last on a CPU that has native bf16
     (about 3x eager fp32 here), fp16 on CUDA; the weights stay fp32."""
 
-    def __init__(self, loaded: LoadedModel, device: str = "auto", runtime_name: str = "torch"):
+    def __init__(self, loaded: LoadedModel, device: str = "auto", runtime_name: str = "torch", precision: str = "auto"):
         self.name, self.version, self.threshold = loaded.name, loaded.version, loaded.threshold
         self.preprocess: PreprocessConfig = loaded.preprocess
         self.runtime_name = runtime_name
         if runtime_name == "torch":
-            self.rt = runtime.resolve(device, "auto", "auto")
+            self.rt = runtime.resolve(device, precision, "auto" if precision == "auto" else "off")
             self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
         else:  # ONNX Runtime on the CPU, exported from this very version at load time
             from .export import OnnxModel, onnx_bytes, quantize_int8
