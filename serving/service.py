@@ -6,6 +6,7 @@ and follows the registry's aliases. Settings come from params.yaml (`DFDETECT_PA
 from `MLFLOW_TRACKING_URI`.
 """
 
+import dataclasses
 import logging
 import os
 import threading
@@ -49,13 +50,8 @@ class Scorer:
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
     def score(self, images: np.ndarray) -> np.ndarray:
-        """N x S x S x 3 uint8 -> N rows of [P(fake), threshold, version, shadow P(fake) or -1, shadow version or -1]."""
-        rows = []
-        for s in self.models.score(images):
-            shadow = s.shadow or {}
-            rows.append([s.fake_probability, s.threshold, float(s.version.rsplit("/", 1)[1]),
-                         shadow.get("fake_probability", -1.0), float(shadow["version"].rsplit("/", 1)[1]) if shadow else -1.0])
-        return np.asarray(rows, dtype=np.float64)
+        """N x S x S x 3 uint8 -> N dicts (an object array, so batches concatenate): score, threshold, version."""
+        return np.array([dataclasses.asdict(s) for s in self.models.score(images)], dtype=object)
 
     @bentoml.api
     def info(self) -> dict:
@@ -113,11 +109,7 @@ class Detector:
         return info
 
     async def _score(self, arrays: list[np.ndarray]) -> list[Scored]:
-        rows = await self._scorer("score", np.stack(arrays))
-        name = PARAMS.registry.model_name
-        return [Scored(float(r[0]), float(r[1]), f"{name}/{int(r[2])}",
-                       {"version": f"{name}/{int(r[4])}", "fake_probability": float(r[3])} if r[4] >= 0 else None)
-                for r in rows]
+        return [Scored(**row) for row in await self._scorer("score", np.stack(arrays))]
 
     @bentoml.api(route="/inference/analyze-frame")
     async def analyze_frame(self, image: Path, frameNumber: int = 0) -> dict:

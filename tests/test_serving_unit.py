@@ -104,3 +104,18 @@ def test_response_keeps_the_original_format_with_fake_as_label_one():
     assert body["confidence"] == pytest.approx(0.9) and body["processingTime"] >= 0
     real = frame_response(0, Scored(0.2, 0.5, "det/4"), time.perf_counter())
     assert real["is_fake"] is False and real["confidence"] == pytest.approx(0.8)
+
+
+def test_ensemble_serves_the_mean_of_its_versions_and_follows_aliases():
+    params = parse_params({"serving": {"ensemble": ["champion", "2"], "device": "cpu"}})
+    registry = FakeRegistry()
+    ms = ModelSet(params, registry)
+    ms.refresh()
+    scored = ms.score(images(3))
+    assert scored[0].fake_probability == pytest.approx(0.5, abs=1e-3)  # mean of sigmoid(-2) and sigmoid(2)
+    assert scored[0].version == "det/ensemble:1+2"
+    loads = registry.loads
+    assert ms.refresh() is False and registry.loads == loads
+    registry.aliases["champion"] = "3"
+    assert ms.refresh() is True and ms.score(images(1))[0].version == "det/ensemble:3+2"
+    assert registry.loads == loads + 1  # version 2 was kept, only 3 was loaded

@@ -110,6 +110,8 @@ class ServingParams(Section):
     alias: str = Field("champion", min_length=1, description="registry alias (or version) the service answers with")
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
         "torch", description="torch: bf16 autocast + channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU)")
+    ensemble: list[str] = Field(
+        default_factory=list, description="serve the mean of these versions/aliases instead of `alias` (the guide's ensemble)")
     challenger_mode: Literal["off", "ab", "shadow"] = Field(
         "off", description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers")
     challenger_fraction: float = Field(0.1, ge=0.0, le=1.0)

@@ -58,6 +58,24 @@ class ServedModel:
             return torch.sigmoid(self.model(x).float()).cpu().numpy()
 
 
+class Ensemble:
+    """The mean P(fake) of several served versions, answering as one model (threshold: their mean)."""
+
+    def __init__(self, members: list[ServedModel]):
+        self.members = members
+        first = members[0]
+        self.name, self.preprocess, self.rt, self.runtime_name = first.name, first.preprocess, first.rt, first.runtime_name
+        self.version = "+".join(m.version for m in members)
+        self.threshold = float(np.mean([m.threshold for m in members]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/ensemble:{self.version}"
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.mean([m.predict(images) for m in self.members], axis=0)
+
+
 class Loader(Protocol):
     def resolve(self, ref: str) -> str: ...  # alias or version -> version
 
@@ -85,7 +103,7 @@ class ModelSet:
 
     def __init__(self, params: Params, loader: Loader, seed: int = 0):
         self.params, self.loader = params, loader
-        self.primary: ServedModel | None = None
+        self.primary: ServedModel | Ensemble | None = None
         self.challenger: ServedModel | None = None
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -103,7 +121,16 @@ class ModelSet:
         """Follow the aliases; True when a served version changed."""
         with self._lock:
             before = (self.primary and self.primary.version, self.challenger and self.challenger.version)
-            self.primary = self._fresh(self.params.serving.alias, self.primary)
+            if self.params.serving.ensemble:
+                old = {m.version: m for m in self.primary.members} if isinstance(self.primary, Ensemble) else {}
+                members = []
+                for ref in self.params.serving.ensemble:
+                    version = self.loader.resolve(ref)
+                    members.append(old.get(version) or self._fresh(ref, None))
+                if not isinstance(self.primary, Ensemble) or [m.version for m in members] != [m.version for m in self.primary.members]:
+                    self.primary = Ensemble(members)
+            else:
+                self.primary = self._fresh(self.params.serving.alias, self.primary)
             if self.params.serving.challenger_mode != "off":
                 try:
                     candidate = self._fresh("challenger", self.challenger)
