@@ -117,7 +117,7 @@ class ServingParams(Section):
     challenger_fraction: float = Field(0.1, ge=0.0, le=1.0)
     poll_interval_s: float = Field(10.0, ge=0.5, description="how often the service checks the registry for promotions")
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_latency_ms: int = Field(200, ge=1, le=60_000, description="adaptive batching: longest wait to fill a batch")
+    max_latency_ms: int = Field(1000, ge=1, le=60_000, description="adaptive batching: longest a request may queue (503 after)")
     max_upload_mb: float = Field(10.0, gt=0, le=1024, description="largest image upload")
     max_video_mb: float = Field(200.0, gt=0, le=10_240, description="largest video upload")
     video_frames: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from a video")
