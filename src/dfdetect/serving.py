@@ -46,7 +46,10 @@ class ServedModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """N x S x S x 3 uint8 (any S) -> P(fake) per image."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.rt.device)
+        images = np.ascontiguousarray(images)
+        if not images.flags.writeable:  # e.g. a memory-mapped cache: torch wants writable memory
+            images = images.copy()
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.rt.device)
         size = self.preprocess.image_size
         if x.shape[-1] != size or x.shape[-2] != size:  # a swap to a model of another input size
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
