@@ -85,7 +85,9 @@ def test_known_fakes_are_called_fake_all_the_way(project):
     assert sum(r["predicted"] == "0" for r in reals) >= 0.9 * len(reals)
 
     images = [decode_image((dst / "data" / r["path"]).read_bytes()) for r in fakes[:10] + reals[:10]]
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # explicit: other tests may have set another one
     run_id = json.loads((dst / "models" / "summary.json").read_text())["run_id"]
     for predictor in (Predictor.from_checkpoint(dst / "models" / "best.pt"), Predictor.from_mlflow(f"runs:/{run_id}/model")):
         labels = [v.label for v in predictor.verdicts(images)]

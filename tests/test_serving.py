@@ -30,7 +30,7 @@ def service(tracked_run, tmp_path_factory):
     raw = tracked_run["params"].model_dump(mode="json")
     raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
     raw["promotion"].update(floors={}, min_improvement=0.0)
-    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.05, max_latency_ms=50, device="cpu")
+    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.05, device="cpu")
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -44,7 +44,7 @@ def images(n=64):
     return np.zeros((n, 16, 16, 3), dtype=np.uint8)
 
 
-def model_set(mode="off", fraction=0.5):
+def model_set(mode="none", fraction=0.5):
     params = parse_params({"serving": {"challenger_mode": mode, "challenger_fraction": fraction, "device": "cpu"}})
     registry = FakeRegistry()
     ms = ModelSet(params, registry, seed=1)
@@ -53,7 +53,7 @@ def model_set(mode="off", fraction=0.5):
 
 
 def test_champion_alone_answers_when_mode_is_off():
-    ms, _ = model_set("off")
+    ms, _ = model_set("none")
     assert {s.version for s in ms.score(images())} == {"det/1"}
     assert ms.challenger is None
 
@@ -74,7 +74,7 @@ def test_shadow_mode_scores_the_challenger_but_the_champion_answers():
 
 
 def test_a_promotion_is_picked_up_and_unchanged_aliases_load_nothing():
-    ms, registry = model_set("off")
+    ms, registry = model_set("none")
     loads = registry.loads
     assert ms.refresh() is False and registry.loads == loads
     registry.aliases["champion"] = "3"
@@ -85,7 +85,7 @@ def test_a_promotion_is_picked_up_and_unchanged_aliases_load_nothing():
 def test_a_failing_poll_keeps_serving():
     import threading
 
-    ms, registry = model_set("off")
+    ms, registry = model_set("none")
     ms.params = parse_params({"serving": {"poll_interval_s": 0.5, "device": "cpu"}})
     registry.resolve = lambda ref: (_ for _ in ()).throw(ConnectionError("tracking server down"))
     stop = threading.Event()

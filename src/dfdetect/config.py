@@ -53,7 +53,7 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 AMP on CUDA, bf16 autocast on a CPU that has native bf16, else fp32"
     )
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Union[Literal["auto"], bool] = Field("auto", description="auto, true or false")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: int = Field(0, ge=0, le=64)
 
@@ -112,8 +112,9 @@ class ServingParams(Section):
         "torch", description="torch: bf16 autocast + channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU)")
     ensemble: list[str] = Field(
         default_factory=list, description="serve the mean of these versions/aliases instead of `alias` (the guide's ensemble)")
-    challenger_mode: Literal["off", "ab", "shadow"] = Field(
-        "off", description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers")
+    # "none", not "off": YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare off as false.
+    challenger_mode: Literal["none", "ab", "shadow"] = Field(
+        "none", description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers")
     challenger_fraction: float = Field(0.1, ge=0.0, le=1.0)
     poll_interval_s: float = Field(10.0, ge=0.5, description="how often the service checks the registry for promotions")
     max_batch_size: int = Field(32, ge=1, le=1024)

@@ -56,7 +56,7 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
 
 def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
     """P(fake) of every image, in fp32 so that metrics do not depend on the machine's precision."""
-    rt = runtime.resolve(device, "fp32", "off")
+    rt = runtime.resolve(device, "fp32", False)
     return predict_scores(model.to(rt.device), batch_loader(data, 128, shuffle=False), pre, rt)
 
 

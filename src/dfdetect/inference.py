@@ -48,7 +48,7 @@ class Predictor:
 
     def __init__(self, model: nn.Module, pre: PreprocessConfig, threshold: float, source: str,
                  probabilities: bool = False, rt: runtime.Runtime | None = None):
-        self.rt = rt or runtime.resolve("cpu", "fp32", "off")
+        self.rt = rt or runtime.resolve("cpu", "fp32", False)
         self.model = model.to(self.rt.device)
         if not probabilities:
             self.model.eval()  # an exported MLflow model is already in eval mode and refuses .eval()
@@ -59,7 +59,7 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Predictor":
         state = checkpoint.load(path)
         model, pre = checkpoint.model_from_state(state)
-        return cls(model, pre, state.get("threshold", 0.5), str(path), rt=runtime.resolve(device, "fp32", "off"))
+        return cls(model, pre, state.get("threshold", 0.5), str(path), rt=runtime.resolve(device, "fp32", False))
 
     @classmethod
     def from_mlflow(cls, model_uri: str) -> "Predictor":

@@ -34,7 +34,7 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve(device: str = "auto", precision: str = "auto", channels_last: str = "auto") -> Runtime:
+def resolve(device: str = "auto", precision: str = "auto", channels_last: str | bool = "auto") -> Runtime:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -48,7 +48,7 @@ def resolve(device: str = "auto", precision: str = "auto", channels_last: str = 
     if channels_last == "auto":
         use_cl = dev.type == "cuda" or precision == "bf16"
     else:
-        use_cl = channels_last == "on"
+        use_cl = bool(channels_last)
     return Runtime(dev, precision, use_cl)
 
 

@@ -31,12 +31,12 @@ class ServedModel:
         self.preprocess: PreprocessConfig = loaded.preprocess
         self.runtime_name = runtime_name
         if runtime_name == "torch":
-            self.rt = runtime.resolve(device, precision, "auto" if precision == "auto" else "off")
+            self.rt = runtime.resolve(device, precision, "auto" if precision == "auto" else False)
             self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
         else:  # ONNX Runtime on the CPU, exported from this very version at load time
             from .export import OnnxModel, onnx_bytes, quantize_int8
 
-            self.rt = runtime.resolve("cpu", "fp32", "off")
+            self.rt = runtime.resolve("cpu", "fp32", False)
             graph = onnx_bytes(loaded.model.eval(), self.preprocess.image_size)
             self.model = OnnxModel(quantize_int8(graph) if runtime_name == "onnx-int8" else graph)
 
@@ -134,7 +134,7 @@ class ModelSet:
                     self.primary = Ensemble(members)
             else:
                 self.primary = self._fresh(self.params.serving.alias, self.primary)
-            if self.params.serving.challenger_mode != "off":
+            if self.params.serving.challenger_mode != "none":
                 try:
                     candidate = self._fresh("challenger", self.challenger)
                 except Exception as exc:  # no challenger right now: serve the champion alone
@@ -158,7 +158,7 @@ class ModelSet:
         primary, challenger = self.primary, self.challenger  # one consistent pair for the whole batch
         if primary is None:
             raise RuntimeError("no model loaded yet")
-        mode = self.params.serving.challenger_mode if challenger is not None else "off"
+        mode = self.params.serving.challenger_mode if challenger is not None else "none"
         p = primary.predict(images)
         results = [Scored(float(v), primary.threshold, primary.label) for v in p]
         if mode == "shadow":
