@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from fastapi import FastAPI
-
+from PIL import Image
 from prometheus_client import Counter
 
 from dfdetect.config import load_params
@@ -131,8 +131,6 @@ class Detector:
         except VideoError as exc:
             raise InvalidArgument(str(exc)) from None
         size = int((await self._ready_info())["image_size"])
-        from PIL import Image
-
         scored = await self._score([resize_square(Image.fromarray(f), size) for f in clip.frames])
         body = video_response(clip, scored, started)
         PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
