@@ -89,9 +89,22 @@ def train(
     stop_after_epochs: Optional[int] = typer.Option(None, "--stop-after-epochs", min=1,
                                                    help="End this invocation after N epochs (preemptible jobs); continue with --resume."),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not track the run in MLflow."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (torchrun; gloo on CPU, "
+                                                        "NCCL on GPUs); train.batch_size is the global batch."),
     params_path: Path = PARAMS_OPT,
 ):
     """Train the model named in params.yaml; tracks params, curves and the model in MLflow."""
+    import os
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        args = ["train", "--prepared", str(prepared), "--models", str(models), "--history", str(history),
+                "--metrics", str(metrics), "--params", str(params_path)]
+        args += ["--resume", str(resume)] if resume else []
+        args += ["--stop-after-epochs", str(stop_after_epochs)] if stop_after_epochs else []
+        args += ["--no-mlflow"] if no_mlflow else []
+        raise typer.Exit(code=launch(nproc, args))
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .models import ModelError
@@ -104,7 +117,8 @@ def train(
         result = run_train(params, prepared, models, history, metrics, resume, stop_after_epochs, track=not no_mlflow)
     except (DatasetError, ModelError, CheckpointError, TrainError, TrackingError) as exc:
         _fail(str(exc))
-    typer.echo(json.dumps(result.__dict__))
+    if os.environ.get("RANK", "0") == "0":  # one summary line, from the process that wrote the outputs
+        typer.echo(json.dumps(result.__dict__))
 
 
 @app.command()

@@ -124,11 +124,17 @@ class CachedBatches(torch.utils.data.Dataset):
 
 
 def batch_loader(split: PreparedSplit, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                 num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Batches in a seeded order; `pin_memory` (for CUDA) lets the host-to-device copy run asynchronously."""
+                 num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
+                 sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
+    """Batches in a seeded order; `pin_memory` (for CUDA) lets the host-to-device copy run asynchronously.
+    `sampler` replaces the order (a DistributedSampler gives each process its share)."""
     dataset = CachedBatches(split)
-    base = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
-            else torch.utils.data.SequentialSampler(dataset))
+    if sampler is not None:
+        base = sampler
+    elif shuffle:
+        base = torch.utils.data.RandomSampler(dataset, generator=generator)
+    else:
+        base = torch.utils.data.SequentialSampler(dataset)
     sampler = torch.utils.data.BatchSampler(base, batch_size, drop_last=drop_last)
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
                                        persistent_workers=num_workers > 0, pin_memory=pin_memory)

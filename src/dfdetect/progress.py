@@ -3,7 +3,7 @@
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def progress() -> Progress:
+def progress(disable: bool = False) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -12,4 +12,5 @@ def progress() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         transient=False,
+        disable=disable,
     )

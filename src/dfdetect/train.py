@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, runtime
+from . import checkpoint, distributed, runtime
 from .augment import augment_batch
 from .config import AugmentParams, Params
 from .data import batch_loader, load_split, preprocess_config
@@ -124,7 +124,14 @@ def train(
     """Train; `stop_after_epochs` ends this invocation early (a preemptible job), `resume` continues it."""
     model_dir = Path(model_dir)
     t = params.train
-    rt = runtime.resolve(t.device, t.precision, t.channels_last)
+    d = distributed.setup()
+    device = t.device
+    if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{d.local_rank}"  # one GPU per process
+    rt = runtime.resolve(device, t.precision, t.channels_last)
+    if t.batch_size % d.world:
+        raise TrainError(f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes")
+    track = track and d.is_main  # one MLflow run, one set of checkpoints
     runtime.seed_everything(params.seed)
     pre = preprocess_config(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
@@ -134,13 +141,15 @@ def train(
     scheduler = make_scheduler(optimizer, params)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
     shuffle_gen = torch.Generator().manual_seed(params.seed)
-    augment_gen = torch.Generator().manual_seed(params.seed + 1)
+    augment_gen = torch.Generator().manual_seed(params.seed + 1 + d.rank)
     state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "stale_epochs": 0, "history": [], "run_id": None,
              "threshold": 0.5}
 
     if resume:
         ckpt = checkpoint.load(resume)
         changed = _diff(ckpt["params"], _comparable(params))
+        if ckpt.get("world", 1) != d.world:
+            changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
         if changed:
             raise TrainError(f"{resume}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
         model.load_state_dict(ckpt["state_dict"])
@@ -148,16 +157,24 @@ def train(
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         shuffle_gen.set_state(ckpt["rng"]["shuffle"])
-        augment_gen.set_state(ckpt["rng"]["augment"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        own = ckpt["rng"]["ranks"][d.rank] if d.enabled else ckpt["rng"]
+        augment_gen.set_state(own["augment"])
+        torch.set_rng_state(own["torch"])
         if rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], rt.device)
         state.update({k: ckpt[k] for k in state})
         log.info("resuming from %s after epoch %d", resume, state["epoch"])
 
-    train_loader = batch_loader(train_split, t.batch_size, shuffle=True, generator=shuffle_gen,
+    sampler = None
+    if d.enabled:  # each process trains on its share, in an order fixed by the seed and the epoch
+        sampler = torch.utils.data.distributed.DistributedSampler(train_split.labels, num_replicas=d.world, rank=d.rank,
+                                                                  shuffle=True, seed=params.seed, drop_last=True)
+    train_loader = batch_loader(train_split, t.batch_size // d.world, shuffle=True, generator=shuffle_gen,
                                 num_workers=t.num_workers, drop_last=len(train_split.labels) > t.batch_size,
-                                pin_memory=rt.device.type == "cuda")
+                                pin_memory=rt.device.type == "cuda", sampler=sampler)
+    net = model
+    if d.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     val_loader = batch_loader(val_split, max(t.batch_size, 64), shuffle=False)
     log.info("model %s (%d parameters) on %s, precision %s, channels_last %s; %d train / %d val images",
              params.model.name, count_parameters(model), rt.device, rt.precision, rt.channels_last,
@@ -175,35 +192,46 @@ def train(
                              "dfdetect.device": str(rt.device), "dfdetect.precision": rt.precision})
     sink = mlflow or _NoTracking()
 
-    def ckpt_state(epoch: int) -> dict:
+    def ckpt_state(epoch: int, ranks: list) -> dict:
         return {
             "model": params.model.model_dump(), "state_dict": model.state_dict(), "preprocess": pre.to_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": {"shuffle": shuffle_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
-            "params": _comparable(params), **{**state, "epoch": epoch},
+                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+                    "ranks": ranks if d.enabled else None},
+            "params": _comparable(params), "world": d.world, **{**state, "epoch": epoch},
         }
 
     stopped_early, epochs_this_run = False, 0
     try:
-        with progress() as bar:
+        with progress(disable=not d.is_main) as bar:
             for epoch in range(state["epoch"] + 1, t.epochs + 1):
                 if stop_after_epochs is not None and epochs_this_run >= stop_after_epochs:
                     break
                 started = time.time()
-                model.train()
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                net.train()
                 task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader), info="")
                 loss_sum, correct, seen = 0.0, 0, 0
                 for images, y in train_loader:
                     x = training_batch(images, t.augment, augment_gen, pre, rt)
                     y = y.to(rt.device).float()
-                    loss, logits = train_step(model, optimizer, scaler, rt, x, y)
+                    loss, logits = train_step(net, optimizer, scaler, rt, x, y)
                     loss_sum += loss.item() * len(y)
                     correct += int(((logits > 0).float() == y).sum())
                     seen += len(y)
                     bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
+                ranks = distributed.gather(d, {"augment": augment_gen.get_state(), "torch": torch.get_rng_state()})
+                state["epoch"] = epoch
+                epochs_this_run += 1
+                if not d.is_main:  # rank 0 validates, decides and writes; the others follow its decision
+                    if distributed.broadcast(d, None):
+                        stopped_early = True
+                        break
+                    continue
 
                 scores, labels, val_loss = predict_scores(model, val_loader, pre, rt)
                 val_auc = roc_auc(labels, scores, 0.5)
@@ -217,13 +245,13 @@ def train(
                 if val_auc > state["best_val_auc"] + 1e-6:
                     state.update(best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0,
                                  threshold=eer_and_threshold(labels, scores)[1])
-                    checkpoint.save(model_dir / "best.pt", ckpt_state(epoch))
+                    checkpoint.save(model_dir / "best.pt", ckpt_state(epoch, ranks))
                 else:
                     state["stale_epochs"] += 1
-                state["epoch"] = epoch
-                epochs_this_run += 1
-                checkpoint.save(model_dir / "last.pt", ckpt_state(epoch))
-                if t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience:
+                checkpoint.save(model_dir / "last.pt", ckpt_state(epoch, ranks))
+                stop = bool(t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience)
+                distributed.broadcast(d, stop)
+                if stop:
                     log.info("early stopping: val AUC has not improved for %d epochs", state["stale_epochs"])
                     stopped_early = True
                     break
@@ -233,6 +261,9 @@ def train(
         raise
 
     completed = stopped_early or state["epoch"] >= t.epochs
+    distributed.teardown(d)
+    if not d.is_main:
+        return TrainResult(None, 0, float("nan"), 0.5, state["epoch"], completed, stopped_early)
     result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
                          state["epoch"], completed, stopped_early)
     if history_path:
