@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from dfdetect import registry
+from dfdetect.config import parse_params
 from dfdetect.servers import free_port
 from conftest import REPO
 
@@ -34,9 +35,6 @@ def service(tracked_run, tmp_path_factory):
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    params = registry.parse_params(raw) if hasattr(registry, "parse_params") else None
-    from dfdetect.config import parse_params
-
     params = parse_params(raw)
     registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
     registry.promote(params, tracked_run["prepared"])
