@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,14 +28,10 @@ import numpy as np
 import requests
 import yaml
 
+from dfdetect.servers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drive(url: str, images: list[bytes], clients: int, seconds: float) -> dict:

@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -7,6 +8,13 @@ from dfdetect.config import parse_params
 from dfdetect.sample_data import generate
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def last_json(output: str):
+    """The JSON object a command prints last, after any logs (it starts on a line that is exactly "{")."""
+    lines = output.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
 
 
 def small_params(**sections):

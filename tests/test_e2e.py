@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, last_json
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -133,9 +133,7 @@ def test_kubeflow_local_run_matches_the_dvc_run(project):
     dst, env, _ = project
     out = run(["dfdetect", "pipeline", "run", "--local", "--dvc-repo", str(dst), "--dvc-rev", "HEAD",
                "--pipeline-root", str(dst.parent / "kfp-root")], dst, env, timeout=900, stdout_only=True)
-    lines = out.splitlines()
-    start = max(i for i, line in enumerate(lines) if line == "{")
-    kfp_metrics = json.loads("\n".join(lines[start:]))["metrics"]
+    kfp_metrics = last_json(out)["metrics"]
     dvc_metrics = json.loads((dst / "eval" / "metrics.json").read_text())
     for key in ("roc_auc", "average_precision", "eer", "accuracy", "f1", "threshold"):
         assert kfp_metrics[key] == pytest.approx(dvc_metrics[key], abs=1e-6), key

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dfdetect.cli import app
 from dfdetect.config import load_params
-from conftest import REPO
+from conftest import REPO, last_json
 from pipelines.deepfake_pipeline import DEFAULT_IMAGE
 from pipelines.runner import PipelineError, check_host, compile_pipeline
 
@@ -146,9 +146,7 @@ def test_local_run_trains_evaluates_registers_and_promotes(sample_root, tmp_path
                                  "--tracking-uri", uri, "--pipeline-root", str(tmp_path / "root"), "-p", str(params),
                                  "--param", "promotion.floors={}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    start = max(i for i, line in enumerate(lines) if line == "{")  # the command's JSON comes last
-    outputs = json.loads("\n".join(lines[start:]))
+    outputs = last_json(result.output)
     assert outputs["register"] == "1" and outputs["promote"] == "promoted"
     assert 0.0 <= outputs["metrics"]["roc_auc"] <= 1.0 and outputs["metrics"]["split"] == "test"
     client = mlflow.MlflowClient(uri)

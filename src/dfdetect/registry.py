@@ -47,8 +47,7 @@ def client_for(params: Params):
     from mlflow import MlflowClient
 
     uri = tracking.tracking_uri(params)
-    tracking.check_reachable(uri)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    tracking.connect(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

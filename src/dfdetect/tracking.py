@@ -53,14 +53,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise TrackingError(f"MLflow tracking server at {redact(uri)} is unreachable ({problem})")
 
 
+def connect(uri: str) -> None:
+    """Bounded MLflow retries (a server that goes away mid-run fails the step in seconds, not minutes),
+    then a reachability check: what every MLflow client of dfdetect does first."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    check_reachable(uri)
+
+
 def setup_mlflow(params: Params):
     import mlflow  # imported here: a slow import that most commands do not need
 
     uri = tracking_uri(params)
-    # Bounded retries: a server that went away mid-run fails the step in seconds, not minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    check_reachable(uri)
+    connect(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(params.mlflow.experiment)
     return mlflow
