@@ -44,9 +44,15 @@ PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version
 class Scorer:
     def __init__(self):
         self.models = ModelSet(PARAMS, RegistryLoader(PARAMS))
-        self.models.refresh()
+        try:
+            self.models.refresh()
+        except Exception as exc:  # nothing promoted yet, or the registry is down: not ready, keep polling
+            log.warning("no model loaded yet (%s); retrying every %ss", exc, SERVING.poll_interval_s)
         self._stop = threading.Event()
         threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
+
+    def __is_ready__(self) -> bool:
+        return self.models.ready
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
     def score(self, images: np.ndarray) -> np.ndarray:
@@ -73,6 +79,13 @@ class Detector:
         async def health():
             info = await self._current_info(max_age=0)
             return {"status": "ok" if info.get("ready") else "loading", **info}
+
+    async def __is_ready__(self) -> bool:
+        """/readyz (the Kubernetes readiness probe) answers 503 until a model is loaded."""
+        try:
+            return bool((await self._current_info(max_age=0)).get("ready"))
+        except Exception:
+            return False
 
     async def _scorer(self, method: str, *args):
         """Call the Scorer; retry a dropped keep-alive connection (the call is idempotent) instead of a 500."""

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def service(tracked_run, tmp_path_factory):
+def service(tracked_run, sample_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     raw = tracked_run["params"].model_dump(mode="json")
     raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
@@ -36,8 +36,6 @@ def service(tracked_run, tmp_path_factory):
     params_file.write_text(yaml.safe_dump(raw))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     params = parse_params(raw)
-    registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
-    registry.promote(params, tracked_run["prepared"])
 
     port = free_port()
     env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracked_run["uri"],
@@ -47,17 +45,30 @@ def service(tracked_run, tmp_path_factory):
                              "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
+
+    def wait_for(ready: bool):
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
             try:
-                if requests.get(f"{url}/health", timeout=2).json().get("ready"):
-                    break
+                if requests.get(f"{url}/health", timeout=2).json().get("ready") is ready:
+                    return
             except (requests.RequestException, ValueError):
                 pass
             assert time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
+
+    try:
+        # Started before anything is promoted: it runs, but is not ready (the Kubernetes readiness probe).
+        wait_for(ready=False)
+        assert requests.get(f"{url}/readyz", timeout=10).status_code == 503
+        assert requests.get(f"{url}/livez", timeout=10).status_code == 200
+        early = post_frame(url, next((sample_root / "test" / "fake").iterdir()).read_bytes())
+        assert early.status_code == 503, early.text  # BentoML hides the text of 5xx answers
+        registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
+        registry.promote(params, tracked_run["prepared"])
+        wait_for(ready=True)  # the poll picks the champion up, no restart
+        assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
         yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
