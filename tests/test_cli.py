@@ -27,11 +27,13 @@ def test_missing_split_via_cli(tmp_path, data_copy):
     assert "missing split folder 'train'" in result.output
 
 
-@pytest.mark.parametrize("command", ["sample-data", "prepare", "train", "evaluate", "predict", "check-params"])
-def test_every_command_explains_its_options(command):
+@pytest.mark.parametrize("command, option", [("sample-data", "--params"), ("fetch-data", "--remote-url"), ("prepare", "--params"),
+                                             ("train", "--params"), ("evaluate", "--params"), ("predict", "--checkpoint"),
+                                             ("check-params", "--params")])
+def test_every_command_explains_its_options(command, option):
     result = runner.invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
-    assert "--params" in result.output or "--checkpoint" in result.output
+    assert option in result.output
     assert "Usage" in result.output
 
 
@@ -54,3 +56,27 @@ def test_predict_reports_unreadable_images_and_classifies_the_rest(prepared_smal
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
     assert lines[0]["label"] in ("real", "fake") and 0.0 <= lines[0]["fake_probability"] <= 1.0
     assert "broken.jpg: not a readable image" in lines[1]["error"]
+
+
+def test_fetch_data_reads_the_remote_it_is_given(tmp_path):
+    """A clone has no DVC cache: the data come from --remote-url, and an empty remote is a clear error."""
+    import subprocess
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    shutil.copytree(REPO / "dvc-store", tmp_path / "team-remote")
+    (tmp_path / "empty-remote").mkdir()
+    runner = CliRunner()
+    ok = runner.invoke(app, ["fetch-data", "--repo", str(clone), "--out", str(tmp_path / "data"),
+                             "--remote-url", str(tmp_path / "team-remote")])
+    assert ok.exit_code == 0, ok.output
+    import yaml
+
+    tracked = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["nfiles"]
+    fetched = list((tmp_path / "data").rglob("*.jpg"))
+    assert len(fetched) == tracked and json.loads(ok.stdout.strip().splitlines()[-1])["files"] == tracked
+    assert {p.relative_to(tmp_path / "data").parts[:2] for p in fetched} >= {("train", "real"), ("test", "fake")}
+
+    bad = runner.invoke(app, ["fetch-data", "--repo", str(clone), "--out", str(tmp_path / "nothing"),
+                              "--remote-url", str(tmp_path / "empty-remote")])
+    assert bad.exit_code != 0 and "empty-remote" in bad.output and "data" in bad.output

@@ -58,6 +58,28 @@ def sample_data_cmd(
     typer.echo(json.dumps(counts))
 
 
+@app.command("fetch-data")
+def fetch_data_cmd(
+    out: Path = typer.Option(Path("data"), "--out", "-o", help="Folder to write the data set into."),
+    repo: str = typer.Option(".", "--repo", help="Git URL or path of the project whose data.dvc names the data version."),
+    rev: str = typer.Option("HEAD", "--rev", help="Git revision (commit, tag, branch) of that data version."),
+    path: str = typer.Option("data", "--path", help="The DVC-tracked path inside the repository."),
+    remote_url: str = typer.Option("", "--remote-url", help="Read from this DVC remote instead of the repository's default "
+                                                             "(e.g. s3://dvc/dfdetect); S3 credentials from AWS_* variables."),
+    endpoint_url: str = typer.Option("", "--endpoint-url", envvar="DVC_S3_ENDPOINT_URL",
+                                     help="S3 endpoint of --remote-url, for MinIO or another S3 server (env DVC_S3_ENDPOINT_URL)."),
+):
+    """Download one data version from the DVC remote without a checkout (what containers and pipeline steps do)."""
+    from .orchestration import fetch_data
+
+    try:
+        fetch_data("dvc", repo, rev, out, path, remote_url=remote_url, endpoint_url=endpoint_url)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    files = sum(1 for f in out.rglob("*") if f.is_file())
+    typer.echo(json.dumps({"out": str(out), "files": files, "repo": repo, "rev": rev}))
+
+
 @app.command()
 def prepare(
     data: Path = typer.Option(Path("data"), "--data", "-d", help="Data set root in the layout {train,val,test}/{real,fake}/*."),
