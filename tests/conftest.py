@@ -86,3 +86,42 @@ def write_video(path, frames, fps=10):
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def face_frames(n: int, fake: bool, seed: int, size=(240, 320)) -> list:
+    """Frames of a 'video' of a real face photo (scikit-image's astronaut) drifting over a plain background;
+    a fake one has its inner face blurred and colour-shifted, the traces a face swap leaves."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    face = Image.fromarray(data.astronaut()[20:220, 120:330])  # the face is about 95 px wide in it
+    if fake:
+        inner = face.crop((55, 45, 150, 140)).filter(ImageFilter.GaussianBlur(2.5))
+        inner = Image.fromarray(np.clip(np.asarray(inner).astype(int) + [25, -10, -15], 0, 255).astype(np.uint8))
+        face = face.copy()
+        face.paste(inner, (55, 45))
+    face = np.asarray(face)
+    background = rng.integers(40, 200, size=3)
+    frames = []
+    for i in range(n):
+        canvas = np.empty((*size, 3), np.uint8)
+        canvas[:] = background
+        y, x = 10 + (i * 3 + seed) % 25, 20 + (i * 7 + seed * 5) % 80
+        canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
+        frames.append(canvas)
+    return frames
+
+
+def make_face_videos(root, per_class: dict[str, int], frames: int = 6, seed: int = 0):
+    """data/{split}/{real,fake}/clip_*.mp4 made of face_frames."""
+    k = seed
+    for split, count in per_class.items():
+        for class_name in ("real", "fake"):
+            folder = root / split / class_name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                k += 1
+                write_video(folder / f"{class_name}_{split}_{i:03d}.mp4", face_frames(frames, class_name == "fake", k))
+    return root

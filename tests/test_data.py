@@ -32,7 +32,7 @@ def test_manifest_schema_and_report(prepared_small, sample_root):
         assert (int(row["width"]), int(row["height"])) == (64, 64)
         assert row["label"] == str(FAKE if row["class"] == "fake" else REAL)
     report = json.loads((prepared_small / "report.json").read_text())
-    assert report["splits"]["train"] == {"real": 24, "fake": 24, "total": 48, "fake_fraction": 0.5}
+    assert report["splits"]["train"] == {"real": 24, "fake": 24, "total": 48, "fake_fraction": 0.5, "videos": 0}
     assert "| train | 24 | 24 | 48 | 0.50 |" in (prepared_small / "report.md").read_text()
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -16,6 +17,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FacesParams(Section):
+    frames_per_video: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from each video")
+    detector: str = Field("haar", description="face detector from the registry (dfdetect.faces)")
+    margin: float = Field(1.3, ge=1.0, le=3.0, description="the face box is enlarged this much (the common protocol: 1.3)")
+    crop_size: int = Field(256, ge=16, le=1024, description="side of the saved square face crops")
+    min_face: int = Field(40, ge=8, description="smallest face side searched, in pixels of the frame")
+    crop_images: bool = Field(False, description="also crop the largest face of still images (not for tight crops)")
+
+
 class PrepareParams(Section):
     image_size: int = Field(128, ge=16, le=1024, description="side of the square images the cache holds")
     min_size: int = Field(32, ge=1, description="images smaller than this (either side) are excluded")
@@ -23,6 +33,22 @@ class PrepareParams(Section):
         0.05, ge=0.0, le=1.0, description="fatal when more than this fraction of files is unreadable"
     )
     allow_leakage: bool = Field(False, description="allow the same content in two splits (not advised)")
+    group_pattern: str | None = Field(
+        None, description="regex on image file names with named groups video (and identity): frames of one video "
+                          "or identity may not be in two splits; e.g. '^(?P<video>[a-z]+_\\d+)_\\d+$'")
+    faces: FacesParams = FacesParams()
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _pattern_compiles(cls, value):
+        if value is not None:
+            try:
+                compiled = re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+            if "video" not in compiled.groupindex:
+                raise ValueError("needs a named group (?P<video>...)")
+        return value
 
 
 class ModelParams(Section):

@@ -11,6 +11,7 @@ import torch
 
 from .labels import CLASS_NAMES, label_of
 from .preprocessing import PreprocessConfig
+from .video import VIDEO_EXTENSIONS
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 SPLITS = ("train", "val", "test")
@@ -24,13 +25,25 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class ImageFile:
     path: Path  # absolute
-    relpath: str  # relative to the data root, as stored in the manifest
+    relpath: str  # relative to the data root (face crops: to the prepared folder), as stored in the manifest
     split: str
     class_name: str
+    video: str = ""  # the source video (frames of one video stay in one split); "" = the image alone
+    frame: int = -1  # frame number in that video
+    identity: str = ""  # the person, when the file names say (prepare.group_pattern)
+    source: str = ""  # for face crops: the data file they were cut from
 
     @property
     def label(self) -> int:
         return label_of(self.class_name)
+
+    @property
+    def is_video(self) -> bool:
+        return self.path.suffix.lower() in VIDEO_EXTENSIONS
+
+    @property
+    def group(self) -> str:
+        return self.video or self.relpath
 
 
 def discover(root: str | Path) -> tuple[list[ImageFile], list[str]]:
@@ -51,12 +64,11 @@ def discover(root: str | Path) -> tuple[list[ImageFile], list[str]]:
             if not class_dir.is_dir():
                 raise DatasetError(f"{class_dir}: missing class folder (each split needs real/ and fake/)")
             found = sorted(
-                p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
             )
             if not found:
-                raise DatasetError(
-                    f"{class_dir}: empty class, no images with extensions {sorted(IMAGE_EXTENSIONS)}"
-                )
+                raise DatasetError(f"{class_dir}: empty class, no images ({sorted(IMAGE_EXTENSIONS)}) "
+                                   f"or videos ({sorted(VIDEO_EXTENSIONS)})")
             files += [ImageFile(p, p.relative_to(root).as_posix(), split, class_name) for p in found]
         extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in CLASS_NAMES)
         if extra:
@@ -78,6 +90,11 @@ class PreparedSplit:
     images: np.ndarray  # N x H x W x 3 uint8 (memory-mapped)
     labels: np.ndarray  # N int64
     relpaths: list[str]
+    videos: list[str] | None = None  # the source video of each image (video-level metrics); None: one each
+
+    @property
+    def groups(self) -> list[str]:
+        return self.videos or self.relpaths
 
 
 def load_meta(cache_dir: str | Path) -> dict:
@@ -97,7 +114,18 @@ def load_split(cache_dir: str | Path, split: str) -> PreparedSplit:
         images=np.load(img_path, mmap_mode="r"),
         labels=np.load(lab_path).astype(np.int64),
         relpaths=meta["splits"][split]["relpaths"],
+        videos=meta["splits"][split].get("videos"),
     )
+
+
+FACES_DIR = "faces"  # face crops live in the prepared folder under this name
+
+
+def original_path(prepared_dir: str | Path, relpath: str) -> Path:
+    """Where the image behind a manifest path is: face crops in the prepared folder, the rest in the data."""
+    if relpath.startswith(FACES_DIR + "/"):
+        return Path(prepared_dir) / relpath
+    return Path(load_meta(prepared_dir)["data_dir"]) / relpath
 
 
 def preprocess_config(cache_dir: str | Path) -> PreprocessConfig:

@@ -13,11 +13,11 @@ from sklearn import metrics as skm
 
 from . import checkpoint, runtime, tracking
 from .config import Params
-from .data import PreparedSplit, batch_loader, load_meta, load_split
+from .data import PreparedSplit, batch_loader, load_meta, load_split, original_path
 from .inference import predict_scores
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
-from .metrics import compute_all, eer_and_threshold
+from .metrics import compute_all, eer_and_threshold, video_level
 from .plots import confusion_png, pr_png, roc_png
 from .preprocessing import PreprocessConfig, decode_image, resize_square
 
@@ -47,11 +47,11 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
     data = load_split(prepared_dir, split)
     if data.images.shape[1] == pre.image_size:
         return data
-    root = Path(load_meta(prepared_dir)["data_dir"])
-    log.info("model expects %dpx, cache holds %dpx: decoding %d originals from %s", pre.image_size,
-             data.images.shape[1], len(data.relpaths), root)
-    arrays = [resize_square(decode_image((root / rel).read_bytes(), rel), pre.image_size) for rel in data.relpaths]
-    return PreparedSplit(np.stack(arrays), data.labels, data.relpaths)
+    log.info("model expects %dpx, cache holds %dpx: decoding %d originals", pre.image_size, data.images.shape[1],
+             len(data.relpaths))
+    arrays = [resize_square(decode_image(original_path(prepared_dir, rel).read_bytes(), rel), pre.image_size)
+              for rel in data.relpaths]
+    return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos)
 
 
 def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
@@ -73,6 +73,11 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     results = compute_all(labels, scores, threshold)
     results.update({"loss": loss, "threshold": threshold, "eer_threshold": eer_and_threshold(labels, scores)[1],
                     "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum())})
+    if len(set(data.groups)) < len(data.groups):  # frames of videos: also score whole videos
+        v_labels, v_scores = video_level(data.groups, labels, scores)
+        video = compute_all(v_labels, v_scores, threshold, ["roc_auc", "average_precision", "accuracy"])
+        results.update({f"video_{k}": v for k, v in video.items()})
+        results["n_videos"] = len(v_labels)
     metrics = {"split": split, **{k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}}
     if notes:
         metrics["note"] = " ".join(notes)
@@ -88,8 +93,9 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "predictions.csv", _csv(
-        [{"path": p, "label": int(y), "fake_probability": round(float(s), 6), "predicted": int(q)}
-         for p, y, s, q in zip(data.relpaths, labels, scores, predicted)], ["path", "label", "fake_probability", "predicted"]))
+        [{"path": p, "video": v, "label": int(y), "fake_probability": round(float(s), 6), "predicted": int(q)}
+         for p, v, y, s, q in zip(data.relpaths, data.groups, labels, scores, predicted)],
+        ["path", "video", "label", "fake_probability", "predicted"]))
     figures = out_dir / "figures"
     roc_png(fpr, tpr, results["roc_auc"], figures / "roc.png")
     pr_png(rec, prec, results["average_precision"], figures / "pr.png")
@@ -111,6 +117,8 @@ def report_markdown(metrics: dict, matrix: np.ndarray, state: dict) -> str:
               "", "| metric | value |", "|---|---|"]
     for key in ("roc_auc", "average_precision", "eer", "accuracy", "precision", "recall", "f1", "loss"):
         lines.append(f"| {key} | {metrics[key]:.4f} |")
+    if "n_videos" in metrics:  # video level: the mean frame score of each of the n_videos videos
+        lines += [f"| {key} ({metrics['n_videos']} videos) | {metrics[key]:.4f} |" for key in metrics if key.startswith("video_")]
     lines += ["", "Confusion matrix (rows: actual, columns: predicted):", "", "| | real | fake |", "|---|---|---|",
               f"| real | {matrix[0, 0]} | {matrix[0, 1]} |", f"| fake | {matrix[1, 0]} | {matrix[1, 1]} |"]
     return "\n".join(lines) + "\n"

@@ -76,3 +76,19 @@ def compute_all(labels, scores, threshold: float = 0.5, names: list[str] | None 
 
 def available_metrics() -> list[str]:
     return list(_METRICS)
+
+
+def video_level(groups: list[str], labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One (label, score) per video: the mean of its frame scores, as the common benchmark protocol does."""
+    index: dict[str, int] = {}
+    for g in groups:
+        index.setdefault(g, len(index))
+    ids = np.array([index[g] for g in groups])
+    counts = np.bincount(ids)
+    video_scores = np.bincount(ids, weights=scores) / counts
+    video_labels = np.zeros(len(index), dtype=np.int64)
+    video_labels[ids] = labels
+    mixed = np.bincount(ids, weights=labels) / counts
+    if not np.all((mixed == 0) | (mixed == 1)):
+        raise ValueError("a video has frames with both labels: its frames must share one class")
+    return video_labels, video_scores

@@ -7,22 +7,25 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .config import PrepareParams
 from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
+from .ingest import extract_faces, faces_report
 from .io_utils import atomic_dir
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
 from .progress import progress
 
 log = logging.getLogger(__name__)
-MANIFEST_FIELDS = ["path", "split", "label", "class", "sha256", "width", "height", "status"]
+MANIFEST_FIELDS = ["path", "split", "label", "class", "sha256", "width", "height", "status", "video", "frame",
+                   "identity", "source"]
 
 
 @dataclass
@@ -94,6 +97,35 @@ def find_leaks(checked: list[Checked]) -> list[dict]:
     return leaks
 
 
+def assign_groups(files: list[ImageFile], pattern: str | None) -> tuple[list[ImageFile], list[str]]:
+    """Each file's video (a video file is its own; images by `pattern` on the file name) and identity."""
+    regex = re.compile(pattern) if pattern else None
+    out, unmatched = [], 0
+    for f in files:
+        stem = Path(f.relpath).stem
+        m = regex.match(stem) if regex else None
+        if regex and not m and not f.is_video:
+            unmatched += 1
+        video = (m.group("video") if m else stem) if f.is_video or m else ""
+        identity = (m.groupdict().get("identity") or "") if m else ""
+        out.append(replace(f, video=f"{f.class_name}/{video}" if video else "", identity=identity))
+    notes = [f"prepare.group_pattern matched no video in {unmatched} image names: each is its own group"] if unmatched else []
+    return out, notes
+
+
+def find_group_leaks(files: list[ImageFile]) -> list[str]:
+    """Videos and identities found in more than one split."""
+    problems = []
+    for attr, what in (("video", "video"), ("identity", "identity")):
+        splits = defaultdict(set)
+        for f in files:
+            if getattr(f, attr):
+                splits[getattr(f, attr)].add(f.split)
+        problems += [f"{what} {key!r} is in {sorted(s, key=['train', 'val', 'test'].index)}"
+                     for key, s in sorted(splits.items()) if len(s) > 1]
+    return problems
+
+
 def mark_duplicates(checked: list[Checked]) -> int:
     """Keep one copy of identical content within a split; the rest would only weigh it twice."""
     seen, n = set(), 0
@@ -107,13 +139,16 @@ def mark_duplicates(checked: list[Checked]) -> int:
     return n
 
 
-def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], params: PrepareParams) -> dict:
+def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], params: PrepareParams,
+                 faces: dict | None = None) -> dict:
     counts = Counter((c.file.split, c.file.class_name) for c in checked if c.status == "ok")
     splits = sorted({c.file.split for c in checked}, key=["train", "val", "test"].index)
     per_split = {}
     for s in splits:
         real, fake = counts[(s, "real")], counts[(s, "fake")]
-        per_split[s] = {"real": real, "fake": fake, "total": real + fake, "fake_fraction": round(fake / max(1, real + fake), 4)}
+        videos = len({c.file.video for c in checked if c.status == "ok" and c.file.split == s and c.file.video})
+        per_split[s] = {"real": real, "fake": fake, "total": real + fake, "fake_fraction": round(fake / max(1, real + fake), 4),
+                        "videos": videos}
     problems = {status: [c.problem for c in checked if c.status == status] for status in ("unreadable", "too_small", "duplicate")}
     return {
         "label_map": LABEL_MAP,
@@ -125,6 +160,7 @@ def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], pa
         "too_small": problems["too_small"],
         "duplicates_within_split": problems["duplicate"],
         "leaks_across_splits": leaks,
+        "faces": faces,
         "notes": notes,
     }
 
@@ -132,9 +168,16 @@ def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], pa
 def report_markdown(report: dict) -> str:
     lines = ["# Data report", "", f"Files found: {report['files_found']}, used: {report['files_used']}, "
              f"images resized to {report['image_size']}px. Labels: {report['label_map']}.", "",
-             "| split | real | fake | total | fake fraction |", "|---|---|---|---|---|"]
+             "| split | real | fake | total | fake fraction | videos |", "|---|---|---|---|---|---|"]
     for s, c in report["splits"].items():
-        lines.append(f"| {s} | {c['real']} | {c['fake']} | {c['total']} | {c['fake_fraction']:.2f} |")
+        lines.append(f"| {s} | {c['real']} | {c['fake']} | {c['total']} | {c['fake_fraction']:.2f} | {c['videos']} |")
+    if report.get("faces"):
+        f = report["faces"]
+        lines += ["", f"## Face crops: {f['crops']} from {f['sources']} sources ({f['videos']} videos)", "",
+                  f"Frames sampled: {f['frames_sampled']}; without a face: {f['frames_without_face']}.", ""]
+        lines += [f"- unreadable, skipped: {e}" for e in f["unreadable"]]
+        lines += [f"- no face in any sampled frame: {v}" for v in f["no_face_at_all"]]
+        lines += [f"- {v}: no face in frames {frames}" for v, frames in list(f["without_face"].items())[:200]]
     for title, key in [("Unreadable or truncated (excluded)", "unreadable"), ("Under the minimum size (excluded)", "too_small"),
                        ("Duplicates within a split (excluded)", "duplicates_within_split")]:
         lines += ["", f"## {title}: {len(report[key])}"] + [f"- {p}" for p in report[key][:200]]
@@ -151,16 +194,36 @@ def write_manifest(path: Path, checked: list[Checked]) -> None:
     writer.writeheader()
     for c in checked:
         writer.writerow({"path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
-                         "sha256": c.sha256, "width": c.width, "height": c.height, "status": c.status})
+                         "sha256": c.sha256, "width": c.width, "height": c.height, "status": c.status,
+                         "video": c.file.video, "frame": c.file.frame, "identity": c.file.identity, "source": c.file.source})
     path.write_text(buf.getvalue())
 
 
 def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int = 1) -> dict:
-    """Validate `data_dir`, then atomically (re)write `out_dir` with manifest, report and cache."""
+    """Validate `data_dir` (cropping the faces of its videos), then atomically (re)write `out_dir` with
+    manifest, report, face crops and cache."""
     files, notes = discover(data_dir)
-    log.info("found %d images under %s", len(files), data_dir)
-    checked = check_all(files, params, workers)
+    files, group_notes = assign_groups(files, params.group_pattern)
+    notes += group_notes
+    group_leaks = find_group_leaks(files)
+    if group_leaks and not params.allow_leakage:
+        listing = "\n  ".join(group_leaks[:20])
+        raise DatasetError(f"{len(group_leaks)} videos or identities are in more than one split; frames of one video "
+                           f"(or one person) must stay in one split (set prepare.allow_leakage to override):\n  {listing}")
+    to_crop = [f for f in files if f.is_video or params.faces.crop_images]
+    log.info("found %d images and %d videos under %s", len(files) - sum(f.is_video for f in files),
+             sum(f.is_video for f in files), data_dir)
+    with atomic_dir(out_dir) as tmp:
+        crops = extract_faces(to_crop, tmp, params.faces, workers)
+        faces = faces_report(crops) if to_crop else None
+        files = [f for f in files if f not in set(to_crop)] + [c for r in crops for c in r.crops]
+        checked = check_all(files, params, workers)
+        report = _validate(checked, notes, params, data_dir, faces)
+        _write_cache(tmp, checked, report, params, data_dir)
+    return report
 
+
+def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, data_dir, faces: dict | None) -> dict:
     unreadable = [c for c in checked if c.status == "unreadable"]
     if len(unreadable) > params.max_bad_fraction * len(checked):
         listing = "\n  ".join(c.problem for c in unreadable[:20])
@@ -178,23 +241,26 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
     for c in checked:
         if c.status != "ok":
             log.warning("excluded: %s", c.problem)
-    report = build_report(checked, leaks, notes, params)
+    report = build_report(checked, leaks, notes, params, faces)
     for split, counts in report["splits"].items():
         for class_name in CLASS_NAMES:
             if counts[class_name] == 0:
-                raise DatasetError(f"{Path(data_dir) / split / class_name}: no usable images left after validation")
+                raise DatasetError(f"{Path(data_dir) / split / class_name}: no usable images left after validation"
+                                   + (" (no face found in its videos?)" if faces else ""))
+    return report
 
+
+def _write_cache(tmp: Path, checked: list[Checked], report: dict, params: PrepareParams, data_dir) -> None:
     preprocess = PreprocessConfig(image_size=params.image_size)
     meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {}}
-    with atomic_dir(out_dir) as tmp:
-        for split in report["splits"]:
-            used = [c for c in checked if c.file.split == split and c.status == "ok"]
-            img_path, lab_path = cache_paths(tmp, split)
-            np.save(img_path, np.stack([c.array for c in used]))
-            np.save(lab_path, np.array([c.file.label for c in used], dtype=np.int64))
-            meta["splits"][split] = {"count": len(used), "relpaths": [c.file.relpath for c in used]}
-        write_manifest(tmp / "manifest.csv", checked)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(report_markdown(report))
-        (tmp / CACHE_META).write_text(json.dumps(meta) + "\n")
-    return report
+    for split in report["splits"]:
+        used = [c for c in checked if c.file.split == split and c.status == "ok"]
+        img_path, lab_path = cache_paths(tmp, split)
+        np.save(img_path, np.stack([c.array for c in used]))
+        np.save(lab_path, np.array([c.file.label for c in used], dtype=np.int64))
+        meta["splits"][split] = {"count": len(used), "relpaths": [c.file.relpath for c in used],
+                                 "videos": [c.file.group for c in used]}
+    write_manifest(tmp / "manifest.csv", checked)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "report.md").write_text(report_markdown(report))
+    (tmp / CACHE_META).write_text(json.dumps(meta) + "\n")

@@ -1,0 +1,149 @@
+"""Faces and videos: detection on a real face photo, crop geometry, videos -> face crops in prepare,
+per-video splits, video-level metrics."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from dfdetect.config import FacesParams, PrepareParams
+from dfdetect.data import DatasetError, load_split
+from dfdetect.faces import FaceBox, FaceError, build_detector, crop_face, square_box
+from dfdetect.metrics import video_level
+from dfdetect.prepare import prepare
+from conftest import face_frames, make_face_videos
+
+# The astronaut's face in scikit-image's photo (512 x 512), measured by eye: x, y, width, height.
+ASTRONAUT_FACE = (180, 70, 90, 90)
+
+
+def iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return w * h / (aw * ah + bw * bh - w * h)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return build_detector("haar", min_face=40)
+
+
+def test_finds_the_face_in_a_real_photo(detector):
+    box = detector.largest(skdata.astronaut())
+    assert box is not None and iou((box.x, box.y, box.w, box.h), ASTRONAUT_FACE) > 0.6
+
+
+def test_no_face_in_images_without_one(detector):
+    rng = np.random.default_rng(0)
+    assert detector.largest(np.full((240, 320, 3), 120, np.uint8)) is None
+    assert detector.largest(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) is None
+    assert detector.largest(skdata.coffee()) is None
+
+
+def test_square_box_enlarges_around_the_centre_and_stays_inside():
+    assert square_box(FaceBox(100, 100, 50, 50), 400, 300, 1.3) == (92, 92, 157, 157)  # side 65, same centre
+    left, top, right, bottom = square_box(FaceBox(0, 0, 50, 50), 400, 300, 1.3)
+    assert (left, top) == (0, 0) and right - left == 65 == bottom - top  # moved inside, not shrunk
+    assert square_box(FaceBox(10, 10, 280, 280), 400, 300, 1.3) == (0, 0, 300, 300)  # shrunk to the frame
+
+
+def test_crop_is_square_at_the_asked_size(detector):
+    photo = skdata.astronaut()
+    crop = crop_face(photo, detector.largest(photo), 1.3, 64)
+    assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+
+
+def test_unknown_detector_names_the_choices():
+    with pytest.raises(FaceError, match="haar"):
+        build_detector("retinaface-from-the-internet")
+
+
+def test_video_level_scores_are_frame_means():
+    labels, scores = video_level(["a", "a", "b", "b", "c"], np.array([1, 1, 0, 0, 1]), np.array([0.9, 0.7, 0.2, 0.4, 0.6]))
+    assert labels.tolist() == [1, 0, 1] and np.allclose(scores, [0.8, 0.3, 0.6])
+    with pytest.raises(ValueError, match="both labels"):
+        video_level(["a", "a"], np.array([0, 1]), np.array([0.1, 0.9]))
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
+    root = make_face_videos(tmp_path_factory.mktemp("videos") / "data", {"train": 2, "val": 1, "test": 1}, frames=6)
+    (root / "train" / "real" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    blank = [np.full((120, 160, 3), 80 + 10 * i, np.uint8) for i in range(4)]
+    from conftest import write_video
+    write_video(root / "train" / "fake" / "no_face.mp4", blank)
+    return root
+
+
+def params(**faces) -> PrepareParams:
+    return PrepareParams(image_size=32, faces=FacesParams(frames_per_video=3, crop_size=48, **faces))
+
+
+def test_prepare_turns_videos_into_face_crops(video_data, tmp_path):
+    report = prepare(video_data, tmp_path / "out", params(), workers=2)
+    rows = list(csv.DictReader((tmp_path / "out" / "manifest.csv").open()))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2 * (2 + 1 + 1) * 3  # every good video: 3 sampled frames, each with a face
+    for r in ok:
+        crop = tmp_path / "out" / r["path"]
+        assert Image.open(crop).size == (48, 48)
+        assert r["source"].endswith(".mp4") and r["video"] == f"{r['class']}/{r['source'].rsplit('/', 1)[1][:-4]}"
+        assert int(r["frame"]) in (0, 2, 3, 5)  # 3 of 6 frames, spread evenly
+    faces = report["faces"]
+    assert any("broken.mp4" in e for e in faces["unreadable"])  # reported by name, skipped
+    assert faces["without_face"] == {"train/fake/no_face.mp4": [0, 2, 3]}
+    assert faces["no_face_at_all"] == ["train/fake/no_face.mp4"] and faces["frames_without_face"] == 3
+    assert "broken.mp4" in (tmp_path / "out" / "report.md").read_text()
+    # Frames of one video stay in one split, and the split knows each image's video.
+    test = load_split(tmp_path / "out", "test")
+    assert len(set(test.groups)) == 2 and len(test.groups) == 6
+    splits_of = {}
+    for r in ok:
+        splits_of.setdefault(r["video"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert report["splits"]["train"]["videos"] == 4
+
+
+def test_the_same_video_in_two_splits_is_refused(video_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(video_data, data)
+    shutil.copy(data / "train" / "fake" / "fake_train_000.mp4", data / "test" / "fake" / "fake_train_000.mp4")
+    with pytest.raises(DatasetError, match=r"fake/fake_train_000.*\['train', 'test'\]"):
+        prepare(data, tmp_path / "out", params())
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_pattern_keeps_the_frames_of_an_image_video_together(tmp_path, sample_root):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    for split in ("train", "test"):  # frames 1 and 2 of video 7, one in train and one in test
+        frame = next((data / split / "fake").iterdir())
+        frame.rename(frame.with_name(f"vid007_{split}frame.jpg"))
+    pattern = r"^(?P<video>vid\d+)_\w+$"
+    with pytest.raises(DatasetError, match="fake/vid007"):
+        prepare(data, tmp_path / "out", PrepareParams(image_size=32, group_pattern=pattern))
+    report = prepare(data, tmp_path / "out", PrepareParams(image_size=32))  # without the pattern: images alone
+    assert report["files_used"] > 0
+
+
+def test_crop_images_crops_faces_of_photos_too(tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for class_name in ("real", "fake"):
+            folder = data / split / class_name
+            folder.mkdir(parents=True)
+            for i, frame in enumerate(face_frames(2, class_name == "fake", seed=len(split))):
+                Image.fromarray(frame).save(folder / f"{class_name}_{i}.jpg")
+    report = prepare(data, tmp_path / "out", params(crop_images=True))
+    assert report["faces"]["crops"] == 8 and report["faces"]["videos"] == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert all(rel.startswith("faces/") for rel in meta["splits"]["train"]["relpaths"])
