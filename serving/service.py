@@ -15,6 +15,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import aiohttp
+import anyio
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
@@ -24,7 +25,7 @@ from prometheus_client import Counter
 
 from dfdetect.config import load_params
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
-from dfdetect.serving import ModelSet, RegistryLoader, Scored, frame_response, video_response
+from dfdetect.serving import FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, video_response
 from dfdetect.video import VideoError, read_frames
 
 log = logging.getLogger("dfdetect.serving")
@@ -34,6 +35,10 @@ SERVING = PARAMS.serving
 
 class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class NoFace(BentoMLException):
+    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
@@ -74,6 +79,7 @@ class Detector:
 
     def __init__(self):
         self._info, self._info_at = {}, 0.0
+        self.faces = FaceCropper(PARAMS.prepare.faces) if SERVING.face_crop else None
 
         @health_app.get("/health")
         async def health():
@@ -130,9 +136,16 @@ class Detector:
         started = time.perf_counter()
         img = self._read_image(image)
         size = int((await self._ready_info())["image_size"])
+        face = None
+        if self.faces:
+            found = await anyio.to_thread.run_sync(self.faces, np.asarray(img))
+            if found is None:
+                raise NoFace("image: no face found (serving.face_crop is on: the model scores face crops)")
+            img, face = Image.fromarray(found[0]), found[1]
         scored = (await self._score([resize_square(img, size)]))[0]
         PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
-        return frame_response(frameNumber, scored, started)
+        body = frame_response(frameNumber, scored, started)
+        return {**body, "face": face_json(face)} if face else body
 
     @bentoml.api(route="/inference/analyze-video")
     async def analyze_video(self, video: Path) -> dict:
@@ -144,7 +157,15 @@ class Detector:
         except VideoError as exc:
             raise InvalidArgument(str(exc)) from None
         size = int((await self._ready_info())["image_size"])
-        scored = await self._score([resize_square(Image.fromarray(f), size) for f in clip.frames])
-        body = video_response(clip, scored, started)
+        frames, indices, without_face = clip.frames, clip.indices, None
+        if self.faces:
+            crops = [await anyio.to_thread.run_sync(self.faces, f) for f in clip.frames]
+            without_face = [i for i, c in zip(clip.indices, crops) if c is None]
+            frames = [c[0] for c in crops if c is not None]
+            indices = [i for i, c in zip(clip.indices, crops) if c is not None]
+            if not frames:
+                raise NoFace(f"video: no face in any of the {len(clip.frames)} sampled frames (serving.face_crop is on)")
+        scored = await self._score([resize_square(Image.fromarray(f), size) for f in frames])
+        body = video_response(clip, scored, started, indices, without_face)
         PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
         return body

@@ -137,3 +137,30 @@ def test_kubeflow_local_run_matches_the_dvc_run(project):
     dvc_metrics = json.loads((dst / "eval" / "metrics.json").read_text())
     for key in ("roc_auc", "average_precision", "eer", "accuracy", "f1", "threshold"):
         assert kfp_metrics[key] == pytest.approx(dvc_metrics[key], abs=1e-6), key
+
+
+def test_a_folder_of_videos_goes_through_dvc_repro_to_frame_and_video_metrics(project, tmp_path):
+    """Videos in data/{split}/{real,fake}/ -> face crops -> trained model -> frame- and video-level metrics."""
+    from conftest import make_face_videos
+
+    src, env, _ = project
+    dst = tmp_path / "videos-project"
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlruns", ".kfp"))
+    shutil.rmtree(dst / "data")
+    make_face_videos(dst / "data", {"train": 4, "val": 2, "test": 3}, frames=8)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["prepare"]["faces"] = {"frames_per_video": 4, "crop_size": 96}
+    params["prepare"]["image_size"] = 64
+    params["train"].update(epochs=4, batch_size=16)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "evaluate"], dst, env)
+    assert "Running stage 'prepare'" in out and "Running stage 'evaluate'" in out
+
+    report = json.loads((dst / "prepared" / "report.json").read_text())
+    assert report["faces"]["videos"] == 2 * (4 + 2 + 3) and report["faces"]["frames_without_face"] == 0
+    metrics = json.loads((dst / "eval" / "metrics.json").read_text())
+    assert metrics["n_videos"] == 6 and metrics["n_real"] + metrics["n_fake"] == 6 * 4
+    assert 0.0 <= metrics["video_roc_auc"] <= 1.0 and 0.0 <= metrics["roc_auc"] <= 1.0
+    rows = list(csv.DictReader((dst / "eval" / "report" / "predictions.csv").open()))
+    assert len({r["video"] for r in rows}) == 6 and all(r["path"].startswith("faces/test/") for r in rows)
+    assert "videos" in (dst / "eval" / "report" / "report.md").read_text()

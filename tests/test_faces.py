@@ -147,3 +147,18 @@ def test_crop_images_crops_faces_of_photos_too(tmp_path):
     assert report["faces"]["crops"] == 8 and report["faces"]["videos"] == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert all(rel.startswith("faces/") for rel in meta["splits"]["train"]["relpaths"])
+
+
+def test_serving_crops_faces_with_the_training_code():
+    """serving.face_crop uses prepare's settings and code: the same crop as a training face, or None."""
+    from dfdetect.ingest import _get_detector
+    from dfdetect.serving import FaceCropper, face_json
+
+    faces = FacesParams(crop_size=64)
+    cropper = FaceCropper(faces)
+    frame = face_frames(1, fake=False, seed=3)[0]
+    crop, box = cropper(frame)
+    expected = crop_face(frame, _get_detector(faces).largest(frame), faces.margin, faces.crop_size)
+    assert np.array_equal(crop, expected) and crop.shape == (64, 64, 3)
+    assert set(face_json(box)) == {"x", "y", "width", "height"}
+    assert cropper(np.full((120, 160, 3), 90, np.uint8)) is None

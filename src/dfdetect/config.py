@@ -148,6 +148,8 @@ class ServingParams(Section):
     max_upload_mb: float = Field(10.0, gt=0, le=1024, description="largest image upload")
     max_video_mb: float = Field(200.0, gt=0, le=10_240, description="largest video upload")
     video_frames: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from a video")
+    face_crop: bool = Field(False, description="score the largest face (prepare.faces: detector, margin, crop_size), "
+                                                "as models trained on face crops expect; a frame without one is a 422")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .config import Params
+from .config import FacesParams, Params
+from .faces import FaceBox, build_detector, crop_face
 from .labels import CLASS_NAMES, FAKE, REAL
 from .preprocessing import PreprocessConfig, normalize
 from .registry import LoadedModel
@@ -197,13 +198,37 @@ def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
     return body
 
 
-def video_response(clip, scored: list[Scored], started: float) -> dict:
-    """Per-frame verdicts and the video's: the mean frame score (the benchmarks' video-level protocol)."""
+class FaceCropper:
+    """The largest face of a frame, cropped as `prepare` crops training faces (same code, same settings)."""
+
+    def __init__(self, faces: FacesParams):
+        self.faces = faces
+        self.detector = build_detector(faces.detector, faces.min_face)
+        self._lock = threading.Lock()  # one OpenCV classifier, used from several request threads
+
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, FaceBox] | None:
+        with self._lock:
+            box = self.detector.largest(rgb)
+        if box is None:
+            return None
+        return crop_face(rgb, box, self.faces.margin, self.faces.crop_size), box
+
+
+def face_json(box: FaceBox) -> dict:
+    return {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
+
+
+def video_response(clip, scored: list[Scored], started: float, indices: list[int] | None = None,
+                   without_face: list[int] | None = None) -> dict:
+    """Per-frame verdicts and the video's: the mean frame score (the benchmarks' video-level protocol).
+    `indices`: the frames scored, when some were skipped (no face)."""
     mean = float(np.mean([s.fake_probability for s in scored]))
     threshold, version = scored[0].threshold, scored[0].version
+    extra = {"framesWithoutFace": without_face} if without_face is not None else {}
     return {
+        **extra,
         "frames": [{"frameNumber": i, "fake_probability": round(s.fake_probability, 6), "is_fake": s.is_fake,
-                    "modelVersion": s.version} for i, s in zip(clip.indices, scored)],
+                    "modelVersion": s.version} for i, s in zip(indices or clip.indices, scored)],
         "fake_probability": round(mean, 6),
         "is_fake": mean >= threshold,
         "confidence": round(mean if mean >= threshold else 1 - mean, 6),
