@@ -40,7 +40,7 @@ def iou(a, b) -> float:
 def background(rng) -> np.ndarray:
     """A smooth random colour field (no structure a detector could mistake for a face)."""
     small = rng.integers(30, 220, size=(4, 6, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize(FRAME[::-1], Image.BILINEAR))
+    return np.array(Image.fromarray(small).resize(FRAME[::-1], Image.BILINEAR))
 
 
 def positives(face_files: list[Path], rng) -> list[tuple[np.ndarray, tuple]]:
@@ -122,7 +122,7 @@ def main() -> None:
     pos, neg = positives(face_files, rng), negatives(rng, len(face_files))
 
     detectors = {name: build_detector(name) for name in available_detectors()}
-    for cascade in ("haarcascade_frontalface_alt.xml", "haarcascade_frontalface_alt2.xml"):
+    for cascade in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt.xml"):
         detectors[f"haar ({cascade})"] = HaarFaceDetector.load(cascade=cascade)
     accuracy = {name: score_detector(d, pos, neg) for name, d in detectors.items()}
     print(json.dumps(accuracy, indent=2))
