@@ -37,14 +37,14 @@ class SourceResult:
     error: str = ""  # the file could not be read
 
 
-_detector: FaceDetector | None = None  # one per worker process
+_detectors: dict[tuple[str, int], FaceDetector] = {}  # built once per process
 
 
 def _get_detector(params: FacesParams) -> FaceDetector:
-    global _detector
-    if _detector is None or _detector.name != params.detector:
-        _detector = build_detector(params.detector, params.min_face)
-    return _detector
+    key = (params.detector, params.min_face)
+    if key not in _detectors:
+        _detectors[key] = build_detector(*key)
+    return _detectors[key]
 
 
 def crop_name(file: ImageFile, frame: int) -> str:

@@ -216,7 +216,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
     with atomic_dir(out_dir) as tmp:
         crops = extract_faces(to_crop, tmp, params.faces, workers)
         faces = faces_report(crops) if to_crop else None
-        files = [f for f in files if f not in set(to_crop)] + [c for r in crops for c in r.crops]
+        cropped = set(to_crop)
+        files = [f for f in files if f not in cropped] + [c for r in crops for c in r.crops]
         checked = check_all(files, params, workers)
         report = _validate(checked, notes, params, data_dir, faces)
         _write_cache(tmp, checked, report, params, data_dir)
