@@ -51,3 +51,31 @@ def test_colour_jitter_matches_torchvision_v2_formulas():
     for i in range(3):
         ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b[i].item()), c[i].item()), s[i].item())
         assert torch.allclose(out[i], ref, atol=1e-5)
+
+
+def test_degradations_touch_only_their_share_and_stay_in_range():
+    from dfdetect.augment import degrade
+
+    x = torch.rand(64, 3, 32, 32)
+    for kind in ("blur", "noise", "downscale"):
+        params = AugmentParams(**{f"{kind}_prob": 0.5})
+        out = degrade(x, params, torch.Generator().manual_seed(0))
+        changed = [(o - i).abs().max().item() > 1e-4 for o, i in zip(out, x)]
+        assert 10 < sum(changed) < 54, (kind, sum(changed))  # about half, per image
+        assert out.min() >= 0 and out.max() <= 1
+    blurred = degrade(x, AugmentParams(blur_prob=1.0, blur_sigma=2.0), torch.Generator().manual_seed(0))
+    assert blurred.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()  # smoother
+    assert torch.equal(degrade(x, AugmentParams(), torch.Generator().manual_seed(0)), x)
+
+
+def test_jpeg_recompression_is_lossy_per_image_and_reproducible():
+    from dfdetect.augment import recompress
+
+    x = (torch.rand(16, 3, 32, 32) * 255).to(torch.uint8)
+    params = AugmentParams(jpeg_prob=0.5, jpeg_quality=(30, 60))
+    a = recompress(x, params, torch.Generator().manual_seed(3))
+    b = recompress(x, params, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.dtype == torch.uint8
+    changed = sum(not torch.equal(o, i) for o, i in zip(a, x))
+    assert 2 < changed < 14
+    assert torch.equal(recompress(x, AugmentParams(), torch.Generator().manual_seed(3)), x)

@@ -40,7 +40,7 @@ def test_single_class_gives_nan_auc_not_a_crash():
 
 
 def test_the_registry_names_every_metric_once():
-    assert available_metrics() == ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer"]
+    assert available_metrics() == ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer", "ece"]
 
 
 def test_mismatched_lengths_are_refused():

@@ -44,6 +44,7 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(affine.to(out.dtype), list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = degrade(out, params, gen)
     if j > 0:
         if out is images:
             out = images.clone()  # the colour steps work in place
@@ -54,4 +55,60 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         out.mul_(c).add_((1 - c) * mean_gray).clamp_(0, 1)  # contrast: towards the mean grey
         gray = (out * luma).sum(1, keepdim=True)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
+    return out
+
+
+def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """N x (2r+1) normalised 1-D Gaussians; sigma 0 gives the identity (a delta)."""
+    x = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
+    k = torch.exp(-0.5 * (x / sigma.clamp_min(1e-6).unsqueeze(1)) ** 2)
+    return k / k.sum(1, keepdim=True)
+
+
+def degrade(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Blur, downscale-and-back and noise on a random share of the batch (float N x 3 x H x W in [0, 1])."""
+    n, _, h, w = images.shape
+    draws = torch.rand(6, n, generator=gen)  # always drawn, so the stream does not depend on params
+    blur_on, sigma = draws[0] < params.blur_prob, draws[1] * params.blur_sigma
+    down_on, factor = draws[2] < params.downscale_prob, params.downscale_min + draws[3] * (1 - params.downscale_min)
+    noise_on, std = draws[4] < params.noise_prob, draws[5] * params.noise_std
+    out = images
+    if blur_on.any():
+        radius = max(1, math.ceil(3 * params.blur_sigma))
+        kernels = _gaussian_kernels(torch.where(blur_on, sigma, 0.0), radius).to(out.device, out.dtype)
+        weight = kernels.repeat_interleave(3, 0)  # one kernel per image, for each of its 3 channels
+        flat = out.reshape(1, n * 3, h, w)
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight.view(n * 3, 1, 1, -1), groups=n * 3)
+        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight.view(n * 3, 1, -1, 1), groups=n * 3)
+        out = flat.view(n, 3, h, w)
+    if down_on.any():
+        out = out.clone() if out is images else out
+        for i in torch.nonzero(down_on).flatten().tolist():
+            small = F.interpolate(out[i:i + 1], size=(max(1, round(h * float(factor[i]))), max(1, round(w * float(factor[i])))),
+                                  mode="bilinear", align_corners=False, antialias=True)
+            out[i:i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    if params.noise_prob > 0:
+        noise = torch.randn(n, 3, h, w, generator=gen) * (std * noise_on).view(n, 1, 1, 1)
+        out = (out + noise.to(out.device, out.dtype)).clamp(0, 1)
+    return out
+
+
+def recompress(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """JPEG re-compression at a random quality for a random share of a uint8 N x 3 x H x W CPU batch
+    (before it goes to the device: JPEG is a CPU codec)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    n = images.shape[0]
+    chosen, quality = torch.rand(n, generator=gen) < params.jpeg_prob, torch.rand(n, generator=gen)
+    if not chosen.any():
+        return images
+    low, high = params.jpeg_quality
+    out = images.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        buf = io.BytesIO()
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=int(low + quality[i] * (high - low)))
+        out[i] = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
     return out

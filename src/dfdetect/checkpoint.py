@@ -47,8 +47,10 @@ def model_from_state(state: dict) -> tuple[nn.Module, PreprocessConfig]:
     """Rebuild the architecture (never ImageNet weights: the checkpoint has all of them) and load weights."""
     params = ModelParams(**{**state["model"], "pretrained": False, "weights_path": None})
     model = create_model(params)
+    weights = dict(state["state_dict"])
+    weights.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration
     try:
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         first_line = str(exc).splitlines()[0]
         raise CheckpointError(f"weights do not fit the '{params.name}' architecture of this dfdetect version ({first_line})") from None

@@ -62,6 +62,23 @@ class AugmentParams(Section):
     hflip: bool = True
     rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
     color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
+    # How fakes reach users: re-compressed, blurred, noisy, resized. Each applies to a random share of images.
+    jpeg_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images re-compressed as JPEG")
+    jpeg_quality: tuple[int, int] = Field((50, 95), description="JPEG quality range [low, high]")
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images Gaussian-blurred")
+    blur_sigma: float = Field(1.5, gt=0.0, le=5.0, description="largest blur sigma, pixels")
+    noise_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images with Gaussian noise")
+    noise_std: float = Field(0.03, gt=0.0, le=0.5, description="largest noise standard deviation (images in [0, 1])")
+    downscale_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images downscaled and scaled back up")
+    downscale_min: float = Field(0.5, gt=0.0, lt=1.0, description="smallest downscale factor")
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range(cls, value):
+        low, high = value
+        if not 1 <= low <= high <= 100:
+            raise ValueError("needs 1 <= low <= high <= 100")
+        return value
 
 
 class TrainParams(Section):
@@ -82,6 +99,8 @@ class TrainParams(Section):
     channels_last: Union[Literal["auto"], bool] = Field("auto", description="auto, true or false")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: int = Field(0, ge=0, le=64)
+    calibrate: bool = Field(True, description="fit a temperature on validation after training (served probabilities "
+                                              "then mean what they say); the threshold moves with it")
 
 
 class EvaluateParams(Section):
@@ -113,8 +132,8 @@ class SampleDataParams(Section):
 
 
 # The metrics of dfdetect.metrics, by name (tests keep the two in step; config stays free of heavy imports).
-MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer"]
-LOWER_IS_BETTER = frozenset({"eer"})
+MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer", "ece"]
+LOWER_IS_BETTER = frozenset({"eer", "ece"})
 
 
 class RegistryParams(Section):

@@ -17,8 +17,8 @@ from .data import PreparedSplit, batch_loader, load_meta, load_split, original_p
 from .inference import predict_scores
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
-from .metrics import compute_all, eer_and_threshold, video_level
-from .plots import confusion_png, pr_png, roc_png
+from .metrics import compute_all, eer_and_threshold, reliability, video_level
+from .plots import confusion_png, pr_png, reliability_png, roc_png
 from .preprocessing import PreprocessConfig, decode_image, resize_square
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,9 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     roc_png(fpr, tpr, results["roc_auc"], figures / "roc.png")
     pr_png(rec, prec, results["average_precision"], figures / "pr.png")
     confusion_png(matrix, CLASS_NAMES, figures / "confusion.png")
+    bins = reliability(labels, scores)
+    atomic_write_text(plots_dir / "calibration.csv", _csv(bins, ["bin", "predicted", "observed", "count"]))
+    reliability_png(bins, results["ece"], figures / "reliability.png")
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state))
     atomic_write_json(metrics_path, metrics)
 
@@ -115,7 +118,7 @@ def report_markdown(metrics: dict, matrix: np.ndarray, state: dict) -> str:
     lines += [f"Model `{state['model']['name']}` from epoch {state.get('best_epoch', '?')}; "
               f"{metrics['n_real']} real and {metrics['n_fake']} fake images; decision threshold {metrics['threshold']:.4f}.",
               "", "| metric | value |", "|---|---|"]
-    for key in ("roc_auc", "average_precision", "eer", "accuracy", "precision", "recall", "f1", "loss"):
+    for key in ("roc_auc", "average_precision", "eer", "accuracy", "precision", "recall", "f1", "ece", "loss"):
         lines.append(f"| {key} | {metrics[key]:.4f} |")
     if "n_videos" in metrics:  # video level: the mean frame score of each of the n_videos videos
         lines += [f"| {key} ({metrics['n_videos']} videos) | {metrics[key]:.4f} |" for key in metrics if key.startswith("video_")]

@@ -18,6 +18,12 @@ from .preprocessing import PreprocessConfig, normalize, to_model_input
 
 def predict_scores(model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.Runtime) -> tuple[np.ndarray, np.ndarray, float]:
     """P(fake) for every batch of a loader of uint8 images, with the labels and the mean loss."""
+    logits, labels, loss = predict_logits(model, loader, pre, rt)
+    return 1 / (1 + np.exp(-logits.astype(np.float64))), labels, loss
+
+
+def predict_logits(model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+    """The model's logits (temperature applied) for every batch of uint8 images, the labels, the mean loss."""
     model.eval()
     scores, labels, loss_sum = [], [], 0.0
     with torch.no_grad():
@@ -26,7 +32,7 @@ def predict_scores(model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.
             with rt.autocast():
                 logits = model(x).float()
             loss_sum += F.binary_cross_entropy_with_logits(logits, y.to(rt.device).float(), reduction="sum").item()
-            scores.append(torch.sigmoid(logits).cpu().numpy())
+            scores.append(logits.cpu().numpy())
             labels.append(y.numpy())
     labels_arr = np.concatenate(labels)
     return np.concatenate(scores), labels_arr, loss_sum / max(1, len(labels_arr))

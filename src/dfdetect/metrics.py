@@ -67,6 +67,32 @@ def eer(labels, scores, threshold):
     return eer_and_threshold(labels, scores)[0]
 
 
+@register_metric("ece")
+def ece(labels, scores, threshold):
+    return expected_calibration_error(labels, scores)
+
+
+def expected_calibration_error(labels, scores, bins: int = 15) -> float:
+    """Expected calibration error of P(fake): the share-weighted gap between the mean predicted probability
+    and the observed fake rate in equal-width probability bins."""
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    which = np.minimum((scores * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(scores[inside].mean() - labels[inside].mean())
+    return float(total)
+
+
+def reliability(labels, scores, bins: int = 10) -> list[dict]:
+    """Per probability bin: mean predicted P(fake), observed fake rate, count (the reliability diagram)."""
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    which = np.minimum((scores * bins).astype(int), bins - 1)
+    return [{"bin": b, "predicted": float(scores[which == b].mean()), "observed": float(labels[which == b].mean()),
+             "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+
+
 def compute_all(labels, scores, threshold: float = 0.5, names: list[str] | None = None) -> dict[str, float]:
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     if len(labels) != len(scores) or len(labels) == 0:

@@ -47,6 +47,16 @@ def pr_png(recall, precision, ap: float, path: Path) -> None:
     _save(fig, path)
 
 
+def reliability_png(bins: list[dict], ece: float, path: Path) -> None:
+    """Predicted P(fake) against the observed fake rate per bin: on the diagonal when calibrated."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], "o-", label=f"model (ECE {ece:.4f})")
+    ax.set_xlabel("predicted P(fake)"), ax.set_ylabel("observed share of fakes"), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
 def confusion_png(matrix: np.ndarray, class_names, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(matrix, cmap="Blues")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, distributed, runtime
-from .augment import augment_batch
+from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
 from .data import batch_loader, load_split, preprocess_config
 from .io_utils import atomic_write_json, atomic_write_text
@@ -64,7 +64,7 @@ def make_scheduler(optimizer, params: Params):
 def training_batch(images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, pre: PreprocessConfig,
                    rt: runtime.Runtime) -> torch.Tensor:
     """uint8 batch from the cache -> augmented, normalised model input on the device."""
-    x = images.to(rt.device, non_blocking=True).float().div_(255)
+    x = recompress(images, augment, gen).to(rt.device, non_blocking=True).float().div_(255)
     x = standardize(augment_batch(x, augment, gen), pre, inplace=True)
     return x.contiguous(memory_format=rt.memory_format())
 
@@ -264,13 +264,22 @@ def train(
     distributed.teardown(d)
     if not d.is_main:
         return TrainResult(None, 0, float("nan"), 0.5, state["epoch"], completed, stopped_early)
+    calibration = None
+    if completed and t.calibrate and (model_dir / "best.pt").exists():
+        from .calibration import calibrate_checkpoint
+
+        calibration = calibrate_checkpoint(model_dir / "best.pt", val_split, t.device)
+        state["threshold"] = calibration["threshold"]
+        log.info("calibrated: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
+                 calibration["val_ece_before"], calibration["val_ece_after"])
     result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
                          state["epoch"], completed, stopped_early)
     if history_path:
         write_history(Path(history_path), state["history"])
     if completed:
         best = {"best_epoch": result.best_epoch, "val_auc": result.best_val_auc, "threshold": result.threshold,
-                "epochs_run": result.epochs_run}
+                "epochs_run": result.epochs_run, **({"temperature": calibration["temperature"],
+                                                    "val_ece": calibration["val_ece_after"]} if calibration else {})}
         if metrics_path:
             atomic_write_json(metrics_path, best)
         atomic_write_json(model_dir / "summary.json", {

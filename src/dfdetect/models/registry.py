@@ -79,14 +79,17 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
 
 
 class Detector(nn.Module):
-    """Wraps any registered network so that every model returns a flat vector of N logits."""
+    """Wraps any registered network so that every model returns a flat vector of N logits, divided by the
+    temperature fitted on validation (1 until then): calibration travels inside the weights, so every path
+    (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, x):
-        return self.net(x).reshape(-1)
+        return self.net(x).reshape(-1) / self.temperature
 
 
 def create_model(params: ModelParams) -> nn.Module:
