@@ -46,3 +46,26 @@ def test_the_registry_names_every_metric_once():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="as many labels as scores"):
         compute_all([0, 1], [0.5])
+
+
+def test_robustness_conditions_change_the_images_but_not_their_labels():
+    from dfdetect.data import PreparedSplit
+    from dfdetect.robustness import CONDITIONS, corrupted
+
+    rng = np.random.default_rng(0)
+    data = PreparedSplit(rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]), ["a", "b", "c", "d"])
+    for condition in CONDITIONS:
+        out = corrupted(data, condition)
+        assert out.images.shape == data.images.shape and out.labels is data.labels
+        assert (condition == "clean") == np.array_equal(out.images, data.images)
+    blurred = corrupted(data, "blur_1.5").images.astype(float)
+    assert np.abs(np.diff(blurred, axis=2)).mean() < np.abs(np.diff(data.images.astype(float), axis=2)).mean()
+
+
+def test_dataset_rows_report_recall_for_single_class_sets():
+    from dfdetect.robustness import dataset_row
+
+    only_fakes = dataset_row(np.array([1, 1, 1, 1]), np.array([0.9, 0.8, 0.2, 0.7]), 0.5)
+    assert only_fakes == {"n_real": 0, "n_fake": 4, "fake_recall": 0.75}
+    both = dataset_row(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.4, 0.6]), 0.5)
+    assert both["roc_auc"] == 1.0 and both["accuracy"] == 1.0 and "fake_recall" not in both

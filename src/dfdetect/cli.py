@@ -151,9 +151,12 @@ def evaluate(
     metrics: Path = typer.Option(Path("eval/metrics.json"), "--metrics", help="Metrics file (DVC metrics)."),
     plots: Path = typer.Option(Path("eval/plots"), "--plots", help="roc.csv, pr.csv, confusion.csv (DVC plots)."),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to the training run in MLflow."),
+    dataset: list[Path] = typer.Option([], "--dataset", help="Another data set in the seed layout (its test split, or "
+                                                              "every split) to score; repeatable; one table in the report."),
     params_path: Path = PARAMS_OPT,
 ):
-    """Score the best checkpoint on the test split (val when there is none) and write metrics and plots."""
+    """Score the best checkpoint on the test split (val when there is none) and write metrics and plots; with
+    evaluate.robustness, the same under JPEG/blur/downscale; with --dataset, on other data sets."""
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .evaluate import evaluate as run_evaluate
@@ -161,7 +164,7 @@ def evaluate(
 
     params = _params(params_path)
     try:
-        result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow)
+        result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow, datasets=dataset)
     except (DatasetError, CheckpointError, ValueError, TrackingError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result, indent=2))

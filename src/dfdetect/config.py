@@ -108,6 +108,8 @@ class EvaluateParams(Section):
     threshold: Union[float, Literal["val"]] = Field(
         "val", description="decision threshold, or 'val': the EER threshold found on validation"
     )
+    robustness: bool = Field(True, description="also score the split re-compressed (JPEG 90/70/50), blurred, downscaled")
+    datasets: list[str] = Field(default_factory=list, description="more data sets (seed layout) to score: one table")
 
     @model_validator(mode="after")
     def _threshold_range(self):

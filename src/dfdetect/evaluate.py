@@ -18,7 +18,8 @@ from .inference import predict_scores
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
 from .metrics import compute_all, eer_and_threshold, reliability, video_level
-from .plots import confusion_png, pr_png, reliability_png, roc_png
+from .plots import confusion_png, pr_png, reliability_png, robustness_png, roc_png
+from .robustness import dataset_row, load_image_set, robustness_table, table_markdown
 from .preprocessing import PreprocessConfig, decode_image, resize_square
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str =
 
 
 def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
-             metrics_path: str | Path, plots_dir: str | Path, track: bool = True) -> dict:
+             metrics_path: str | Path, plots_dir: str | Path, track: bool = True, datasets: list[str | Path] = ()) -> dict:
+    """Metrics of the best checkpoint on the evaluation split, its plots and report; the robustness table and
+    the table over `datasets` (and evaluate.datasets) when asked."""
     prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
     state = checkpoint.load(model_dir / "best.pt")
     model, pre = checkpoint.model_from_state(state)
@@ -103,7 +106,24 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     bins = reliability(labels, scores)
     atomic_write_text(plots_dir / "calibration.csv", _csv(bins, ["bin", "predicted", "observed", "count"]))
     reliability_png(bins, results["ece"], figures / "reliability.png")
-    atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state))
+    extra = ""
+    score = lambda split_data: score_model(model, pre, split_data, params.train.device)[0]  # noqa: E731
+    if params.evaluate.robustness:
+        table = robustness_table(score, data, threshold)
+        metrics["robustness"] = {cond: row["roc_auc"] for cond, row in table.items()}
+        atomic_write_json(out_dir / "robustness.json", table)
+        robustness_png(table, figures / "robustness.png")
+        extra += "\n" + table_markdown(f"Robustness ('{split}' split, threshold {threshold:.4f})", table)
+    all_sets = [*params.evaluate.datasets, *map(str, datasets)]
+    if all_sets:
+        rows = {}
+        for root in all_sets:
+            images, problems = load_image_set(root, pre.image_size)
+            rows[Path(root).name] = {**dataset_row(images.labels, score(images), threshold), "unreadable": len(problems)}
+        metrics["datasets"] = rows
+        atomic_write_json(out_dir / "datasets.json", rows)
+        extra += "\n" + table_markdown(f"Other data sets (threshold {threshold:.4f})", rows)
+    atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state) + extra)
     atomic_write_json(metrics_path, metrics)
 
     if track:
@@ -133,6 +153,10 @@ def log_to_mlflow(params: Params, model_dir: Path, metrics: dict, out_dir: Path)
     mlflow = tracking.setup_mlflow(params)
     with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="evaluate"):
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        for cond, auc in metrics.get("robustness", {}).items():
+            mlflow.log_metric(f"robustness/{cond}/roc_auc", float(auc))
+        for name, row in metrics.get("datasets", {}).items():
+            mlflow.log_metrics({f"dataset/{name}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))})
         mlflow.set_tag("dfdetect.eval_split", metrics["split"])
         mlflow.log_artifacts(str(out_dir / "figures"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "report.md"), artifact_path="evaluation")

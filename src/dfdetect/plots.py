@@ -57,6 +57,18 @@ def reliability_png(bins: list[dict], ece: float, path: Path) -> None:
     _save(fig, path)
 
 
+def robustness_png(table: dict[str, dict], path: Path) -> None:
+    """ROC-AUC and accuracy per image condition."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = list(table)
+    for metric in ("roc_auc", "accuracy"):
+        ax.plot(names, [table[n][metric] for n in names], "o-", label=metric)
+    ax.set_ylim(0, 1.02), ax.set_ylabel("score"), ax.set_title("robustness")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
 def confusion_png(matrix: np.ndarray, class_names, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(matrix, cmap="Blues")

@@ -1,0 +1,40 @@
+"""Evaluation beyond one split: the robustness table and several data sets in one table, from the CLI."""
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from dfdetect.cli import app
+from dfdetect.robustness import CONDITIONS
+
+
+def test_evaluate_scores_robustness_and_other_data_sets(tracked_run, sample_root, tmp_path):
+    fakes_only = tmp_path / "gan-faces"
+    shutil.copytree(sample_root / "test" / "fake", fakes_only / "fake")
+    params_file = tmp_path / "params.yaml"
+    import yaml
+
+    params_file.write_text(yaml.safe_dump(tracked_run["params"].model_dump(mode="json")))
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
+                                      "--out", str(out), "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"),
+                                      "--no-mlflow", "--dataset", str(sample_root), "--dataset", str(fakes_only),
+                                      "-p", str(params_file)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["robustness"]) == set(CONDITIONS) and metrics["robustness"]["clean"] == metrics["roc_auc"]
+    table = json.loads((out / "robustness.json").read_text())
+    assert all(set(row) == {"roc_auc", "average_precision", "eer", "accuracy"} for row in table.values())
+    rows = metrics["datasets"]
+    assert rows[sample_root.name]["roc_auc"] == metrics["roc_auc"]  # the same test split, scored the other way
+    assert set(rows["gan-faces"]) == {"n_real", "n_fake", "fake_recall", "unreadable"} and rows["gan-faces"]["n_real"] == 0
+    report = (out / "report.md").read_text()
+    assert "Robustness" in report and "gan-faces" in report and "ece" in report
+    for figure in ("robustness.png", "reliability.png"):
+        assert (out / "figures" / figure).stat().st_size > 0
+
+    missing = CliRunner().invoke(app, ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
+                                       "--out", str(tmp_path / "e2"), "--no-mlflow", "--dataset", str(tmp_path / "nowhere"),
+                                       "-p", str(params_file)])
+    assert missing.exit_code != 0 and "nowhere" in missing.output
