@@ -68,6 +68,11 @@ class Scorer:
     def info(self) -> dict:
         return self.models.info()
 
+    @bentoml.api
+    def explain(self, image: np.ndarray) -> dict:
+        """Grad-CAM overlay (PNG data URI) of one S x S x 3 uint8 image."""
+        return self.models.explain(image)
+
 
 health_app = FastAPI(title="dfdetect health")
 
@@ -131,8 +136,9 @@ class Detector:
         return [Scored(**row) for row in await self._scorer("score", np.stack(arrays))]
 
     @bentoml.api(route="/inference/analyze-frame")
-    async def analyze_frame(self, image: Path, frameNumber: int = 0) -> dict:
-        """One image (multipart field `image`) -> the original service's verdict JSON."""
+    async def analyze_frame(self, image: Path, frameNumber: int = 0, explain: bool = False) -> dict:
+        """One image (multipart field `image`) -> the original service's verdict JSON; `explain=true` adds a
+        Grad-CAM overlay (`heatmap`, a PNG data URI) of what made the model say fake."""
         started = time.perf_counter()
         img = self._read_image(image)
         size = int((await self._ready_info())["image_size"])
@@ -142,10 +148,15 @@ class Detector:
             if found is None:
                 raise NoFace("image: no face found (serving.face_crop is on: the model scores face crops)")
             img, face = Image.fromarray(found[0]), found[1]
-        scored = (await self._score([resize_square(img, size)]))[0]
+        array = resize_square(img, size)
+        scored = (await self._score([array]))[0]
         PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
         body = frame_response(frameNumber, scored, started)
-        return {**body, "face": face_json(face)} if face else body
+        if face:
+            body["face"] = face_json(face)
+        if explain:
+            body.update(await self._scorer("explain", array))
+        return body
 
     @bentoml.api(route="/inference/analyze-video")
     async def analyze_video(self, video: Path) -> dict:

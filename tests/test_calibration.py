@@ -43,3 +43,44 @@ def test_training_stores_the_temperature_in_the_weights(prepared_small, tmp_path
     model, _ = checkpoint.model_from_state(state)
     x = torch.rand(2, 3, 48, 48)
     assert torch.allclose(model(x), model.net(x).reshape(-1) / t, atol=1e-5)  # every loader serves it
+
+
+def test_grad_cam_highlights_where_the_evidence_is():
+    """A bright patch is the model's only evidence: the heatmap must be hot there and cold elsewhere."""
+    from torch import nn
+
+    from dfdetect.explain import grad_cam, overlay
+
+    class Brightness(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+            nn.init.constant_(self.conv.weight, 1 / 27), nn.init.zeros_(self.conv.bias)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean(dim=(1, 2, 3)) * 10 - 1
+
+    x = torch.zeros(1, 3, 16, 16)
+    x[:, :, 2:7, 2:7] = 1.0
+    heat, p = grad_cam(Brightness(), x)
+    assert heat.shape == (16, 16) and 0 <= p <= 1 and heat.max() == 1.0
+    assert heat[3:6, 3:6].min() > 0.8 and heat[10:, 10:].max() < 0.05
+    assert overlay(np.zeros((16, 16, 3), np.uint8), heat).shape == (16, 16, 3)
+
+
+def test_explain_cli_writes_an_overlay(tracked_run, sample_root, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dfdetect.cli import app
+
+    image = next((sample_root / "test" / "fake").iterdir())
+    out = tmp_path / "cam.png"
+    result = CliRunner().invoke(app, ["explain", str(image), "-c", str(tracked_run["models"] / "best.pt"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout.strip().splitlines()[-1])
+    assert body["verdict"] in ("fake", "real") and Image.open(out).size == (48, 48)
+    missing = CliRunner().invoke(app, ["explain", str(tmp_path / "none.jpg"), "-c", str(tracked_run["models"] / "best.pt")])
+    assert missing.exit_code != 0 and "none.jpg" in missing.output

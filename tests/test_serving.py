@@ -106,6 +106,21 @@ def test_analyze_frame_answers_the_original_json(service, sample_root):
     assert body["is_fake"] == (body["distribution"]["fake"] >= loaded.threshold)
 
 
+def test_explain_returns_a_grad_cam_overlay(service, sample_root):
+    import base64
+
+    fake = next((sample_root / "test" / "fake").iterdir())
+    r = post_frame(service["url"], jpeg(fake), explain="true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["heatmap"].startswith("data:image/png;base64,") and body["explainedBy"] == body["modelVersion"]
+    png = Image.open(io.BytesIO(base64.b64decode(body["heatmap"].split(",", 1)[1])))
+    size = service["params"].prepare.image_size
+    assert png.size == (size, size)
+    assert abs(body["fake_probability"] - body["distribution"]["fake"]) < 0.05  # fp32 explain vs bf16 serving
+    assert "heatmap" not in post_frame(service["url"], jpeg(fake)).json()  # only when asked
+
+
 def test_same_verdict_as_the_library(service, sample_root):
     """Serving preprocesses with the training code: its probability matches the library's, up to bf16."""
     from dfdetect.inference import Predictor

@@ -195,6 +195,47 @@ def predict(
                                "threshold": round(v.threshold, 6)}))
 
 
+@app.command()
+def explain(
+    image: Path = typer.Argument(..., help="The image to explain."),
+    checkpoint: Path = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the PNG overlay; default IMAGE.gradcam.png."),
+    face_crop: bool = typer.Option(False, "--face-crop", help="Explain the largest face (prepare.faces settings), as serving.face_crop does."),
+    params_path: Path = PARAMS_OPT,
+):
+    """Grad-CAM heatmap: which regions made the model call the image fake, as a PNG overlay."""
+    import numpy as np
+    from PIL import Image
+
+    from . import checkpoint as ckpt
+    from .explain import explain_image
+    from .io_utils import atomic_write_bytes
+    from .preprocessing import ImageError, decode_image
+
+    try:
+        state = ckpt.load(checkpoint)
+        img = decode_image(image.read_bytes(), str(image))
+    except (OSError, ImageError, ckpt.CheckpointError) as exc:
+        _fail(str(exc))
+    if face_crop:
+        from .serving import FaceCropper
+
+        found = FaceCropper(_params(params_path).prepare.faces)(np.asarray(img))
+        if found is None:
+            _fail(f"{image}: no face found (--face-crop)")
+        img = Image.fromarray(found[0])
+    model, pre = ckpt.model_from_state(state)
+    result = explain_image(model, pre, img)
+    out = out or image.with_name(image.name + ".gradcam.png")
+    buf = __import__("io").BytesIO()
+    Image.fromarray(result["overlay"]).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+    p = result["fake_probability"]
+    threshold = float(state.get("threshold", 0.5))
+    typer.echo(json.dumps({"image": str(image), "out": str(out), "fake_probability": round(p, 6),
+                           "verdict": "fake" if p >= threshold else "real", "threshold": threshold}))
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),

@@ -31,6 +31,7 @@ class ServedModel:
         self.name, self.version, self.threshold = loaded.name, loaded.version, loaded.threshold
         self.preprocess: PreprocessConfig = loaded.preprocess
         self.runtime_name = runtime_name
+        self.torch_model = loaded.model  # Grad-CAM needs gradients: always the fp32 PyTorch module
         if runtime_name == "torch":
             self.rt = runtime.resolve(device, precision, "auto" if precision == "auto" else False)
             self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
@@ -173,6 +174,19 @@ class ModelSet:
                 for i, v in zip(np.flatnonzero(to_challenger), q):
                     results[i] = Scored(float(v), challenger.threshold, challenger.label)
         return results
+
+    def explain(self, image: np.ndarray) -> dict:
+        """Grad-CAM of one uint8 image with the primary version (the first member of an ensemble)."""
+        from .explain import grad_cam, overlay, png_base64
+
+        primary = self.primary
+        if primary is None:
+            raise RuntimeError("no model loaded yet")
+        model = primary.members[0] if isinstance(primary, Ensemble) else primary
+        x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], model.preprocess)
+        with self._lock:  # one backward pass at a time through the shared module
+            heat, p = grad_cam(model.torch_model.cpu(), x)
+        return {"heatmap": png_base64(overlay(image, heat)), "explainedBy": model.label, "fake_probability": round(p, 6)}
 
     def info(self) -> dict:
         primary, challenger = self.primary, self.challenger
