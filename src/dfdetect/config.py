@@ -81,6 +81,12 @@ class AugmentParams(Section):
         return value
 
 
+class SbiParams(Section):
+    mode: Literal["none", "add", "only"] = Field(
+        "none", description="self-blended fakes from real faces: add (beside the known fakes) or only (real faces alone)")
+    prob: float = Field(0.5, ge=0.0, le=1.0, description="share of the real faces of a batch turned into self-blended fakes")
+
+
 class TrainParams(Section):
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -93,6 +99,7 @@ class TrainParams(Section):
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="StepLR only: decay factor")
     early_stopping_patience: int = Field(5, ge=0, description="epochs without val AUC gain; 0 disables")
     augment: AugmentParams = AugmentParams()
+    sbi: SbiParams = SbiParams()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 AMP on CUDA, bf16 autocast on a CPU that has native bf16, else fp32"
     )

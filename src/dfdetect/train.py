@@ -17,7 +17,8 @@ from torch import nn
 from . import checkpoint, distributed, runtime
 from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
-from .data import batch_loader, load_split, preprocess_config
+from .data import PreparedSplit, batch_loader, load_split, preprocess_config
+from .sbi import sbi_batch
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import eer_and_threshold, roc_auc
 from .models import count_parameters, create_model
@@ -135,6 +136,10 @@ def train(
     runtime.seed_everything(params.seed)
     pre = preprocess_config(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
+        reals = np.flatnonzero(train_split.labels == 0)
+        train_split = PreparedSplit(np.asarray(train_split.images[reals]), train_split.labels[reals],
+                                    [train_split.relpaths[i] for i in reals])
 
     model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
     optimizer = make_optimizer(model, params)
@@ -215,6 +220,8 @@ def train(
                 task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader), info="")
                 loss_sum, correct, seen = 0.0, 0, 0
                 for images, y in train_loader:
+                    if t.sbi.mode != "none":
+                        images, y = sbi_batch(images, y, t.sbi.prob, augment_gen)
                     x = training_batch(images, t.augment, augment_gen, pre, rt)
                     y = y.to(rt.device).float()
                     loss, logits = train_step(net, optimizer, scaler, rt, x, y)

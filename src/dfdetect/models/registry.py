@@ -26,16 +26,17 @@ class ModelSpec:
     name: str
     build: Callable[..., nn.Module]  # build(dropout=...) -> module with a 1-logit head
     imagenet_weights: object | None = None  # a torchvision WeightsEnum, when ImageNet weights exist
+    packaged_weights: Callable[[], Path] | None = None  # ImageNet weights inside an installed package
 
 
 _MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, imagenet_weights=None):
+def register_model(name: str, imagenet_weights=None, packaged_weights=None):
     def decorator(builder):
         if name in _MODELS:
             raise ModelError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelSpec(name, builder, imagenet_weights)
+        _MODELS[name] = ModelSpec(name, builder, imagenet_weights, packaged_weights)
         return builder
 
     return decorator
@@ -54,10 +55,15 @@ def get_spec(name: str) -> ModelSpec:
 
 def imagenet_weights_file(spec: ModelSpec, weights_path: str | None) -> Path:
     """Where the ImageNet weights must be: the user's file, else torchvision's file in the torch hub cache."""
-    if spec.imagenet_weights is None:
+    if spec.imagenet_weights is None and spec.packaged_weights is None:
         raise ModelError(f"model {spec.name!r} has no ImageNet weights; set model.pretrained: false")
     if weights_path:
         path = Path(weights_path)
+    elif spec.packaged_weights is not None:
+        try:
+            path = spec.packaged_weights()
+        except FileNotFoundError as exc:
+            raise ModelError(f"ImageNet weights for {spec.name!r}: {exc}; set model.weights_path or install it") from None
     else:
         filename = spec.imagenet_weights.url.rsplit("/", 1)[-1]
         path = Path(torch.hub.get_dir()) / "checkpoints" / filename
