@@ -97,6 +97,35 @@ def test_known_fakes_are_called_fake_all_the_way(project):
     assert json.loads(out.strip().splitlines()[-1])["label"] == ("fake" if fakes[0]["predicted"] == "1" else "real")
 
 
+def test_a_flipped_or_recompressed_face_keeps_its_verdict(project):
+    """Model behaviour: what users do to a face on its way (mirror it, save it as JPEG again) does not flip the
+    verdict of an image the model is sure about."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from dfdetect.inference import Predictor
+    from dfdetect.preprocessing import decode_image
+
+    dst, _, _ = project
+    predictor = Predictor.from_checkpoint(dst / "models" / "best.pt")
+    rows = list(csv.DictReader((dst / "eval" / "report" / "predictions.csv").open()))
+    sure = [r for r in rows if abs(float(r["fake_probability"]) - predictor.threshold) > 0.2][:80]
+    assert len(sure) >= 40
+    images = [decode_image((dst / "data" / r["path"]).read_bytes()) for r in sure]
+
+    def recompressed(img, quality=85):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return Image.open(buf).convert("RGB")
+
+    base = [v.label for v in predictor.verdicts(images)]
+    for name, change in (("flip", ImageOps.mirror), ("jpeg85", recompressed)):
+        changed = [v.label for v in predictor.verdicts([change(img) for img in images])]
+        kept = sum(a == b for a, b in zip(base, changed)) / len(base)
+        assert kept >= 0.95, (name, kept)
+
+
 def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
     import mlflow
 

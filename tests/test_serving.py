@@ -37,13 +37,20 @@ def service(tracked_run, sample_root, tmp_path_factory):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     params = parse_params(raw)
 
-    port = free_port()
     env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracked_run["uri"],
            "BENTOML_HOME": str(root / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
     log = open(root / "serve.log", "wb")
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    for attempt in range(3):  # a free port can be taken by another process before the server binds it
+        port = free_port()
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            break  # still running: it bound its sockets
+        if b"Address already in use" not in (root / "serve.log").read_bytes() or attempt == 2:
+            break
     url = f"http://127.0.0.1:{port}"
 
     def wait_for(ready: bool):
@@ -71,11 +78,13 @@ def service(tracked_run, sample_root, tmp_path_factory):
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
         yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log"}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it had already exited (the failure above says why)
         log.close()
 
 
