@@ -110,5 +110,5 @@ def recompress(images: torch.Tensor, params: AugmentParams, gen: torch.Generator
     for i in torch.nonzero(chosen).flatten().tolist():
         buf = io.BytesIO()
         Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=int(low + quality[i] * (high - low)))
-        out[i] = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
     return out

@@ -107,7 +107,10 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     atomic_write_text(plots_dir / "calibration.csv", _csv(bins, ["bin", "predicted", "observed", "count"]))
     reliability_png(bins, results["ece"], figures / "reliability.png")
     extra = ""
-    score = lambda split_data: score_model(model, pre, split_data, params.train.device)[0]  # noqa: E731
+
+    def score(split_data: PreparedSplit) -> np.ndarray:
+        return score_model(model, pre, split_data, params.train.device)[0]
+
     if params.evaluate.robustness:
         table = robustness_table(score, data, threshold)
         metrics["robustness"] = {cond: row["roc_auc"] for cond, row in table.items()}
