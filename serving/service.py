@@ -25,7 +25,8 @@ from prometheus_client import Counter
 
 from dfdetect.config import load_params
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
-from dfdetect.serving import FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, video_response
+from dfdetect.serving import (FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, pick_arm,
+                              video_response)
 from dfdetect.video import VideoError, read_frames
 
 log = logging.getLogger("dfdetect.serving")
@@ -62,7 +63,12 @@ class Scorer:
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
     def score(self, images: np.ndarray) -> np.ndarray:
         """N x S x S x 3 uint8 -> N dicts (an object array, so batches concatenate): score, threshold, version."""
-        return np.array([dataclasses.asdict(s) for s in self.models.score(images)], dtype=object)
+        return np.array([dataclasses.asdict(s) for s in self.models.score(images, "primary")], dtype=object)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
+    def score_challenger(self, images: np.ndarray) -> np.ndarray:
+        """The same, answered by the challenger (A/B mode; the champion when there is none)."""
+        return np.array([dataclasses.asdict(s) for s in self.models.score(images, "challenger")], dtype=object)
 
     @bentoml.api
     def info(self) -> dict:
@@ -84,6 +90,7 @@ class Detector:
 
     def __init__(self):
         self._info, self._info_at = {}, 0.0
+        self._rng = np.random.default_rng()
         self.faces = FaceCropper(PARAMS.prepare.faces) if SERVING.face_crop else None
 
         @health_app.get("/health")
@@ -133,7 +140,10 @@ class Detector:
         return info
 
     async def _score(self, arrays: list[np.ndarray]) -> list[Scored]:
-        return [Scored(**row) for row in await self._scorer("score", np.stack(arrays))]
+        """One request's images, all answered by one version (drawn per request in A/B mode)."""
+        arm = pick_arm(SERVING, bool(self._info.get("challenger")), self._rng)
+        method = "score_challenger" if arm == "challenger" else "score"
+        return [Scored(**row) for row in await self._scorer(method, np.stack(arrays))]
 
     @bentoml.api(route="/inference/analyze-frame")
     async def analyze_frame(self, image: Path, frameNumber: int = 0, explain: bool = False) -> dict:

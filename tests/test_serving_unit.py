@@ -119,3 +119,17 @@ def test_ensemble_serves_the_mean_of_its_versions_and_follows_aliases():
     registry.aliases["champion"] = "3"
     assert ms.refresh() is True and ms.score(images(1))[0].version == "det/ensemble:3+2"
     assert registry.loads == loads + 1  # version 2 was kept, only 3 was loaded
+
+
+def test_ab_routing_per_request_keeps_a_videos_frames_on_one_version():
+    from dfdetect.serving import pick_arm
+
+    ms, _ = model_set("ab", fraction=0.25)
+    for arm, version in (("challenger", "det/2"), ("primary", "det/1")):
+        assert {s.version for s in ms.score(images(40), arm)} == {version}  # one request, one version
+    rng = np.random.default_rng(0)
+    arms = [pick_arm(ms.params.serving, True, rng) for _ in range(4000)]
+    assert 0.22 < arms.count("challenger") / len(arms) < 0.28
+    assert {pick_arm(ms.params.serving, False, rng) for _ in range(50)} == {"primary"}  # no challenger loaded
+    off, _ = model_set("none")
+    assert {s.version for s in off.score(images(10), "challenger")} == {"det/1"}

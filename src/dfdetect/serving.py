@@ -156,18 +156,23 @@ class ModelSet:
             except Exception as exc:
                 log.warning("registry poll failed, still serving %s: %s", self.primary and self.primary.label, exc)
 
-    def score(self, images: np.ndarray) -> list[Scored]:
+    def score(self, images: np.ndarray, arm: str = "auto") -> list[Scored]:
+        """Score a batch. `arm`: "primary" or "challenger" (in A/B mode: every image of the call goes to that
+        version; the HTTP service draws one arm per request, so a video's frames share one version), or "auto"
+        (A/B drawn per image)."""
         primary, challenger = self.primary, self.challenger  # one consistent pair for the whole batch
         if primary is None:
             raise RuntimeError("no model loaded yet")
         mode = self.params.serving.challenger_mode if challenger is not None else "none"
+        if mode == "ab" and arm == "challenger":
+            return [Scored(float(v), challenger.threshold, challenger.label) for v in challenger.predict(images)]
         p = primary.predict(images)
         results = [Scored(float(v), primary.threshold, primary.label) for v in p]
         if mode == "shadow":
             q = challenger.predict(images)
             for r, v in zip(results, q):
                 r.shadow = {"version": challenger.label, "fake_probability": float(v)}
-        elif mode == "ab":
+        elif mode == "ab" and arm == "auto":
             to_challenger = self._rng.random(len(images)) < self.params.serving.challenger_fraction
             if to_challenger.any():
                 q = challenger.predict(images[to_challenger])
@@ -194,6 +199,13 @@ class ModelSet:
                 "alias": self.params.serving.alias, "device": primary and str(primary.rt.device),
                 "precision": primary and primary.rt.precision, "runtime": primary and primary.runtime_name, "image_size": primary and primary.preprocess.image_size,
                 "challenger": challenger and challenger.version, "challenger_mode": self.params.serving.challenger_mode}
+
+
+def pick_arm(serving, has_challenger: bool, rng: np.random.Generator) -> str:
+    """Which version answers one request in A/B mode: the challenger with probability challenger_fraction."""
+    if serving.challenger_mode == "ab" and has_challenger and rng.random() < serving.challenger_fraction:
+        return "challenger"
+    return "primary"
 
 
 def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
