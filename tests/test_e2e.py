@@ -134,7 +134,8 @@ def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
     run_id = json.loads((dst / "models" / "summary.json").read_text())["run_id"]
     run_ = client.get_run(run_id)
     assert run_.info.status == "FINISHED"
-    assert run_.data.params["train.lr"] == "0.002" and run_.data.params["model.name"] == "custom_cnn"
+    recipe = yaml.safe_load((dst / "params.yaml").read_text())
+    assert float(run_.data.params["train.lr"]) == recipe["train"]["lr"] and run_.data.params["model.name"] == recipe["model"]["name"]
     md5 = yaml.safe_load((dst / "data.dvc").read_text())["outs"][0]["md5"]
     assert run_.data.tags["dfdetect.data_version"] == md5
     assert len(run_.data.tags["dfdetect.git_commit"]) >= 40
@@ -150,11 +151,11 @@ def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
 
 def test_dvc_experiment_with_a_changed_param(project):
     dst, env, _ = project
-    out = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=0.0005", "-S", "train.epochs=2"], dst, env)
+    out = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=0.00031", "-S", "train.epochs=2"], dst, env)
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], dst, env))
     flat = json.dumps(shown)
-    assert '"lr": 0.0005' in flat
+    assert '"lr": 0.00031' in flat
 
 
 def test_kubeflow_local_run_matches_the_dvc_run(project):

@@ -92,7 +92,7 @@ def test_submit_uploads_the_spec_with_experiment_run_name_and_parameters(kfp_api
     host, requests = kfp_api
     result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--experiment",
                                  "faces-v2", "--run-name", "nightly", "--dvc-repo", "https://git.example/dfdetect.git",
-                                 "--dvc-rev", "v1.2", "--param", "train.lr=0.0005", "-p", str(REPO / "params.yaml")])
+                                 "--dvc-rev", "v1.2", "--param", "train.lr=0.0007", "-p", str(REPO / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["run_id"] == "run-1"
     posted = {path: body for method, path, body in requests if method == "POST"}
@@ -101,7 +101,7 @@ def test_submit_uploads_the_spec_with_experiment_run_name_and_parameters(kfp_api
     assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
     assert run["pipeline_spec"]["pipelineInfo"] == yaml.safe_load(COMMITTED.read_text())["pipelineInfo"]
     values = run["runtime_config"]["parameters"]
-    assert values["train"]["lr"] == 0.0005 and values["train"]["epochs"] == 12
+    assert values["train"]["lr"] == 0.0007 and values["train"]["epochs"] == yaml.safe_load((REPO / "params.yaml").read_text())["train"]["epochs"]
     assert values["dvc_repo"] == "https://git.example/dfdetect.git" and values["dvc_rev"] == "v1.2"
 
 
