@@ -12,7 +12,7 @@ runner = CliRunner()
 
 def test_unknown_params_key_fails_before_any_work(tmp_path, data_copy):
     bad = tmp_path / "params.yaml"
-    bad.write_text((REPO / "params.yaml").read_text().replace("  lr: 0.002", "  lr: 0.002\n  learnign_rate: 0.1"))
+    bad.write_text((REPO / "params.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  learnign_rate: 0.1\n", 1))
     result = runner.invoke(app, ["prepare", "--params", str(bad), "--data", str(data_copy), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "train.learnign_rate: unknown key (value 0.1)" in result.output

@@ -5,8 +5,10 @@ from conftest import REPO
 
 
 def test_repository_params_are_valid():
+    from dfdetect.models import available_models
+
     params = load_params(REPO / "params.yaml")
-    assert params.model.name == "custom_cnn"
+    assert params.model.name in available_models()
     assert params.evaluate.threshold == "val"
 
 
