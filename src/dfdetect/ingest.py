@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .config import FacesParams
 from .data import FACES_DIR, ImageFile
 from .faces import FaceDetector, build_detector, crop_face
 from .preprocessing import ImageError, decode_image
-from .progress import progress
+from .progress import map_chunks
 from .video import VideoError, read_frames
 
 log = logging.getLogger(__name__)
@@ -94,21 +93,9 @@ def extract_faces(files: list[ImageFile], out_root: Path, params: FacesParams, w
     if not files:
         return []
     build_detector(params.detector, params.min_face)  # a bad setting fails here, before any work
-    chunks = [[f] for f in files]
-    results: list[SourceResult] = []
-    with progress() as bar:
-        task = bar.add_task("cropping faces", total=len(files), info="")
-        # spawn, not fork: OpenCV's thread pool in a forked child can deadlock
-        pool = (ProcessPoolExecutor(max_workers=min(workers, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn"))
-                if workers > 1 and len(files) > 1 else None)
-        outputs = (pool.map if pool else map)(_extract_chunk, [(c, out_root, params) for c in chunks])
-        try:
-            for out in outputs:
-                results += out
-                bar.advance(task, len(out))
-        finally:
-            if pool:
-                pool.shutdown()
+    # spawn, not fork: OpenCV's thread pool in a forked child can deadlock
+    results = map_chunks(_extract_chunk, [([f], out_root, params) for f in files], "cropping faces", len(files),
+                         min(workers, os.cpu_count() or 1), multiprocessing.get_context("spawn"))
     for r in results:
         if r.error:
             log.warning("skipped: %s", r.error)

@@ -9,7 +9,6 @@ import json
 import logging
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .ingest import extract_faces, faces_report
 from .io_utils import atomic_dir
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
-from .progress import progress
+from .progress import map_chunks
 
 log = logging.getLogger(__name__)
 MANIFEST_FIELDS = ["path", "split", "label", "class", "sha256", "width", "height", "status", "video", "frame",
@@ -65,23 +64,8 @@ def _check_chunk(args) -> list[Checked]:
 
 def check_all(files: list[ImageFile], params: PrepareParams, workers: int) -> list[Checked]:
     chunks = [files[i : i + 256] for i in range(0, len(files), 256)]
-    results: list[Checked] = []
-    with progress() as bar:
-        task = bar.add_task("decoding images", total=len(files), info="")
-        if workers <= 1 or len(chunks) <= 1:
-            outputs = map(_check_chunk, [(c, params.image_size, params.min_size) for c in chunks])
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(max_workers=workers)
-            outputs = pool.map(_check_chunk, [(c, params.image_size, params.min_size) for c in chunks])
-        try:
-            for out in outputs:
-                results += out
-                bar.advance(task, len(out))
-        finally:
-            if pool:
-                pool.shutdown()
-    return results
+    return map_chunks(_check_chunk, [(c, params.image_size, params.min_size) for c in chunks], "decoding images",
+                      len(files), workers)
 
 
 def find_leaks(checked: list[Checked]) -> list[dict]:
