@@ -22,19 +22,11 @@ from PIL import Image
 
 from dfdetect.config import FacesParams
 from dfdetect.data import ImageFile
-from dfdetect.faces import HaarFaceDetector, available_detectors, build_detector
+from dfdetect.faces import HaarFaceDetector, available_detectors, build_detector, iou
 from dfdetect.ingest import extract_faces
 from dfdetect.video import read_frames
 
 FRAME = (360, 640)
-
-
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    return w * h / (aw * ah + bw * bh - w * h)
 
 
 def background(rng) -> np.ndarray:

@@ -11,21 +11,13 @@ from skimage import data as skdata
 
 from dfdetect.config import FacesParams, PrepareParams
 from dfdetect.data import DatasetError, load_split
-from dfdetect.faces import FaceBox, FaceError, build_detector, crop_face, square_box
+from dfdetect.faces import FaceBox, FaceError, build_detector, iou, crop_face, square_box
 from dfdetect.metrics import video_level
 from dfdetect.prepare import prepare
 from conftest import face_frames, make_face_videos
 
 # The astronaut's face in scikit-image's photo (512 x 512), measured by eye: x, y, width, height.
 ASTRONAUT_FACE = (180, 70, 90, 90)
-
-
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    return w * h / (aw * ah + bw * bh - w * h)
 
 
 @pytest.fixture(scope="module")

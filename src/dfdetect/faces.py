@@ -114,3 +114,12 @@ def crop_face(rgb: np.ndarray, box: FaceBox, margin: float, size: int) -> np.nda
     left, top, right, bottom = square_box(box, rgb.shape[1], rgb.shape[0], margin)
     crop = Image.fromarray(np.ascontiguousarray(rgb[top:bottom, left:right]))
     return np.asarray(crop.resize((size, size), Image.BICUBIC))
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, width, height) boxes."""
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return w * h / (aw * ah + bw * bh - w * h)
