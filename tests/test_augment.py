@@ -79,3 +79,32 @@ def test_jpeg_recompression_is_lossy_per_image_and_reproducible():
     changed = sum(not torch.equal(o, i) for o, i in zip(a, x))
     assert 2 < changed < 14
     assert torch.equal(recompress(x, AugmentParams(), torch.Generator().manual_seed(3)), x)
+
+
+def test_erase_greys_one_rectangle_of_the_configured_area_in_a_share_of_images():
+    from dfdetect.augment import erase
+
+    x = torch.rand(64, 3, 40, 40) * 0.4  # never 0.5 exactly: the grey is recognisable
+    params = AugmentParams(erase_prob=0.5, erase_area=(0.05, 0.2))
+    out = erase(x, params, torch.Generator().manual_seed(0))
+    grey = (out == 0.5).all(dim=1)  # pixels greyed in all 3 channels
+    erased = [g for g in grey if g.any()]
+    assert 10 < len(erased) < 54
+    for g in erased:
+        rows, cols = g.any(dim=1).nonzero().flatten(), g.any(dim=0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert g.sum() == h * w  # one solid rectangle
+        assert 0.05 * 1600 * 0.6 <= h * w <= 0.2 * 1600 * 1.4  # rounding and clipping at the border
+    untouched = [bool(torch.equal(o, i)) for o, i in zip(out, x)]
+    assert sum(untouched) == 64 - len(erased)
+    assert torch.equal(erase(x, AugmentParams(), torch.Generator().manual_seed(0)), x)
+
+
+def test_erase_draws_the_same_random_numbers_on_or_off():
+    """Switching cutout on must not shift the augmentations drawn after it (resumable, comparable runs)."""
+    from dfdetect.augment import erase
+
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    erase(torch.rand(8, 3, 16, 16), AugmentParams(), a)
+    erase(torch.rand(8, 3, 16, 16), AugmentParams(erase_prob=1.0), b)
+    assert torch.equal(a.get_state(), b.get_state())

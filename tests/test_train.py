@@ -91,3 +91,35 @@ def test_pickled_code_is_never_executed(tmp_path):
     torch.save({"format": "dfdetect-checkpoint/1", "payload": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
         checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_weight_average_follows_the_weights_with_a_warming_decay():
+    from dfdetect.ema import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    average = WeightAverage(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    keep = average.effective_decay()
+    assert keep == pytest.approx(1 / 10)  # warm-up: the first averages follow the weights closely
+    average.update(model)
+    assert torch.allclose(average.module[0].weight, start * keep + (start + 1) * (1 - keep))
+    for _ in range(200):
+        average.update(model)
+    assert average.effective_decay() == 0.9 and torch.allclose(average.module[0].weight, start + 1, atol=1e-6)
+    assert not any(p.requires_grad for p in average.module.parameters())
+
+
+def test_weight_averaged_training_ships_the_average_and_resumes_exactly(prepared_small, tmp_path):
+    params = small_params(train={"ema_decay": 0.9})
+    straight = train(params, prepared_small, tmp_path / "a", tmp_path / "a.csv", track=False)
+    train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", stop_after_epochs=1, track=False)
+    resumed = train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", resume=tmp_path / "b" / "last.pt", track=False)
+    assert (resumed.best_epoch, resumed.best_val_auc) == (straight.best_epoch, straight.best_val_auc)
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    # what is shipped is the average, not the last step's weights
+    assert any(not torch.equal(a["state_dict"][k], a["train_state_dict"][k]) for k in a["state_dict"]
+               if a["state_dict"][k].dtype.is_floating_point)

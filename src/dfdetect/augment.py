@@ -55,7 +55,27 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         out.mul_(c).add_((1 - c) * mean_gray).clamp_(0, 1)  # contrast: towards the mean grey
         gray = (out * luma).sum(1, keepdim=True)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
-    return out
+    return erase(out, params, gen)
+
+
+def erase(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Cutout: grey out one random rectangle (area and aspect ratio drawn as torchvision's RandomErasing
+    does) in a random share of a float N x 3 x H x W batch in [0, 1]."""
+    n, _, h, w = images.shape
+    draws = torch.rand(5, n, generator=gen)  # always drawn, so the stream does not depend on params
+    if params.erase_prob <= 0 or not (on := draws[0] < params.erase_prob).any():
+        return images
+    low, high = params.erase_area
+    area = (low + draws[1] * (high - low)) * h * w
+    aspect = torch.exp(math.log(0.3) + draws[2] * (math.log(1 / 0.3) - math.log(0.3)))
+    eh = (area * aspect).sqrt().round().clamp(1, h)
+    ew = (area / aspect).sqrt().round().clamp(1, w)
+    top, left = (draws[3] * (h - eh + 1)).floor(), (draws[4] * (w - ew + 1)).floor()
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    box = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+           & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & on.view(n, 1, 1))
+    return images.masked_fill(box.unsqueeze(1).to(images.device), 0.5)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:

@@ -71,6 +71,17 @@ class AugmentParams(Section):
     noise_std: float = Field(0.03, gt=0.0, le=0.5, description="largest noise standard deviation (images in [0, 1])")
     downscale_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images downscaled and scaled back up")
     downscale_min: float = Field(0.5, gt=0.0, lt=1.0, description="smallest downscale factor")
+    # Cutout: a hidden patch makes the model look at the whole face, not one region of one generator.
+    erase_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images with a random rectangle greyed out")
+    erase_area: tuple[float, float] = Field((0.02, 0.2), description="erased share of the image [low, high]")
+
+    @field_validator("erase_area")
+    @classmethod
+    def _area_range(cls, value):
+        low, high = value
+        if not 0 < low <= high < 1:
+            raise ValueError("needs 0 < low <= high < 1")
+        return value
 
     @field_validator("jpeg_quality")
     @classmethod
@@ -98,6 +109,8 @@ class TrainParams(Section):
     step_size: int = Field(5, ge=1, description="StepLR only: epochs between decays")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="StepLR only: decay factor")
     early_stopping_patience: int = Field(5, ge=0, description="epochs without val AUC gain; 0 disables")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="exponential moving average of the weights, validated "
+                             "and shipped instead of the last step's (0 disables; 0.998 averages about 500 steps)")
     augment: AugmentParams = AugmentParams()
     sbi: SbiParams = SbiParams()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

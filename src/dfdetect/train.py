@@ -17,6 +17,7 @@ from torch import nn
 from . import checkpoint, distributed, runtime
 from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
+from .ema import WeightAverage
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .sbi import sbi_batch
 from .io_utils import atomic_write_json, atomic_write_text
@@ -142,6 +143,8 @@ def train(
                                     [train_split.relpaths[i] for i in reals])
 
     model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
+    ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
+    shipped = ema.module if ema else model  # what is validated, checkpointed as best and registered
     optimizer = make_optimizer(model, params)
     scheduler = make_scheduler(optimizer, params)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
@@ -157,7 +160,9 @@ def train(
             changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
         if changed:
             raise TrainError(f"{resume}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"] if ckpt.get("train_state_dict") is None else ckpt["train_state_dict"])
+        if ema:
+            ema.load_state_dict({"module": ckpt["state_dict"], "updates": ckpt["ema_updates"]})
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -199,7 +204,9 @@ def train(
 
     def ckpt_state(epoch: int, ranks: list) -> dict:
         return {
-            "model": params.model.model_dump(), "state_dict": model.state_dict(), "preprocess": pre.to_dict(),
+            "model": params.model.model_dump(), "state_dict": shipped.state_dict(), "preprocess": pre.to_dict(),
+            # with weight averaging, the weights being trained differ from the shipped average
+            "train_state_dict": model.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": {"shuffle": shuffle_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
@@ -225,6 +232,8 @@ def train(
                     x = training_batch(images, t.augment, augment_gen, pre, rt)
                     y = y.to(rt.device).float()
                     loss, logits = train_step(net, optimizer, scaler, rt, x, y)
+                    if ema:
+                        ema.update(model)
                     loss_sum += loss.item() * len(y)
                     correct += int(((logits > 0).float() == y).sum())
                     seen += len(y)
@@ -240,7 +249,7 @@ def train(
                         break
                     continue
 
-                scores, labels, val_loss = predict_scores(model, val_loader, pre, rt)
+                scores, labels, val_loss = predict_scores(shipped, val_loader, pre, rt)
                 val_auc = roc_auc(labels, scores, 0.5)
                 row = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                        "val_loss": val_loss, "val_acc": float(((scores >= 0.5) == labels).mean()), "val_auc": val_auc,
