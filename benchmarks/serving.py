@@ -7,7 +7,7 @@ It trains and registers a model on generated sample data (a throw-away SQLite re
 - a one-image-per-request server without batching running eager fp32 PyTorch (the original design);
 - the runtime against eager fp32 PyTorch in-process: speed, and ROC-AUC on the test split.
 
-    python benchmarks/serving.py [--runtime torch|onnx|onnx-int8] [--seconds 15] [--out FILE]
+    python benchmarks/serving.py [--runtime auto|torch|onnx|onnx-int8] [--seconds 15] [--out FILE]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,32 +33,44 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def drive(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
-    """`clients` threads posting JPEGs back to back for `seconds`."""
-    latencies, errors, stop = [], [], threading.Event()
+def multipart(jpeg: bytes, boundary: str = "dfdetect-bench") -> bytes:
+    """One analyze-frame request body, encoded once: the load generator should spend its CPU on sending."""
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"f.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + f"\r\n--{boundary}--\r\n".encode()
 
-    def client(k: int):
-        session = requests.Session()
+
+def drive(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
+    """`clients` concurrent connections posting JPEGs back to back for `seconds`, from one asyncio loop: the
+    clients share the server's CPUs, so they must cost as little as possible (no per-request encoding)."""
+    import asyncio
+
+    import aiohttp
+
+    bodies = [multipart(b) for b in images]
+    headers = {"Content-Type": "multipart/form-data; boundary=dfdetect-bench"}
+    latencies, errors = [], []
+
+    async def client(session, k: int, deadline: float):
         i = k
-        while not stop.is_set():
+        while time.perf_counter() < deadline:
             started = time.perf_counter()
             try:
-                r = session.post(url, files={"image": ("f.jpg", images[i % len(images)], "image/jpeg")}, timeout=30)
-                ok = r.status_code == 200
-                problem = None if ok else f"HTTP {r.status_code}"
-            except requests.RequestException as exc:
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+                    await r.read()
+                    ok, problem = r.status == 200, f"HTTP {r.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 ok, problem = False, type(exc).__name__
-            if not stop.is_set():  # count what completes inside the window only
+            if time.perf_counter() < deadline:  # count what completes inside the window only
                 (latencies.append(time.perf_counter() - started) if ok else errors.append(problem))
             i += clients
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join(60)
+    async def run():
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+            deadline = time.perf_counter() + seconds
+            await asyncio.gather(*(client(session, k, deadline) for k in range(clients)))
+
+    asyncio.run(run())
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors)),
             "images_per_s": round(len(latencies) / seconds, 1),
@@ -106,7 +117,8 @@ def in_process(predict, pre, images: list[bytes], seconds: float) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"], help="serving.runtime to measure")
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
+                    help="serving.runtime to measure (auto: what the service picks on this machine)")
     ap.add_argument("--seconds", type=float, default=15, help="load per client count")
     ap.add_argument("--epochs", type=int, default=4, help="training epochs of the benchmark model")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json", help="JSON result file")
@@ -150,7 +162,7 @@ def main():
 
     env = {**os.environ, "DFDETECT_PARAMS": str(tmp / "params.yaml"), "MLFLOW_TRACKING_URI": uri,
            "BENTOML_HOME": str(tmp / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    results = {"benchmark": "serving", "runtime": args.runtime, "seconds_per_level": args.seconds,
+    results = {"benchmark": "serving", "runtime": served.runtime_name, "seconds_per_level": args.seconds,
                "machine": f"{os.cpu_count()} CPUs", "model": loaded.name + "/" + loaded.version,
                "in_process_limit_images_per_s": round(limit, 1), "eager_fp32_in_process_images_per_s": round(eager_speed, 1),
                "roc_auc_runtime": round(auc_runtime, 4), "roc_auc_eager_fp32": round(auc_eager, 4)}

@@ -1,9 +1,9 @@
 """The dfdetect BentoML service: `bentoml serve serving.service:Detector`.
 
-Two services: `Detector` answers HTTP (the original service's endpoints) and sends every image through
-`Scorer.score`, a batchable API, so concurrent requests are batched adaptively. The Scorer holds the models
-and follows the registry's aliases. Settings come from params.yaml (`DFDETECT_PARAMS`), the tracking server
-from `MLFLOW_TRACKING_URI`.
+One service answers HTTP (the original service's endpoints) and holds the models, which follow the
+registry's aliases. Every image goes through one in-process adaptive batcher (dfdetect.batching), so
+concurrent requests are scored together; `/score` is the same batched prediction for arrays. Settings come
+from params.yaml (`DFDETECT_PARAMS`), the tracking server from `MLFLOW_TRACKING_URI`.
 """
 
 import dataclasses
@@ -13,16 +13,18 @@ import threading
 import time
 from http import HTTPStatus
 from pathlib import Path
+from typing import Annotated
 
-import aiohttp
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from bentoml.validators import DType
 from fastapi import FastAPI
 from PIL import Image
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
+from dfdetect.batching import MicroBatcher, Overloaded
 from dfdetect.config import load_params
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
 from dfdetect.serving import (FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, pick_arm,
@@ -44,10 +46,15 @@ class NoFace(BentoMLException):
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
 PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version and label", ["version", "label"])
+BATCH_SIZE = Histogram("dfdetect_batch_size", "Images per model call (adaptive batching)",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+health_app = FastAPI(title="dfdetect health")
 
 
 @bentoml.service(workers=1, traffic={"timeout": 60})
-class Scorer:
+@bentoml.asgi_app(health_app, path="/")
+class Detector:
     def __init__(self):
         self.models = ModelSet(PARAMS, RegistryLoader(PARAMS))
         try:
@@ -56,69 +63,19 @@ class Scorer:
             log.warning("no model loaded yet (%s); retrying every %ss", exc, SERVING.poll_interval_s)
         self._stop = threading.Event()
         threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
-
-    def __is_ready__(self) -> bool:
-        return self.models.ready
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
-    def score(self, images: np.ndarray) -> np.ndarray:
-        """N x S x S x 3 uint8 -> N dicts (an object array, so batches concatenate): score, threshold, version."""
-        return np.array([dataclasses.asdict(s) for s in self.models.score(images, "primary")], dtype=object)
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
-    def score_challenger(self, images: np.ndarray) -> np.ndarray:
-        """The same, answered by the challenger (A/B mode; the champion when there is none)."""
-        return np.array([dataclasses.asdict(s) for s in self.models.score(images, "challenger")], dtype=object)
-
-    @bentoml.api
-    def info(self) -> dict:
-        return self.models.info()
-
-    @bentoml.api
-    def explain(self, image: np.ndarray) -> dict:
-        """Grad-CAM overlay (PNG data URI) of one S x S x 3 uint8 image."""
-        return self.models.explain(image)
-
-
-health_app = FastAPI(title="dfdetect health")
-
-
-@bentoml.service(workers=1, traffic={"timeout": 60})
-@bentoml.asgi_app(health_app, path="/")
-class Detector:
-    scorer = bentoml.depends(Scorer)
-
-    def __init__(self):
-        self._info, self._info_at = {}, 0.0
+        self.batcher = MicroBatcher(self.models.score, SERVING.max_batch_size, SERVING.max_latency_ms,
+                                    on_batch=BATCH_SIZE.observe)
         self._rng = np.random.default_rng()
         self.faces = FaceCropper(PARAMS.prepare.faces) if SERVING.face_crop else None
 
         @health_app.get("/health")
         async def health():
-            info = await self._current_info(max_age=0)
+            info = self.models.info()
             return {"status": "ok" if info.get("ready") else "loading", **info}
 
-    async def __is_ready__(self) -> bool:
+    def __is_ready__(self) -> bool:
         """/readyz (the Kubernetes readiness probe) answers 503 until a model is loaded."""
-        try:
-            return bool((await self._current_info(max_age=0)).get("ready"))
-        except Exception:
-            return False
-
-    async def _scorer(self, method: str, *args):
-        """Call the Scorer; retry a dropped keep-alive connection (the call is idempotent) instead of a 500."""
-        for attempt in range(3):
-            try:
-                return await getattr(self.scorer.to_async, method)(*args)
-            except aiohttp.ClientConnectionError as exc:
-                if attempt == 2:
-                    raise
-                log.warning("call to Scorer.%s dropped (%s); retrying", method, exc)
-
-    async def _current_info(self, max_age: float = 1.0) -> dict:
-        if time.monotonic() - self._info_at > max_age:
-            self._info, self._info_at = await self._scorer("info"), time.monotonic()
-        return self._info
+        return self.models.ready
 
     @staticmethod
     def _check_size(upload: Path, field: str, limit_mb: float, param: str) -> None:
@@ -133,17 +90,28 @@ class Detector:
         except ImageError as exc:
             raise InvalidArgument(str(exc)) from None
 
-    async def _ready_info(self) -> dict:
-        info = await self._current_info()
+    def _image_size(self) -> int:
+        info = self.models.info()
         if not info.get("ready"):
-            raise bentoml.exceptions.ServiceUnavailable("model not loaded yet")
-        return info
+            raise ServiceUnavailable("model not loaded yet")
+        return int(info["image_size"])
 
-    async def _score(self, arrays: list[np.ndarray]) -> list[Scored]:
+    async def _score(self, images: np.ndarray) -> list[Scored]:
         """One request's images, all answered by one version (drawn per request in A/B mode)."""
-        arm = pick_arm(SERVING, bool(self._info.get("challenger")), self._rng)
-        method = "score_challenger" if arm == "challenger" else "score"
-        return [Scored(**row) for row in await self._scorer(method, np.stack(arrays))]
+        arm = pick_arm(SERVING, self.models.challenger is not None, self._rng)
+        try:
+            return await self.batcher.submit(images, arm)
+        except Overloaded as exc:
+            raise ServiceUnavailable(f"overloaded: {exc}") from None
+
+    @bentoml.api
+    async def score(self, images: Annotated[np.ndarray, DType("uint8")]) -> list[dict]:
+        """N x S x S x 3 uint8 -> per image: fake_probability, threshold, version (the batched prediction
+        the HTTP endpoints use; S is the model's image_size, see /health)."""
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise InvalidArgument(f"images: expected N x S x S x 3 uint8, got {images.dtype} {images.shape}")
+        self._image_size()  # 503 until a model is loaded
+        return [dataclasses.asdict(s) for s in await self._score(images)]
 
     @bentoml.api(route="/inference/analyze-frame")
     async def analyze_frame(self, image: Path, frameNumber: int = 0, explain: bool = False) -> dict:
@@ -151,7 +119,7 @@ class Detector:
         Grad-CAM overlay (`heatmap`, a PNG data URI) of what made the model say fake."""
         started = time.perf_counter()
         img = self._read_image(image)
-        size = int((await self._ready_info())["image_size"])
+        size = self._image_size()
         face = None
         if self.faces:
             found = await anyio.to_thread.run_sync(self.faces, np.asarray(img))
@@ -159,13 +127,13 @@ class Detector:
                 raise NoFace("image: no face found (serving.face_crop is on: the model scores face crops)")
             img, face = Image.fromarray(found[0]), found[1]
         array = resize_square(img, size)
-        scored = (await self._score([array]))[0]
+        scored = (await self._score(array[None]))[0]
         PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
         body = frame_response(frameNumber, scored, started)
         if face:
             body["face"] = face_json(face)
         if explain:
-            body.update(await self._scorer("explain", array))
+            body.update(await anyio.to_thread.run_sync(self.models.explain, array))
         return body
 
     @bentoml.api(route="/inference/analyze-video")
@@ -174,10 +142,10 @@ class Detector:
         started = time.perf_counter()
         self._check_size(video, "video", SERVING.max_video_mb, "serving.max_video_mb")
         try:
-            clip = read_frames(video, SERVING.video_frames, "video")
+            clip = await anyio.to_thread.run_sync(read_frames, video, SERVING.video_frames, "video")
         except VideoError as exc:
             raise InvalidArgument(str(exc)) from None
-        size = int((await self._ready_info())["image_size"])
+        size = self._image_size()
         frames, indices, without_face = clip.frames, clip.indices, None
         if self.faces:
             crops = [await anyio.to_thread.run_sync(self.faces, f) for f in clip.frames]
@@ -186,7 +154,7 @@ class Detector:
             indices = [i for i, c in zip(clip.indices, crops) if c is not None]
             if not frames:
                 raise NoFace(f"video: no face in any of the {len(clip.frames)} sampled frames (serving.face_crop is on)")
-        scored = await self._score([resize_square(Image.fromarray(f), size) for f in frames])
+        scored = await self._score(np.stack([resize_square(Image.fromarray(f), size) for f in frames]))
         body = video_response(clip, scored, started, indices, without_face)
         PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
         return body

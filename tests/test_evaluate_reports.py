@@ -34,7 +34,9 @@ def test_evaluate_scores_robustness_and_other_data_sets(tracked_run, sample_root
     for figure in ("robustness.png", "reliability.png"):
         assert (out / "figures" / figure).stat().st_size > 0
 
+    e2 = tmp_path / "e2"
     missing = CliRunner().invoke(app, ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
-                                       "--out", str(tmp_path / "e2"), "--no-mlflow", "--dataset", str(tmp_path / "nowhere"),
-                                       "-p", str(params_file)])
+                                       "--out", str(e2), "--metrics", str(e2 / "metrics.json"), "--plots", str(e2 / "plots"),
+                                       "--no-mlflow", "--dataset", str(tmp_path / "nowhere"), "-p", str(params_file)])
     assert missing.exit_code != 0 and "nowhere" in missing.output
+    assert not e2.exists()  # refused before writing anything

@@ -50,3 +50,10 @@ def test_serving_runtimes_agree_with_eager_pytorch(trained, runtime_name, tolera
     served = ServedModel(LoadedModel(model, pre, {"real": 0, "fake": 1}, 0.5, "m", "1", None, "r"), "cpu", runtime_name)
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < tolerance
     assert served.predict(images[:1]).shape == (1,)  # any batch size
+
+
+def test_auto_runtime_serves_with_onnx_runtime_on_the_cpu(trained):
+    model, pre, images, _ = trained
+    served = ServedModel(LoadedModel(model, pre, {"real": 0, "fake": 1}, 0.5, "m", "1", None, "r"), "cpu", "auto")
+    assert served.runtime_name == "onnx"
+    assert np.abs(served.predict(images) - eager(model, pre, images)).max() < 1e-4

@@ -1,5 +1,6 @@
 """`bentoml serve` on 127.0.0.1, called over HTTP with real JPEGs; a promotion while requests run."""
 
+import contextlib
 import io
 import os
 import signal
@@ -25,19 +26,12 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def service(tracked_run, sample_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    raw = tracked_run["params"].model_dump(mode="json")
-    raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
-    raw["promotion"].update(floors={}, min_improvement=0.0)
-    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.05, device="cpu")
+@contextlib.contextmanager
+def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
+    """`bentoml serve` with these params on a free port; yields (url, wait_for_ready); stopped by process group."""
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    params = parse_params(raw)
-
-    env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracked_run["uri"],
+    env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracking_uri,
            "BENTOML_HOME": str(root / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
     log = open(root / "serve.log", "wb")
     for attempt in range(3):  # a free port can be taken by another process before the server binds it
@@ -66,6 +60,33 @@ def service(tracked_run, sample_root, tmp_path_factory):
             time.sleep(0.5)
 
     try:
+        yield url, wait_for
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it had already exited (the failure above says why)
+        log.close()
+
+
+def serving_params(tracked_run) -> dict:
+    raw = tracked_run["params"].model_dump(mode="json")
+    raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
+    raw["promotion"].update(floors={}, min_improvement=0.0)
+    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.05, device="cpu")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def service(tracked_run, sample_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    raw = serving_params(tracked_run)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    params = parse_params(raw)
+    with bentoml_serve(raw, tracked_run["uri"], root) as (url, wait_for):
         # Started before anything is promoted: it runs, but is not ready (the Kubernetes readiness probe).
         wait_for(ready=False)
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 503
@@ -76,16 +97,7 @@ def service(tracked_run, sample_root, tmp_path_factory):
         registry.promote(params, tracked_run["prepared"])
         wait_for(ready=True)  # the poll picks the champion up, no restart
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
-        yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log"}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it had already exited (the failure above says why)
-        log.close()
+        yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log", "raw": raw}
 
 
 def jpeg(path: Path) -> bytes:
@@ -141,6 +153,45 @@ def test_same_verdict_as_the_library(service, sample_root):
         expected = float(predictor.score([decode_image(path.read_bytes())])[0])
         served = post_frame(service["url"], jpeg(path)).json()["distribution"]["fake"]
         assert served == pytest.approx(expected, abs=0.02)
+
+
+def _batch_histogram(url: str) -> tuple[float, float]:
+    """(batches with one image, all batches) from the service's dfdetect_batch_size histogram."""
+    values = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("dfdetect_batch_size_bucket{") and 'le="1.0"' in line:
+            values["one"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dfdetect_batch_size_count"):
+            values["all"] = float(line.rsplit(" ", 1)[1])
+    return values.get("one", 0.0), values.get("all", 0.0)
+
+
+def test_concurrent_requests_are_scored_in_shared_batches(service, sample_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [jpeg(p) for p in sorted((sample_root / "test" / "fake").iterdir())[:48]]
+    one_before, all_before = _batch_histogram(service["url"])
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda data: post_frame(service["url"], data), images))
+    assert [r.status_code for r in answers] == [200] * len(images)
+    one, batches = _batch_histogram(service["url"])
+    assert 0 < batches - all_before < len(images)  # fewer model calls than requests
+    assert batches - all_before > one - one_before  # and some call held several requests
+
+
+def test_score_api_gives_the_frame_endpoint_probability_for_the_same_pixels(service, sample_root):
+    from dfdetect.preprocessing import decode_image, resize_square
+
+    path = next((sample_root / "test" / "real").iterdir())
+    size = service["params"].prepare.image_size
+    pixels = resize_square(decode_image(path.read_bytes()), size)
+    r = requests.post(f"{service['url']}/score", json={"images": [pixels.tolist()]}, timeout=30)
+    assert r.status_code == 200, r.text
+    [row] = r.json()
+    assert set(row) >= {"fake_probability", "threshold", "version"}
+    assert row["fake_probability"] == pytest.approx(post_frame(service["url"], jpeg(path)).json()["distribution"]["fake"], abs=1e-5)
+    bad = requests.post(f"{service['url']}/score", json={"images": [[[1, 2], [3, 4]]]}, timeout=30)
+    assert bad.status_code == 400 and "N x S x S x 3" in bad.text
 
 
 @pytest.mark.parametrize("payload, name, status, message", [
@@ -248,3 +299,24 @@ def test_package_builds_a_bento_with_the_wheel_and_the_endpoints(tmp_path):
     assert (bento / "env" / "python" / "wheels" / "dfdetect-0.1.0-py3-none-any.whl").exists()
     openapi = (bento / "apis" / "openapi.yaml").read_text()
     assert "/inference/analyze-frame" in openapi and "/inference/analyze-video" in openapi
+
+
+def test_face_crop_mode_scores_the_face_and_refuses_a_frame_without_one(service, tmp_path):
+    """serving.face_crop: the served model sees the face crop `prepare` would make (same code and settings)."""
+    from skimage import data as skdata
+
+    from dfdetect.faces import iou
+    from test_faces import ASTRONAUT_FACE
+
+    raw = {**service["raw"], "serving": {**service["raw"]["serving"], "face_crop": True, "max_upload_mb": 2}}
+    photo, blank = io.BytesIO(), io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(photo, "JPEG", quality=90)
+    Image.new("RGB", (320, 240), (120, 140, 160)).save(blank, "JPEG")
+    with bentoml_serve(raw, service["run"]["uri"], tmp_path) as (url, wait_for):
+        wait_for(ready=True)  # the champion promoted by the `service` fixture
+        r = post_frame(url, photo.getvalue(), name="astronaut.jpg")
+        assert r.status_code == 200, r.text
+        face = r.json()["face"]
+        assert iou((face["x"], face["y"], face["width"], face["height"]), ASTRONAUT_FACE) > 0.6
+        none = post_frame(url, blank.getvalue(), name="wall.jpg")
+        assert none.status_code == 422 and "no face found" in none.text

@@ -175,8 +175,9 @@ class PromotionParams(Section):
 
 class ServingParams(Section):
     alias: str = Field("champion", min_length=1, description="registry alias (or version) the service answers with")
-    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="torch: bf16 autocast + channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU)")
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="auto: torch on CUDA, onnx on the CPU (measured fastest there); torch: bf16 autocast + "
+                            "channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU); onnx-int8: dynamically quantised")
     ensemble: list[str] = Field(
         default_factory=list, description="serve the mean of these versions/aliases instead of `alias` (the guide's ensemble)")
     # "none", not "off": YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare off as false.

@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 
 from . import checkpoint, runtime, tracking
 from .config import Params
-from .data import PreparedSplit, batch_loader, load_meta, load_split, original_path
+from .data import DatasetError, PreparedSplit, batch_loader, load_meta, load_split, original_path
 from .inference import predict_scores
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
@@ -66,6 +66,9 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     """Metrics of the best checkpoint on the evaluation split, its plots and report; the robustness table and
     the table over `datasets` (and evaluate.datasets) when asked."""
     prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
+    for root in [*params.evaluate.datasets, *datasets]:  # a typo fails now, before any output is replaced
+        if not Path(root).is_dir():
+            raise DatasetError(f"{root}: data set folder not found")
     state = checkpoint.load(model_dir / "best.pt")
     model, pre = checkpoint.model_from_state(state)
     split, notes = choose_split(prepared_dir, params.evaluate.split)

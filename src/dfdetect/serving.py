@@ -27,13 +27,16 @@ class ServedModel:
     """A registered version ready to score uint8 batches: bf16 + channels_last on a CPU that has native bf16
     (about 3x eager fp32 here), fp16 on CUDA; the weights stay fp32."""
 
-    def __init__(self, loaded: LoadedModel, device: str = "auto", runtime_name: str = "torch", precision: str = "auto"):
+    def __init__(self, loaded: LoadedModel, device: str = "auto", runtime_name: str = "auto", precision: str = "auto"):
         self.name, self.version, self.threshold = loaded.name, loaded.version, loaded.threshold
         self.preprocess: PreprocessConfig = loaded.preprocess
+        if runtime_name == "auto":  # ONNX Runtime is 3-4x eager PyTorch on these CPUs (benchmarks/serving.py)
+            runtime_name = "torch" if runtime.resolve(device).device.type == "cuda" else "onnx"
         self.runtime_name = runtime_name
         self.torch_model = loaded.model  # Grad-CAM needs gradients: always the fp32 PyTorch module
         if runtime_name == "torch":
             self.rt = runtime.resolve(device, precision, "auto" if precision == "auto" else False)
+            runtime.flush_denormals(self.rt.device)
             self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
         else:  # ONNX Runtime on the CPU, exported from this very version at load time
             from .export import OnnxModel, onnx_bytes, quantize_int8

@@ -131,6 +131,7 @@ def train(
     if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{d.local_rank}"  # one GPU per process
     rt = runtime.resolve(device, t.precision, t.channels_last)
+    runtime.flush_denormals(rt.device)
     if t.batch_size % d.world:
         raise TrainError(f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes")
     track = track and d.is_main  # one MLflow run, one set of checkpoints

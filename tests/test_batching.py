@@ -1,0 +1,114 @@
+"""The serving process's adaptive batcher: requests that wait while the model is busy are scored together."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from dfdetect.batching import MicroBatcher, Overloaded
+
+
+class GatedModel:
+    """Scores an image as its first pixel; the first call waits for `release` so others can queue."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.calls: list[tuple[int, str]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, images: np.ndarray, arm: str) -> list:
+        self.calls.append((len(images), arm))
+        self.started.set()
+        self.release.wait(5)
+        if self.fail_on is not None and len(self.calls) == self.fail_on:
+            raise ValueError("model failed")
+        return [(int(img[0, 0, 0]), arm) for img in images]
+
+
+def images(*values: int) -> np.ndarray:
+    return np.stack([np.full((4, 4, 3), v, np.uint8) for v in values])
+
+
+async def busy_then(model: GatedModel, batcher: MicroBatcher, requests: list[tuple[np.ndarray, str]]):
+    """One request occupies the model; `requests` queue meanwhile; then the model is released."""
+    first = asyncio.ensure_future(batcher.submit(images(0)))
+    await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 5)
+    rest = [asyncio.ensure_future(batcher.submit(imgs, arm)) for imgs, arm in requests]
+    await asyncio.sleep(0.05)
+    model.release.set()
+    return await first, await asyncio.gather(*rest, return_exceptions=True)
+
+
+def test_requests_queued_while_the_model_is_busy_share_one_call_and_get_their_own_results():
+    model = GatedModel()
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
+    first, rest = asyncio.run(busy_then(model, batcher, [(images(v), "primary") for v in range(1, 6)]))
+    assert model.calls == [(1, "primary"), (5, "primary")]
+    assert first == [(0, "primary")]
+    assert rest == [[(v, "primary")] for v in range(1, 6)]
+
+
+def test_batches_respect_max_batch_size_and_keep_a_requests_images_together():
+    model = GatedModel()
+    batcher = MicroBatcher(model, max_batch_size=4, max_latency_ms=5000)
+    requests = [(images(1), "primary"), (images(2, 3), "primary"), (images(4, 5), "primary"), (images(*range(6, 12)), "primary")]
+    _, rest = asyncio.run(busy_then(model, batcher, requests))
+    # 1 + 2 fit in 4; the pair 4, 5 would overflow, so it opens the next batch; 6 images run alone
+    assert [n for n, _ in model.calls] == [1, 3, 2, 6]
+    assert [v for v, _ in rest[3]] == list(range(6, 12))
+
+
+def test_each_arm_is_scored_by_its_own_call():
+    model = GatedModel()
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
+    _, rest = asyncio.run(busy_then(model, batcher, [(images(1), "primary"), (images(2), "challenger"),
+                                                      (images(3), "primary")]))
+    assert sorted(model.calls[1:]) == [(1, "challenger"), (2, "primary")]
+    assert rest == [[(1, "primary")], [(2, "challenger")], [(3, "primary")]]
+
+
+def test_a_request_that_waited_past_max_latency_is_refused_as_overloaded():
+    model = GatedModel()
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=10)
+    _, rest = asyncio.run(busy_then(model, batcher, [(images(1), "primary")]))
+    assert isinstance(rest[0], Overloaded) and "max_latency_ms" in str(rest[0])
+    assert model.calls == [(1, "primary")]  # never reached the model
+
+
+def test_a_failing_call_fails_its_requests_and_the_batcher_goes_on():
+    model = GatedModel(fail_on=2)
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
+
+    async def scenario():
+        first, rest = await busy_then(model, batcher, [(images(1), "primary"), (images(2), "primary")])
+        after = await batcher.submit(images(7))
+        return first, rest, after
+
+    first, rest, after = asyncio.run(scenario())
+    assert first == [(0, "primary")]
+    assert all(isinstance(r, ValueError) for r in rest)
+    assert after == [(7, "primary")]
+
+
+def test_an_idle_batcher_answers_a_lone_request_at_once():
+    model = GatedModel()
+    model.release.set()
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
+    assert asyncio.run(batcher.submit(images(9))) == [(9, "primary")]
+    assert model.calls == [(1, "primary")]
+    batcher.close()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_results_keep_request_order_within_a_batch(n):
+    model = GatedModel()
+    model.release.set()
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.submit(images(*range(10 * k, 10 * k + n))) for k in range(5)))
+
+    out = asyncio.run(scenario())
+    assert [[v for v, _ in r] for r in out] == [list(range(10 * k, 10 * k + n)) for k in range(5)]
