@@ -17,8 +17,8 @@ from torch import nn
 from . import checkpoint, distributed, runtime
 from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
-from .ema import WeightAverage
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
+from .ema import WeightAverage
 from .sbi import sbi_batch
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import eer_and_threshold, roc_auc
