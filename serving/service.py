@@ -73,6 +73,11 @@ class Detector:
             info = self.models.info()
             return {"status": "ok" if info.get("ready") else "loading", **info}
 
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self._stop.set()  # the registry poll
+        self.batcher.close()
+
     def __is_ready__(self) -> bool:
         """/readyz (the Kubernetes readiness probe) answers 503 until a model is loaded."""
         return self.models.ready
