@@ -7,8 +7,7 @@ one forms batches as large as its load. A request that waited `max_latency_ms` w
 is refused as overloaded (HTTP 503) rather than answered late, which is how BentoML's own batching behaves.
 
 Scoring in the process that parsed the request, instead of calling a second BentoML service, saves a
-serialisation and an HTTP hop per request: on 2 CPUs that hop cost more CPU than the model itself (see
-benchmarks/README.md).
+serialisation and an HTTP round trip per request (benchmarks/README.md has what the service measures).
 """
 
 from __future__ import annotations
