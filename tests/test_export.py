@@ -57,3 +57,15 @@ def test_auto_runtime_serves_with_onnx_runtime_on_the_cpu(trained):
     served = ServedModel(LoadedModel(model, pre, {"real": 0, "fake": 1}, 0.5, "m", "1", None, "r"), "cpu", "auto")
     assert served.runtime_name == "onnx"
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < 1e-4
+
+
+
+def test_a_model_with_the_residual_branch_trains_reloads_and_exports(prepared_small, tmp_path):
+    train(small_params(model={"residual_branch": True}, train={"epochs": 1}), prepared_small, tmp_path / "m", track=False)
+    model, pre = checkpoint.model_from_state(checkpoint.load(tmp_path / "m" / "best.pt"))
+    assert model.branch is not None and model.branch.fc.weight.abs().sum() > 0  # trained, and reloaded with it
+    images = load_split(prepared_small, "test").images[:]
+    export(model, pre, 0.5, tmp_path / "onnx", int8=False, source="test")
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), pre).numpy()
+    onnx = OnnxModel((tmp_path / "onnx" / "model.onnx").read_bytes())(x)
+    assert np.abs(onnx - eager(model, pre, images)).max() < 1e-4

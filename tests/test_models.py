@@ -101,3 +101,30 @@ def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline():
         assert net.eval()((x - 0.498) / 0.502).argmax().item() == 967
     model = create_model(ModelParams(name="efficientnet_lite0", pretrained=True))
     assert torch.equal(model.net._conv_stem.weight, net._conv_stem.weight)  # the detector starts from them
+
+
+def test_residual_branch_starts_silent_keeps_its_filters_fixed_and_learns():
+    torch.manual_seed(0)
+    with_branch = create_model(ModelParams(name="custom_cnn", residual_branch=True))
+    plain = create_model(ModelParams(name="custom_cnn"))
+    plain.load_state_dict({k: v for k, v in with_branch.state_dict().items() if not k.startswith("branch.")})
+    x = torch.randn(4, 3, 48, 48)
+    with_branch.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(with_branch(x), plain(x))  # zero-initialised head: the backbone's verdict at first
+    # the high-pass filters are constants, not weights an optimiser would move
+    assert "branch.high_pass" in dict(with_branch.named_buffers())
+    assert all("high_pass" not in name for name, _ in with_branch.named_parameters())
+    # they remove flat colour: a constant image leaves no residual
+    flat = torch.full((1, 3, 16, 16), 0.7)
+    residual = torch.nn.functional.conv2d(flat, with_branch.branch.high_pass, padding=2, groups=3)
+    assert residual[..., 2:-2, 2:-2].abs().max() < 1e-6
+    with_branch.train()
+    optimiser = torch.optim.SGD(with_branch.branch.parameters(), lr=0.1)
+    for _ in range(2):  # the first step moves the zero head; the second reaches the convolutions
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(with_branch(x), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert with_branch.branch.fc.weight.abs().sum() > 0
+    assert with_branch.branch.features[0][0].weight.grad.abs().sum() > 0

@@ -1,11 +1,14 @@
 import csv
 import json
+import re
 
 import pytest
 import torch
 
-from dfdetect import checkpoint
+from dfdetect import checkpoint, runtime
 from dfdetect.checkpoint import CheckpointError
+from dfdetect.config import ParamsError, parse_params
+from dfdetect.models import create_model
 from dfdetect.train import TrainError, train
 from conftest import small_params
 
@@ -123,3 +126,28 @@ def test_weight_averaged_training_ships_the_average_and_resumes_exactly(prepared
     # what is shipped is the average, not the last step's weights
     assert any(not torch.equal(a["state_dict"][k], a["train_state_dict"][k]) for k in a["state_dict"]
                if a["state_dict"][k].dtype.is_floating_point)
+
+
+def test_frozen_layers_keep_their_initial_values_and_the_rest_trains(prepared_small, tmp_path):
+    params = small_params(train={"freeze": r"^net\.features\.[01]\.", "epochs": 1})
+    runtime.seed_everything(params.seed)  # as train() does before it builds the model
+    initial = create_model(params.model).state_dict()
+    train(params, prepared_small, tmp_path / "m", track=False)
+    trained = checkpoint.load(tmp_path / "m" / "last.pt")["state_dict"]
+    frozen = [k for k in initial if k.startswith(("net.features.0.", "net.features.1.")) and k.endswith(("weight", "bias"))]
+    assert frozen and all(torch.equal(initial[k], trained[k]) for k in frozen)
+    assert not torch.equal(initial["net.features.2.0.weight"], trained["net.features.2.0.weight"])
+    assert not torch.equal(initial["net.head.5.weight"], trained["net.head.5.weight"])
+
+
+@pytest.mark.parametrize("pattern, message", [("^backbone\\.", "matches no parameter of this model; its names start with net."),
+                                              (".", "matches every parameter")])
+def test_freeze_patterns_that_freeze_nothing_or_everything_are_refused(prepared_small, tmp_path, pattern, message):
+    with pytest.raises(TrainError, match=re.escape(message)):
+        train(small_params(train={"freeze": pattern}), prepared_small, tmp_path / "m", track=False)
+    assert not (tmp_path / "m" / "last.pt").exists()
+
+
+def test_freeze_must_be_a_regular_expression():
+    with pytest.raises(ParamsError, match=r"train.freeze.*not a regular expression"):
+        parse_params({"train": {"freeze": "net.(features"}})

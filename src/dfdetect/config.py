@@ -56,6 +56,8 @@ class ModelParams(Section):
     pretrained: bool = Field(False, description="start from ImageNet weights (local file or torch cache)")
     weights_path: str | None = Field(None, description="file of ImageNet weights; default: torch hub cache")
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    residual_branch: bool = Field(False, description="add a small CNN on fixed high-pass residuals of the image, "
+                                                     "whose logit is added to the backbone's")
 
 
 class AugmentParams(Section):
@@ -111,6 +113,9 @@ class TrainParams(Section):
     early_stopping_patience: int = Field(5, ge=0, description="epochs without val AUC gain; 0 disables")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="exponential moving average of the weights, validated "
                              "and shipped instead of the last step's (0 disables; 0.998 averages about 500 steps)")
+    freeze: str = Field("", description="regular expression: parameters whose names match keep their initial "
+                        "(ImageNet) values, e.g. '^net\\.(_conv_stem|_bn0|_blocks\\.[0-2]\\.)' for Lite0's first "
+                        "layers; their gradients are then not computed. Empty: train every parameter")
     augment: AugmentParams = AugmentParams()
     sbi: SbiParams = SbiParams()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -121,6 +126,15 @@ class TrainParams(Section):
     num_workers: int = Field(0, ge=0, le=64)
     calibrate: bool = Field(True, description="fit a temperature on validation after training (served probabilities "
                                               "then mean what they say); the threshold moves with it")
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_compiles(cls, value):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
 
 class EvaluateParams(Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,11 +48,29 @@ class TrainResult:
     stopped_early: bool
 
 
+def freeze_parameters(model: nn.Module, pattern: str) -> int:
+    """Stop training the parameters whose names match `pattern`; returns how many tensors were frozen."""
+    if not pattern:
+        return 0
+    names = [name for name, _ in model.named_parameters()]
+    frozen = [name for name in names if re.search(pattern, name)]
+    if not frozen:
+        raise TrainError(f"train.freeze={pattern!r} matches no parameter of this model; its names start with "
+                         + ", ".join(names[:4]))
+    if len(frozen) == len(names):
+        raise TrainError(f"train.freeze={pattern!r} matches every parameter: nothing would be trained")
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return len(frozen)
+
+
 def make_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
     t = params.train
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def make_scheduler(optimizer, params: Params):
@@ -144,6 +163,7 @@ def train(
                                     [train_split.relpaths[i] for i in reals])
 
     model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
+    frozen = freeze_parameters(model, t.freeze)
     ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
     shipped = ema.module if ema else model  # what is validated, checkpointed as best and registered
     optimizer = make_optimizer(model, params)
@@ -187,8 +207,8 @@ def train(
     if d.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     val_loader = batch_loader(val_split, max(t.batch_size, 64), shuffle=False)
-    log.info("model %s (%d parameters) on %s, precision %s, channels_last %s; %d train / %d val images",
-             params.model.name, count_parameters(model), rt.device, rt.precision, rt.channels_last,
+    log.info("model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
+             params.model.name, count_parameters(model), frozen, rt.device, rt.precision, rt.channels_last,
              len(train_split.labels), len(val_split.labels))
 
     mlflow = tracking.setup_mlflow(params) if track else None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelParams
+from .residual import ResidualBranch
 
 
 class ModelError(ValueError):
@@ -89,13 +90,17 @@ class Detector(nn.Module):
     temperature fitted on validation (1 until then): calibration travels inside the weights, so every path
     (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, branch: nn.Module | None = None):
         super().__init__()
         self.net = net
+        self.branch = branch  # optional second opinion whose logit is added (model.residual_branch)
         self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, x):
-        return self.net(x).reshape(-1) / self.temperature
+        logits = self.net(x).reshape(-1)
+        if self.branch is not None:
+            logits = logits + self.branch(x)
+        return logits / self.temperature
 
 
 def create_model(params: ModelParams) -> nn.Module:
@@ -104,7 +109,7 @@ def create_model(params: ModelParams) -> nn.Module:
     if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
         path = imagenet_weights_file(spec, params.weights_path)
         load_matching(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
-    return Detector(net)
+    return Detector(net, ResidualBranch(params.dropout) if params.residual_branch else None)
 
 
 def count_parameters(model: nn.Module) -> int:
