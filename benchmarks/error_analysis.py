@@ -31,6 +31,7 @@ def analyse(predictions: pd.DataFrame, worst: int = 5) -> dict:
     if (predictions.groupby("video")["label"].nunique() > 1).any():
         raise ValueError("a video has frames of both labels: its frames were grouped wrongly")
     as_video_mean = predictions["video"].map(videos["mean"])
+    spread = videos["std"].dropna()  # videos of one frame have none
 
     def listing(rows: pd.DataFrame) -> list[dict]:
         return [{"video": v, "mean": round(r["mean"], 4), "frames": int(r["frames"])} for v, r in rows.iterrows()]
@@ -40,7 +41,7 @@ def analyse(predictions: pd.DataFrame, worst: int = 5) -> dict:
         "frame_roc_auc": round(roc_auc_score(predictions["label"], predictions["fake_probability"]), 6),
         "video_roc_auc": round(roc_auc_score(videos["label"], videos["mean"]), 6),
         "frame_roc_auc_with_video_means": round(roc_auc_score(predictions["label"], as_video_mean), 6),
-        "mean_within_video_std": round(float(videos["std"].mean()), 4),
+        "mean_within_video_std": round(float(spread.mean()), 4) if len(spread) else None,
         "fake_videos_scored_lowest": listing(videos[videos["label"] == 1].nsmallest(worst, "mean")),
         "real_videos_scored_highest": listing(videos[videos["label"] == 0].nlargest(worst, "mean")),
     }

@@ -16,11 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from dfdetect.config import load_params
 from dfdetect.evaluate import evaluate
 from dfdetect.orchestration import apply_overrides
 from dfdetect.prepare import prepare
 from dfdetect.train import train
+from error_analysis import analyse  # beside this script
 
 TARGET_AUC, BUDGET_MINUTES = 0.97, 30.0
 
@@ -55,6 +58,7 @@ def main() -> None:
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "val_roc_auc": round(result.best_val_auc, 6),
         "test": {k: metrics[k] for k in ("roc_auc", "average_precision", "eer", "accuracy", "ece", "threshold", "n_real", "n_fake")},
         "test_video": {k: v for k, v in metrics.items() if k.startswith("video_") or k == "n_videos"},
+        "errors": analyse(pd.read_csv(work / "eval" / "predictions.csv")),
         "robustness": json.loads((work / "eval" / "robustness.json").read_text()) if params.evaluate.robustness else None,
         "datasets": metrics.get("datasets"),
         "target": {"roc_auc": TARGET_AUC, "train_minutes": BUDGET_MINUTES,

@@ -68,6 +68,19 @@ def test_grad_cam_highlights_where_the_evidence_is():
     assert overlay(np.zeros((16, 16, 3), np.uint8), heat).shape == (16, 16, 3)
 
 
+
+def test_grad_cam_explains_the_backbone_beside_a_residual_branch():
+    from dfdetect.config import ModelParams
+    from dfdetect.explain import grad_cam, last_conv
+    from dfdetect.models import create_model
+
+    model = create_model(ModelParams(name="custom_cnn", residual_branch=True))
+    backbone_convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert last_conv(model) is backbone_convs[-1]  # not the branch's, which sees noise residuals
+    heat, p = grad_cam(model, torch.rand(1, 3, 48, 48))
+    assert heat.shape == (48, 48) and 0 <= p <= 1
+
+
 def test_explain_cli_writes_an_overlay(tracked_run, sample_root, tmp_path):
     import json
 

@@ -36,6 +36,10 @@ def test_separates_within_video_noise_from_misranked_videos(tmp_path):
     report = json.loads(_run(tmp_path / "misranked.csv").stdout)
     assert report["frame_roc_auc_with_video_means"] == 0.5 and report["video_roc_auc"] == 0.5
     assert report["fake_videos_scored_lowest"][0]["video"] == "f2"
+    # still images: every "video" is one frame, and the report stays valid JSON
+    _write(tmp_path / "stills.csv", [("a", 0, [0.2]), ("b", 1, [0.7])])
+    report = json.loads(_run(tmp_path / "stills.csv").stdout)
+    assert report["frame_roc_auc"] == 1.0 and report["mean_within_video_std"] is None
 
 
 def test_names_missing_columns_and_files(tmp_path):

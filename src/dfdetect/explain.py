@@ -1,8 +1,8 @@
 """Grad-CAM (Selvaraju et al., 2017) heatmaps: which regions pushed the model towards "fake".
 
 The gradient of the fake logit with respect to the last convolution's feature maps weighs those maps; their
-positive sum, upsampled to the input, is the heatmap. Works for every registered architecture (the last
-Conv2d is the layer), in fp32, on one image at a time.
+positive sum, upsampled to the input, is the heatmap. Works for every registered architecture (the backbone's
+last Conv2d is the layer), in fp32, on one image at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .preprocessing import PreprocessConfig, resize_square, to_model_input
 
 
 def last_conv(model: nn.Module) -> nn.Module:
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # The backbone's (Detector.net): a residual branch's convolutions see noise residuals, not the face.
+    convs = [m for m in getattr(model, "net", model).modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"{type(model).__name__} has no Conv2d layer: Grad-CAM needs one")
     return convs[-1]
