@@ -55,7 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.predictions.is_file():
         parser.error(f"{args.predictions}: no such file (run dfdetect evaluate first)")
-    report = {"predictions": str(args.predictions), **analyse(pd.read_csv(args.predictions), args.worst)}
+    try:
+        report = {"predictions": str(args.predictions), **analyse(pd.read_csv(args.predictions), args.worst)}
+    except ValueError as exc:
+        parser.error(f"{args.predictions}: {exc}")
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,6 @@ def test_grad_cam_highlights_where_the_evidence_is():
     assert overlay(np.zeros((16, 16, 3), np.uint8), heat).shape == (16, 16, 3)
 
 
-
 def test_grad_cam_explains_the_backbone_beside_a_residual_branch():
     from dfdetect.config import ModelParams
     from dfdetect.explain import grad_cam, last_conv

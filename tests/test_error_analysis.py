@@ -45,6 +45,7 @@ def test_separates_within_video_noise_from_misranked_videos(tmp_path):
 def test_names_missing_columns_and_files(tmp_path):
     pd.DataFrame({"path": ["a.jpg"], "label": [0], "fake_probability": [0.2]}).to_csv(tmp_path / "p.csv", index=False)
     result = _run(tmp_path / "p.csv")
-    assert result.returncode != 0 and "missing ['video']" in result.stderr
+    assert result.returncode != 0 and "p.csv: predictions need the columns" in result.stderr and "missing ['video']" in result.stderr
+    assert "Traceback" not in result.stderr
     result = _run(tmp_path / "nope.csv")
     assert result.returncode != 0 and "nope.csv: no such file" in result.stderr

@@ -115,7 +115,8 @@ class TrainParams(Section):
                              "and shipped instead of the last step's (0 disables; 0.998 averages about 500 steps)")
     freeze: str = Field("", description="regular expression: parameters whose names match keep their initial "
                         "(ImageNet) values, e.g. '^net\\.(_conv_stem|_bn0|_blocks\\.[0-2]\\.)' for Lite0's first "
-                        "layers; their gradients are then not computed. Empty: train every parameter")
+                        "layers; their gradients are then not computed (batch-norm statistics still adapt). "
+                        "Empty: train every parameter")
     augment: AugmentParams = AugmentParams()
     sbi: SbiParams = SbiParams()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
