@@ -2,8 +2,8 @@
 
 Fine-tuning on a few thousand faces is noisy from one step to the next; the average of the recent weights
 is the common remedy, at the cost of one copy of the model (on the shared faces it did not measurably
-change test ROC-AUC: README "Detection quality"). The decay warms up (as timm's ModelEmaV2 and the EfficientNet recipes do) so the first
-epoch's average is not dominated by the initial weights.
+change test ROC-AUC: README "Detection quality"). The decay warms up (as timm's ModelEmaV2 and the
+EfficientNet recipes do) so the first epoch's average is not dominated by the initial weights.
 """
 
 from __future__ import annotations
