@@ -52,10 +52,10 @@ def test_predict_reports_unreadable_images_and_classifies_the_rest(prepared_smal
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xffnope")
     good = next((sample_root / "test" / "fake").iterdir())
     result = runner.invoke(app, ["predict", str(good), str(tmp_path / "broken.jpg"), "--checkpoint", str(tmp_path / "m" / "best.pt")])
-    assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert result.exit_code == 1, result.output  # one input failed
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert lines[0]["label"] in ("real", "fake") and 0.0 <= lines[0]["fake_probability"] <= 1.0
-    assert "broken.jpg: not a readable image" in lines[1]["error"]
+    assert "broken.jpg: not a readable image" in lines[1]["error"] and "broken.jpg: not a readable image" in result.stderr
 
 
 def test_fetch_data_reads_the_remote_it_is_given(tmp_path):
@@ -80,3 +80,39 @@ def test_fetch_data_reads_the_remote_it_is_given(tmp_path):
     bad = runner.invoke(app, ["fetch-data", "--repo", str(clone), "--out", str(tmp_path / "nothing"),
                               "--remote-url", str(tmp_path / "empty-remote")])
     assert bad.exit_code != 0 and "empty-remote" in bad.output and "data" in bad.output
+
+
+# --- hardening (issue 14): predict's exit status and inputs that are not regular files ------------------
+
+@pytest.fixture(scope="module")
+def one_epoch_checkpoint(prepared_small, tmp_path_factory):
+    from dfdetect.train import train
+    from conftest import small_params
+
+    models = tmp_path_factory.mktemp("predict") / "m"
+    train(small_params(train={"epochs": 1}), prepared_small, models, track=False)
+    return models / "best.pt"
+
+
+@pytest.mark.timeout(120)
+def test_predict_fails_when_inputs_fail_and_never_opens_a_fifo(one_epoch_checkpoint, tmp_path, sample_root):
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would block until someone writes
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    bad = [fifo, tmp_path / "folder.jpg", tmp_path / "gone.jpg"]
+    result = runner.invoke(app, ["predict", *map(str, bad), "--checkpoint", str(one_epoch_checkpoint)])
+    assert result.exit_code == 1, result.output
+    assert "pipe.jpg: not a regular file (a FIFO)" in result.stderr
+    assert "folder.jpg: not a regular file (a directory)" in result.stderr
+    assert "gone.jpg: cannot be read (a broken symbolic link)" in result.stderr
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == list(map(str, bad))
+
+    good = next((sample_root / "test" / "fake").iterdir())
+    some = runner.invoke(app, ["predict", str(good), str(fifo), "--checkpoint", str(one_epoch_checkpoint)])
+    assert some.exit_code == 1 and "1 of 2 inputs failed" in some.stderr
+    assert json.loads(some.stdout.splitlines()[0])["label"] in ("real", "fake")
+    ok = runner.invoke(app, ["predict", str(good), "--checkpoint", str(one_epoch_checkpoint)])
+    assert ok.exit_code == 0 and ok.stderr == ""

@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,47 @@ def test_small_images_and_duplicates_are_excluded(data_copy, tmp_path):
 def test_missing_data_folder(tmp_path):
     with pytest.raises(DatasetError, match="data folder not found"):
         discover(tmp_path / "nothing")
+
+
+# --- hardening (issue 14): files that are not regular files, and I/O errors while reading --------------
+
+def _unreadable_entries(folder):
+    """A FIFO (opening it would block), a broken symbolic link, and a file whose read fails with EIO."""
+    import os
+
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")
+    (folder / "eio.jpg").symlink_to("/proc/self/mem")  # stat says regular file; read() fails: Input/output error
+    return ["pipe.jpg: not a regular file (a FIFO)", "gone.png: cannot be read (a broken symbolic link)",
+            "eio.jpg: cannot be read (Input/output error)"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_fifos_broken_links_and_io_errors_are_counted_and_listed_as_unreadable(data_copy, tmp_path):
+    expected = _unreadable_entries(data_copy / "train" / "real")
+    report = prepare(data_copy, tmp_path / "out", small_params(prepare={"max_bad_fraction": 0.05}).prepare)
+    assert report["files_found"] == 83 and report["files_used"] == 80
+    for message in expected:
+        assert any(p.endswith("train/real/" + message) for p in report["unreadable"]), (message, report["unreadable"])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Unreadable or truncated (excluded): 3" in markdown and "pipe.jpg: not a regular file (a FIFO)" in markdown
+    rows = {r["path"]: r["status"] for r in csv.DictReader((tmp_path / "out" / "manifest.csv").open())}
+    assert rows["train/real/pipe.jpg"] == rows["train/real/eio.jpg"] == "unreadable"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_prepare_cli_turns_unreadable_files_into_a_clear_error(data_copy, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from dfdetect.cli import app
+
+    _unreadable_entries(data_copy / "val" / "fake")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(small_params(prepare={"max_bad_fraction": 0.0}).model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["prepare", "-p", str(params_file), "--data", str(data_copy), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert "3 of 83 files are unreadable" in result.stderr and "val/fake/eio.jpg: cannot be read" in result.stderr

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import yaml
 
 from dfdetect import registry, tracking
-from dfdetect.config import parse_params
+from dfdetect.config import ParamsError, parse_params
 from dfdetect.registry import CHALLENGER, CHAMPION, RegistryError
 
 
@@ -200,3 +201,127 @@ def test_config_metric_names_match_the_metric_registry():
     from dfdetect.metrics import available_metrics
 
     assert list(get_args(MetricName)) == available_metrics()
+
+
+# --- hardening (issue 14): credentials in the URI, the promotion lock, the listing ----------------------
+
+def test_a_tracking_uri_with_credentials_is_reachable_and_its_secret_never_printed(caplog):
+    import base64
+    import logging
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dfdetect.servers import free_port
+
+    seen = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    caplog.set_level(logging.DEBUG)
+    try:
+        tracking.check_reachable(f"http://admin:s3cret@127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [("/health", "Basic " + base64.b64encode(b"admin:s3cret").decode())]  # the server gets them
+    with pytest.raises(tracking.TrackingError) as err:  # and a real failure still names the host, not the secret
+        tracking.check_reachable(f"http://admin:s3cret@127.0.0.1:{free_port()}", timeout=2)
+    assert "127.0.0.1" in str(err.value) and "s3cret" not in str(err.value) and "admin" not in str(err.value)
+    assert "s3cret" not in caplog.text
+
+
+HOLDER = """
+import sys, time
+from dfdetect import registry
+from dfdetect.config import ParamsError, parse_params
+params = parse_params({"mlflow": {"tracking_uri": sys.argv[1]}})
+with registry.registry_lock(registry.client_for(params), sys.argv[2], 5, 900):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_lock(env):
+    """A real promotion-lock holder in another process, as a promote in progress is."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, env["uri"], env["params"].registry.model_name],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.timeout(120)
+def test_a_lock_left_by_a_killed_promotion_is_taken_over_at_once(env, caplog):
+    import logging
+
+    holder = _hold_lock(env)
+    quick = env["make"](lock_timeout_s=1)
+    try:  # a live holder within its lease is respected
+        with pytest.raises(RegistryError, match="holds the lock"):
+            registry.rollback(quick, "while another promotion runs")
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the lock stays behind
+        holder.wait()
+    caplog.set_level(logging.INFO, logger="dfdetect.registry")
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="has no 'champion' to roll back"):  # i.e. it got the lock
+        registry.rollback(quick, "after the kill")
+    assert time.monotonic() - started < 30
+    assert f"pid {holder.pid}" in caplog.text and "no longer runs" in caplog.text
+    names = {m.name for m in registry.client_for(quick).search_registered_models()}
+    assert f"{quick.registry.model_name}.promotion-lock" not in names
+
+
+@pytest.mark.timeout(120)
+def test_a_lock_past_its_lease_is_taken_over_even_from_a_live_holder(env, caplog):
+    import logging
+
+    holder = _hold_lock(env)
+    try:
+        caplog.set_level(logging.INFO, logger="dfdetect.registry")
+        time.sleep(2.5)
+        with pytest.raises(RegistryError, match="has no 'champion' to roll back"):
+            registry.rollback(env["make"](lock_timeout_s=1, lock_lease_s=2), "the lease ran out")
+        assert "lease of 2s expired" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_lease_is_a_typed_param():
+    assert parse_params({}).promotion.lock_lease_s == 900
+    with pytest.raises(ParamsError, match="promotion.lock_lease_s"):
+        parse_params({"promotion": {"lock_lease_s": 0}})
+
+
+def test_models_list_tells_former_champions_from_the_champion(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from dfdetect.cli import app
+
+    _register(env)
+    registry.promote(env["make"](floors={}), env["prepared"])
+    _register(env)
+    registry.promote(env["make"](floors={}), env["prepared"])
+    status = {v["version"]: v["status"] for v in registry.list_versions(env["params"])["versions"]}
+    assert status["2"] == "champion"
+    assert status["1"].startswith("former champion (replaced by v2 on 20")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(env["params"].model_dump(mode="json")))
+    shown = CliRunner().invoke(app, ["models", "list", "-p", str(params_file)], terminal_width=250)
+    assert shown.exit_code == 0, shown.output
+    row1 = next(line for line in shown.stdout.splitlines() if line.strip("│ ").startswith("1 "))
+    assert "former champion (replaced by v2" in row1 and "promoted" not in row1
+    registry.rollback(env["params"], "worse on new uploads")
+    status = {v["version"]: v["status"] for v in registry.list_versions(env["params"])["versions"]}
+    assert status["1"] == "champion" and status["2"].startswith("former champion (rolled back to v1 on 20")

@@ -151,3 +151,61 @@ def test_freeze_patterns_that_freeze_nothing_or_everything_are_refused(prepared_
 def test_freeze_must_be_a_regular_expression():
     with pytest.raises(ParamsError, match=r"train.freeze.*not a regular expression"):
         parse_params({"train": {"freeze": "net.(features"}})
+
+
+# --- hardening (issue 14): kills during a checkpoint write, metrics across a kill and resume ---------------
+
+def test_stale_checkpoint_temporaries_are_removed_when_training_starts(prepared_small, tmp_path, caplog):
+    import logging
+
+    models = tmp_path / "models"
+    models.mkdir()
+    stale = [models / ".last.pt.k2j3h4.tmp", models / ".best.pt.x_9.tmp", models / ".summary.json.abc.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    (models / "notes.tmp").write_text("not ours")
+    caplog.set_level(logging.INFO, logger="dfdetect.train")
+    train(small_params(train={"epochs": 1}), prepared_small, models, track=False)
+    assert not any(p.exists() for p in stale) and (models / "notes.tmp").exists()
+    assert ".last.pt.k2j3h4.tmp" in caplog.text and "removed" in caplog.text
+
+
+def test_each_epoch_is_logged_once_in_mlflow_across_a_kill_and_resume(prepared_small, tmp_path, monkeypatch):
+    """Killed after an epoch's metrics reached MLflow but before its checkpoint did: the resumed run repeats
+    that epoch and must not log it again; and steps MLflow lacks are logged from the checkpoint's history."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = small_params(mlflow={"tracking_uri": uri})
+    models = tmp_path / "models"
+    first = train(params, prepared_small, models, stop_after_epochs=1)
+    shutil.copy(models / "last.pt", tmp_path / "after-epoch-1.pt")
+    train(params, prepared_small, models, resume=models / "last.pt", stop_after_epochs=1)  # logs epoch 2 ...
+    # ... and "is killed" before its checkpoint: resume from the epoch-1 checkpoint, as a real kill leaves it
+    done = train(params, prepared_small, models, resume=tmp_path / "after-epoch-1.pt")
+    assert done.completed and done.run_id == first.run_id
+    client = MlflowClient(tracking_uri=uri)
+    for key in ("train_loss", "val_auc", "val_loss", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(first.run_id, key))
+        assert steps == [1, 2, 3], (key, steps)
+
+
+def test_steps_missing_from_mlflow_are_logged_on_resume(prepared_small, tmp_path, monkeypatch):
+    """A checkpoint whose epochs never reached the run (e.g. MLflow was down and the run started anew)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = small_params(mlflow={"tracking_uri": uri})
+    models = tmp_path / "models"
+    first = train(params, prepared_small, models, stop_after_epochs=2)
+    client = MlflowClient(tracking_uri=uri)
+    fresh = client.create_run(client.get_run(first.run_id).info.experiment_id).info.run_id
+    state = torch.load(models / "last.pt", weights_only=True)
+    state["run_id"] = fresh  # the checkpoint now names a run that has none of its epochs
+    torch.save(state, models / "last.pt")
+    train(params, prepared_small, models, resume=models / "last.pt")
+    assert sorted(m.step for m in client.get_metric_history(fresh, "val_auc")) == [1, 2, 3]

@@ -96,6 +96,8 @@ def prepare(
         report = run_prepare(data, out, params.prepare, workers=workers)
     except DatasetError as exc:
         _fail(str(exc))
+    except OSError as exc:  # e.g. writing the output: a clear line, not a traceback
+        _fail(f"{exc.filename or out}: {exc.strerror or exc}")
     typer.echo((out / "report.md").read_text())
     if report["notes"]:
         log.warning("; ".join(report["notes"]))
@@ -176,23 +178,31 @@ def predict(
     checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
     model_uri: Optional[str] = typer.Option(None, "--model-uri", help="An MLflow model URI (runs:/ID/model, models:/NAME@alias); overrides --checkpoint."),
 ):
-    """Classify images as real or fake; prints one JSON line per image."""
+    """Classify images as real or fake; prints one JSON line per image. Exits 1 if any input failed
+    (each is named on stderr)."""
     from .inference import Predictor
+    from .io_utils import read_regular_file
     from .preprocessing import ImageError, decode_image
 
     try:
         predictor = Predictor.from_mlflow(model_uri) if model_uri else Predictor.from_checkpoint(checkpoint)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    failed = 0
     for path in images:
-        try:
-            img = decode_image(path.read_bytes(), str(path))
+        try:  # a FIFO, device or folder is refused before it is opened: reading a FIFO would hang
+            img = decode_image(read_regular_file(path), str(path))
         except (ImageError, OSError) as exc:
+            failed += 1
             typer.echo(json.dumps({"path": str(path), "error": str(exc)}))
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             continue
         v = predictor.verdicts([img])[0]
         typer.echo(json.dumps({"path": str(path), "label": v.label, "fake_probability": round(v.fake_probability, 6),
                                "threshold": round(v.threshold, 6)}))
+    if failed:  # a script must not take "every input failed" for success
+        typer.secho(f"error: {failed} of {len(images)} inputs failed", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -384,11 +394,11 @@ def models_list(
     from rich.table import Table
 
     table = Table(title=f"{listing['name']}")
-    for col in ("version", "aliases", "created", "roc_auc", "eer", "promotion", "run"):
+    for col in ("version", "aliases", "created", "roc_auc", "eer", "status", "run"):
         table.add_column(col)
     for v in listing["versions"]:
         table.add_row(v["version"], ", ".join(v["aliases"]), v["created"], v["metrics"].get("roc_auc", "-"),
-                      v["metrics"].get("eer", "-"), v["promotion"] or "-", v["run_id"][:8])
+                      v["metrics"].get("eer", "-"), v["status"], v["run_id"][:8])
     history = Table(title="alias history")
     for col in ("at", "alias", "version", "from", "by", "reason"):
         history.add_column(col)

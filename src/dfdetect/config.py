@@ -186,6 +186,8 @@ class PromotionParams(Section):
         description="every one must hold for the challenger (for eer: a ceiling); alone decide with no champion",
     )
     lock_timeout_s: float = Field(120.0, gt=0, description="how long to wait for another promotion to finish")
+    lock_lease_s: float = Field(900.0, gt=0, description="a promotion lock older than this is taken over (a holder "
+                                                         "on this host whose process is gone: at once)")
 
 
 class ServingParams(Section):

@@ -63,9 +63,11 @@ def discover(root: str | Path) -> tuple[list[ImageFile], list[str]]:
             class_dir = split_dir / class_name
             if not class_dir.is_dir():
                 raise DatasetError(f"{class_dir}: missing class folder (each split needs real/ and fake/)")
-            found = sorted(
-                p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-            )
+            try:  # not p.is_file(): FIFOs and broken links are listed too, to be reported unreadable, not skipped
+                found = sorted(p for p in class_dir.rglob("*")
+                               if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir())
+            except OSError as exc:
+                raise DatasetError(f"{class_dir}: cannot list the folder ({exc.strerror or exc})") from None
             if not found:
                 raise DatasetError(f"{class_dir}: empty class, no images ({sorted(IMAGE_EXTENSIONS)}) "
                                    f"or videos ({sorted(VIDEO_EXTENSIONS)})")

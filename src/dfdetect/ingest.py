@@ -19,6 +19,7 @@ from PIL import Image
 from .config import FacesParams
 from .data import FACES_DIR, ImageFile
 from .faces import FaceDetector, build_detector, crop_face
+from .io_utils import check_regular_file, read_regular_file
 from .preprocessing import ImageError, decode_image
 from .progress import map_chunks
 from .video import VideoError, read_frames
@@ -59,10 +60,11 @@ def extract_one(file: ImageFile, out_root: Path, params: FacesParams) -> SourceR
     result = SourceResult(file)
     try:
         if file.is_video:
+            check_regular_file(file.path, file.relpath)  # FFmpeg would block on a FIFO
             clip = read_frames(file.path, params.frames_per_video, file.relpath)
             frames = list(zip(clip.indices, clip.frames))
         else:
-            frames = [(0, np.asarray(decode_image(file.path.read_bytes(), file.relpath)))]
+            frames = [(0, np.asarray(decode_image(read_regular_file(file.path, file.relpath), file.relpath)))]
     except (VideoError, ImageError, OSError) as exc:
         result.error = str(exc)
         return result

@@ -17,7 +17,7 @@ import numpy as np
 from .config import PrepareParams
 from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
 from .ingest import extract_faces, faces_report
-from .io_utils import atomic_dir
+from .io_utils import UnreadableFile, atomic_dir, read_regular_file
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
 from .progress import map_chunks
@@ -40,7 +40,10 @@ class Checked:
 
 
 def check_one(file: ImageFile, image_size: int, min_size: int) -> Checked:
-    data = file.path.read_bytes()
+    try:  # a FIFO or device is refused unopened; an I/O error makes the file unreadable, not the run fail
+        data = read_regular_file(file.path, file.relpath)
+    except UnreadableFile as exc:
+        return Checked(file, "", status="unreadable", problem=str(exc))
     checked = Checked(file, hashlib.sha256(data).hexdigest())
     try:
         img = decode_image(data, file.relpath)

@@ -48,7 +48,9 @@ def client_for(params: Params):
 
     uri = tracking.tracking_uri(params)
     tracking.connect(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tracking.check_store(uri, client, params.mlflow.experiment)  # registry moves write artifacts too
+    return client
 
 
 def _not_found(exc) -> bool:
@@ -94,32 +96,65 @@ def _record(client, name: str, entry: dict) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
+def _lock_tags(client, lock: str) -> dict | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_registered_model(lock).tags)
+    except MlflowException:
+        return None  # released meanwhile
+
+
+def _stale(tags: dict, lease_s: float) -> str:
+    """Why a lock may be taken over ('' if it may not): its holder on this host is gone, or its lease expired."""
+    if tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit():
+        try:
+            os.kill(int(tags["pid"]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return f"its holder's process (pid {tags['pid']}) no longer runs"
+        except (PermissionError, OverflowError):  # PermissionError: it runs, as another user
+            pass
+    try:
+        held = time.time() - float(tags.get("acquired_at", "0"))
+    except ValueError:
+        held = float("inf")
+    return f"its lease of {lease_s:g}s expired (held {held:.0f}s)" if held > lease_s else ""
+
+
 @contextmanager
-def registry_lock(client, name: str, timeout_s: float, stale_after_s: float = 900):
-    """Exclusive across processes and machines: creating a registered model of a taken name fails."""
+def registry_lock(client, name: str, timeout_s: float, lease_s: float):
+    """Exclusive across processes and machines: creating a registered model of a taken name fails.
+
+    The lock records its holder's host, pid and start. A killed holder cannot release it, so a lock whose
+    holder process on this host is gone is taken over at once, and any lock once its lease has expired.
+    """
     from mlflow.exceptions import MlflowException
 
     lock = f"{name}.promotion-lock"
-    holder = f"{socket.gethostname()}:{os.getpid()}"
+    host, pid = socket.gethostname(), os.getpid()
+    mine = {"holder": f"{host}:{pid}", "host": host, "pid": str(pid), "acquired_at": repr(time.time())}
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client.create_registered_model(lock, tags={"holder": holder, "acquired_at": str(time.time())},
+            client.create_registered_model(lock, tags=mine,
                                            description=f"Held by a dfdetect promotion or rollback of '{name}'.")
             break
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        try:
-            tags = client.get_registered_model(lock).tags
-        except MlflowException:
-            continue  # released meanwhile
-        if time.time() - float(tags.get("acquired_at", "0")) > stale_after_s:
-            log.warning("breaking a stale registry lock held by %s", tags.get("holder"))
-            try:
-                client.delete_registered_model(lock)
-            except MlflowException:
-                pass
+        tags = _lock_tags(client, lock)
+        if tags is None:
+            continue
+        why = _stale(tags, lease_s)
+        if why:
+            # Delete only the lock judged stale: if it changed meanwhile, another process took it over first.
+            # (MLflow has no compare-and-delete, so a narrow window remains between this read and the delete.)
+            if _lock_tags(client, lock) == tags:
+                log.warning("taking over the registry lock of '%s' held by %s: %s", name, tags.get("holder"), why)
+                try:
+                    client.delete_registered_model(lock)
+                except MlflowException:
+                    pass
             continue
         if time.monotonic() > deadline:
             raise RegistryError(f"another promotion or rollback of '{name}' holds the lock ({tags.get('holder')}); "
@@ -128,7 +163,10 @@ def registry_lock(client, name: str, timeout_s: float, stale_after_s: float = 90
     try:
         yield
     finally:
-        client.delete_registered_model(lock)
+        if _lock_tags(client, lock) == mine:  # still ours: after a lease expiry it may be another's now
+            client.delete_registered_model(lock)
+        else:
+            log.warning("the registry lock of '%s' was taken over while this process held it", name)
 
 
 # --- loading ----------------------------------------------------------------------------------------------
@@ -313,7 +351,7 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
     client = client_for(params)
     name = params.registry.model_name
     split, notes = choose_split(prepared_dir, "test")
-    with registry_lock(client, name, params.promotion.lock_timeout_s):
+    with registry_lock(client, name, params.promotion.lock_timeout_s, params.promotion.lock_lease_s):
         challenger_mv = _alias_version(client, name, CHALLENGER)
         if challenger_mv is None:
             raise RegistryError(f"registered model '{name}' has no '{CHALLENGER}'; run `dfdetect register` first")
@@ -322,7 +360,7 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
                                 "another registration came in between; promote it deliberately")
         champion_mv = _alias_version(client, name, CHAMPION)
         report = {"name": name, "at": _now(), "split": split, "notes": notes, "prepared_dir": str(prepared_dir),
-                  "rule": params.promotion.model_dump(exclude={"lock_timeout_s"})}
+                  "rule": params.promotion.model_dump(exclude={"lock_timeout_s", "lock_lease_s"})}
         if champion_mv is not None and str(champion_mv.version) == str(challenger_mv.version):
             report.update(verdict="already champion", checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
                           challenger={"version": str(challenger_mv.version), "metrics": {}}, champion=None)
@@ -371,7 +409,7 @@ def rollback(params: Params, reason: str) -> dict:
     """Move `champion` back to the version it replaced."""
     client = client_for(params)
     name = params.registry.model_name
-    with registry_lock(client, name, params.promotion.lock_timeout_s):
+    with registry_lock(client, name, params.promotion.lock_timeout_s, params.promotion.lock_lease_s):
         current = _alias_version(client, name, CHAMPION)
         if current is None:
             raise RegistryError(f"registered model '{name}' has no '{CHAMPION}' to roll back")
@@ -402,14 +440,41 @@ def list_versions(params: Params) -> dict:
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
+    history = alias_history(client, name)
+    all_versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version))
     versions = []
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+    for mv in all_versions:
         versions.append({
             "version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
             "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
             "run_id": mv.run_id,
             "metrics": {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")},
-            "promotion": mv.tags.get("dfdetect.promotion.verdict"),
+            "status": _status(mv, str((model.aliases or {}).get(CHAMPION)), history, all_versions),
+            "promotion": mv.tags.get("dfdetect.promotion.verdict"),  # of the last promotion it took part in
             "rolled_back": mv.tags.get("dfdetect.rolled_back"),
         })
-    return {"name": name, "versions": versions, "history": alias_history(client, name)}
+    return {"name": name, "versions": versions, "history": history}
+
+
+def _status(mv, champion: str, history: list[dict], all_versions) -> str:
+    """'champion' for the current one only; a replaced champion says by what and when; others their verdict.
+
+    The promotion verdict tag alone misleads: a champion's tags also record the promotion that replaced it.
+    """
+    version = str(mv.version)
+    if version == champion:
+        return CHAMPION
+    moves = [h for h in history if h.get("alias") == CHAMPION and str(h.get("from")) == version]
+    if moves:
+        last = moves[-1]
+        how = "rolled back to" if last.get("by") == "rollback" else "replaced by"
+        return f"former champion ({how} v{last['version']} on {last['at']})"
+    if PREVIOUS_TAG in mv.tags:  # it was promoted once; the move away fell out of the (size-limited) history
+        if mv.tags.get("dfdetect.rolled_back"):
+            return f"former champion (rolled back {mv.tags['dfdetect.rolled_back']})"
+        after = [m for m in all_versions if m.tags.get(PREVIOUS_TAG) == version]
+        if after:
+            return (f"former champion (replaced by v{after[-1].version} on "
+                    f"{after[-1].tags.get('dfdetect.promotion.at', '?')})")
+        return "former champion"
+    return mv.tags.get("dfdetect.promotion.verdict") or "-"

@@ -21,7 +21,7 @@ from .config import AugmentParams, Params
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
 from .sbi import sbi_batch
-from .io_utils import atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .metrics import eer_and_threshold, roc_auc
 from .models import count_parameters, create_model
 from .inference import predict_scores
@@ -146,6 +146,10 @@ def train(
     model_dir = Path(model_dir)
     t = params.train
     d = distributed.setup()
+    if d.is_main:  # a kill during a checkpoint write leaves its temporary behind
+        stale = remove_stale_temporaries(model_dir, ("best.pt", "last.pt", "summary.json"))
+        if stale:
+            log.info("removed temporaries of an interrupted write: %s", ", ".join(p.name for p in stale))
     device = t.device
     if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{d.local_rank}"  # one GPU per process
@@ -222,6 +226,24 @@ def train(
                              "dfdetect.params_hash": tracking.params_hash(params), "dfdetect.label_map": "real=0,fake=1",
                              "dfdetect.device": str(rt.device), "dfdetect.precision": rt.precision})
     sink = mlflow or _NoTracking()
+    logged: dict[str, set[int]] = {}  # metric -> the steps the run already has
+
+    def log_epoch(row: dict) -> None:
+        """Each epoch's metrics exactly once in the run, also across a kill and resume."""
+        new = {k: v for k, v in row.items() if k != "epoch" and row["epoch"] not in logged.setdefault(k, set())}
+        if new:
+            sink.log_metrics(new, step=row["epoch"])
+            for k in new:
+                logged[k].add(row["epoch"])
+
+    if mlflow and resume:
+        # Killed between an epoch's metrics and its checkpoint, the run has that epoch and the resumed loop
+        # repeats it: skip what the run has; log the checkpoint's epochs the run lacks.
+        client = mlflow.MlflowClient()
+        logged = {k: {m.step for m in client.get_metric_history(state["run_id"], k)}
+                  for k in HISTORY_FIELDS if k != "epoch"}
+        for row in state["history"]:
+            log_epoch(row)
 
     def ckpt_state(epoch: int, ranks: list) -> dict:
         return {
@@ -277,7 +299,7 @@ def train(
                        "seconds": round(time.time() - started, 2)}
                 state["history"].append(row)
                 bar.update(task, info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
-                sink.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                log_epoch(row)
 
                 if val_auc > state["best_val_auc"] + 1e-6:
                     state.update(best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0,
