@@ -7,6 +7,7 @@ from params.yaml (`DFDETECT_PARAMS`), the tracking server from `MLFLOW_TRACKING_
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -18,14 +19,16 @@ from typing import Annotated
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
-from bentoml.validators import DType
+from pydantic import Field
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import Counter, Histogram
+from starlette.responses import JSONResponse
 
-from dfdetect.batching import MicroBatcher, Overloaded
+from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 from dfdetect.config import load_params
+from dfdetect.http_guard import RequestGuard, Route
+from dfdetect.http_timeouts import install_header_timeout
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
 from dfdetect.serving import (FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, pick_arm,
                               video_response)
@@ -34,14 +37,36 @@ from dfdetect.video import VideoError, read_frames
 log = logging.getLogger("dfdetect.serving")
 PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
 SERVING = PARAMS.serving
+MB = 1024 * 1024
+install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker builds its uvicorn server
 
 
-class PayloadTooLarge(BentoMLException):
-    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+class ApiError(Exception):
+    """An answer other than 200, with its status and a message for the client (never a server path).
+
+    Returned as JSON by `answers_errors`: BentoML would replace the text of any 5xx with "unexpected error",
+    and a client that is told "overloaded" (with Retry-After) can back off instead of retrying at once."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s else {}
 
 
-class NoFace(BentoMLException):
-    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
+def answers_errors(api):
+    """Turn ApiError (and the batcher's overload and death) into a JSON answer with the right status."""
+    @functools.wraps(api)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await api(*args, **kwargs)
+        except Overloaded as exc:
+            exc = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"overloaded: {exc}", retry_after_s=1)
+        except BatcherDead as exc:
+            exc = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", retry_after_s=5)
+        except ApiError as err:
+            exc = err
+        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+    return wrapper
 
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
@@ -56,7 +81,7 @@ health_app = FastAPI(title="dfdetect health")
 @bentoml.asgi_app(health_app, path="/")
 class Detector:
     def __init__(self):
-        self.models = ModelSet(PARAMS, RegistryLoader(PARAMS))
+        self.models = ModelSet(PARAMS, RegistryLoader(PARAMS))  # contacts nothing yet
         try:
             self.models.refresh()
         except Exception as exc:  # nothing promoted yet, or the registry is down: not ready, keep polling
@@ -65,6 +90,8 @@ class Detector:
         threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
         self.batcher = MicroBatcher(self.models.score, SERVING.max_batch_size, SERVING.max_latency_ms,
                                     on_batch=BATCH_SIZE.observe)
+        # decoding and resizing happen here, never on the event loop (Pillow releases the GIL while decoding)
+        self._decoders = anyio.CapacityLimiter(SERVING.decode_threads)
         self._rng = np.random.default_rng()
         self.faces = FaceCropper(PARAMS.prepare.faces) if SERVING.face_crop else None
 
@@ -82,56 +109,63 @@ class Detector:
         """/readyz (the Kubernetes readiness probe) answers 503 until a model is loaded."""
         return self.models.ready
 
+    def __is_alive__(self) -> bool:
+        """/livez (the liveness probe) fails once the batcher has stopped: no image could be answered."""
+        return self.batcher.alive
+
     @staticmethod
     def _check_size(upload: Path, field: str, limit_mb: float, param: str) -> None:
-        size, limit = upload.stat().st_size, int(limit_mb * 1024 * 1024)
+        size, limit = upload.stat().st_size, int(limit_mb * MB)
         if size > limit:
-            raise PayloadTooLarge(f"{field}: {size} bytes is over the limit of {limit} bytes ({param})")
-
-    def _read_image(self, image: Path, field: str = "image") -> np.ndarray:
-        self._check_size(image, field, SERVING.max_upload_mb, "serving.max_upload_mb")
-        try:
-            return decode_image(image.read_bytes(), field)
-        except ImageError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{field}: {size} bytes is over the limit of {limit} bytes ({param})")
 
     def _image_size(self) -> int:
         info = self.models.info()
         if not info.get("ready"):
-            raise ServiceUnavailable("model not loaded yet")
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable: no model loaded yet", retry_after_s=5)
         return int(info["image_size"])
+
+    def _decode_and_crop(self, data: bytes, size: int) -> tuple[np.ndarray, object | None]:
+        """Bytes -> the model's S x S x 3 input (and the face box with serving.face_crop); in a thread."""
+        img = decode_image(data, "image", max_pixels=int(SERVING.max_image_megapixels * 1e6),
+                           max_side=SERVING.max_image_side, max_aspect_ratio=SERVING.max_aspect_ratio)
+        face = None
+        if self.faces:
+            found = self.faces(np.asarray(img))
+            if found is None:
+                raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                               "image: no face found (serving.face_crop is on: the model scores face crops)")
+            img, face = Image.fromarray(found[0]), found[1]
+        return resize_square(img, size), face
 
     async def _score(self, images: np.ndarray) -> list[Scored]:
         """One request's images, all answered by one version (drawn per request in A/B mode)."""
         arm = pick_arm(SERVING, self.models.challenger is not None, self._rng)
-        try:
-            return await self.batcher.submit(images, arm)
-        except Overloaded as exc:
-            raise ServiceUnavailable(f"overloaded: {exc}") from None
+        return await self.batcher.submit(images, arm)
 
     @bentoml.api
-    async def score(self, images: Annotated[np.ndarray, DType("uint8")]) -> list[dict]:
-        """N x S x S x 3 uint8 -> per image: fake_probability, threshold, version (the batched prediction
-        the HTTP endpoints use; S is the model's image_size, see /health)."""
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise InvalidArgument(f"images: expected N x S x S x 3 uint8, got {images.dtype} {images.shape}")
-        self._image_size()  # 503 until a model is loaded
-        return [dataclasses.asdict(s) for s in await self._score(images)]
+    @answers_errors
+    async def score(self, images: list) -> list[dict]:
+        """N x S x S x 3 integers 0-255 (uint8 pixels) -> per image: fake_probability, threshold, version (the
+        batched prediction the HTTP endpoints use; S is the model's image_size, see /health)."""
+        size = self._image_size()  # 503 until a model is loaded
+        array = await anyio.to_thread.run_sync(pixels_from_json, images, size, limiter=self._decoders)
+        return [dataclasses.asdict(s) for s in await self._score(array)]
 
     @bentoml.api(route="/inference/analyze-frame")
-    async def analyze_frame(self, image: Path, frameNumber: int = 0, explain: bool = False) -> dict:
+    @answers_errors
+    async def analyze_frame(self, image: Path, frameNumber: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
+                            explain: bool = False) -> dict:
         """One image (multipart field `image`) -> the original service's verdict JSON; `explain=true` adds a
         Grad-CAM overlay (`heatmap`, a PNG data URI) of what made the model say fake."""
         started = time.perf_counter()
-        img = self._read_image(image)
+        self._check_size(image, "image", SERVING.max_upload_mb, "serving.max_upload_mb")
         size = self._image_size()
-        face = None
-        if self.faces:
-            found = await anyio.to_thread.run_sync(self.faces, np.asarray(img))
-            if found is None:
-                raise NoFace("image: no face found (serving.face_crop is on: the model scores face crops)")
-            img, face = Image.fromarray(found[0]), found[1]
-        array = resize_square(img, size)
+        try:
+            array, face = await anyio.to_thread.run_sync(self._decode_and_crop, image.read_bytes(), size,
+                                                         limiter=self._decoders)
+        except ImageError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         scored = (await self._score(array[None]))[0]
         PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
         body = frame_response(frameNumber, scored, started)
@@ -142,24 +176,57 @@ class Detector:
         return body
 
     @bentoml.api(route="/inference/analyze-video")
+    @answers_errors
     async def analyze_video(self, video: Path) -> dict:
-        """A video (multipart field `video`): per-frame scores of uniformly sampled frames and their mean."""
+        """A video (multipart field `video`; MP4/MOV, Matroska/WebM or AVI, recognised from its content):
+        per-frame scores of uniformly sampled frames and their mean."""
         started = time.perf_counter()
         self._check_size(video, "video", SERVING.max_video_mb, "serving.max_video_mb")
-        try:
-            clip = await anyio.to_thread.run_sync(read_frames, video, SERVING.video_frames, "video")
-        except VideoError as exc:
-            raise InvalidArgument(str(exc)) from None
         size = self._image_size()
+        try:
+            clip = await anyio.to_thread.run_sync(
+                functools.partial(read_frames, video, SERVING.video_frames, "video",
+                                  max_pixels=int(SERVING.max_video_megapixels * 1e6)), limiter=self._decoders)
+        except VideoError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         frames, indices, without_face = clip.frames, clip.indices, None
         if self.faces:
-            crops = [await anyio.to_thread.run_sync(self.faces, f) for f in clip.frames]
+            crops = [await anyio.to_thread.run_sync(self.faces, f, limiter=self._decoders) for f in clip.frames]
             without_face = [i for i, c in zip(clip.indices, crops) if c is None]
             frames = [c[0] for c in crops if c is not None]
             indices = [i for i, c in zip(clip.indices, crops) if c is not None]
             if not frames:
-                raise NoFace(f"video: no face in any of the {len(clip.frames)} sampled frames (serving.face_crop is on)")
-        scored = await self._score(np.stack([resize_square(Image.fromarray(f), size) for f in frames]))
+                raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                               f"video: no face in any of the {len(clip.frames)} sampled frames (serving.face_crop is on)")
+        resized = await anyio.to_thread.run_sync(
+            lambda: np.stack([resize_square(Image.fromarray(f), size) for f in frames]), limiter=self._decoders)
+        scored = await self._score(resized)
         body = video_response(clip, scored, started, indices, without_face)
         PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
         return body
+
+
+def pixels_from_json(images, size: int) -> np.ndarray:
+    """/score's JSON -> N x S x S x 3 uint8, refusing (400) anything else with what was expected."""
+    expected = f"images: expected N x S x S x 3 integers 0-255 (S = {size}, the model's image_size; N 1-{SERVING.max_batch_size})"
+    try:
+        array = np.asarray(images)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, numbers beyond any integer type
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got nested lists of unequal lengths") from None
+    if array.dtype.kind not in "iu":
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got values of type {array.dtype.name} (null, text or decimals)")
+    if array.ndim != 4 or array.shape[1:] != (size, size, 3) or not 1 <= len(array) <= SERVING.max_batch_size:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got shape {array.shape}")
+    if array.min() < 0 or array.max() > 255:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got values from {array.min()} to {array.max()}")
+    return array.astype(np.uint8)
+
+
+# Every body is checked before BentoML parses it: a 4xx JSON error says what was wrong (dfdetect.http_guard).
+_FORM_SLACK = 64 * 1024  # multipart headers and small fields around the file
+Detector.add_asgi_middleware(RequestGuard, body_timeout_s=SERVING.body_timeout_s, routes={
+    "/inference/analyze-frame": Route("multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image",
+                                      frozenset({"frameNumber", "explain"})),
+    "/inference/analyze-video": Route("multipart", int(SERVING.max_video_mb * MB) + _FORM_SLACK, "video"),
+    "/score": Route("json", int(SERVING.max_score_mb * MB), content_types=("application/json",)),
+})

@@ -1,5 +1,12 @@
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -8,6 +15,7 @@ from dfdetect.config import parse_params
 from dfdetect.sample_data import generate
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def last_json(output: str):
@@ -125,3 +133,98 @@ def make_face_videos(root, per_class: dict[str, int], frames: int = 6, seed: int
                 k += 1
                 write_video(folder / f"{class_name}_{split}_{i:03d}.mp4", face_frames(frames, class_name == "fake", k))
     return root
+
+
+# --- a running `bentoml serve` (tests/test_serving*.py share one: starting it and promoting costs ~30 s) ---
+
+@contextlib.contextmanager
+def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
+    """`bentoml serve` with these params on a free port; yields (url, wait_for_ready); stopped by process group."""
+    import yaml
+
+    from dfdetect.servers import free_port
+
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracking_uri,
+           "BENTOML_HOME": str(root / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(root / "serve.log", "wb")
+    for attempt in range(3):  # a free port can be taken by another process before the server binds it
+        port = free_port()
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            break  # still running: it bound its sockets
+        if b"Address already in use" not in (root / "serve.log").read_bytes() or attempt == 2:
+            break
+    url = f"http://127.0.0.1:{port}"
+
+    import requests
+
+    def wait_for(ready: bool):
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).json().get("ready") is ready:
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            assert time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+
+    try:
+        yield url, wait_for
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it had already exited (the failure above says why)
+        log.close()
+
+
+def post_frame(url, data: bytes, name="face.jpg", **form):
+    import requests
+
+    return requests.post(f"{url}/inference/analyze-frame", files={"image": (name, data, "image/jpeg")}, data=form, timeout=30)
+
+
+def serving_params(tracked_run) -> dict:
+    raw = tracked_run["params"].model_dump(mode="json")
+    raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
+    raw["promotion"].update(floors={}, min_improvement=0.0)
+    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.1, device="cpu", header_timeout_s=3, body_timeout_s=3)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def service(tracked_run, sample_root, tmp_path_factory):
+    import requests
+
+    from dfdetect import registry
+
+    root = tmp_path_factory.mktemp("serving")
+    raw = serving_params(tracked_run)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    params = parse_params(raw)
+    with bentoml_serve(raw, tracked_run["uri"], root) as (url, wait_for):
+        # Started before anything is promoted: it runs, but is not ready (the Kubernetes readiness probe).
+        wait_for(ready=False)
+        assert requests.get(f"{url}/readyz", timeout=10).status_code == 503
+        assert requests.get(f"{url}/livez", timeout=10).status_code == 200
+        early = post_frame(url, next((sample_root / "test" / "fake").iterdir()).read_bytes())
+        assert early.status_code == 503 and "no model loaded yet" in early.json()["error"], early.text
+        assert early.headers.get("Retry-After")
+        registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
+        registry.promote(params, tracked_run["prepared"])
+        wait_for(ready=True)  # the poll picks the champion up, no restart
+        assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+        yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log", "raw": raw}
+
+

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from dfdetect.batching import MicroBatcher, Overloaded
+from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 
 
 class GatedModel:
@@ -27,8 +27,8 @@ class GatedModel:
         return [(int(img[0, 0, 0]), arm) for img in images]
 
 
-def images(*values: int) -> np.ndarray:
-    return np.stack([np.full((4, 4, 3), v, np.uint8) for v in values])
+def images(*values: int, side: int = 4) -> np.ndarray:
+    return np.stack([np.full((side, side, 3), v, np.uint8) for v in values])
 
 
 async def busy_then(model: GatedModel, batcher: MicroBatcher, requests: list[tuple[np.ndarray, str]]):
@@ -112,3 +112,54 @@ def test_results_keep_request_order_within_a_batch(n):
 
     out = asyncio.run(scenario())
     assert [[v for v, _ in r] for r in out] == [list(range(10 * k, 10 * k + n)) for k in range(5)]
+
+
+def test_requests_of_different_image_sizes_queued_together_are_each_answered_and_the_batcher_goes_on():
+    """Two concurrent /score calls with other sizes once killed the loop (np.concatenate outside the try)."""
+    model = GatedModel()
+    batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
+
+    async def scenario():
+        first, rest = await busy_then(model, batcher, [(images(1, side=4), "primary"), (images(2, side=9), "primary"),
+                                                       (images(3, side=4), "primary")])
+        after = await batcher.submit(images(5, side=6))
+        return first, rest, (after, batcher.alive)
+
+    first, rest, (after, alive) = asyncio.run(scenario())
+    assert rest == [[(1, "primary")], [(2, "primary")], [(3, "primary")]]
+    assert sorted(model.calls[1:3]) == [(1, "primary"), (2, "primary")]  # one call per shape
+    assert after == [(5, "primary")] and alive
+
+
+def test_a_batcher_whose_loop_died_is_not_alive_fails_what_was_queued_and_refuses_new_requests():
+    model = GatedModel()
+    calls = []
+
+    def on_batch(n):
+        calls.append(n)
+        raise KeyError("metrics hook broke")  # outside the per-group handler: stands for a bug in the loop
+
+    batcher = MicroBatcher(model, max_batch_size=1, max_latency_ms=5000, on_batch=on_batch)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(images(0)))
+        await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 5)
+        rest = [asyncio.ensure_future(batcher.submit(images(1)))]
+        await asyncio.sleep(0.05)
+        model.release.set()
+        first, *rest = await asyncio.gather(first, *rest, return_exceptions=True)
+        return first, rest, batcher.alive
+
+    first, rest, alive = asyncio.run(scenario())
+    assert isinstance(first, BatcherDead) and isinstance(rest[0], BatcherDead) and not alive
+    with pytest.raises(BatcherDead, match="restart"):
+        asyncio.run(batcher.submit(images(2)))
+
+
+def test_a_full_queue_refuses_at_once_as_overloaded():
+    model = GatedModel()
+    batcher = MicroBatcher(model, max_batch_size=2, max_latency_ms=5000, max_queued_images=3)
+    _, rest = asyncio.run(busy_then(model, batcher, [(images(1, 2), "primary"), (images(3), "primary"),
+                                                      (images(4), "primary")]))
+    assert rest[0] == [(1, "primary"), (2, "primary")] and rest[1] == [(3, "primary")]
+    assert isinstance(rest[2], Overloaded) and "queued" in str(rest[2])

@@ -1,111 +1,26 @@
 """`bentoml serve` on 127.0.0.1, called over HTTP with real JPEGs; a promotion while requests run."""
 
-import contextlib
 import io
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-import yaml
 from PIL import Image
 
 from dfdetect import registry
-from dfdetect.config import parse_params
-from dfdetect.servers import free_port
-from conftest import REPO
+from conftest import BIN, REPO, bentoml_serve, post_frame
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-@contextlib.contextmanager
-def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
-    """`bentoml serve` with these params on a free port; yields (url, wait_for_ready); stopped by process group."""
-    params_file = root / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracking_uri,
-           "BENTOML_HOME": str(root / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    log = open(root / "serve.log", "wb")
-    for attempt in range(3):  # a free port can be taken by another process before the server binds it
-        port = free_port()
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            break  # still running: it bound its sockets
-        if b"Address already in use" not in (root / "serve.log").read_bytes() or attempt == 2:
-            break
-    url = f"http://127.0.0.1:{port}"
-
-    def wait_for(ready: bool):
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).json().get("ready") is ready:
-                    return
-            except (requests.RequestException, ValueError):
-                pass
-            assert time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
-
-    try:
-        yield url, wait_for
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it had already exited (the failure above says why)
-        log.close()
-
-
-def serving_params(tracked_run) -> dict:
-    raw = tracked_run["params"].model_dump(mode="json")
-    raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
-    raw["promotion"].update(floors={}, min_improvement=0.0)
-    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.05, device="cpu")
-    return raw
-
-
-@pytest.fixture(scope="module")
-def service(tracked_run, sample_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    raw = serving_params(tracked_run)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    params = parse_params(raw)
-    with bentoml_serve(raw, tracked_run["uri"], root) as (url, wait_for):
-        # Started before anything is promoted: it runs, but is not ready (the Kubernetes readiness probe).
-        wait_for(ready=False)
-        assert requests.get(f"{url}/readyz", timeout=10).status_code == 503
-        assert requests.get(f"{url}/livez", timeout=10).status_code == 200
-        early = post_frame(url, next((sample_root / "test" / "fake").iterdir()).read_bytes())
-        assert early.status_code == 503, early.text  # BentoML hides the text of 5xx answers
-        registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
-        registry.promote(params, tracked_run["prepared"])
-        wait_for(ready=True)  # the poll picks the champion up, no restart
-        assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
-        yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log", "raw": raw}
 
 
 def jpeg(path: Path) -> bytes:
     return path.read_bytes()
-
-
-def post_frame(url, data: bytes, name="face.jpg", **form):
-    return requests.post(f"{url}/inference/analyze-frame", files={"image": (name, data, "image/jpeg")}, data=form, timeout=30)
 
 
 def test_health_reports_model_version_alias_and_device(service):

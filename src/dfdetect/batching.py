@@ -15,15 +15,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class Overloaded(RuntimeError):
-    """A request waited longer than max_latency_ms for the model."""
+    """A request waited longer than max_latency_ms for the model, or the queue is full."""
+
+
+class BatcherDead(RuntimeError):
+    """The batching loop stopped: the service is not live and must be restarted (/livez says so)."""
 
 
 @dataclass
@@ -42,23 +49,40 @@ class MicroBatcher:
     """
 
     def __init__(self, score: Callable[[np.ndarray, str], list], max_batch_size: int, max_latency_ms: float,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, max_queued_images: int | None = None):
         self.score, self.max_batch_size = score, max_batch_size
         self.max_wait_s = max_latency_ms / 1000
         self.on_batch = on_batch or (lambda n: None)
+        # a bounded queue: beyond it a request is refused at once (503) instead of waiting to time out
+        self.max_queued_images = max_queued_images or 8 * max_batch_size
         self._waiting: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._died: BaseException | None = None
+        self._current: list[_Pending] = []  # the batch being scored (failed too if the loop dies)
         # one model call at a time: concurrent calls would only fight over the same cores
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dfdetect-batch")
 
+    @property
+    def alive(self) -> bool:
+        """False once the batching loop has stopped for any reason other than close()."""
+        return self._died is None and not (self._worker is not None and self._worker.done())
+
     async def submit(self, images: np.ndarray, arm: str = "primary") -> list:
+        if not isinstance(images, np.ndarray) or images.ndim < 1 or len(images) == 0:
+            raise ValueError("images: expected a non-empty array of images")
+        if not self.alive:
+            raise BatcherDead(f"the batcher stopped ({self._died!r}); the service needs a restart")
+        if self._waiting and self._queued_images + len(images) > self.max_queued_images:
+            raise Overloaded(f"{self._queued_images} images already queued (limit {self.max_queued_images})")
         loop = asyncio.get_running_loop()
         if self._worker is None:  # bound to the serving event loop on first use
             self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._run(), name="dfdetect-batcher")
         future = loop.create_future()
         self._waiting.append(_Pending(images, arm, future))
+        self._queued_images += len(images)
         self._wakeup.set()
         return await future
 
@@ -69,42 +93,64 @@ class MicroBatcher:
         while self._waiting and size + len(self._waiting[0].images) <= self.max_batch_size:
             size += len(self._waiting[0].images)
             batch.append(self._waiting.popleft())
+        self._queued_images -= size
         return batch
 
     async def _run(self) -> None:
+        try:
+            while True:
+                if not self._waiting:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._current = self._take_batch()
+                await self._run_batch(self._current)
+                self._current = []
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug in the loop itself: fail everything queued, report not live
+            self._died = exc
+            log.error("the batcher stopped; /livez now fails so the service is restarted", exc_info=exc)
+            for p in [*self._current, *self._waiting]:
+                if not p.future.done():
+                    p.future.set_exception(BatcherDead(f"the batcher stopped: {exc!r}"))
+            self._waiting.clear()
+            self._queued_images = 0
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.future.done():  # the client went away
                 continue
-            batch = self._take_batch()
-            now = time.monotonic()
-            live = []
-            for p in batch:
-                if p.future.cancelled():  # the client went away
-                    continue
-                if now - p.queued_at > self.max_wait_s:
-                    p.future.set_exception(Overloaded(
-                        f"waited {1000 * (now - p.queued_at):.0f} ms for the model, over serving.max_latency_ms"))
-                    continue
-                live.append(p)
-            for arm in dict.fromkeys(p.arm for p in live):  # one model call per version asked for
-                group = [p for p in live if p.arm == arm]
+            if now - p.queued_at > self.max_wait_s:
+                p.future.set_exception(Overloaded(
+                    f"waited {1000 * (now - p.queued_at):.0f} ms for the model, over serving.max_latency_ms"))
+                continue
+            live.append(p)
+        # One model call per version asked for and per image shape and type: images that cannot be stacked
+        # are never concatenated, so one request's odd input cannot fail (or stop) the others.
+        groups: dict[tuple, list[_Pending]] = {}
+        for p in live:
+            groups.setdefault((p.arm, p.images.shape[1:], p.images.dtype.str), []).append(p)
+        for (arm, _, _), group in groups.items():
+            try:
                 images = np.concatenate([p.images for p in group])
-                try:
-                    results = await loop.run_in_executor(self._executor, self.score, images, arm)
-                except Exception as exc:  # every request of the batch learns why
-                    for p in group:
-                        if not p.future.done():
-                            p.future.set_exception(exc)
-                    continue
-                self.on_batch(len(images))
-                start = 0
+                results = await loop.run_in_executor(self._executor, self.score, images, arm)
+                if len(results) != len(images):
+                    raise RuntimeError(f"the model returned {len(results)} results for {len(images)} images")
+            except Exception as exc:  # every request of the group learns why; the loop goes on
                 for p in group:
                     if not p.future.done():
-                        p.future.set_result(results[start:start + len(p.images)])
-                    start += len(p.images)
+                        p.future.set_exception(exc)
+                continue
+            self.on_batch(len(images))
+            start = 0
+            for p in group:
+                if not p.future.done():
+                    p.future.set_result(results[start:start + len(p.images)])
+                start += len(p.images)
 
     def close(self) -> None:
         if self._worker is not None:

@@ -12,12 +12,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 
-# A decompression bomb (huge declared dimensions) is refused before decoding.
+# A decompression bomb (huge declared dimensions) is refused before decoding; so is a sliver (a 30000 x 1 PNG
+# is 172 bytes, but resizing its short side to the model's size makes a 6.7-megapixel-per-row strip).
 MAX_PIXELS = 64_000_000
+MAX_SIDE = 16_384
+MAX_ASPECT_RATIO = 20.0
 
 
 class ImageError(ValueError):
@@ -44,16 +47,31 @@ class PreprocessConfig:
         )
 
 
-def decode_image(data: bytes, name: str = "image") -> Image.Image:
-    """Decode fully (so truncation is caught here, not later) and convert to RGB."""
+def check_dimensions(w: int, h: int, name: str, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
+                     max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+    """Refuse sizes that would cost far more to decode or resize than any face image needs."""
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: {w}x{h} has no pixels")
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    if max(w, h) > max_side:
+        raise ImageError(f"{name}: {w}x{h} exceeds the limit of {max_side} pixels per side")
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        raise ImageError(f"{name}: {w}x{h} exceeds the limit of {max_aspect_ratio:g}:1 on the aspect ratio")
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decode fully (so truncation is caught here, not later), turn it upright as its EXIF orientation says
+    (a phone photo is stored sideways with a tag; training and serving both read it through here), and convert
+    to RGB. Sizes are checked from the header, before any pixel is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_PIXELS}")
+            check_dimensions(*img.size, name, max_pixels, max_side, max_aspect_ratio)
             img.load()
+            img = ImageOps.exif_transpose(img)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -270,14 +270,23 @@ def video_response(clip, scored: list[Scored], started: float, indices: list[int
 
 
 class RegistryLoader:
-    """Loads versions from the MLflow registry; `resolve` is the cheap check the poller makes first."""
+    """Loads versions from the MLflow registry; `resolve` is the cheap check the poller makes first.
+
+    The client is made on first use, not here: a registry that is down at start-up must leave the service
+    running and not ready (the poll retries), never stop it from starting."""
 
     def __init__(self, params: Params):
-        from .registry import client_for
-
         self.params = params
-        self.client = client_for(params)
         self.name = params.registry.model_name
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from .registry import client_for
+
+            self._client = client_for(self.params)
+        return self._client
 
     def resolve(self, ref: str) -> str:
         from .registry import get_version
@@ -288,4 +297,3 @@ class RegistryLoader:
         from .registry import load_version
 
         return load_version(self.client, self.name, ref)
-

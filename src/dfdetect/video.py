@@ -1,4 +1,10 @@
-"""Reading videos with PyAV (FFmpeg): uniformly sampled frames and the facts a report needs."""
+"""Reading videos with PyAV (FFmpeg): uniformly sampled frames and the facts a report needs.
+
+Uploads are hostile input. FFmpeg left to itself picks a demuxer from the file name and follows what the file
+names (an HLS or concat playlist reads other files; a MOV reference opens another path), so a file is opened
+only as one of a short list of container formats, chosen from its first bytes, through a Python file object
+(no FFmpeg protocol at all), with external references off.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,13 @@ from pathlib import Path
 import numpy as np
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".webm", ".mkv"}
+SUPPORTED_CONTAINERS = "MP4/MOV, Matroska/WebM or AVI"
+# ISO base media (MP4, MOV, 3GP): a box size, then one of these box types
+_ISO_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}
+# FFmpeg demuxer per sniffed family, and the demuxer names FFmpeg reports for them once opened
+_ALLOWED_DEMUXERS = {"mov": {"mov", "mov,mp4,m4a,3gp,3g2,mj2"}, "matroska": {"matroska", "matroska,webm"}, "avi": {"avi"}}
+# Options of the demuxers: no external data references; only the file protocol if anything is opened by URL.
+_CONTAINER_OPTIONS = {"protocol_whitelist": "file", "enable_drefs": "0", "use_absolute_path": "0"}
 
 
 class VideoError(ValueError):
@@ -34,37 +47,71 @@ def sample_indices(total: int, n: int) -> list[int]:
     return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)}) if n > 1 else [total // 2]
 
 
-def read_frames(path: str | Path, n_frames: int, name: str | None = None) -> VideoFrames:
+def sniff_container(head: bytes) -> str | None:
+    """The FFmpeg demuxer for a file that starts with `head` (at least 12 bytes), or None: not a container we
+    open. Decided from the content only, never from a name a client chose."""
+    if len(head) >= 12 and head[4:8] in _ISO_BOXES:
+        return "mov"
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska and WebM
+        return "matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why FFmpeg or the OS refused, without the path it was given (server paths must not reach clients)."""
+    text = getattr(exc, "strerror", None) or type(exc).__name__
+    return str(text).split(": '/")[0]
+
+
+def read_frames(path: str | Path, n_frames: int, name: str | None = None, max_pixels: int | None = None) -> VideoFrames:
+    """Sample `n_frames` frames uniformly. `name` is what errors call the file (never the path when given);
+    `max_pixels` refuses frames larger than this (width x height) before any is decoded."""
     import av
 
     name = name or str(path)
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{name}: no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-            total = stream.frames
-            if total <= 0:  # the container does not say: count by decoding once
-                total = sum(1 for _ in container.decode(stream))
-                container.seek(0)
-            wanted = set(sample_indices(total, n_frames))
-            frames, indices = [], []
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    indices.append(i)
-                if len(indices) == len(wanted):
-                    break
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            else:
-                duration = total / fps if fps else 0.0
+        with open(path, "rb") as fh:
+            demuxer = sniff_container(fh.read(12))
+            if demuxer is None:
+                raise VideoError(f"{name}: not a supported video container (expected {SUPPORTED_CONTAINERS}, "
+                                 "recognised from the content)")
+            fh.seek(0)
+            with av.open(fh, format=demuxer, container_options=dict(_CONTAINER_OPTIONS)) as container:
+                return _sample(container, n_frames, name, demuxer, max_pixels)
     except VideoError:
         raise
-    except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
-        raise VideoError(f"{name}: not a supported video ({type(exc).__name__}: {exc})") from None
+    except (av.error.FFmpegError, OSError, ValueError, IndexError, EOFError) as exc:
+        raise VideoError(f"{name}: not a supported video ({type(exc).__name__}: {_reason(exc)})") from None
+
+
+def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int | None) -> VideoFrames:
+    if container.format.name not in _ALLOWED_DEMUXERS[demuxer]:
+        raise VideoError(f"{name}: container {container.format.name!r} is not allowed ({SUPPORTED_CONTAINERS})")
+    if not container.streams.video:
+        raise VideoError(f"{name}: no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoError(f"{name}: {width}x{height} frames are over the limit of {max_pixels} pixels")
+    fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    total = stream.frames
+    if total <= 0:  # the container does not say: count packets (no decoding)
+        total = sum(1 for packet in container.demux(stream) if packet.size)
+        container.seek(0)
+    wanted = set(sample_indices(total, n_frames))
+    frames, indices = [], []
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            frames.append(frame.to_ndarray(format="rgb24"))
+            indices.append(i)
+        if len(indices) == len(wanted):
+            break
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    else:
+        duration = total / fps if fps else 0.0
     if not frames:
         raise VideoError(f"{name}: no decodable frames")
     return VideoFrames(frames, indices, fps, duration, width, height, total)

@@ -1,0 +1,275 @@
+"""An ASGI guard in front of the service: every request body is checked before BentoML parses it.
+
+BentoML answers a body it cannot parse (a wrong field name, a text field where a file belongs, a missing or
+mismatched multipart boundary, thousands of parts, a very long file name, a form-encoded body) with a 500
+and a generic message. Here each such request gets a 4xx JSON error that says what was wrong, before any
+temporary file is written: the body is read with a size limit and a read timeout, the multipart structure is
+parsed with limits on parts, names and text sizes, and only then is the buffered body handed to BentoML.
+A fault further in still answers JSON, never a traceback or a server path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+log = logging.getLogger(__name__)
+
+MAX_PARTS = 8  # an endpoint takes at most a file and a few small fields
+MAX_FILENAME_BYTES = 200  # BentoML keeps the client's file name in a temporary file name (NAME_MAX is 255)
+MAX_TEXT_FIELD_BYTES = 64  # frameNumber, explain
+MAX_BOUNDARY = 70  # RFC 2046
+SMALL_BODY = 64 * 1024  # any other POST (unknown routes, feedback-sized JSON)
+DRAIN_BYTES = 8 * 1024 * 1024  # how much of a refused body is read and dropped so the client gets the answer
+
+
+class Refused(Exception):
+    """A request refused before it reaches the service: HTTP status and what was wrong."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one POST endpoint accepts. kind: multipart (a file field and small text fields), json, or raw (any
+    body up to max_body, e.g. an image as the request body)."""
+
+    kind: str
+    max_body: int
+    file_field: str | None = None
+    text_fields: frozenset[str] = field(default_factory=frozenset)
+    content_types: tuple[str, ...] = ()  # for json/raw: the accepted media types ("" = any)
+
+    def describe(self) -> str:
+        if self.kind == "multipart":
+            fields = [f"{self.file_field} (a file)", *sorted(self.text_fields)]
+            return "multipart/form-data with the fields " + ", ".join(fields)
+        return " or ".join(self.content_types) if self.content_types else "a request body"
+
+
+async def send_json(send: Callable, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _receive_within(receive: Callable, timeout_s: float) -> dict | None:
+    """The next ASGI message, or None after `timeout_s`. The pending receive is left to finish, not cancelled:
+    cancelling it inside BentoML's middleware stack made the answer's body go missing."""
+    task = asyncio.ensure_future(receive())
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    return task.result() if done else None
+
+
+async def drain(receive: Callable, budget: int, timeout_s: float) -> None:
+    """Read and drop up to `budget` more bytes of a refused body, so the client (still sending) reads our
+    answer instead of a connection reset."""
+    while budget > 0:
+        message = await _receive_within(receive, timeout_s)
+        if message is None or message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        budget -= len(message.get("body", b""))
+
+
+async def read_body(receive: Callable, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refusing it (413) past `limit` bytes and (408) when it stalls for `timeout_s`."""
+    chunks, size = [], 0
+    while True:
+        message = await _receive_within(receive, timeout_s)
+        if message is None:
+            raise Refused(408, f"the request body stalled for {timeout_s:g} s", {"Connection": "close"})
+        if message["type"] == "http.disconnect":
+            raise Refused(400, "the client disconnected before the body was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            await drain(receive, DRAIN_BYTES, timeout_s)
+            raise Refused(413, f"request body over the limit of {limit} bytes", {"Connection": "close"})
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class _FormChecker:
+    """Walks a multipart body with python-multipart's streaming parser and checks it against a Route."""
+
+    def __init__(self, route: Route):
+        self.route = route
+        self.parts: list[tuple[str, str | None, int]] = []  # name, filename, size
+        self._header_name, self._header_value = b"", b""
+        self._headers: dict[bytes, bytes] = {}
+        self._size = 0
+        self.ended = False
+
+    def callbacks(self) -> dict:
+        def on_header_field(data, start, end):
+            self._header_name += data[start:end]
+
+        def on_header_value(data, start, end):
+            self._header_value += data[start:end]
+
+        def on_header_end():
+            self._headers[self._header_name.strip().lower()] = self._header_value.strip()
+            self._header_name, self._header_value = b"", b""
+
+        def on_part_begin():
+            if len(self.parts) >= MAX_PARTS:
+                raise Refused(400, f"more than {MAX_PARTS} multipart parts; this endpoint takes {self.route.describe()}")
+            self._headers, self._size = {}, 0
+
+        def on_headers_finished():
+            self.parts.append(self._check_part_headers())
+
+        def on_part_data(data, start, end):
+            self._size += end - start
+            name, filename, _ = self.parts[-1]
+            if filename is None and self._size > MAX_TEXT_FIELD_BYTES:
+                raise Refused(400, f"field {name!r}: over {MAX_TEXT_FIELD_BYTES} bytes "
+                                   f"(only {self.route.file_field!r} may be large, and it must be a file)")
+
+        def on_part_end():
+            name, filename, _ = self.parts[-1]
+            self.parts[-1] = (name, filename, self._size)
+
+        def on_end():
+            self.ended = True
+
+        return {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                "on_header_end": on_header_end, "on_part_begin": on_part_begin,
+                "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+                "on_part_end": on_part_end, "on_end": on_end}
+
+    def _check_part_headers(self) -> tuple[str, str | None, int]:
+        disposition = self._headers.get(b"content-disposition")
+        if disposition is None:
+            raise Refused(400, "a multipart part has no Content-Disposition header")
+        kind, options = parse_options_header(disposition)
+        if kind != b"form-data" or b"name" not in options:
+            raise Refused(400, "each multipart part needs 'Content-Disposition: form-data; name=...'")
+        name = options[b"name"].decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        if filename is not None and len(filename) > MAX_FILENAME_BYTES:
+            raise Refused(400, f"field {name!r}: file name over {MAX_FILENAME_BYTES} bytes")
+        allowed = {self.route.file_field, *self.route.text_fields}
+        if name not in allowed:
+            raise Refused(400, f"unexpected field {name[:40]!r}: this endpoint takes {self.route.describe()}")
+        if any(p[0] == name for p in self.parts):
+            raise Refused(400, f"field {name!r} given twice")
+        if name == self.route.file_field and filename is None:
+            raise Refused(400, f"field {name!r} must be a file upload (e.g. curl -F {name}=@photo.jpg), not text")
+        if name != self.route.file_field and filename is not None:
+            raise Refused(400, f"field {name!r} must be a text field, not a file")
+        return name, filename and filename.decode("utf-8", "replace"), 0
+
+
+def check_multipart(route: Route, content_type: str | None, body: bytes) -> None:
+    """Refuse (4xx) a body that is not a well-formed form with the route's file field."""
+    media, options = parse_options_header(content_type or "")
+    if media != b"multipart/form-data":
+        raise Refused(415, f"expected {route.describe()}; got Content-Type {media.decode('latin-1')[:80] or 'none'!r}")
+    boundary = options.get(b"boundary")
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise Refused(400, f"multipart/form-data needs a boundary of 1 to {MAX_BOUNDARY} characters")
+    checker = _FormChecker(route)
+    try:
+        parser = MultipartParser(boundary, checker.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except Refused:
+        raise
+    except Exception as exc:  # python-multipart's parse errors: the body does not follow the boundary
+        raise Refused(400, f"malformed multipart body ({type(exc).__name__}: lines must end in CRLF and parts "
+                           "must be separated by the boundary of the Content-Type header)") from None
+    if not checker.ended:
+        raise Refused(400, "malformed multipart body: no closing boundary (does it match the Content-Type header?)")
+    if not any(name == route.file_field for name, _, _ in checker.parts):
+        raise Refused(400, f"missing field {route.file_field!r}: this endpoint takes {route.describe()}")
+
+
+def check_content_type(route: Route, content_type: str | None) -> None:
+    media = (content_type or "").split(";")[0].strip().lower()
+    if route.content_types and media not in route.content_types:
+        raise Refused(415, f"expected Content-Type {route.describe()}; got {media[:80] or 'none'!r}")
+
+
+class RequestGuard:
+    """ASGI middleware: `routes` maps a POST path to what it accepts; other POSTs get a small body limit."""
+
+    def __init__(self, app, routes: dict[str, Route], body_timeout_s: float = 30.0,
+                 on_refused: Callable[[int], None] | None = None):
+        self.app, self.routes, self.body_timeout_s = app, routes, body_timeout_s
+        self.on_refused = on_refused or (lambda status: None)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message: dict) -> Awaitable | None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            return await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                receive = await self._checked(scope, receive)
+            await self.app(scope, receive, tracked_send)
+        except Refused as exc:
+            self.on_refused(exc.status)
+            if not started:
+                await send_json(send, exc.status, {"error": exc.message}, exc.headers)
+        except Exception:  # a fault of ours: logged with its traceback here, answered without details
+            log.exception("request to %s failed", scope.get("path"))
+            if not started:
+                await send_json(send, 500, {"error": "internal error (logged on the server)"})
+
+    async def _checked(self, scope: dict, receive: Callable) -> Callable:
+        route = self.routes.get(scope["path"])
+        limit = route.max_body if route else SMALL_BODY
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise Refused(400, "Content-Length is not a number")
+            if int(length) > limit:
+                if int(length) <= limit + DRAIN_BYTES:  # read it away first: the client then sees the answer
+                    await drain(receive, DRAIN_BYTES, self.body_timeout_s)
+                raise Refused(413, f"request body of {length} bytes is over the limit of {limit} bytes",
+                              {"Connection": "close"})
+        content_type = _header(scope, b"content-type")
+        if route is not None and route.kind != "multipart":
+            check_content_type(route, content_type)
+        body = await read_body(receive, limit, self.body_timeout_s)
+        if route is not None and route.kind == "multipart":
+            check_multipart(route, content_type, body)
+        return _replay(body, receive)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """A `receive` that hands the already-read body on once, then defers to the connection (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
