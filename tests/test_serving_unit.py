@@ -133,3 +133,35 @@ def test_ab_routing_per_request_keeps_a_videos_frames_on_one_version():
     assert {pick_arm(ms.params.serving, False, rng) for _ in range(50)} == {"primary"}  # no challenger loaded
     off, _ = model_set("none")
     assert {s.version for s in off.score(images(10), "challenger")} == {"det/1"}
+
+
+def test_an_explanation_never_moves_or_changes_the_module_that_scores():
+    """Grad-CAM runs on its own fp32 CPU copy: the serving module keeps its device, weights and identity."""
+    from dfdetect.config import ModelParams
+    from dfdetect.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model(ModelParams(name="custom_cnn", pretrained=False))
+    loaded = LoadedModel(net, PreprocessConfig(32), {"real": 0, "fake": 1}, 0.5, "det", "1", "champion", "run")
+    params = parse_params({"serving": {"runtime": "torch", "device": "cpu"}})
+
+    class One:
+        def resolve(self, ref):
+            return "1"
+
+        def __call__(self, ref):
+            return loaded
+
+    ms = ModelSet(params, One())
+    ms.refresh()
+    served = ms.primary.model
+    before = {k: v.detach().clone() for k, v in served.state_dict().items()}
+    devices = {p.device for p in served.parameters()}
+    probe = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    scores = ms.primary.predict(probe)
+    out = ms.explain(probe[0])
+    assert out["heatmap"].startswith("data:image/png;base64,")
+    assert ms.primary.model is served and ms.primary.torch_model is not served
+    assert {p.device for p in served.parameters()} == devices
+    assert all(torch.equal(before[k], v) for k, v in served.state_dict().items())
+    assert np.allclose(ms.primary.predict(probe), scores)

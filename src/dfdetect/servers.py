@@ -63,14 +63,15 @@ class Server:
         self.stop()
 
 
-def _spawn(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, user: str | None = None) -> tuple[subprocess.Popen, Path]:
+def _spawn(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, user: str | None = None,
+           cwd: str | Path | None = None) -> tuple[subprocess.Popen, Path]:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     if user:
         cmd = ["runuser", "-u", user, "--", *cmd]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
     return proc, log_path
 
 
@@ -181,3 +182,19 @@ def start_mlflow(backend_uri: str, artifacts_destination: str, port: int | None 
     proc, log = _spawn("mlflow", cmd, Path(log_dir), env=server_env)
     url = f"http://127.0.0.1:{port}"
     return _wait(Server("mlflow", proc, url, log, {"MLFLOW_TRACKING_URI": url}), lambda: _http_ok(f"{url}/health"), timeout)
+
+
+# --- the dfdetect BentoML service -------------------------------------------------------------------------
+
+def start_bento(project_dir: str | Path, params_file: str | Path, tracking_uri: str, bentoml_home: str | Path,
+                port: int | None = None, log_dir: str | Path | None = None, timeout: float = 180,
+                ready: bool = True) -> Server:
+    """`bentoml serve serving.service:Detector` of the project in `project_dir`; waits for /readyz (a model
+    loaded) when `ready`, else for /livez."""
+    bentoml = shutil.which("bentoml") or str(Path(os.sys.executable).parent / "bentoml")
+    port = port or free_port()
+    env = {"DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracking_uri, "BENTOML_HOME": str(bentoml_home)}
+    proc, log = _spawn("bentoml", [bentoml, "serve", "serving.service:Detector", "--host", "127.0.0.1", "--port", str(port)],
+                       Path(log_dir or bentoml_home), env, cwd=project_dir)
+    url = f"http://127.0.0.1:{port}"
+    return _wait(Server("bentoml", proc, url, log), lambda: _http_ok(f"{url}/{'readyz' if ready else 'livez'}"), timeout)

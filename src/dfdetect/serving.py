@@ -3,6 +3,7 @@ challenger routing, hot swaps when an alias moves, and the response format of th
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -34,14 +35,17 @@ class ServedModel:
         if runtime_name == "auto":  # ONNX Runtime is 3-4x eager PyTorch on these CPUs (benchmarks/serving.py)
             runtime_name = "torch" if runtime.resolve(device).device.type == "cuda" else "onnx"
         self.runtime_name = runtime_name
-        self.torch_model = loaded.model  # Grad-CAM needs gradients: always the fp32 PyTorch module
         if runtime_name == "torch":
+            # Grad-CAM needs an fp32 module with gradients on the CPU: its own copy, so an explanation can
+            # never move or change the module that scores (a .cpu() on it would break the next CUDA batch).
+            self.torch_model = copy.deepcopy(loaded.model).cpu().eval()
             self.rt = runtime.resolve(device, precision, "auto" if precision == "auto" else False)
             runtime.flush_denormals(self.rt.device)
             self.model = loaded.model.to(self.rt.device, memory_format=self.rt.memory_format()).eval()
         else:  # ONNX Runtime on the CPU, exported from this very version at load time
             from .export import OnnxModel, onnx_bytes, quantize_int8
 
+            self.torch_model = loaded.model.cpu().eval()  # only Grad-CAM uses it: ONNX Runtime scores
             self.rt = runtime.resolve("cpu", "fp32", False)
             graph = onnx_bytes(loaded.model.eval(), self.preprocess.image_size)
             self.model = OnnxModel(quantize_int8(graph) if runtime_name == "onnx-int8" else graph)
@@ -194,7 +198,7 @@ class ModelSet:
         model = primary.members[0] if isinstance(primary, Ensemble) else primary
         x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], model.preprocess)
         with self._lock:  # one backward pass at a time through the shared module
-            heat, p = grad_cam(model.torch_model.cpu(), x)
+            heat, p = grad_cam(model.torch_model, x)
         return {"heatmap": png_base64(overlay(image, heat)), "explainedBy": model.label, "fake_probability": round(p, 6)}
 
     def info(self) -> dict:
