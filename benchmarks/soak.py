@@ -5,7 +5,7 @@ not what is measured), starts the service, and drives `--clients` concurrent cli
 request drawn from a mix of valid frames, /score arrays, explanations and videos, and hostile requests
 (random bytes, truncated and sliver images, playlists posing as videos, malformed multipart, wrong fields,
 bad /score values, oversized bodies). It reports requests and answers by status and kind, latency
-percentiles of the valid kinds, and the service's resident memory (all its processes) sampled over time.
+percentiles of the valid kinds, and the service's resident memory (its process and all descendants) sampled over time.
 The service passes when no answer is a 5xx other than 503 "overloaded", nothing times out, and memory after
 warm-up stays flat (growth from the first to the last quarter under --max-growth-mb).
 
@@ -33,15 +33,24 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def group_rss_mb(pgid: int) -> float:
-    """Resident memory of every process in the service's process group (BentoML runs several)."""
-    total = 0
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants (BentoML's arbiter starts the workers)."""
+    parents = {}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.getpgid(int(pid)) != pgid:
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    total = 0
+    for pid in tree:
+        try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
@@ -175,11 +184,11 @@ def main():
 
     def sampler():
         while not stop.wait(args.sample_every):
-            memory.append((round(time.monotonic() - began, 1), round(group_rss_mb(server.proc.pid), 1)))
+            memory.append((round(time.monotonic() - began, 1), round(tree_rss_mb(server.proc.pid), 1)))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)] + [threading.Thread(target=sampler)]
     try:
-        memory.append((0.0, round(group_rss_mb(server.proc.pid), 1)))
+        memory.append((0.0, round(tree_rss_mb(server.proc.pid), 1)))
         for t in threads:
             t.start()
         deadline = began + args.seconds

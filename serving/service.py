@@ -25,6 +25,7 @@ from PIL import Image
 from prometheus_client import Counter, Histogram
 from starlette.responses import JSONResponse
 
+from dfdetect import allocator
 from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 from dfdetect.config import load_params
 from dfdetect.http_guard import RequestGuard, Route
@@ -39,6 +40,8 @@ PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
 SERVING = PARAMS.serving
 MB = 1024 * 1024
 install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker builds its uvicorn server
+allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
+TRIM_EVERY_S = 30
 
 
 class ApiError(Exception):
@@ -60,12 +63,12 @@ def answers_errors(api):
         try:
             return await api(*args, **kwargs)
         except Overloaded as exc:
-            exc = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"overloaded: {exc}", retry_after_s=1)
+            error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"overloaded: {exc}", retry_after_s=1)
         except BatcherDead as exc:
-            exc = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", retry_after_s=5)
-        except ApiError as err:
-            exc = err
-        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+            error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", retry_after_s=5)
+        except ApiError as exc:
+            error = exc
+        return JSONResponse({"error": error.message}, error.status, headers=error.headers)
     return wrapper
 
 
@@ -88,6 +91,7 @@ class Detector:
             log.warning("no model loaded yet (%s); retrying every %ss", exc, SERVING.poll_interval_s)
         self._stop = threading.Event()
         threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
+        threading.Thread(target=self._trim_memory, daemon=True, name="malloc-trim").start()
         self.batcher = MicroBatcher(self.models.score, SERVING.max_batch_size, SERVING.max_latency_ms,
                                     on_batch=BATCH_SIZE.observe)
         # decoding and resizing happen here, never on the event loop (Pillow releases the GIL while decoding)
@@ -104,6 +108,11 @@ class Detector:
     def _shutdown(self) -> None:
         self._stop.set()  # the registry poll
         self.batcher.close()
+
+    def _trim_memory(self) -> None:
+        """Give freed heap memory back to the OS now and then (dfdetect.allocator says why)."""
+        while not self._stop.wait(TRIM_EVERY_S):
+            allocator.trim()
 
     def __is_ready__(self) -> bool:
         """/readyz (the Kubernetes readiness probe) answers 503 until a model is loaded."""

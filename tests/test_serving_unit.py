@@ -165,3 +165,27 @@ def test_an_explanation_never_moves_or_changes_the_module_that_scores():
     assert {p.device for p in served.parameters()} == devices
     assert all(torch.equal(before[k], v) for k, v in served.state_dict().items())
     assert np.allclose(ms.primary.predict(probe), scores)
+
+
+def test_overload_and_a_dead_batcher_answer_503_that_say_so_with_retry_after(monkeypatch):
+    """BentoML replaces the text of any 5xx with "unexpected error"; the service answers these itself."""
+    import asyncio
+    import importlib
+    import json
+
+    from conftest import REPO
+    from dfdetect.batching import BatcherDead, Overloaded
+
+    monkeypatch.setenv("DFDETECT_PARAMS", str(REPO / "params.yaml"))
+    service = importlib.import_module("serving.service")
+
+    async def overloaded():
+        raise Overloaded("waited 1200 ms for the model")
+
+    async def dead():
+        raise BatcherDead("the batcher stopped")
+
+    for api, says in ((overloaded, "overloaded"), (dead, "unavailable")):
+        response = asyncio.run(service.answers_errors(api)())
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert json.loads(response.body)["error"].startswith(says)
