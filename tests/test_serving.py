@@ -132,7 +132,8 @@ def test_bad_uploads_get_a_4xx_that_says_why(service, sample_root, payload, name
 
 
 def test_missing_field_is_a_400(service):
-    r = requests.post(f"{service['url']}/inference/analyze-frame", data={"frameNumber": "1"}, timeout=10)
+    # a multipart form without its file (a form-encoded body is a 415: tests/test_serving_hostile.py)
+    r = requests.post(f"{service['url']}/inference/analyze-frame", files={"frameNumber": (None, "1")}, timeout=10)
     assert r.status_code == 400 and "image" in r.text
 
 
