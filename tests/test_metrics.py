@@ -60,12 +60,3 @@ def test_robustness_conditions_change_the_images_but_not_their_labels():
         assert (condition == "clean") == np.array_equal(out.images, data.images)
     blurred = corrupted(data, "blur_1.5").images.astype(float)
     assert np.abs(np.diff(blurred, axis=2)).mean() < np.abs(np.diff(data.images.astype(float), axis=2)).mean()
-
-
-def test_dataset_rows_report_recall_for_single_class_sets():
-    from dfdetect.robustness import dataset_row
-
-    only_fakes = dataset_row(np.array([1, 1, 1, 1]), np.array([0.9, 0.8, 0.2, 0.7]), 0.5)
-    assert only_fakes == {"n_real": 0, "n_fake": 4, "fake_recall": 0.75}
-    both = dataset_row(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.4, 0.6]), 0.5)
-    assert both["roc_auc"] == 1.0 and both["accuracy"] == 1.0 and "fake_recall" not in both

@@ -325,3 +325,43 @@ def test_models_list_tells_former_champions_from_the_champion(env, tmp_path):
     registry.rollback(env["params"], "worse on new uploads")
     status = {v["version"]: v["status"] for v in registry.list_versions(env["params"])["versions"]}
     assert status["1"] == "champion" and status["2"].startswith("former champion (rolled back to v1 on 20")
+
+
+def test_dataset_floors_refuse_a_challenger_that_loses_on_another_set(env, sample_root):
+    _register(env)
+    raw = env["params"].model_dump(mode="json")
+
+    def with_floors(floors):
+        return parse_params({**raw, "evaluate": {**raw["evaluate"], "datasets": [{"path": str(sample_root), "name": "other"}]},
+                             "promotion": {**raw["promotion"], "floors": {}, "dataset_floors": floors}})
+
+    with pytest.raises(RegistryError, match="'nope'"):  # refused before anything is scored or moved
+        registry.promote(with_floors({"nope": {"roc_auc": 0.5}}), env["prepared"])
+    rejected = registry.promote(with_floors({"other": {"roc_auc": 1.01, "real_fpr": 1.0}}), env["prepared"], env["tmp"])
+    assert rejected["verdict"] == "rejected" and _aliases(env) == {CHALLENGER: "1"}
+    assert any(c.startswith("floor other roc_auc >= 1.01") and c.endswith("FAILS") for c in rejected["checks"])
+    assert any(c.startswith("floor other real_fpr <= 1.0") and c.endswith("holds") for c in rejected["checks"])
+    assert "The challenger on the suite sets" in (env["tmp"] / "promotion.md").read_text()
+    promoted = registry.promote(with_floors({"other": {"roc_auc": 0.0, "real_fpr_ratio": 2.0}}), env["prepared"])
+    assert promoted["verdict"] == "rejected"  # no attribute groups on this set: the ratio is not measured, so it fails
+    assert any("real_fpr_ratio" in c and "not measured" in c for c in promoted["checks"])
+    promoted = registry.promote(with_floors({"other": {"roc_auc": 0.0}}), env["prepared"])
+    assert promoted["verdict"] == "promoted" and _aliases(env)[CHAMPION] == "1"
+    assert promoted["challenger_suite"]["other"]["n_real"] > 0
+
+
+def test_the_model_card_lists_training_sources_and_the_generalisation_table(env):
+    metrics = json.loads(env["metrics"].read_text())
+    metrics["datasets"] = {"elsewhere": {"n_real": 10, "n_fake": 10, "roc_auc": 0.61, "real_fpr": 0.3}}
+    (env["tmp"] / "metrics.json").write_text(json.dumps(metrics))
+    result = registry.register(env["params"], env["models"], env["tmp"] / "metrics.json", env["prepared"])
+    card = registry.client_for(env["params"]).get_model_version(result["name"], result["version"]).description
+    assert "## Training sources" in card and "| data |" in card  # the prepared data's one source, with its version
+    assert "| elsewhere | 10 | 10 |" in card and "0.6100" in card
+
+
+def test_a_long_card_is_cut_at_a_line_for_the_registry():
+    card = "# Model card\n" + "".join(f"| line {i} | {'x' * 80} |\n" for i in range(200))
+    cut = registry.card_description(card, "model_card/m-v1.md")
+    assert len(cut) <= registry.DESCRIPTION_LIMIT and "model_card/m-v1.md" in cut
+    assert cut.split("\n\n(cut here")[0] in card and registry.card_description("short", "x") == "short"

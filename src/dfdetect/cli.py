@@ -154,11 +154,15 @@ def evaluate(
     plots: Path = typer.Option(Path("eval/plots"), "--plots", help="roc.csv, pr.csv, confusion.csv (DVC plots)."),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to the training run in MLflow."),
     dataset: list[Path] = typer.Option([], "--dataset", help="Another data set in the seed layout (its test split, or "
-                                                              "every split) to score; repeatable; one table in the report."),
+                                       "every split, or {real,fake}/ alone) to score beside evaluate.datasets; "
+                                       "repeatable; one table in the report. Its stills are face-cropped when "
+                                       "prepare.faces.crop_images is set; videos always are."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes that crop faces of the suite's sets."),
     params_path: Path = PARAMS_OPT,
 ):
     """Score the best checkpoint on the test split (val when there is none) and write metrics and plots; with
-    evaluate.robustness, the same under JPEG/blur/downscale; with --dataset, on other data sets."""
+    evaluate.robustness, the same under JPEG/blur/downscale; with evaluate.datasets and --dataset, the
+    generalisation suite (every set at the validation threshold, in one table)."""
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .evaluate import evaluate as run_evaluate
@@ -166,7 +170,8 @@ def evaluate(
 
     params = _params(params_path)
     try:
-        result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow, datasets=dataset)
+        result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow, datasets=dataset,
+                              workers=workers)
     except (DatasetError, CheckpointError, ValueError, TrackingError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result, indent=2))

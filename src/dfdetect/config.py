@@ -26,6 +26,63 @@ class FacesParams(Section):
     crop_images: bool = Field(False, description="also crop the largest face of still images (not for tight crops)")
 
 
+def _check_group_pattern(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if "video" not in compiled.groupindex:
+            raise ValueError("needs a named group (?P<video>...)")
+    return value
+
+
+def _check_name(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+        raise ValueError("a data set name is letters, digits, '.', '_' and '-' (it names folders and metrics)")
+    return value
+
+
+class NamedSet(Section):
+    """A data set folder with a name for reports and metrics, and how its files group into videos."""
+    path: str = Field(description="folder in the seed layout: {train,val,test}/{real,fake}/, or {real,fake}/ alone")
+    name: str | None = Field(None, description="names the set in reports and metrics (default: the folder name)")
+    face_crop: bool = Field(False, description="crop the largest face of its stills (whole photos, portraits) as "
+                                               "prepare.faces says; videos are always face-cropped")
+    group_pattern: str | None = Field(None, description="as prepare.group_pattern, for this set's file names: frames "
+                                                        "of one video stay together (one split; video metrics)")
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _pattern_compiles(cls, value):
+        return _check_group_pattern(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_label(cls, value):
+        return _check_name(value)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+class SourceParams(NamedSet):
+    """One more data set of a training mixture (beside --data): DVC-versioned, validated by prepare."""
+    max_per_class: int | None = Field(None, ge=1, description="at most this many images (or videos' crops) per class "
+                                                              "and split, chosen by a seeded hash of the group")
+    split: dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15},
+        description="for a source without split folders: the share of its groups in each split")
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, value):
+        if "train" not in value or "val" not in value or abs(sum(value.values()) - 1) > 1e-6 or min(value.values()) < 0:
+            raise ValueError("needs train and val (and optionally test) shares that sum to 1")
+        return value
+
+
 class PrepareParams(Section):
     image_size: int = Field(128, ge=16, le=1024, description="side of the square images the cache holds")
     min_size: int = Field(32, ge=1, description="images smaller than this (either side) are excluded")
@@ -37,18 +94,28 @@ class PrepareParams(Section):
         None, description="regex on image file names with named groups video (and identity): frames of one video "
                           "or identity may not be in two splits; e.g. '^(?P<video>[a-z]+_\\d+)_\\d+$'")
     faces: FacesParams = FacesParams()
+    name: str = Field("data", description="names the --data set in reports and metrics (a mixture's first source)")
+    sources: list[SourceParams] = Field(default_factory=list, description="more data sets mixed into the same "
+                                        "splits (a training mixture); train.source_weights sets their shares")
 
     @field_validator("group_pattern")
     @classmethod
     def _pattern_compiles(cls, value):
-        if value is not None:
-            try:
-                compiled = re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a regular expression: {exc}") from None
-            if "video" not in compiled.groupindex:
-                raise ValueError("needs a named group (?P<video>...)")
-        return value
+        return _check_group_pattern(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_label(cls, value):
+        return _check_name(value)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [self.name, *(s.label for s in self.sources)]
+        if len(set(names)) < len(names):
+            raise ValueError(f"data set names must differ (name each source): {names}")
+        for s in self.sources:
+            _check_name(s.label)
+        return self
 
 
 class ModelParams(Section):
@@ -119,6 +186,9 @@ class TrainParams(Section):
                         "Empty: train every parameter")
     augment: AugmentParams = AugmentParams()
     sbi: SbiParams = SbiParams()
+    source_weights: dict[str, float] = Field(
+        default_factory=dict, description="a mixture's share of training draws per source name (prepare.name and "
+        "prepare.sources); an unlisted source weighs 1. Empty: every image once per epoch")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 AMP on CUDA, bf16 autocast on a CPU that has native bf16, else fp32"
     )
@@ -138,13 +208,47 @@ class TrainParams(Section):
         return value
 
 
+class SuiteSet(NamedSet):
+    """A data set the model is scored on, beside its own test split: the generalisation suite. Its test split
+    if it has one, else all of it; either class may be missing (a set of fakes or of reals only)."""
+    attributes: str | None = Field(None, description="regex with named groups on file names, e.g. "
+                                   "'^(?P<age>\\d+)_(?P<gender>\\d)_(?P<race>\\d)_': error rates per group value")
+    attribute_names: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="readable names of attribute values, e.g. {gender: {'0': male}}")
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes_compile(cls, value):
+        if value is not None:
+            try:
+                compiled = re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+            if not compiled.groupindex:
+                raise ValueError("needs at least one named group, e.g. (?P<gender>\\d)")
+        return value
+
+
 class EvaluateParams(Section):
     split: Literal["test", "val"] = "test"
     threshold: Union[float, Literal["val"]] = Field(
         "val", description="decision threshold, or 'val': the EER threshold found on validation"
     )
     robustness: bool = Field(True, description="also score the split re-compressed (JPEG 90/70/50), blurred, downscaled")
-    datasets: list[str] = Field(default_factory=list, description="more data sets (seed layout) to score: one table")
+    datasets: list[Union[str, SuiteSet]] = Field(
+        default_factory=list, description="the generalisation suite: more data sets to score, one table (a path, or "
+                                          "{path, name, face_crop, group_pattern, attributes, attribute_names})")
+
+    @field_validator("datasets")
+    @classmethod
+    def _as_sets(cls, value):
+        sets = [SuiteSet(path=v) if isinstance(v, str) else v for v in value]
+        names = [s.label for s in sets]
+        if len(set(names)) < len(names):
+            raise ValueError(f"suite set names must differ (give each a name): {names}")
+        for s in sets:
+            _check_name(s.label)
+        return sets
 
     @model_validator(mode="after")
     def _threshold_range(self):
@@ -170,7 +274,10 @@ class SampleDataParams(Section):
 
 # The metrics of dfdetect.metrics, by name (tests keep the two in step; config stays free of heavy imports).
 MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer", "ece"]
-LOWER_IS_BETTER = frozenset({"eer", "ece"})
+# What a suite row (dfdetect.suite) holds; real_fpr_ratio is the highest group's over the lowest's.
+SuiteMetricName = Literal["roc_auc", "average_precision", "eer", "accuracy", "fake_recall", "real_fpr", "video_roc_auc",
+                          "video_average_precision", "video_fake_recall", "video_real_fpr", "real_fpr_ratio"]
+LOWER_IS_BETTER = frozenset({"eer", "ece", "real_fpr", "video_real_fpr", "real_fpr_ratio"})
 
 
 class RegistryParams(Section):
@@ -185,6 +292,10 @@ class PromotionParams(Section):
         default_factory=lambda: {"roc_auc": 0.8},
         description="every one must hold for the challenger (for eer: a ceiling); alone decide with no champion",
     )
+    dataset_floors: dict[str, dict[SuiteMetricName, float]] = Field(
+        default_factory=dict, description="floors per suite set (evaluate.datasets, by name), e.g. {lfw_faceswap: "
+        "{roc_auc: 0.8}, utkface_real: {real_fpr: 0.1}}: a challenger that wins in-dataset but loses there is refused "
+        "(eer, real_fpr, video_real_fpr and real_fpr_ratio are ceilings); the challenger is re-scored on those sets")
     lock_timeout_s: float = Field(120.0, gt=0, description="how long to wait for another promotion to finish")
     lock_lease_s: float = Field(900.0, gt=0, description="a promotion lock older than this is taken over (a holder "
                                                          "on this host whose process is gone: at once)")

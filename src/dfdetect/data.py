@@ -32,6 +32,7 @@ class ImageFile:
     frame: int = -1  # frame number in that video
     identity: str = ""  # the person, when the file names say (prepare.group_pattern)
     source: str = ""  # for face crops: the data file they were cut from
+    dataset: str = ""  # the mixture source it belongs to (prepare.name or a prepare.sources name)
 
     @property
     def label(self) -> int:
@@ -93,6 +94,7 @@ class PreparedSplit:
     labels: np.ndarray  # N int64
     relpaths: list[str]
     videos: list[str] | None = None  # the source video of each image (video-level metrics); None: one each
+    datasets: list[str] | None = None  # the mixture source of each image; None: one data set
 
     @property
     def groups(self) -> list[str]:
@@ -117,6 +119,7 @@ def load_split(cache_dir: str | Path, split: str) -> PreparedSplit:
         labels=np.load(lab_path).astype(np.int64),
         relpaths=meta["splits"][split]["relpaths"],
         videos=meta["splits"][split].get("videos"),
+        datasets=meta["splits"][split].get("datasets"),
     )
 
 
@@ -127,7 +130,11 @@ def original_path(prepared_dir: str | Path, relpath: str) -> Path:
     """Where the image behind a manifest path is: face crops in the prepared folder, the rest in the data."""
     if relpath.startswith(FACES_DIR + "/"):
         return Path(prepared_dir) / relpath
-    return Path(load_meta(prepared_dir)["data_dir"]) / relpath
+    meta = load_meta(prepared_dir)
+    if relpath.startswith("@"):  # another source of a mixture: @NAME/<path inside it>
+        name, _, rest = relpath[1:].partition("/")
+        return Path(meta["sources"][name]["path"]) / rest
+    return Path(meta["data_dir"]) / relpath
 
 
 def preprocess_config(cache_dir: str | Path) -> PreprocessConfig:

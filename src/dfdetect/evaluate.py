@@ -12,14 +12,16 @@ import numpy as np
 from sklearn import metrics as skm
 
 from . import checkpoint, runtime, tracking
-from .config import Params
+from .config import EvaluateParams, Params, SuiteSet
 from .data import DatasetError, PreparedSplit, batch_loader, load_meta, load_split, original_path
 from .inference import predict_scores
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
 from .metrics import compute_all, eer_and_threshold, reliability, video_level
 from .plots import confusion_png, pr_png, reliability_png, robustness_png, roc_png
-from .robustness import dataset_row, load_image_set, robustness_table, table_markdown
+from .robustness import robustness_table
+from .robustness import table_markdown as robustness_markdown
+from .suite import flat_metrics, score_row, score_suite, table_markdown
 from .preprocessing import PreprocessConfig, decode_image, resize_square
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,12 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
     return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos)
 
 
+def suite_sets(params: Params, extra: list[str | Path] = ()) -> list[SuiteSet]:
+    """evaluate.datasets and the command line's --dataset paths (faces cropped as prepare.faces.crop_images says)."""
+    more = [SuiteSet(path=str(p), face_crop=params.prepare.faces.crop_images) for p in extra]
+    return list(EvaluateParams(datasets=[*params.evaluate.datasets, *more]).datasets)
+
+
 def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
     """P(fake) of every image, in fp32 so that metrics do not depend on the machine's precision."""
     rt = runtime.resolve(device, "fp32", False)
@@ -62,13 +70,14 @@ def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str =
 
 
 def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
-             metrics_path: str | Path, plots_dir: str | Path, track: bool = True, datasets: list[str | Path] = ()) -> dict:
+             metrics_path: str | Path, plots_dir: str | Path, track: bool = True, datasets: list[str | Path] = (),
+             workers: int = 1) -> dict:
     """Metrics of the best checkpoint on the evaluation split, its plots and report; the robustness table and
     the table over `datasets` (and evaluate.datasets) when asked."""
     prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
-    for root in [*params.evaluate.datasets, *datasets]:  # a typo fails now, before any output is replaced
-        if not Path(root).is_dir():
-            raise DatasetError(f"{root}: data set folder not found")
+    for spec in suite_sets(params, datasets):  # a typo fails now, before any output is replaced
+        if not Path(spec.path).is_dir():
+            raise DatasetError(f"{spec.path}: data set folder of the suite set '{spec.label}' not found")
     state = checkpoint.load(model_dir / "best.pt")
     model, pre = checkpoint.model_from_state(state)
     split, notes = choose_split(prepared_dir, params.evaluate.split)
@@ -119,16 +128,19 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
         metrics["robustness"] = {cond: row["roc_auc"] for cond, row in table.items()}
         atomic_write_json(out_dir / "robustness.json", table)
         robustness_png(table, figures / "robustness.png")
-        extra += "\n" + table_markdown(f"Robustness ('{split}' split, threshold {threshold:.4f})", table)
-    all_sets = [*params.evaluate.datasets, *map(str, datasets)]
-    if all_sets:
-        rows = {}
-        for root in all_sets:
-            images, problems = load_image_set(root, pre.image_size)
-            rows[Path(root).name] = {**dataset_row(images.labels, score(images), threshold), "unreadable": len(problems)}
+        extra += "\n" + robustness_markdown(f"Robustness ('{split}' split, threshold {threshold:.4f})", table)
+    if data.datasets and len(set(data.datasets)) > 1:  # a mixture: the same split, per source
+        names = np.asarray(data.datasets)
+        metrics["sources"] = {name: score_row(labels[names == name], scores[names == name], threshold,
+                                              [g for g, n in zip(data.groups, names) if n == name])
+                              for name in sorted(set(data.datasets))}
+        extra += "\n" + table_markdown(f"'{split}' split by source (threshold {threshold:.4f})", metrics["sources"])
+    sets = suite_sets(params, datasets)
+    if sets:
+        rows = score_suite(sets, score, pre.image_size, params.prepare.faces, threshold, workers)
         metrics["datasets"] = rows
         atomic_write_json(out_dir / "datasets.json", rows)
-        extra += "\n" + table_markdown(f"Other data sets (threshold {threshold:.4f})", rows)
+        extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", rows)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state) + extra)
     atomic_write_json(metrics_path, metrics)
 
@@ -161,8 +173,8 @@ def log_to_mlflow(params: Params, model_dir: Path, metrics: dict, out_dir: Path)
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         for cond, auc in metrics.get("robustness", {}).items():
             mlflow.log_metric(f"robustness/{cond}/roc_auc", float(auc))
-        for name, row in metrics.get("datasets", {}).items():
-            mlflow.log_metrics({f"dataset/{name}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics(flat_metrics(metrics.get("datasets", {})))
+        mlflow.log_metrics(flat_metrics(metrics.get("sources", {}), prefix="source"))
         mlflow.set_tag("dfdetect.eval_split", metrics["split"])
         mlflow.log_artifacts(str(out_dir / "figures"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "report.md"), artifact_path="evaluation")

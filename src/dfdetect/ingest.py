@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .config import FacesParams
-from .data import FACES_DIR, ImageFile
+from .data import FACES_DIR, SPLITS, ImageFile
 from .faces import FaceDetector, build_detector, crop_face
 from .io_utils import check_regular_file, read_regular_file
 from .preprocessing import ImageError, decode_image
@@ -48,8 +48,13 @@ def _get_detector(params: FacesParams) -> FaceDetector:
 
 
 def crop_name(file: ImageFile, frame: int) -> str:
-    stem = Path(file.relpath).with_suffix("").as_posix().split("/", 2)[-1].replace("/", "__")
-    return f"{FACES_DIR}/{file.split}/{file.class_name}/{stem}__f{frame:06d}.jpg"
+    rel, prefix = file.relpath, ""
+    if rel.startswith("@"):  # a mixture's other source (@NAME/...): its name keeps crops of two sources apart
+        name, _, rel = rel[1:].partition("/")
+        prefix = name + "__"
+    parts = Path(rel).with_suffix("").as_posix().split("/")
+    parts = parts[2:] if len(parts) > 2 and parts[0] in SPLITS else parts[1:] if len(parts) > 1 else parts
+    return f"{FACES_DIR}/{file.split}/{file.class_name}/{prefix}{'__'.join(parts)}__f{frame:06d}.jpg"
 
 
 def extract_one(file: ImageFile, out_root: Path, params: FacesParams) -> SourceResult:

@@ -17,13 +17,14 @@ import numpy as np
 from .config import PrepareParams
 from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
 from .ingest import extract_faces, faces_report
+from .mixture import discover_source, dvc_version
 from .io_utils import UnreadableFile, atomic_dir, read_regular_file
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
 from .progress import map_chunks
 
 log = logging.getLogger(__name__)
-MANIFEST_FIELDS = ["path", "split", "label", "class", "sha256", "width", "height", "status", "video", "frame",
+MANIFEST_FIELDS = ["dataset", "path", "split", "label", "class", "sha256", "width", "height", "status", "video", "frame",
                    "identity", "source"]
 
 
@@ -137,12 +138,16 @@ def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], pa
         per_split[s] = {"real": real, "fake": fake, "total": real + fake, "fake_fraction": round(fake / max(1, real + fake), 4),
                         "videos": videos}
     problems = {status: [c.problem for c in checked if c.status == status] for status in ("unreadable", "too_small", "duplicate")}
+    by_source = Counter((c.file.dataset, c.file.split, c.file.class_name) for c in checked if c.status == "ok")
+    sources = {name: {s: {k: by_source[(name, s, k)] for k in CLASS_NAMES} for s in splits}
+               for name in sorted({c.file.dataset for c in checked})}
     return {
         "label_map": LABEL_MAP,
         "image_size": params.image_size,
         "files_found": len(checked),
         "files_used": sum(counts.values()),
         "splits": per_split,
+        "sources": sources,
         "unreadable": problems["unreadable"],
         "too_small": problems["too_small"],
         "duplicates_within_split": problems["duplicate"],
@@ -158,6 +163,12 @@ def report_markdown(report: dict) -> str:
              "| split | real | fake | total | fake fraction | videos |", "|---|---|---|---|---|---|"]
     for s, c in report["splits"].items():
         lines.append(f"| {s} | {c['real']} | {c['fake']} | {c['total']} | {c['fake_fraction']:.2f} | {c['videos']} |")
+    if len(report.get("sources", {})) > 1:  # a mixture: what each source contributes
+        lines += ["", "## Sources (real / fake per split)", "", "| source | version | " + " | ".join(report["splits"]) + " |",
+                  "|---|---|" + "---|" * len(report["splits"])]
+        for name, per in report["sources"].items():
+            version = report.get("source_versions", {}).get(name, "")
+            lines.append(f"| {name} | {version} | " + " | ".join(f"{per[s]['real']} / {per[s]['fake']}" for s in report["splits"]) + " |")
     if report.get("faces"):
         f = report["faces"]
         lines += ["", f"## Face crops: {f['crops']} from {f['sources']} sources ({f['videos']} videos)", "",
@@ -180,7 +191,7 @@ def write_manifest(path: Path, checked: list[Checked]) -> None:
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
     writer.writeheader()
     for c in checked:
-        writer.writerow({"path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
+        writer.writerow({"dataset": c.file.dataset, "path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
                          "sha256": c.sha256, "width": c.width, "height": c.height, "status": c.status,
                          "video": c.file.video, "frame": c.file.frame, "identity": c.file.identity, "source": c.file.source})
     path.write_text(buf.getvalue())
@@ -191,13 +202,21 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
     manifest, report, face crops and cache."""
     files, notes = discover(data_dir)
     files, group_notes = assign_groups(files, params.group_pattern)
+    files = [replace(f, dataset=params.name) for f in files]
     notes += group_notes
+    crop_stills = {params.name} if params.faces.crop_images else set()
+    for source in params.sources:  # a mixture: every source into the same splits, each file remembering its source
+        source_files, source_notes = discover_source(source, assign_groups)
+        files += source_files
+        notes += source_notes
+        if source.face_crop:
+            crop_stills.add(source.label)
     group_leaks = find_group_leaks(files)
     if group_leaks and not params.allow_leakage:
         listing = "\n  ".join(group_leaks[:20])
         raise DatasetError(f"{len(group_leaks)} videos or identities are in more than one split; frames of one video "
                            f"(or one person) must stay in one split (set prepare.allow_leakage to override):\n  {listing}")
-    to_crop = [f for f in files if f.is_video or params.faces.crop_images]
+    to_crop = [f for f in files if f.is_video or f.dataset in crop_stills]
     log.info("found %d images and %d videos under %s", len(files) - sum(f.is_video for f in files),
              sum(f.is_video for f in files), data_dir)
     with atomic_dir(out_dir) as tmp:
@@ -207,6 +226,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
         files = [f for f in files if f not in cropped] + [c for r in crops for c in r.crops]
         checked = check_all(files, params, workers)
         report = _validate(checked, notes, params, data_dir, faces)
+        report["source_versions"] = {params.name: dvc_version(data_dir),
+                                     **{s.label: dvc_version(s.path) for s in params.sources}}
         _write_cache(tmp, checked, report, params, data_dir)
     return report
 
@@ -240,14 +261,15 @@ def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, d
 
 def _write_cache(tmp: Path, checked: list[Checked], report: dict, params: PrepareParams, data_dir) -> None:
     preprocess = PreprocessConfig(image_size=params.image_size)
-    meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {}}
+    meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {},
+            "sources": {s.label: {"path": str(Path(s.path).resolve())} for s in params.sources}}
     for split in report["splits"]:
         used = [c for c in checked if c.file.split == split and c.status == "ok"]
         img_path, lab_path = cache_paths(tmp, split)
         np.save(img_path, np.stack([c.array for c in used]))
         np.save(lab_path, np.array([c.file.label for c in used], dtype=np.int64))
         meta["splits"][split] = {"count": len(used), "relpaths": [c.file.relpath for c in used],
-                                 "videos": [c.file.group for c in used]}
+                                 "videos": [c.file.group for c in used], "datasets": [c.file.dataset for c in used]}
     write_manifest(tmp / "manifest.csv", checked)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "report.md").write_text(report_markdown(report))

@@ -25,6 +25,7 @@ from .config import LOWER_IS_BETTER, Params
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import LABEL_MAP
 from .preprocessing import PreprocessConfig
+from .suite import table_markdown as suite_markdown
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ HISTORY_TAG = "dfdetect.alias_history"
 PREVIOUS_TAG = "dfdetect.previous_champion"
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 TAG_VALUE_LIMIT = 5000  # MLflow's limit on a tag value
+DESCRIPTION_LIMIT = 5000  # a version description's column (PostgreSQL enforces it)
 
 
 class RegistryError(RuntimeError):
@@ -218,8 +220,8 @@ def model_card(name: str, version: str, run, metrics: dict, data_report: dict | 
              "Flags face images (face crops) that were likely manipulated by face swapping, as a signal for human",
              "review in trust-and-safety workflows. The output is P(fake); the verdict uses the stored threshold.", "",
              "## Known limits",
-             "- Trained and tested on one data distribution: expect lower accuracy on other generators, compression",
-             "  levels and cameras (deepfake detectors typically lose 0.1-0.2 ROC-AUC across data sets).",
+             "- Measured only on the data sets below: expect lower accuracy on other generators, compression levels",
+             "  and cameras (deepfake detectors typically lose 0.1-0.2 ROC-AUC across data sets); see Generalisation.",
              "- Not a proof of authenticity or of manipulation; do not use as the sole basis of a decision.",
              "- Scores whole images at the trained size; faces should be cropped as in training.", "",
              "## Data",
@@ -229,12 +231,45 @@ def model_card(name: str, version: str, run, metrics: dict, data_report: dict | 
     if data_report:
         for split, c in data_report.get("splits", {}).items():
             lines.append(f"- {split}: {c['real']} real, {c['fake']} fake")
+    lines += training_sources_lines(run.data.tags.get("dfdetect.training_sources"))
     lines += ["", f"## Metrics ({metrics.get('split', '?')} split)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
+    if metrics.get("sources"):
+        lines += ["", suite_markdown("The same split by training source", metrics["sources"])]
+    if metrics.get("datasets"):
+        lines += ["", suite_markdown("Generalisation: data sets it was not trained on (validation threshold)",
+                                     metrics["datasets"])]
+    else:
+        lines += ["", "## Generalisation", "", "Not measured: evaluate.datasets was empty, so nothing says how this "
+                  "model does on data of other sources."]
     lines += ["", "## Training parameters", ""]
     lines += [f"- `{k}`: {p[k]}" for k in sorted(p) if k.startswith(("model.", "train.", "prepare.", "seed"))]
     lines += ["", f"Training run: `{run.info.run_id}`"]
     return "\n".join(lines) + "\n"
+
+
+def card_description(card: str, artifact_path: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The card as a version description, cut at a line before the registry's length limit (the full card is
+    logged with the run)."""
+    if len(card) <= limit:
+        return card
+    note = f"\n\n(cut here: the full card is `{artifact_path}` in the training run's artifacts)\n"
+    return card[:card.rfind("\n", 0, limit - len(note))] + note
+
+
+def training_sources_lines(tag: str | None) -> list[str]:
+    """The model card's list of training sources, from the run's dfdetect.training_sources tag."""
+    try:
+        sources = json.loads(tag) if tag else {}
+    except json.JSONDecodeError:
+        sources = {}
+    if not sources:
+        return []
+    lines = ["", "## Training sources", "", "| source | DVC version | train real / fake | val real / fake |", "|---|---|---|---|"]
+    for name, s in sources.items():
+        cells = [f"{s[k]['real']} / {s[k]['fake']}" if k in s else "-" for k in ("train", "val")]
+        lines.append(f"| {name} | `{s.get('version', 'unknown')}` | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def register(params: Params, model_dir: str | Path, metrics_path: str | Path, prepared_dir: str | Path | None = None,
@@ -274,8 +309,9 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
     mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
     card = model_card(name, str(mv.version), run, metrics, data_report)
-    client.update_model_version(name, str(mv.version), description=card)
-    client.log_text(run_id, card, f"model_card/{name}-v{mv.version}.md")
+    card_path = f"model_card/{name}-v{mv.version}.md"
+    client.update_model_version(name, str(mv.version), description=card_description(card, card_path))
+    client.log_text(run_id, card, card_path)
     previous = _alias_version(client, name, CHALLENGER)
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
     _record(client, name, {"alias": CHALLENGER, "version": str(mv.version), "from": str(previous.version) if previous else None,
@@ -308,10 +344,53 @@ def _evaluate_version(loaded: LoadedModel, prepared_dir: Path, split: str) -> di
     return {k: round(v, 6) for k, v in compute_all(labels, scores, loaded.threshold).items()}
 
 
-def decide(params: Params, challenger: dict, champion: dict | None) -> tuple[str, list[str]]:
+def floor_sets(params: Params) -> list:
+    """The suite sets that promotion.dataset_floors names; refused at once when one is not in evaluate.datasets
+    or its folder is missing."""
+    from .evaluate import suite_sets
+
+    floors = params.promotion.dataset_floors
+    sets = {s.label: s for s in suite_sets(params)}
+    unknown = sorted(set(floors) - set(sets))
+    if unknown:
+        raise RegistryError(f"promotion.dataset_floors names {unknown}, which evaluate.datasets does not list "
+                            f"(it has {sorted(sets)})")
+    missing = [f"{n}: {sets[n].path}" for n in floors if not Path(sets[n].path).is_dir()]
+    if missing:
+        raise RegistryError(f"promotion.dataset_floors: data set folders not found: {missing}")
+    return [sets[n] for n in floors]
+
+
+def _suite_rows(loaded: LoadedModel, params: Params, sets: list) -> dict[str, dict]:
+    """The version scored on the suite sets of the floors (at its own threshold)."""
+    from .evaluate import score_model
+    from .suite import score_suite
+
+    return score_suite(sets, lambda data: score_model(loaded.model, loaded.preprocess, data)[0],
+                       loaded.preprocess.image_size, params.prepare.faces, loaded.threshold)
+
+
+def _suite_value(row: dict, metric: str) -> float | None:
+    if metric == "real_fpr_ratio":  # the worst attribute's spread between groups
+        ratios = [g["real_fpr_ratio"] for g in row.get("groups", {}).values() if "real_fpr_ratio" in g]
+        return max(ratios) if ratios else None
+    return row.get(metric)
+
+
+def decide(params: Params, challenger: dict, champion: dict | None,
+           challenger_suite: dict[str, dict] | None = None) -> tuple[str, list[str]]:
     """The gate: 'promoted' or 'rejected', with one line per check."""
     rule = params.promotion
     checks, ok = [], True
+    for set_name, floors in rule.dataset_floors.items():
+        row = (challenger_suite or {}).get(set_name, {})
+        for metric, floor in floors.items():
+            value = _suite_value(row, metric)
+            holds = value is not None and _floor_holds(metric, value, floor)
+            ok &= holds
+            shown = "not measured" if value is None else f"{value:.4f}"
+            checks.append(f"floor {set_name} {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
+                          f"{shown} {'holds' if holds else 'FAILS'}")
     for metric, floor in rule.floors.items():
         holds = _floor_holds(metric, challenger[metric], floor)
         ok &= holds
@@ -335,6 +414,9 @@ def report_markdown(report: dict) -> str:
     champ = report["champion"]["metrics"] if report["champion"] else {}
     for k, v in report["challenger"]["metrics"].items():
         lines.append(f"| {k} | {v:.4f} | {champ[k]:.4f} |" if k in champ else f"| {k} | {v:.4f} | - |")
+    if report.get("challenger_suite"):
+        lines += ["", suite_markdown("The challenger on the suite sets of promotion.dataset_floors",
+                                     report["challenger_suite"])]
     lines += ["", "## Checks"] + [f"- {c}" for c in report["checks"]]
     return "\n".join(lines) + "\n"
 
@@ -351,6 +433,7 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
     client = client_for(params)
     name = params.registry.model_name
     split, notes = choose_split(prepared_dir, "test")
+    gate_sets = floor_sets(params)
     with registry_lock(client, name, params.promotion.lock_timeout_s, params.promotion.lock_lease_s):
         challenger_mv = _alias_version(client, name, CHALLENGER)
         if challenger_mv is None:
@@ -365,10 +448,14 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
             report.update(verdict="already champion", checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
                           challenger={"version": str(challenger_mv.version), "metrics": {}}, champion=None)
             return _write_report(report, out_dir)
-        challenger = _evaluate_version(load_version(client, name, str(challenger_mv.version)), prepared_dir, split)
+        challenger_model = load_version(client, name, str(challenger_mv.version))
+        challenger = _evaluate_version(challenger_model, prepared_dir, split)
         champion = (_evaluate_version(load_version(client, name, str(champion_mv.version)), prepared_dir, split)
                     if champion_mv is not None else None)
-        verdict, checks = decide(params, challenger, champion)
+        suite = _suite_rows(challenger_model, params, gate_sets) if gate_sets else None
+        verdict, checks = decide(params, challenger, champion, suite)
+        if suite:
+            report["challenger_suite"] = suite
         report.update(verdict=verdict, checks=checks,
                       challenger={"version": str(challenger_mv.version), "metrics": challenger},
                       champion={"version": str(champion_mv.version), "metrics": champion} if champion_mv else None)

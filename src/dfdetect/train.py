@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
+from .mixture import MixtureSampler
 from .sbi import sbi_batch
 from .io_utils import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .metrics import eer_and_threshold, roc_auc
@@ -117,6 +119,17 @@ def _diff(a: dict, b: dict, prefix="") -> list[str]:
     return out
 
 
+def training_sources(prepared_dir: str | Path) -> dict[str, dict]:
+    """Each source of the prepared data: its DVC version and its train/val images per class (for the model card)."""
+    report_path = Path(prepared_dir) / "report.json"
+    if not report_path.exists():
+        return {}
+    report = json.loads(report_path.read_text())
+    versions = report.get("source_versions", {})
+    return {name: {"version": versions.get(name, "unknown"), **{s: per[s] for s in per if s in ("train", "val")}}
+            for name, per in report.get("sources", {}).items()}
+
+
 def write_history(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
@@ -164,7 +177,8 @@ def train(
     if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
         reals = np.flatnonzero(train_split.labels == 0)
         train_split = PreparedSplit(np.asarray(train_split.images[reals]), train_split.labels[reals],
-                                    [train_split.relpaths[i] for i in reals])
+                                    [train_split.relpaths[i] for i in reals],
+                                    datasets=[train_split.datasets[i] for i in reals] if train_split.datasets else None)
 
     model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
     frozen = freeze_parameters(model, t.freeze)
@@ -201,7 +215,11 @@ def train(
         log.info("resuming from %s after epoch %d", resume, state["epoch"])
 
     sampler = None
-    if d.enabled:  # each process trains on its share, in an order fixed by the seed and the epoch
+    if t.source_weights:  # a mixture: each source its share of the draws, in an order fixed by the seed and epoch
+        sampler = MixtureSampler(train_split.datasets or [params.prepare.name] * len(train_split.labels),
+                                 t.source_weights, params.seed, d.rank, d.world)
+        log.info("mixture draws per epoch: %s", sampler.counts())
+    elif d.enabled:  # each process trains on its share, in an order fixed by the seed and the epoch
         sampler = torch.utils.data.distributed.DistributedSampler(train_split.labels, num_replicas=d.world, rank=d.rank,
                                                                   shuffle=True, seed=params.seed, drop_last=True)
     train_loader = batch_loader(train_split, t.batch_size // d.world, shuffle=True, generator=shuffle_gen,
@@ -224,7 +242,8 @@ def train(
             mlflow.log_params(tracking.flat_params(params))
             mlflow.set_tags({"dfdetect.data_version": tracking.data_version(), "dfdetect.git_commit": tracking.git_commit(),
                              "dfdetect.params_hash": tracking.params_hash(params), "dfdetect.label_map": "real=0,fake=1",
-                             "dfdetect.device": str(rt.device), "dfdetect.precision": rt.precision})
+                             "dfdetect.device": str(rt.device), "dfdetect.precision": rt.precision,
+                             "dfdetect.training_sources": json.dumps(training_sources(prepared_dir))})
     sink = mlflow or _NoTracking()
     logged: dict[str, set[int]] = {}  # metric -> the steps the run already has
 

@@ -1,0 +1,123 @@
+"""The generalisation suite: rows computed right on hand-made cases, faces cropped as training does, videos
+scored per video, per-group false-positive rates, and the table through `evaluate`."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from conftest import make_face_videos
+from dfdetect.config import FacesParams, ParamsError, SuiteSet, parse_params
+from dfdetect.data import DatasetError
+from dfdetect.suite import flat_metrics, group_rates, load_suite_set, score_row
+
+
+def test_rows_report_the_rates_each_kind_of_set_allows():
+    only_fakes = score_row(np.array([1, 1, 1, 1]), np.array([0.9, 0.8, 0.2, 0.7]), 0.5)
+    assert only_fakes == {"n_real": 0, "n_fake": 4, "fake_recall": 0.75}
+    only_reals = score_row(np.array([0, 0, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3, 0.4]), 0.5)
+    assert only_reals == {"n_real": 5, "n_fake": 0, "real_fpr": 0.2}
+    both = score_row(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.6, 0.7]), 0.5)
+    assert both["roc_auc"] == 1.0 and both["accuracy"] == 0.75 and both["real_fpr"] == 0.5 and both["fake_recall"] == 1.0
+
+
+def test_video_rows_score_the_mean_of_each_video():
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    scores = np.array([0.2, 0.4, 0.9, 0.3, 0.6, 0.6])  # videos: r (0.3), f1 (0.6), f2 (0.6)
+    row = score_row(labels, scores, 0.5, ["r", "r", "f1", "f1", "f2", "f2"])
+    assert row["n_videos"] == 3 and row["video_roc_auc"] == 1.0
+    assert row["video_fake_recall"] == 1.0 and row["video_real_fpr"] == 0.0
+    assert row["fake_recall"] == 0.75  # frames: 0.3 is a miss
+
+
+def test_group_rates_per_attribute_and_the_spread():
+    files = [f"{age}_{g}_{r}_x.jpg" for age, g, r in [(20, 0, 0)] * 20 + [(30, 1, 1)] * 20 + [(40, 1, 2)] * 5]
+    labels = np.zeros(45, dtype=int)
+    scores = np.array([0.9] * 2 + [0.1] * 18 + [0.9] * 8 + [0.1] * 12 + [0.9] * 5)
+    out = group_rates(files, labels, scores, 0.5, r"^(?P<age>\d+)_(?P<gender>\d)_(?P<race>\d)_",
+                      {"gender": {"0": "male", "1": "female"}})
+    gender = out["gender"]
+    assert gender["groups"]["male"] == {"n": 20, "real_fpr": 0.1}
+    assert gender["groups"]["female"] == {"n": 25, "real_fpr": 13 / 25}
+    assert gender["real_fpr_ratio"] == round((13 / 25) / 0.1, 4)
+    race = out["race"]
+    assert race["groups"]["2"]["n"] == 5 and race["real_fpr_max"] == 0.4  # 5 images: listed, not in the spread
+    assert flat_metrics({"utk": {"n_real": 45, "groups": out}})["dataset/utk/gender=female/real_fpr"] == 13 / 25
+
+
+def test_suite_params_accept_paths_and_specs_and_refuse_bad_ones():
+    params = parse_params({"evaluate": {"datasets": ["/a/lfw", {"path": "/b/utk", "attributes": r"^(?P<g>\d)"}]}})
+    assert [s.label for s in params.evaluate.datasets] == ["lfw", "utk"]
+    with pytest.raises(ParamsError, match="must differ"):
+        parse_params({"evaluate": {"datasets": ["/a/x", "/b/x"]}})
+    with pytest.raises(ParamsError, match="named group"):
+        parse_params({"evaluate": {"datasets": [{"path": "/a", "attributes": r"\d+"}]}})
+    with pytest.raises(ParamsError, match="dataset_floors"):
+        parse_params({"promotion": {"dataset_floors": {"lfw": {"not_a_metric": 0.5}}}})
+
+
+@pytest.fixture(scope="module")
+def photo_set(tmp_path_factory):
+    """{real,fake}/ of whole photographs: the astronaut (a face, off-centre in a wider frame) and a face-free
+    photo, so a face crop must find and keep only the face."""
+    root = tmp_path_factory.mktemp("photos") / "photos"
+    (root / "real").mkdir(parents=True)
+    (root / "fake").mkdir()
+    wide = np.zeros((512, 1024, 3), np.uint8)
+    wide[:, 512:] = skdata.astronaut()
+    Image.fromarray(wide).save(root / "real" / "astronaut_wide.jpg", quality=95)
+    Image.fromarray(skdata.astronaut()).save(root / "fake" / "astronaut.jpg", quality=95)
+    Image.fromarray(skdata.coffee()).save(root / "fake" / "coffee.jpg", quality=95)
+    return root
+
+
+def test_stills_are_face_cropped_when_asked(photo_set):
+    plain = load_suite_set(SuiteSet(path=str(photo_set)), 64, FacesParams())
+    assert len(plain.split.labels) == 3 and plain.no_face == []
+    cropped = load_suite_set(SuiteSet(path=str(photo_set), face_crop=True), 64, FacesParams())
+    assert sorted(cropped.files) == ["fake/astronaut.jpg", "real/astronaut_wide.jpg"]
+    assert cropped.no_face == ["fake/coffee.jpg"]
+    # the wide photo's crop is its face, so it matches the crop of the plain photo, not its centre-crop
+    crop_wide = cropped.split.images[cropped.files.index("real/astronaut_wide.jpg")].astype(float)
+    crop_face = cropped.split.images[cropped.files.index("fake/astronaut.jpg")].astype(float)
+    centre_wide = plain.split.images[plain.files.index("real/astronaut_wide.jpg")].astype(float)
+    assert np.abs(crop_wide - crop_face).mean() < 0.5 * np.abs(centre_wide - crop_face).mean()
+
+
+def test_videos_go_through_the_video_path(tmp_path):
+    root = make_face_videos(tmp_path / "vids", {"test": 2}, frames=6)
+    got = load_suite_set(SuiteSet(path=str(root)), 32, FacesParams(frames_per_video=3))
+    assert got.has_videos and len(set(got.split.videos)) == 4
+    assert len(got.split.labels) == 12 and set(got.files) == {p.relative_to(root).as_posix() for p in root.rglob("*.mp4")}
+
+
+def test_a_set_with_nothing_usable_is_refused(tmp_path):
+    (tmp_path / "empty" / "real").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images or videos"):
+        load_suite_set(SuiteSet(path=str(tmp_path / "empty")), 32, FacesParams())
+
+
+def test_evaluate_reports_the_suite_in_one_table(tracked_run, tmp_path, sample_root):
+    from dfdetect.evaluate import evaluate
+
+    reals = tmp_path / "reals_only"
+    shutil.copytree(sample_root / "test" / "real", reals / "real")
+    for i, path in enumerate(sorted((reals / "real").iterdir())):  # file names carry a group: 4 per group
+        path.rename(path.with_name(f"{i % 2}_{path.name}"))
+    params = tracked_run["params"].model_copy(update={"evaluate": parse_params({"evaluate": {"robustness": False, "datasets": [
+        str(sample_root),
+        {"path": str(reals), "name": "reals", "attributes": r"^(?P<kind>\d)_", "attribute_names": {"kind": {"0": "even"}}},
+    ]}}).evaluate})
+    metrics = evaluate(params, tracked_run["prepared"], tracked_run["models"], tmp_path / "eval",
+                       tmp_path / "eval" / "metrics.json", tmp_path / "plots", track=False)
+    rows = metrics["datasets"]
+    assert set(rows) == {sample_root.name, "reals"}
+    assert rows[sample_root.name]["roc_auc"] == pytest.approx(metrics["roc_auc"])  # the same test split, scored alike
+    assert set(rows["reals"]) >= {"n_real", "real_fpr", "groups"} and "roc_auc" not in rows["reals"]
+    assert set(rows["reals"]["groups"]["kind"]["groups"]) == {"even", "1"}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "Generalisation suite" in report and "### reals: by kind" in report
+    assert json.loads((tmp_path / "eval" / "datasets.json").read_text()) == rows
