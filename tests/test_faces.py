@@ -11,7 +11,8 @@ from skimage import data as skdata
 
 from dfdetect.config import FacesParams, PrepareParams
 from dfdetect.data import DatasetError, load_split
-from dfdetect.faces import FaceBox, FaceError, build_detector, iou, crop_face, square_box
+from dfdetect.faces import (FaceBox, FaceError, build_detector, crop_face, eye_angle, installed_file, iou, nms,
+                             square_box)
 from dfdetect.metrics import video_level
 from dfdetect.prepare import prepare
 from conftest import face_frames, make_face_videos
@@ -53,6 +54,88 @@ def test_crop_is_square_at_the_asked_size(detector):
 def test_unknown_detector_names_the_choices():
     with pytest.raises(FaceError, match="haar"):
         build_detector("retinaface-from-the-internet")
+
+
+@pytest.fixture(scope="module")
+def retina():
+    return build_detector("retinaface", min_face=40)
+
+
+def rotated(rgb: np.ndarray, degrees: float) -> np.ndarray:
+    """The photo turned `degrees` counter-clockwise on screen around its centre."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    return cv2.warpAffine(rgb, cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0), (w, h))
+
+
+def test_retinaface_finds_the_face_and_its_landmarks(retina):
+    faces = retina.detect(skdata.astronaut())
+    assert len(faces) == 1
+    box = faces[0]
+    assert iou((box.x, box.y, box.w, box.h), ASTRONAUT_FACE) > 0.6 and box.score > 0.9
+    assert len(box.landmarks) == 5
+    for x, y in box.landmarks:
+        assert box.x <= x <= box.x + box.w and box.y <= y <= box.y + box.h
+    (rex, rey), (lex, ley), (nx, ny), (rmx, rmy), (lmx, lmy) = box.landmarks
+    assert rex < nx < lex and rmx < lmx  # the subject's right eye and mouth corner are on the image's left
+    assert max(rey, ley) < ny < min(rmy, lmy)  # eyes above the nose, the nose above the mouth
+
+
+def test_retinaface_no_face_in_images_without_one(retina):
+    rng = np.random.default_rng(0)
+    assert retina.detect(np.full((240, 320, 3), 120, np.uint8)) == []
+    assert retina.detect(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) == []
+    assert retina.detect(skdata.coffee()) == []
+    assert retina.detect(skdata.chelsea()) == []  # a cat's face is not a face
+
+
+def test_retinaface_maps_boxes_back_from_the_scaled_frame_and_honours_min_face(retina):
+    big = np.asarray(Image.fromarray(skdata.astronaut()).resize((1536, 1536), Image.BICUBIC))  # run at 640
+    box = retina.largest(big)
+    assert iou((box.x, box.y, box.w, box.h), tuple(3 * v for v in ASTRONAUT_FACE)) > 0.6
+    assert build_detector("retinaface", min_face=200).largest(skdata.astronaut()) is None  # the face is ~100 px
+
+
+def test_align_levels_the_eyes_of_a_rolled_face(retina):
+    photo = rotated(skdata.astronaut(), 20)
+    box = retina.largest(photo)
+    assert abs(eye_angle(box.landmarks)) > 10  # the face is rolled (the photo's own tilt is about 3 degrees)
+    plain = retina.largest(crop_face(photo, box, 1.3, 256))
+    assert abs(eye_angle(plain.landmarks)) > 10  # cropping alone keeps the roll
+    aligned = retina.largest(crop_face(photo, box, 1.3, 256, align=True))
+    assert aligned is not None and abs(eye_angle(aligned.landmarks)) < 5
+    assert aligned.w > 256 / 2  # still the face, filling the crop as the unaligned one does
+
+
+def test_align_without_landmarks_and_the_default_crop_are_unchanged(detector, retina):
+    photo = skdata.astronaut()
+    haar = detector.largest(photo)
+    assert haar.landmarks is None
+    assert np.array_equal(crop_face(photo, haar, 1.3, 64, align=True), crop_face(photo, haar, 1.3, 64))
+    box = retina.largest(photo)
+    bare = FaceBox(box.x, box.y, box.w, box.h, box.score)
+    assert np.array_equal(crop_face(photo, box, 1.3, 64), crop_face(photo, bare, 1.3, 64))  # align is opt-in
+    assert not np.array_equal(crop_face(photo, box, 1.3, 64, align=True), crop_face(photo, box, 1.3, 64))
+
+
+def test_facebox_stays_a_frozen_value():
+    box = FaceBox(1, 2, 3, 4)
+    assert box.landmarks is None and box.score == 1.0 and hash(box) == hash(FaceBox(1, 2, 3, 4))
+    with pytest.raises(AttributeError):
+        box.x = 5
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]], np.float32)
+    scores = np.array([0.8, 0.9, 0.7, 0.6], np.float32)
+    assert nms(boxes, scores, 0.4) == [1, 2]
+    assert nms(boxes, scores, 0.95) == [1, 0, 2, 3]
+
+
+def test_a_missing_model_package_is_named():
+    with pytest.raises(FaceError, match="'no-such-face-models' package is not installed"):
+        installed_file("no-such-face-models", "models/face.onnx")
 
 
 def test_video_level_scores_are_frame_means():

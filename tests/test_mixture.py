@@ -135,3 +135,12 @@ def test_training_draws_by_source_weights_and_records_its_sources(sample_root, u
     with pytest.raises(DatasetError, match="nope"):
         train(bad, tmp_path / "prepared", tmp_path / "models2", track=False)
     assert json.loads((tmp_path / "models" / "summary.json").read_text())["epochs_run"] == 1
+
+
+def test_a_main_data_set_without_split_folders_is_split_by_group(unsplit_source, tmp_path):
+    report = prepare(unsplit_source, tmp_path / "out", small_params(prepare={"name": "flat"}).prepare)
+    assert set(report["splits"]) == {"train", "val", "test"} and report["files_used"] == 60
+    assert any("no split folders" in n for n in report["notes"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images or videos"):
+        prepare(tmp_path / "empty", tmp_path / "out2", small_params().prepare)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -101,6 +102,26 @@ def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline():
         assert net.eval()((x - 0.498) / 0.502).argmax().item() == 967
     model = create_model(ModelParams(name="efficientnet_lite0", pretrained=True))
     assert torch.equal(model.net._conv_stem.weight, net._conv_stem.weight)  # the detector starts from them
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_larger_lite_backbones_load_their_packaged_weights_exactly(name, size):
+    from PIL import Image
+    from skimage import data
+
+    from dfdetect.config import ModelParams
+    from dfdetect.models import create_model
+    from dfdetect.models import architectures
+
+    cls = {"efficientnet_lite1": architectures.EfficientNetLite1, "efficientnet_lite2": architectures.EfficientNetLite2}[name]
+    net = cls()
+    net._fc = torch.nn.Linear(1280, 1000)
+    net.load_state_dict(torch.load(getattr(architectures, f"_lite{name[-1]}_weights")(), weights_only=True), strict=True)
+    x = torch.from_numpy(np.array(Image.fromarray(data.coffee()).resize((size, size)))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        assert net.eval()((x - 0.498) / 0.502).argmax().item() == 967  # espresso, at its native resolution
+    model = create_model(ModelParams(name=name, pretrained=True))
+    assert torch.equal(model.net._blocks[5]._depthwise_conv.weight, net._blocks[5]._depthwise_conv.weight)
 
 
 def test_residual_branch_starts_silent_keeps_its_filters_fixed_and_learns():

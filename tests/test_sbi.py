@@ -38,3 +38,56 @@ def test_training_with_real_faces_only(prepared_small, tmp_path):
     params = small_params(train={"sbi": {"mode": "only", "prob": 0.5}, "epochs": 2})
     result = train(params, prepared_small, tmp_path / "models", tmp_path / "history.csv", track=False)
     assert result.completed and 0.0 <= result.best_val_auc <= 1.0  # validated on the known fakes it never saw
+
+
+def test_landmark_masks_follow_the_face_hull():
+    from PIL import Image
+    from skimage import data
+
+    from dfdetect.landmarks import FaceLandmarker, hull_mask
+    from dfdetect.sbi import landmark_mask
+
+    face = np.asarray(Image.fromarray(data.astronaut()[30:250, 120:340]).resize((128, 128), Image.BILINEAR))
+    landmarker = FaceLandmarker.load()
+    points = landmarker.landmarks(face)
+    assert points is not None
+    hull = hull_mask(points, 128, 128)
+    masks = [landmark_mask(points, 128, 128, np.random.default_rng(s)) for s in range(8)]
+    for mask in masks:  # a deformed, feathered copy of the hull: mostly inside it, never far outside
+        assert np.corrcoef(mask.ravel(), hull.ravel())[0, 1] > 0.7
+        assert mask[hull == 0].mean() < 0.1 and mask[hull == 1].mean() > 0.5
+    assert not np.array_equal(masks[0], masks[1])  # each draw deforms it differently
+    fake, used = self_blend(face, np.random.default_rng(0), points)
+    diff = np.abs(fake.astype(int) - face.astype(int)).max(axis=2)
+    assert diff[used < 0.01].max() <= 1 and diff[used > 0.5].mean() > 2
+
+
+def test_sbi_batch_uses_landmarks_and_falls_back_to_an_ellipse_without_a_face():
+    class Found:
+        calls = 0
+
+        def landmarks(self, face):
+            Found.calls += 1
+            h, w = face.shape[:2]  # a small square "face" in one corner: the mask must go there
+            return np.array([[2, 2], [20, 2], [20, 20], [2, 20]], np.float32)
+
+    class NotFound:
+        def landmarks(self, face):
+            return None
+
+    images = torch.full((4, 3, 48, 48), 100, dtype=torch.uint8)
+    labels = torch.zeros(4, dtype=torch.long)
+    corner, _ = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), Found())
+    assert Found.calls == 4
+    changed = (corner.int() - images.int()).abs().amax(1) > 0
+    assert changed[:, :24, :24].float().mean() > changed[:, 30:, 30:].float().mean()
+    ellipse, y = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), NotFound())
+    assert y.tolist() == [1] * 4 and (ellipse.int() - images.int()).abs().amax(1)[:, 20:28, 20:28].float().mean() > 0
+
+
+def test_training_with_landmark_masks(prepared_small, tmp_path):
+    from dfdetect.train import train
+
+    params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "mask": "landmarks"}, "epochs": 1})
+    result = train(params, prepared_small, tmp_path / "models", track=False)
+    assert result.completed and (tmp_path / "models" / "best.pt").exists()

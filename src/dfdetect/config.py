@@ -72,7 +72,7 @@ class SourceParams(NamedSet):
     max_per_class: int | None = Field(None, ge=1, description="at most this many images (or videos' crops) per class "
                                                               "and split, chosen by a seeded hash of the group")
     split: dict[Literal["train", "val", "test"], float] = Field(
-        default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15},
+        default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15},  # as mixture.DEFAULT_SPLIT
         description="for a source without split folders: the share of its groups in each split")
 
     @field_validator("split")
@@ -95,6 +95,8 @@ class PrepareParams(Section):
                           "or identity may not be in two splits; e.g. '^(?P<video>[a-z]+_\\d+)_\\d+$'")
     faces: FacesParams = FacesParams()
     name: str = Field("data", description="names the --data set in reports and metrics (a mixture's first source)")
+    max_per_class: int | None = Field(None, ge=1, description="at most this many files of --data per class and split "
+                                                              "(whole videos or identities, chosen by a stable hash)")
     sources: list[SourceParams] = Field(default_factory=list, description="more data sets mixed into the same "
                                         "splits (a training mixture); train.source_weights sets their shares")
 
@@ -165,6 +167,9 @@ class SbiParams(Section):
     mode: Literal["none", "add", "only"] = Field(
         "none", description="self-blended fakes from real faces: add (beside the known fakes) or only (real faces alone)")
     prob: float = Field(0.5, ge=0.0, le=1.0, description="share of the real faces of a batch turned into self-blended fakes")
+    mask: Literal["landmarks", "ellipse"] = Field(
+        "ellipse", description="landmarks: the convex hull of the face mesh (MediaPipe's 468 points, as the paper), an "
+                               "ellipse where no face mesh is found; ellipse: always an ellipse around the crop's centre")
 
 
 class TrainParams(Section):

@@ -22,6 +22,7 @@ from .data import IMAGE_EXTENSIONS, SPLITS, DatasetError, ImageFile, discover
 from .labels import CLASS_NAMES
 from .video import VIDEO_EXTENSIONS
 
+DEFAULT_SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}  # for sets without split folders
 SOURCE_PREFIX = "@"  # manifest paths of a mixture's other sources: @NAME/<path inside that source>
 
 
@@ -47,7 +48,7 @@ def has_splits(root: Path) -> bool:
     return any((root / s).is_dir() for s in SPLITS)
 
 
-def _list_unsplit(root: Path) -> list[ImageFile]:
+def list_unsplit(root: Path) -> list[ImageFile]:
     """{real,fake}/ without split folders; either class may be missing (a set of reals only, say)."""
     files = []
     for class_name in CLASS_NAMES:
@@ -66,16 +67,31 @@ def _list_unsplit(root: Path) -> list[ImageFile]:
 
 
 def assign_splits(files: list[ImageFile], fractions: dict[str, float], salt: str) -> list[ImageFile]:
-    """Each group (video, else identity, else file) to one split by a stable hash, so frames of one video or
-    photos of one person never straddle splits, and the assignment does not change when files are added."""
+    """Each group (identity, else video, else file) to one split, so frames of one video or photos of one person
+    never straddle splits: per class, groups in a stable hashed order are cut at the shares, so every split
+    gets its share of each class (at least one group where the class has one for every split). The order never
+    depends on other files, so adding files moves few groups. A group of both classes goes with its first file's."""
     order = [s for s in SPLITS if fractions.get(s, 0) > 0]
-    bounds = np.cumsum([fractions[s] for s in order])
-    out = []
+    groups: dict[str, list[ImageFile]] = defaultdict(list)
     for f in files:
-        key = f.identity or f.video or f.relpath
-        u = _unit(salt, key)
-        out.append(replace(f, split=order[min(int(np.searchsorted(bounds, u, side="right")), len(order) - 1)]))
-    return out
+        groups[f.identity or f.video or f.relpath].append(f)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for key, members in groups.items():
+        by_class[members[0].class_name].append(key)
+    split_of = {}
+    for keys in by_class.values():
+        keys.sort(key=lambda k: _unit(salt, k))
+        n, start = len(keys), 0
+        for i, split in enumerate(order):
+            left = len(order) - i - 1  # splits still to fill after this one
+            if n < len(order):  # too few groups to give every split one: all train
+                size = n if i == 0 else 0
+            else:
+                size = n - start if not left else min(n - start - left, max(1, round(n * fractions[split])))
+            for key in keys[start:start + size]:
+                split_of[key] = split
+            start += size
+    return [replace(f, split=split_of[f.identity or f.video or f.relpath]) for f in files]
 
 
 def cap_per_class(files: list[ImageFile], cap: int | None, salt: str) -> tuple[list[ImageFile], int]:
@@ -106,7 +122,7 @@ def discover_source(source: SourceParams, assign_groups) -> tuple[list[ImageFile
         files, notes = discover(root)
         files, group_notes = assign_groups(files, source.group_pattern)
     else:
-        files, group_notes = assign_groups(_list_unsplit(root), source.group_pattern)
+        files, group_notes = assign_groups(list_unsplit(root), source.group_pattern)
         files = assign_splits(files, source.split, name)
         notes = [f"source '{name}': no split folders; split by group {dict(source.split)}"]
     files, dropped = cap_per_class(files, source.max_per_class, name)

@@ -17,7 +17,7 @@ import numpy as np
 from .config import PrepareParams
 from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
 from .ingest import extract_faces, faces_report
-from .mixture import discover_source, dvc_version
+from .mixture import DEFAULT_SPLIT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
 from .io_utils import UnreadableFile, atomic_dir, read_regular_file
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
@@ -200,10 +200,16 @@ def write_manifest(path: Path, checked: list[Checked]) -> None:
 def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int = 1) -> dict:
     """Validate `data_dir` (cropping the faces of its videos), then atomically (re)write `out_dir` with
     manifest, report, face crops and cache."""
-    files, notes = discover(data_dir)
-    files, group_notes = assign_groups(files, params.group_pattern)
+    if has_splits(Path(data_dir)) or not Path(data_dir).is_dir():
+        files, notes = discover(data_dir)
+        files, group_notes = assign_groups(files, params.group_pattern)
+    else:  # {real,fake}/ alone: split by group as a mixture source is
+        files, group_notes = assign_groups(list_unsplit(Path(data_dir)), params.group_pattern)
+        files = assign_splits(files, DEFAULT_SPLIT, params.name)
+        notes = [f"{data_dir}: no split folders; split by group {DEFAULT_SPLIT}"]
     files = [replace(f, dataset=params.name) for f in files]
-    notes += group_notes
+    files, dropped = cap_per_class(files, params.max_per_class, params.name)
+    notes += group_notes + ([f"{dropped} files left out by prepare.max_per_class={params.max_per_class}"] if dropped else [])
     crop_stills = {params.name} if params.faces.crop_images else set()
     for source in params.sources:  # a mixture: every source into the same splits, each file remembering its source
         source_files, source_notes = discover_source(source, assign_groups)

@@ -3,8 +3,9 @@
 A face is blended with a slightly altered copy of itself (colour, sharpness, scale, position) inside a soft,
 randomly deformed face mask. The result carries the traces every face swap leaves (a blending boundary,
 colour and frequency mismatches) without any identity change, so a detector learns those traces instead of
-one generator's fingerprint. With no landmarks, the mask is an ellipse around the face centre of the crop:
-`prepare` crops faces centred with a 1.3x margin, and tight crops are centred too.
+one generator's fingerprint. The mask is the convex hull of the face's dense landmarks (MediaPipe's face mesh,
+dfdetect.landmarks), as the paper draws it; where no face mesh is found, an ellipse around the centre of the
+crop (`prepare` crops faces centred, and tight crops are centred too).
 """
 
 from __future__ import annotations
@@ -14,17 +15,37 @@ import torch
 from PIL import Image, ImageFilter
 
 
+def _wobble(angle: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random radial factor around 1 (the paper's elastic mask deformation, at low frequency)."""
+    return 1 + sum(rng.uniform(-0.08, 0.08) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
+
+
+def _feather(inside: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A hard mask with a blurred edge of random width; values in [0, 1]."""
+    w = inside.shape[1]
+    mask = Image.fromarray((inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.03, 0.09) * w))
+    return np.asarray(mask, dtype=np.float32) / 255
+
+
 def _soft_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """An ellipse around the centre, deformed by a smooth random warp, with a blurred edge; values in [0, 1]."""
+    """An ellipse around the centre, deformed by a smooth random warp, with a blurred edge: the mask when no
+    landmarks were found."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cy, cx = h * (0.5 + rng.uniform(-0.05, 0.05)), w * (0.5 + rng.uniform(-0.05, 0.05))
     ry, rx = h * rng.uniform(0.28, 0.42), w * rng.uniform(0.24, 0.36)
-    # a low-frequency displacement of the boundary (the paper's elastic mask deformation)
-    angle = np.arctan2(yy - cy, xx - cx)
-    wobble = 1 + sum(rng.uniform(-0.08, 0.08) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
-    inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= wobble**2
-    mask = Image.fromarray((inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.03, 0.09) * w))
-    return np.asarray(mask, dtype=np.float32) / 255
+    inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= _wobble(np.arctan2(yy - cy, xx - cx), rng) ** 2
+    return _feather(inside, rng)
+
+
+def landmark_mask(points: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """The paper's mask: the convex hull of the face landmarks, shrunk or grown per axis and deformed by a
+    smooth random warp around its centre, with a blurred edge; values in [0, 1]."""
+    from .landmarks import hull_mask
+
+    centre = points.mean(0)
+    offset = points - centre
+    factor = _wobble(np.arctan2(offset[:, 1], offset[:, 0]), rng)[:, None] * rng.uniform(0.8, 1.05, size=2)
+    return _feather(hull_mask(centre + offset * factor, h, w) > 0, rng)
 
 
 def _altered_copy(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -48,18 +69,22 @@ def _altered_copy(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def self_blend(face: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1])."""
+def self_blend(face: np.ndarray, rng: np.random.Generator, points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1]). With
+    `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse."""
     h, w = face.shape[:2]
-    mask = _soft_mask(h, w, rng) * rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
+    mask = landmark_mask(points, h, w, rng) if points is not None else _soft_mask(h, w, rng)
+    mask = mask * rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
     source = _altered_copy(face, rng)
     blended = mask[..., None] * source + (1 - mask[..., None]) * face.astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8), mask
 
 
-def sbi_batch(images: torch.Tensor, labels: torch.Tensor, prob: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sbi_batch(images: torch.Tensor, labels: torch.Tensor, prob: float, gen: torch.Generator,
+              landmarker=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
-    fakes (label 1). Seeded from `gen`, so a resumed run makes the same ones."""
+    fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
+    ellipse. Seeded from `gen`, so a resumed run makes the same ones."""
     n = images.shape[0]
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -68,7 +93,9 @@ def sbi_batch(images: torch.Tensor, labels: torch.Tensor, prob: float, gen: torc
     rng = np.random.default_rng(seed)
     images, labels = images.clone(), labels.clone()
     for i in torch.nonzero(chosen).flatten().tolist():
-        fake, _ = self_blend(images[i].permute(1, 2, 0).numpy(), rng)
+        face = images[i].permute(1, 2, 0).numpy()
+        points = landmarker.landmarks(face) if landmarker is not None else None
+        fake, _ = self_blend(face, rng, points)
         images[i] = torch.from_numpy(fake).permute(2, 0, 1)
         labels[i] = 1
     return images, labels

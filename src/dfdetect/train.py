@@ -180,6 +180,11 @@ def train(
                                     [train_split.relpaths[i] for i in reals],
                                     datasets=[train_split.datasets[i] for i in reals] if train_split.datasets else None)
 
+    landmarker = None
+    if t.sbi.mode != "none" and t.sbi.mask == "landmarks":  # loaded before any work: a missing model fails now
+        from .landmarks import FaceLandmarker
+
+        landmarker = FaceLandmarker.load()
     model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
     frozen = freeze_parameters(model, t.freeze)
     ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
@@ -290,7 +295,7 @@ def train(
                 loss_sum, correct, seen = 0.0, 0, 0
                 for images, y in train_loader:
                     if t.sbi.mode != "none":
-                        images, y = sbi_batch(images, y, t.sbi.prob, augment_gen)
+                        images, y = sbi_batch(images, y, t.sbi.prob, augment_gen, landmarker)
                     x = training_batch(images, t.augment, augment_gen, pre, rt)
                     y = y.to(rt.device).float()
                     loss, logits = train_step(net, optimizer, scaler, rt, x, y)

