@@ -97,7 +97,8 @@ class Detector:
         # decoding and resizing happen here, never on the event loop (Pillow releases the GIL while decoding)
         self._decoders = anyio.CapacityLimiter(SERVING.decode_threads)
         self._rng = np.random.default_rng()
-        self.faces = FaceCropper(PARAMS.prepare.faces) if SERVING.face_crop else None
+        self.faces = (FaceCropper(PARAMS.prepare.faces, lambda: self.models.info().get("face_margin"))
+                      if SERVING.face_crop else None)
 
         @health_app.get("/health")
         async def health():

@@ -11,7 +11,7 @@ from skimage import data as skdata
 
 from dfdetect.config import FacesParams, PrepareParams
 from dfdetect.data import DatasetError, load_split
-from dfdetect.faces import (FaceBox, FaceError, build_detector, crop_face, eye_angle, installed_file, iou, nms,
+from dfdetect.faces import (FaceBox, FaceError, build_detector, crop_face, eye_angle, framing, installed_file, iou, nms,
                              square_box)
 from dfdetect.metrics import video_level
 from dfdetect.prepare import prepare
@@ -237,3 +237,48 @@ def test_serving_crops_faces_with_the_training_code():
     assert np.array_equal(crop, expected) and crop.shape == (64, 64, 3)
     assert set(face_json(box)) == {"x", "y", "width", "height"}
     assert cropper(np.full((120, 160, 3), 90, np.uint8)) is None
+
+
+def test_framing_measures_the_margin_a_crop_was_made_with(retina):
+    photo = skdata.astronaut()
+    box = retina.largest(photo)
+    for margin in (0.85, 1.0, 1.5):
+        crop = crop_face(photo, box, margin, 128)
+        (measured,) = framing([crop], retina)
+        assert margin <= measured < 1.15 * margin  # a face found in a crop comes out a little smaller
+    assert framing([skdata.coffee()[:200, :200]], retina) == []
+
+
+def test_prepare_frames_every_crop_as_the_data_s_own_stills_with_margin_auto(tmp_path, retina):
+    """Tight face stills (0.9 x the box) plus videos: auto measures 0.9, crops the videos so, records it."""
+    from conftest import write_video
+
+    from dfdetect.data import load_meta, preprocess_config
+
+    photo = skdata.astronaut()
+    box = retina.largest(photo)
+    root = tmp_path / "data"
+    for k, split in enumerate(("train", "val")):
+        for label in ("real", "fake"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                crop = crop_face(photo[i + 3 * k:], box, 0.9, 96)  # shifted: no two files alike
+                Image.fromarray(crop if label == "real" else crop[:, ::-1]).save(root / split / label / f"{label}_{i}.jpg")
+            write_video(root / split / label / f"{label}_{split}_clip.mp4", face_frames(4, label == "fake", seed=len(split)))
+    params = PrepareParams(image_size=32, faces=FacesParams(detector="retinaface", margin="auto", frames_per_video=2,
+                                                            crop_size=64))
+    report = prepare(root, tmp_path / "out", params)
+    assert 0.85 < report["face_margin"] < 1.05 and any("margin auto" in n for n in report["notes"])
+    assert preprocess_config(tmp_path / "out").face_margin == report["face_margin"]
+    crops = [p for p in (tmp_path / "out" / "faces").rglob("*.jpg")]
+    assert crops and load_meta(tmp_path / "out")["preprocess"]["face_margin"] == report["face_margin"]
+    (ratio,) = framing([np.asarray(Image.open(crops[0]))], retina)  # the video's crops are framed like the stills
+    assert abs(ratio - report["face_margin"]) < 0.15
+
+
+def test_margin_auto_resolves_to_the_model_s_framing():
+    auto = FacesParams(margin="auto")
+    assert auto.with_margin(0.87).margin == 0.87 and auto.with_margin(None).margin == 1.3
+    assert FacesParams(margin=1.1).with_margin(0.87).margin == 1.1
+    with pytest.raises(ValueError):
+        FacesParams(margin=0.2)

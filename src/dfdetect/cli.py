@@ -235,7 +235,8 @@ def explain(
     if face_crop:
         from .serving import FaceCropper
 
-        found = FaceCropper(_params(params_path).prepare.faces)(np.asarray(img))
+        margin = ckpt.model_from_state(state)[1].face_margin
+        found = FaceCropper(_params(params_path).prepare.faces, lambda: margin)(np.asarray(img))
         if found is None:
             _fail(f"{image}: no face found (--face-crop)")
         img = Image.fromarray(found[0])

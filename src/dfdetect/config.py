@@ -17,13 +17,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_MARGIN = 1.3  # the common protocol's face box enlargement
+
+
 class FacesParams(Section):
     frames_per_video: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from each video")
     detector: str = Field("haar", description="face detector from the registry (dfdetect.faces)")
-    margin: float = Field(1.3, ge=1.0, le=3.0, description="the face box is enlarged this much (the common protocol: 1.3)")
+    margin: Union[float, Literal["auto"]] = Field(
+        1.3, description="the face box is enlarged this much (the common protocol: 1.3); auto: as much as the faces "
+                         "of --data's own stills are framed (measured by prepare and stored with the model, so every "
+                         "crop of evaluation and serving frames faces as training saw them)")
+    align: bool = Field(False, description="turn each face so its eyes are level before cropping (a detector with "
+                                           "landmarks: retinaface)")
     crop_size: int = Field(256, ge=16, le=1024, description="side of the saved square face crops")
     min_face: int = Field(40, ge=8, description="smallest face side searched, in pixels of the frame")
     crop_images: bool = Field(False, description="also crop the largest face of still images (not for tight crops)")
+
+    @field_validator("margin")
+    @classmethod
+    def _margin_range(cls, value):
+        if value != "auto" and not 0.5 <= value <= 3.0:
+            raise ValueError("needs 0.5 <= margin <= 3.0, or 'auto'")
+        return value
+
+    def with_margin(self, model_margin: float | None) -> "FacesParams":
+        """These settings with a number for margin: an auto margin becomes the one the model was trained with
+        (DEFAULT_MARGIN for a model that recorded none)."""
+        if self.margin != "auto":
+            return self
+        return self.model_copy(update={"margin": model_margin or DEFAULT_MARGIN})
 
 
 def _check_group_pattern(value: str | None) -> str | None:

@@ -137,7 +137,8 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
         extra += "\n" + table_markdown(f"'{split}' split by source (threshold {threshold:.4f})", metrics["sources"])
     sets = suite_sets(params, datasets)
     if sets:
-        rows = score_suite(sets, score, pre.image_size, params.prepare.faces, threshold, workers)
+        rows = score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold,
+                           workers)
         metrics["datasets"] = rows
         atomic_write_json(out_dir / "datasets.json", rows)
         extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", rows)

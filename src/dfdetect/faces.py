@@ -289,3 +289,18 @@ def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
     h = max(0, min(ay + ah, by + bh) - max(ay, by))
     return w * h / (aw * ah + bw * bh - w * h)
+
+
+def framing(crops: list[np.ndarray], detector: FaceDetector) -> list[float]:
+    """How tightly face crops are framed: for each crop where a face is found, its side over the face box's
+    longer side (the margin that would crop it again so). Each crop is padded with grey first, so that a face
+    filling it, or cut by its edge, is still found."""
+    found = []
+    for crop in crops:
+        h, w = crop.shape[:2]
+        canvas = np.full((3 * h, 3 * w, 3), 127, np.uint8)
+        canvas[h:2 * h, w:2 * w] = crop
+        box = detector.largest(canvas)
+        if box is not None:
+            found.append(max(h, w) / max(box.w, box.h))
+    return found

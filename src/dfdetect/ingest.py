@@ -83,7 +83,8 @@ def extract_one(file: ImageFile, out_root: Path, params: FacesParams) -> SourceR
         rel = crop_name(file, index)
         target = out_root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(crop_face(rgb, box, params.margin, params.crop_size)).save(target, quality=JPEG_QUALITY)
+        crop = crop_face(rgb, box, params.margin, params.crop_size, align=params.align)
+        Image.fromarray(crop).save(target, quality=JPEG_QUALITY)
         video = file.video or (f"{file.class_name}/{Path(file.relpath).stem}" if file.is_video else file.relpath)
         result.crops.append(replace(file, path=target, relpath=rel, video=video,
                                     frame=index if file.is_video else file.frame, source=file.relpath))
@@ -99,6 +100,8 @@ def extract_faces(files: list[ImageFile], out_root: Path, params: FacesParams, w
     """Face crops of every file, in the order given, using `workers` processes."""
     if not files:
         return []
+    if params.margin == "auto":
+        raise ValueError("extract_faces needs a number for prepare.faces.margin (resolve 'auto' first)")
     build_detector(params.detector, params.min_face)  # a bad setting fails here, before any work
     # spawn, not fork: OpenCV's thread pool in a forked child can deadlock
     results = map_chunks(_extract_chunk, [([f], out_root, params) for f in files], "cropping faces", len(files),

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PrepareParams
+from .config import DEFAULT_MARGIN, FacesParams, PrepareParams
 from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
+from .faces import build_detector, framing
 from .ingest import extract_faces, faces_report
 from .mixture import DEFAULT_SPLIT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
 from .io_utils import UnreadableFile, atomic_dir, read_regular_file
@@ -223,10 +224,14 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
         raise DatasetError(f"{len(group_leaks)} videos or identities are in more than one split; frames of one video "
                            f"(or one person) must stay in one split (set prepare.allow_leakage to override):\n  {listing}")
     to_crop = [f for f in files if f.is_video or f.dataset in crop_stills]
+    faces_params = params.faces
+    if faces_params.margin == "auto":  # frame every crop as --data's own stills are framed
+        faces_params, note = resolve_margin(files, params, crop_stills)
+        notes.append(note)
     log.info("found %d images and %d videos under %s", len(files) - sum(f.is_video for f in files),
              sum(f.is_video for f in files), data_dir)
     with atomic_dir(out_dir) as tmp:
-        crops = extract_faces(to_crop, tmp, params.faces, workers)
+        crops = extract_faces(to_crop, tmp, faces_params, workers)
         faces = faces_report(crops) if to_crop else None
         cropped = set(to_crop)
         files = [f for f in files if f not in cropped] + [c for r in crops for c in r.crops]
@@ -234,8 +239,35 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
         report = _validate(checked, notes, params, data_dir, faces)
         report["source_versions"] = {params.name: dvc_version(data_dir),
                                      **{s.label: dvc_version(s.path) for s in params.sources}}
-        _write_cache(tmp, checked, report, params, data_dir)
+        report["face_margin"] = faces_params.margin
+        _write_cache(tmp, checked, report, params, data_dir, faces_params.margin)
     return report
+
+
+FRAMING_SAMPLE = 200  # stills measured for prepare.faces.margin auto
+
+
+def resolve_margin(files: list[ImageFile], params: PrepareParams, crop_stills: set[str]) -> tuple[FacesParams, str]:
+    """prepare.faces.margin auto: the median framing (crop side / face box side) of up to FRAMING_SAMPLE of
+    --data's training stills that are not face-cropped here; the common 1.3 when there are none (all crops
+    are then made by prepare) or no face is found in them."""
+    stills = [f for f in files if f.dataset == params.name and f.split == "train" and not f.is_video
+              and f.dataset not in crop_stills]
+    sample = stills[:: max(1, len(stills) // FRAMING_SAMPLE)][:FRAMING_SAMPLE]
+    crops = []
+    for f in sample:
+        try:
+            crops.append(np.asarray(decode_image(read_regular_file(f.path, f.relpath), f.relpath)))
+        except (UnreadableFile, ImageError):
+            continue  # reported by the validation below
+    ratios = framing(crops, build_detector(params.faces.detector, params.faces.min_face)) if crops else []
+    if not ratios:
+        return params.faces.with_margin(DEFAULT_MARGIN), (
+            f"prepare.faces.margin auto: no face measured in {len(crops)} stills of '{params.name}'; margin {DEFAULT_MARGIN}")
+    margin = round(float(np.clip(np.median(ratios), 0.5, 3.0)), 3)
+    return params.faces.with_margin(margin), (
+        f"prepare.faces.margin auto: '{params.name}' frames faces at {margin} x the face box (median of {len(ratios)} "
+        f"of {len(crops)} stills): every face crop here, in evaluation and in serving uses that margin")
 
 
 def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, data_dir, faces: dict | None) -> dict:
@@ -265,8 +297,9 @@ def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, d
     return report
 
 
-def _write_cache(tmp: Path, checked: list[Checked], report: dict, params: PrepareParams, data_dir) -> None:
-    preprocess = PreprocessConfig(image_size=params.image_size)
+def _write_cache(tmp: Path, checked: list[Checked], report: dict, params: PrepareParams, data_dir,
+                 face_margin: float) -> None:
+    preprocess = PreprocessConfig(image_size=params.image_size, face_margin=face_margin)
     meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {},
             "sources": {s.label: {"path": str(Path(s.path).resolve())} for s in params.sources}}
     for split in report["splits"]:

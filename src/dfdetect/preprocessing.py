@@ -33,6 +33,7 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "shorter-side bilinear antialias + center crop"
+    face_margin: float | None = None  # how training faces were framed (face box x margin); None: not recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +45,7 @@ class PreprocessConfig:
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
             resize=str(d.get("resize", cls.resize)),
+            face_margin=float(d["face_margin"]) if d.get("face_margin") is not None else None,
         )
 
 

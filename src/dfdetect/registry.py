@@ -367,7 +367,8 @@ def _suite_rows(loaded: LoadedModel, params: Params, sets: list) -> dict[str, di
     from .suite import score_suite
 
     return score_suite(sets, lambda data: score_model(loaded.model, loaded.preprocess, data)[0],
-                       loaded.preprocess.image_size, params.prepare.faces, loaded.threshold)
+                       loaded.preprocess.image_size, params.prepare.faces.with_margin(loaded.preprocess.face_margin),
+                       loaded.threshold)
 
 
 def _suite_value(row: dict, metric: str) -> float | None:

@@ -206,6 +206,7 @@ class ModelSet:
         return {"ready": primary is not None, "model": primary and primary.name, "version": primary and primary.version,
                 "alias": self.params.serving.alias, "device": primary and str(primary.rt.device),
                 "precision": primary and primary.rt.precision, "runtime": primary and primary.runtime_name, "image_size": primary and primary.preprocess.image_size,
+                "face_margin": primary and primary.preprocess.face_margin,
                 "challenger": challenger and challenger.version, "challenger_mode": self.params.serving.challenger_mode}
 
 
@@ -235,17 +236,18 @@ def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
 class FaceCropper:
     """The largest face of a frame, cropped as `prepare` crops training faces (same code, same settings)."""
 
-    def __init__(self, faces: FacesParams):
-        self.faces = faces
+    def __init__(self, faces: FacesParams, model_margin=lambda: None):
+        self.faces, self.model_margin = faces, model_margin  # margin auto: the served model's own framing
         self.detector = build_detector(faces.detector, faces.min_face)
-        self._lock = threading.Lock()  # one OpenCV classifier, used from several request threads
+        self._lock = threading.Lock()  # one detector, used from several request threads
 
     def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, FaceBox] | None:
         with self._lock:
             box = self.detector.largest(rgb)
         if box is None:
             return None
-        return crop_face(rgb, box, self.faces.margin, self.faces.crop_size), box
+        faces = self.faces.with_margin(self.model_margin())
+        return crop_face(rgb, box, faces.margin, faces.crop_size, align=faces.align), box
 
 
 def face_json(box: FaceBox) -> dict:
