@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dfdetect.config import Params, load_params, parse_params
 from dfdetect.evaluate import evaluate
+from dfdetect.io_utils import atomic_write_json
 from dfdetect.orchestration import apply_overrides
 from dfdetect.prepare import prepare
 from dfdetect.train import train
@@ -125,7 +126,7 @@ def run(args) -> dict:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "recipe": {"model": params.model.model_dump(), "train": params.train.model_dump(mode="json"),
                    "prepare": params.prepare.model_dump(mode="json", exclude={"sources"})},
-        "prepare_minutes": round(prepare_s / 60, 2),
+        "prepare_minutes": round(prepare_s / 60, 2) if not reuse else "reused",
         "train_minutes": round(train_s / 60, 2) if result else "reused",
         "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
         "val_roc_auc": round(summary["best_val_auc"], 6),
@@ -134,8 +135,7 @@ def run(args) -> dict:
         "suite": metrics["datasets"],
         "targets": check_targets(args.protocol, in_dataset, metrics["datasets"]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out, report)
     if not args.work:  # ~1-2 GB of cache and crops
         shutil.rmtree(work, ignore_errors=True)
     return report

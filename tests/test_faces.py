@@ -279,6 +279,7 @@ def test_prepare_frames_every_crop_as_the_data_s_own_stills_with_margin_auto(tmp
 def test_margin_auto_resolves_to_the_model_s_framing():
     auto = FacesParams(margin="auto")
     assert auto.with_margin(0.87).margin == 0.87 and auto.with_margin(None).margin == 1.3
-    assert FacesParams(margin=1.1).with_margin(0.87).margin == 1.1
+    assert FacesParams(margin=1.1).with_margin(0.87).margin == 0.87  # the model's own framing wins
+    assert FacesParams(margin=1.1).with_margin(None).margin == 1.1
     with pytest.raises(ValueError):
         FacesParams(margin=0.2)

@@ -40,12 +40,14 @@ def test_group_rates_per_attribute_and_the_spread():
     out = group_rates(files, labels, scores, 0.5, r"^(?P<age>\d+)_(?P<gender>\d)_(?P<race>\d)_",
                       {"gender": {"0": "male", "1": "female"}})
     gender = out["gender"]
-    assert gender["groups"]["male"] == {"n": 20, "real_fpr": 0.1}
-    assert gender["groups"]["female"] == {"n": 25, "real_fpr": 13 / 25}
+    assert gender["groups"]["male"] == {"n": 20, "n_real": 20, "real_fpr": 0.1}
+    assert gender["groups"]["female"] == {"n": 25, "n_real": 25, "real_fpr": 13 / 25}
     assert gender["real_fpr_ratio"] == round((13 / 25) / 0.1, 4)
     race = out["race"]
     assert race["groups"]["2"]["n"] == 5 and race["real_fpr_max"] == 0.4  # 5 images: listed, not in the spread
-    assert flat_metrics({"utk": {"n_real": 45, "groups": out}})["dataset/utk/gender=female/real_fpr"] == 13 / 25
+    assert flat_metrics({"utk": {"n_real": 45, "groups": out}})["dataset/utk/gender/female/real_fpr"] == 13 / 25
+    zero = group_rates(files[:40], labels[:40], np.array([0.1] * 20 + [0.9] * 20), 0.5, r"^\d+_(?P<g>\d)", {})
+    assert zero["g"]["real_fpr_ratio"] is None  # no finite ratio when one group has no false positive
 
 
 def test_suite_params_accept_paths_and_specs_and_refuse_bad_ones():
@@ -121,3 +123,15 @@ def test_evaluate_reports_the_suite_in_one_table(tracked_run, tmp_path, sample_r
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "Generalisation suite" in report and "### reals: by kind" in report
     assert json.loads((tmp_path / "eval" / "datasets.json").read_text()) == rows
+
+
+def test_every_suite_metric_name_is_one_mlflow_accepts():
+    from mlflow.utils.validation import _validate_metric_name
+
+    files = ["20_0_0_a.jpg", "30_1_4_b.jpg"] * 10
+    groups = group_rates(files, np.zeros(20, int), np.linspace(0, 1, 20), 0.5, r"^(?P<age>\d+)_(?P<g>\d)_(?P<race>\d)",
+                         {"race": {"4": "Others (mixed)", "0": "White"}})
+    names = flat_metrics({"utk": {"n_real": 20, "real_fpr": 0.5, "groups": groups}})
+    assert "dataset/utk/race/Others _mixed_/real_fpr" in names
+    for name in names:
+        _validate_metric_name(name)

@@ -89,12 +89,13 @@ def prepare(
 ):
     """Validate the data set, write its manifest and report, and decode and resize it once into a cache."""
     from .data import DatasetError
+    from .faces import FaceError
     from .prepare import prepare as run_prepare
 
     params = _params(params_path)
     try:
         report = run_prepare(data, out, params.prepare, workers=workers)
-    except DatasetError as exc:
+    except (DatasetError, FaceError) as exc:  # FaceError: the face detector or its model is not available
         _fail(str(exc))
     except OSError as exc:  # e.g. writing the output: a clear line, not a traceback
         _fail(f"{exc.filename or out}: {exc.strerror or exc}")

@@ -41,11 +41,11 @@ class FacesParams(Section):
         return value
 
     def with_margin(self, model_margin: float | None) -> "FacesParams":
-        """These settings with a number for margin: an auto margin becomes the one the model was trained with
-        (DEFAULT_MARGIN for a model that recorded none)."""
-        if self.margin != "auto":
-            return self
-        return self.model_copy(update={"margin": model_margin or DEFAULT_MARGIN})
+        """These settings with the margin a model's crops need: the one it was trained with when it recorded one
+        (faces framed as training saw them, whatever params say now), else this margin (1.3 for auto)."""
+        if model_margin is not None:
+            return self.model_copy(update={"margin": float(model_margin)})
+        return self if self.margin != "auto" else self.model_copy(update={"margin": DEFAULT_MARGIN})
 
 
 def _check_group_pattern(value: str | None) -> str | None:
@@ -91,8 +91,8 @@ class NamedSet(Section):
 
 class SourceParams(NamedSet):
     """One more data set of a training mixture (beside --data): DVC-versioned, validated by prepare."""
-    max_per_class: int | None = Field(None, ge=1, description="at most this many images (or videos' crops) per class "
-                                                              "and split, chosen by a seeded hash of the group")
+    max_per_class: int | None = Field(None, ge=1, description="at most this many files per class and split (a video "
+                                                              "counts once), whole groups chosen by a stable hash")
     split: dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15},  # as mixture.DEFAULT_SPLIT
         description="for a source without split folders: the share of its groups in each split")

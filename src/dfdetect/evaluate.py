@@ -54,7 +54,7 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
              len(data.relpaths))
     arrays = [resize_square(decode_image(original_path(prepared_dir, rel).read_bytes(), rel), pre.image_size)
               for rel in data.relpaths]
-    return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos)
+    return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos, data.datasets)
 
 
 def suite_sets(params: Params, extra: list[str | Path] = ()) -> list[SuiteSet]:
@@ -97,6 +97,13 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     if notes:
         metrics["note"] = " ".join(notes)
 
+    def score(split_data: PreparedSplit) -> np.ndarray:
+        return score_model(model, pre, split_data, params.train.device)[0]
+
+    sets = suite_sets(params, datasets)  # scored before any output is replaced: a set that fails leaves none half-new
+    suite = score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold,
+                        workers) if sets else {}
+
     predicted = (scores >= threshold).astype(int)
     fpr, tpr, roc_thr = skm.roc_curve(labels, scores)
     prec, rec, _ = skm.precision_recall_curve(labels, scores)
@@ -120,9 +127,6 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     reliability_png(bins, results["ece"], figures / "reliability.png")
     extra = ""
 
-    def score(split_data: PreparedSplit) -> np.ndarray:
-        return score_model(model, pre, split_data, params.train.device)[0]
-
     if params.evaluate.robustness:
         table = robustness_table(score, data, threshold)
         metrics["robustness"] = {cond: row["roc_auc"] for cond, row in table.items()}
@@ -135,13 +139,10 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
                                               [g for g, n in zip(data.groups, names) if n == name])
                               for name in sorted(set(data.datasets))}
         extra += "\n" + table_markdown(f"'{split}' split by source (threshold {threshold:.4f})", metrics["sources"])
-    sets = suite_sets(params, datasets)
-    if sets:
-        rows = score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold,
-                           workers)
-        metrics["datasets"] = rows
-        atomic_write_json(out_dir / "datasets.json", rows)
-        extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", rows)
+    if suite:
+        metrics["datasets"] = suite
+        atomic_write_json(out_dir / "datasets.json", suite)
+        extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", suite)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state) + extra)
     atomic_write_json(metrics_path, metrics)
 

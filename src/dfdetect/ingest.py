@@ -7,6 +7,7 @@ a face are counted per video, never dropped silently.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -54,7 +55,8 @@ def crop_name(file: ImageFile, frame: int) -> str:
         prefix = name + "__"
     parts = Path(rel).with_suffix("").as_posix().split("/")
     parts = parts[2:] if len(parts) > 2 and parts[0] in SPLITS else parts[1:] if len(parts) > 1 else parts
-    return f"{FACES_DIR}/{file.split}/{file.class_name}/{prefix}{'__'.join(parts)}__f{frame:06d}.jpg"
+    tag = hashlib.sha256(file.relpath.encode()).hexdigest()[:8]  # a.jpg and a.mp4, a/b and a__b stay apart
+    return f"{FACES_DIR}/{file.split}/{file.class_name}/{prefix}{'__'.join(parts)}__{tag}__f{frame:06d}.jpg"
 
 
 def extract_one(file: ImageFile, out_root: Path, params: FacesParams) -> SourceResult:

@@ -23,6 +23,7 @@ from .labels import CLASS_NAMES
 from .video import VIDEO_EXTENSIONS
 
 DEFAULT_SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}  # for sets without split folders
+SPLIT_SALT = "dfdetect-split"  # constant: renaming a set never moves its files between splits
 SOURCE_PREFIX = "@"  # manifest paths of a mixture's other sources: @NAME/<path inside that source>
 
 
@@ -123,9 +124,9 @@ def discover_source(source: SourceParams, assign_groups) -> tuple[list[ImageFile
         files, group_notes = assign_groups(files, source.group_pattern)
     else:
         files, group_notes = assign_groups(list_unsplit(root), source.group_pattern)
-        files = assign_splits(files, source.split, name)
+        files = assign_splits(files, source.split, SPLIT_SALT)
         notes = [f"source '{name}': no split folders; split by group {dict(source.split)}"]
-    files, dropped = cap_per_class(files, source.max_per_class, name)
+    files, dropped = cap_per_class(files, source.max_per_class, SPLIT_SALT)
     if dropped:
         notes.append(f"source '{name}': {dropped} files left out by max_per_class={source.max_per_class}")
     named = [replace(f, relpath=source_relpath(name, f.relpath), dataset=name,

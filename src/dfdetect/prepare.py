@@ -18,7 +18,7 @@ from .config import DEFAULT_MARGIN, FacesParams, PrepareParams
 from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
 from .faces import build_detector, framing
 from .ingest import extract_faces, faces_report
-from .mixture import DEFAULT_SPLIT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
+from .mixture import DEFAULT_SPLIT, SPLIT_SALT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
 from .io_utils import UnreadableFile, atomic_dir, read_regular_file
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
@@ -206,10 +206,10 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
         files, group_notes = assign_groups(files, params.group_pattern)
     else:  # {real,fake}/ alone: split by group as a mixture source is
         files, group_notes = assign_groups(list_unsplit(Path(data_dir)), params.group_pattern)
-        files = assign_splits(files, DEFAULT_SPLIT, params.name)
+        files = assign_splits(files, DEFAULT_SPLIT, SPLIT_SALT)
         notes = [f"{data_dir}: no split folders; split by group {DEFAULT_SPLIT}"]
     files = [replace(f, dataset=params.name) for f in files]
-    files, dropped = cap_per_class(files, params.max_per_class, params.name)
+    files, dropped = cap_per_class(files, params.max_per_class, SPLIT_SALT)
     notes += group_notes + ([f"{dropped} files left out by prepare.max_per_class={params.max_per_class}"] if dropped else [])
     crop_stills = {params.name} if params.faces.crop_images else set()
     for source in params.sources:  # a mixture: every source into the same splits, each file remembering its source
@@ -301,7 +301,7 @@ def _write_cache(tmp: Path, checked: list[Checked], report: dict, params: Prepar
                  face_margin: float) -> None:
     preprocess = PreprocessConfig(image_size=params.image_size, face_margin=face_margin)
     meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {},
-            "sources": {s.label: {"path": str(Path(s.path).resolve())} for s in params.sources}}
+            "sources": {s.label: {"path": str(s.path)} for s in params.sources}}
     for split in report["splits"]:
         used = [c for c in checked if c.file.split == split and c.status == "ok"]
         img_path, lab_path = cache_paths(tmp, split)

@@ -435,6 +435,12 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
     name = params.registry.model_name
     split, notes = choose_split(prepared_dir, "test")
     gate_sets = floor_sets(params)
+    suite, suite_version = None, None
+    if gate_sets:  # scored before the lock (face crops of whole sets take minutes); checked under it below
+        pending = _alias_version(client, name, CHALLENGER)
+        if pending is not None:
+            suite_version = str(pending.version)
+            suite = _suite_rows(load_version(client, name, suite_version), params, gate_sets)
     with registry_lock(client, name, params.promotion.lock_timeout_s, params.promotion.lock_lease_s):
         challenger_mv = _alias_version(client, name, CHALLENGER)
         if challenger_mv is None:
@@ -442,6 +448,9 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
         if expected_challenger is not None and str(challenger_mv.version) != str(expected_challenger):
             raise RegistryError(f"'{CHALLENGER}' of '{name}' is version {challenger_mv.version}, not {expected_challenger}: "
                                 "another registration came in between; promote it deliberately")
+        if gate_sets and suite_version != str(challenger_mv.version):
+            raise RegistryError(f"'{CHALLENGER}' of '{name}' moved to version {challenger_mv.version} while version "
+                                f"{suite_version} was scored on the suite; promote again")
         champion_mv = _alias_version(client, name, CHAMPION)
         report = {"name": name, "at": _now(), "split": split, "notes": notes, "prepared_dir": str(prepared_dir),
                   "rule": params.promotion.model_dump(exclude={"lock_timeout_s", "lock_lease_s"})}
@@ -449,11 +458,9 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
             report.update(verdict="already champion", checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
                           challenger={"version": str(challenger_mv.version), "metrics": {}}, champion=None)
             return _write_report(report, out_dir)
-        challenger_model = load_version(client, name, str(challenger_mv.version))
-        challenger = _evaluate_version(challenger_model, prepared_dir, split)
+        challenger = _evaluate_version(load_version(client, name, str(challenger_mv.version)), prepared_dir, split)
         champion = (_evaluate_version(load_version(client, name, str(champion_mv.version)), prepared_dir, split)
                     if champion_mv is not None else None)
-        suite = _suite_rows(challenger_model, params, gate_sets) if gate_sets else None
         verdict, checks = decide(params, challenger, champion, suite)
         if suite:
             report["challenger_suite"] = suite

@@ -29,7 +29,7 @@ from .video import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 FRAME_METRICS = ["roc_auc", "average_precision", "eer", "accuracy"]
-MIN_GROUP = 20  # groups with fewer images are listed but left out of the highest/lowest ratio (too noisy)
+MIN_GROUP = 20  # groups with fewer reals are listed but left out of the highest/lowest ratio (too noisy)
 
 
 @dataclass
@@ -76,7 +76,7 @@ def load_suite_set(spec: SuiteSet, image_size: int, faces: FacesParams, workers:
     for path, class_name in listed:
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() in VIDEO_EXTENSIONS or spec.face_crop:
-            group = f"{class_name}/{path.stem}" if path.suffix.lower() in VIDEO_EXTENSIONS else _group_of(path, pattern)
+            group = rel if path.suffix.lower() in VIDEO_EXTENSIONS else _group_of(path, pattern)
             to_crop.append(ImageFile(path, rel, "test", class_name, video=group and f"{class_name}/{group}"))
             continue
         try:
@@ -158,19 +158,20 @@ def group_rates(files: list[str], labels: np.ndarray, scores: np.ndarray, thresh
         rows = {}
         for value, idx in sorted(by_value.items()):
             idx = np.asarray(idx)
-            rows[value] = {"n": len(idx), **rates(labels[idx], scores[idx], threshold)}
+            rows[value] = {"n": len(idx), "n_real": int((labels[idx] == 0).sum()), **rates(labels[idx], scores[idx], threshold)}
         out[attr] = {"groups": rows, **_spread(rows)}
     return out
 
 
 def _spread(rows: dict[str, dict]) -> dict:
-    """Highest over lowest real false-positive rate (the fairness check) among groups large enough to judge."""
-    fprs = [r["real_fpr"] for r in rows.values() if "real_fpr" in r and r["n"] >= MIN_GROUP]
+    """Highest over lowest real false-positive rate (the fairness check) among groups with enough reals to judge;
+    the ratio is None when the lowest rate is 0 and another is not (no finite ratio: JSON has no infinity)."""
+    fprs = [r["real_fpr"] for r in rows.values() if "real_fpr" in r and r["n_real"] >= MIN_GROUP]
     if len(fprs) < 2:
         return {}
     low, high = min(fprs), max(fprs)
     return {"real_fpr_min": low, "real_fpr_max": high,
-            "real_fpr_ratio": round(high / low, 4) if low > 0 else (1.0 if high == 0 else float("inf"))}
+            "real_fpr_ratio": round(high / low, 4) if low > 0 else (1.0 if high == 0 else None)}
 
 
 def suite_row(spec: SuiteSet, data: SuiteData, scores: np.ndarray, threshold: float) -> dict:
@@ -225,8 +226,9 @@ def flat_metrics(rows: dict[str, dict], prefix: str = "dataset") -> dict[str, fl
             if isinstance(v, (int, float)) and np.isfinite(v):
                 out[f"{prefix}/{name}/{k}"] = float(v)
         for attr, g in row.get("groups", {}).items():
-            for value, r in g["groups"].items():
-                out.update({f"{prefix}/{name}/{attr}={value}/{k}": float(v) for k, v in r.items()})
-            if "real_fpr_ratio" in g and np.isfinite(g["real_fpr_ratio"]):
+            for value, r in g["groups"].items():  # MLflow names allow letters, digits, _ - . / : and space
+                safe = re.sub(r"[^\w.\- ]", "_", value)
+                out.update({f"{prefix}/{name}/{attr}/{safe}/{k}": float(v) for k, v in r.items()})
+            if g.get("real_fpr_ratio") is not None:
                 out[f"{prefix}/{name}/{attr}/real_fpr_ratio"] = float(g["real_fpr_ratio"])
     return out
