@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from dfdetect.config import Params, load_params, parse_params
+from dfdetect.data import preprocess_config
 from dfdetect.evaluate import evaluate
 from dfdetect.io_utils import atomic_write_json
 from dfdetect.orchestration import apply_overrides
@@ -33,7 +34,7 @@ from dfdetect.prepare import prepare
 from dfdetect.train import train
 
 VIDEO_FRAMES = r"^(?P<video>[a-z]+_\d+)_\d+$"  # faceswap128: <label>_<video>_<frame>
-UTK = r"^(?P<age>\d+)_(?P<gender>\d)_(?P<race>\d)_"
+UTK = r"^\d+_(?P<gender>\d)_(?P<race>\d)_"  # age_gender_race_date.jpg: the issue asks per gender and ethnicity
 UTK_NAMES = {"gender": {"0": "male", "1": "female"},
              "race": {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}}
 # name -> how its files are framed and named (SuiteSet / SourceParams fields)
@@ -126,6 +127,7 @@ def run(args) -> dict:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "recipe": {"model": params.model.model_dump(), "train": params.train.model_dump(mode="json"),
                    "prepare": params.prepare.model_dump(mode="json", exclude={"sources"})},
+        "face_margin": params.prepare.faces.with_margin(preprocess_config(work / "prepared").face_margin).margin,
         "prepare_minutes": round(prepare_s / 60, 2) if not reuse else "reused",
         "train_minutes": round(train_s / 60, 2) if result else "reused",
         "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
