@@ -115,6 +115,7 @@ def run(args) -> dict:
     metrics = evaluate(params, work / "prepared", work / "models", work / "eval", work / "eval" / "metrics.json",
                        work / "plots", track=False, workers=args.workers)
     summary = json.loads((work / "models" / "summary.json").read_text())
+    data_report = json.loads((work / "prepared" / "report.json").read_text())
     in_dataset = {k: metrics[k] for k in ("roc_auc", "average_precision", "eer", "accuracy", "threshold",
                                           "n_real", "n_fake") if k in metrics}
     in_dataset.update({k: v for k, v in metrics.items() if k.startswith("video_") or k == "n_videos"})
@@ -132,7 +133,7 @@ def run(args) -> dict:
         "train_minutes": round(train_s / 60, 2) if result else "reused",
         "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
         "val_roc_auc": round(summary["best_val_auc"], 6),
-        "data": json.loads((work / "prepared" / "report.json").read_text())["sources"],
+        "data": data_report.get("sources") or {training[0]: data_report["splits"]},
         "in_dataset_test": in_dataset, "in_dataset_by_source": metrics.get("sources"),
         "suite": metrics["datasets"],
         "targets": check_targets(args.protocol, in_dataset, metrics["datasets"]),
