@@ -110,6 +110,18 @@ def test_leakage_across_splits_is_fatal_by_default(data_copy, tmp_path):
     assert len(report["leaks_across_splits"]) == 1
 
 
+def test_drop_leaks_keeps_the_earliest_copy_and_lists_the_rest(data_copy, tmp_path):
+    src = sorted((data_copy / "train" / "fake").iterdir())[0]
+    shutil.copy(src, data_copy / "test" / "fake" / "copied.jpg")
+    shutil.copy(src, data_copy / "val" / "fake" / "copied_too.jpg")
+    report = prepare(data_copy, tmp_path / "out", small_params(prepare={"drop_leaks": True}).prepare)
+    assert sorted(p.split(":")[0] for p in report["leaked_dropped"]) == ["test/fake/copied.jpg", "val/fake/copied_too.jpg"]
+    assert report["leaks_across_splits"] == [] and report["splits"]["train"]["fake"] == 24
+    rows = {r["path"]: r["status"] for r in csv.DictReader((tmp_path / "out" / "manifest.csv").open())}
+    assert rows["test/fake/copied.jpg"] == "leaked" and rows[src.relative_to(data_copy).as_posix()] == "ok"
+    assert "dropped from the later one" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_small_images_and_duplicates_are_excluded(data_copy, tmp_path):
     from PIL import Image
 

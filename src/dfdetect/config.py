@@ -112,6 +112,9 @@ class PrepareParams(Section):
         0.05, ge=0.0, le=1.0, description="fatal when more than this fraction of files is unreadable"
     )
     allow_leakage: bool = Field(False, description="allow the same content in two splits (not advised)")
+    drop_leaks: bool = Field(False, description="the same image content in two splits (e.g. one photo under two names "
+                                                "in a public set): keep it in the earliest split, drop and list the rest, "
+                                                "instead of stopping")
     group_pattern: str | None = Field(
         None, description="regex on image file names with named groups video (and identity): frames of one video "
                           "or identity may not be in two splits; e.g. '^(?P<video>[a-z]+_\\d+)_\\d+$'")

@@ -37,7 +37,7 @@ class Checked:
     width: int = 0
     height: int = 0
     array: np.ndarray | None = None
-    status: str = "ok"  # ok | unreadable | too_small | duplicate
+    status: str = "ok"  # ok | unreadable | too_small | duplicate | leaked
     problem: str = ""
 
 
@@ -77,13 +77,34 @@ def find_leaks(checked: list[Checked]) -> list[dict]:
     """The same decoded content in more than one split."""
     by_content = defaultdict(list)
     for c in checked:
-        if c.pixel_sha256:
+        if c.pixel_sha256 and c.status != "leaked":
             by_content[c.pixel_sha256].append(c)
     leaks = []
     for group in by_content.values():
         if len({c.file.split for c in group}) > 1:
             leaks.append({"pixel_sha256": group[0].pixel_sha256, "files": [c.file.relpath for c in group]})
     return leaks
+
+
+def drop_leaked_copies(checked: list[Checked]) -> int:
+    """Content found in two splits keeps its copies in the earliest split (train, then val) and loses the
+    others, listed in the report as leaked; returns how many were dropped."""
+    order = {"train": 0, "val": 1, "test": 2}
+    by_content = defaultdict(list)
+    for c in checked:
+        if c.pixel_sha256 and c.status == "ok":
+            by_content[c.pixel_sha256].append(c)
+    dropped = 0
+    for group in by_content.values():
+        first = min(order[c.file.split] for c in group)
+        for c in group:
+            if order[c.file.split] > first:
+                c.status, dropped = "leaked", dropped + 1
+                c.problem = f"{c.file.relpath}: same content as a file in '{SPLIT_NAMES[first]}' (prepare.drop_leaks)"
+    return dropped
+
+
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def assign_groups(files: list[ImageFile], pattern: str | None) -> tuple[list[ImageFile], list[str]]:
@@ -138,7 +159,8 @@ def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], pa
         videos = len({c.file.video for c in checked if c.status == "ok" and c.file.split == s and c.file.video})
         per_split[s] = {"real": real, "fake": fake, "total": real + fake, "fake_fraction": round(fake / max(1, real + fake), 4),
                         "videos": videos}
-    problems = {status: [c.problem for c in checked if c.status == status] for status in ("unreadable", "too_small", "duplicate")}
+    problems = {status: [c.problem for c in checked if c.status == status]
+                for status in ("unreadable", "too_small", "duplicate", "leaked")}
     by_source = Counter((c.file.dataset, c.file.split, c.file.class_name) for c in checked if c.status == "ok")
     sources = {name: {s: {k: by_source[(name, s, k)] for k in CLASS_NAMES} for s in splits}
                for name in sorted({c.file.dataset for c in checked})}
@@ -152,6 +174,7 @@ def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], pa
         "unreadable": problems["unreadable"],
         "too_small": problems["too_small"],
         "duplicates_within_split": problems["duplicate"],
+        "leaked_dropped": problems["leaked"],
         "leaks_across_splits": leaks,
         "faces": faces,
         "notes": notes,
@@ -178,7 +201,8 @@ def report_markdown(report: dict) -> str:
         lines += [f"- no face in any sampled frame: {v}" for v in f["no_face_at_all"]]
         lines += [f"- {v}: no face in frames {frames}" for v, frames in list(f["without_face"].items())[:200]]
     for title, key in [("Unreadable or truncated (excluded)", "unreadable"), ("Under the minimum size (excluded)", "too_small"),
-                       ("Duplicates within a split (excluded)", "duplicates_within_split")]:
+                       ("Duplicates within a split (excluded)", "duplicates_within_split"),
+                       ("In two splits, dropped from the later one (prepare.drop_leaks)", "leaked_dropped")]:
         lines += ["", f"## {title}: {len(report[key])}"] + [f"- {p}" for p in report[key][:200]]
     lines += ["", f"## Same content in two splits (leakage): {len(report['leaks_across_splits'])}"]
     lines += [f"- {', '.join(leak['files'])}" for leak in report["leaks_across_splits"][:200]]
@@ -279,6 +303,9 @@ def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, d
             f"{params.max_bad_fraction}:\n  {listing}"
         )
     leaks = find_leaks(checked)
+    if leaks and params.drop_leaks and not params.allow_leakage:
+        drop_leaked_copies(checked)
+        leaks = find_leaks(checked)
     if leaks and not params.allow_leakage:
         listing = "\n  ".join(", ".join(leak["files"]) for leak in leaks[:20])
         raise DatasetError(
