@@ -135,3 +135,20 @@ def test_every_suite_metric_name_is_one_mlflow_accepts():
     assert "dataset/utk/race/Others _mixed_/real_fpr" in names
     for name in names:
         _validate_metric_name(name)
+
+
+def test_command_line_sets_are_face_cropped_when_asked(tracked_run, photo_set, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import REPO, last_json
+    from dfdetect.cli import app
+
+    args = ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
+            "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "plots"),
+            "--no-mlflow", "--dataset", str(photo_set), "--params", str(REPO / "params.yaml")]
+    plain = CliRunner().invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    assert last_json(plain.output)["datasets"]["photos"]["no_face"] == 0  # scored whole
+    cropped = CliRunner().invoke(app, args + ["--face-crop"])
+    assert cropped.exit_code == 0, cropped.output
+    assert last_json(cropped.output)["datasets"]["photos"]["no_face"] == 1  # the coffee has no face

@@ -156,8 +156,10 @@ def evaluate(
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to the training run in MLflow."),
     dataset: list[Path] = typer.Option([], "--dataset", help="Another data set in the seed layout (its test split, or "
                                        "every split, or {real,fake}/ alone) to score beside evaluate.datasets; "
-                                       "repeatable; one table in the report. Its stills are face-cropped when "
-                                       "prepare.faces.crop_images is set; videos always are."),
+                                       "repeatable; one table in the report. Its stills are face-cropped with "
+                                       "--face-crop (or prepare.faces.crop_images); videos always are."),
+    face_crop: bool = typer.Option(False, "--face-crop", help="Crop the largest face of the --dataset sets' stills "
+                                   "(whole photos, portraits) with the model's own framing, as training cropped faces."),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes that crop faces of the suite's sets."),
     params_path: Path = PARAMS_OPT,
 ):
@@ -172,7 +174,7 @@ def evaluate(
     params = _params(params_path)
     try:
         result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow, datasets=dataset,
-                              workers=workers)
+                              workers=workers, face_crop=face_crop)
     except (DatasetError, CheckpointError, ValueError, TrackingError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result, indent=2))

@@ -57,9 +57,10 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
     return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos, data.datasets)
 
 
-def suite_sets(params: Params, extra: list[str | Path] = ()) -> list[SuiteSet]:
-    """evaluate.datasets and the command line's --dataset paths (faces cropped as prepare.faces.crop_images says)."""
-    more = [SuiteSet(path=str(p), face_crop=params.prepare.faces.crop_images) for p in extra]
+def suite_sets(params: Params, extra: list[str | Path] = (), face_crop: bool = False) -> list[SuiteSet]:
+    """evaluate.datasets and the command line's --dataset paths (their stills face-cropped with `face_crop` or
+    prepare.faces.crop_images)."""
+    more = [SuiteSet(path=str(p), face_crop=face_crop or params.prepare.faces.crop_images) for p in extra]
     return list(EvaluateParams(datasets=[*params.evaluate.datasets, *more]).datasets)
 
 
@@ -71,11 +72,11 @@ def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str =
 
 def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
              metrics_path: str | Path, plots_dir: str | Path, track: bool = True, datasets: list[str | Path] = (),
-             workers: int = 1) -> dict:
+             workers: int = 1, face_crop: bool = False) -> dict:
     """Metrics of the best checkpoint on the evaluation split, its plots and report; the robustness table and
     the table over `datasets` (and evaluate.datasets) when asked."""
     prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
-    for spec in suite_sets(params, datasets):  # a typo fails now, before any output is replaced
+    for spec in suite_sets(params, datasets, face_crop):  # a typo fails now, before any output is replaced
         if not Path(spec.path).is_dir():
             raise DatasetError(f"{spec.path}: data set folder of the suite set '{spec.label}' not found")
     state = checkpoint.load(model_dir / "best.pt")
@@ -100,7 +101,7 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     def score(split_data: PreparedSplit) -> np.ndarray:
         return score_model(model, pre, split_data, params.train.device)[0]
 
-    sets = suite_sets(params, datasets)  # scored before any output is replaced: a set that fails leaves none half-new
+    sets = suite_sets(params, datasets, face_crop)  # scored before any output is replaced: a set that fails leaves none half-new
     suite = score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold,
                         workers) if sets else {}
 
