@@ -21,7 +21,8 @@ run: install  ## pull the versioned sample data and run prepare -> train -> eval
 	dvc repro
 	dvc metrics show
 
-test: install  ## the whole test suite (what .ci/run calls)
+test: install  ## lint, then the whole test suite (what .ci/run calls)
+	ruff check .
 	python -m pytest -q -ra
 
 test-fast: install  ## everything but the end-to-end tests that train
