@@ -28,7 +28,7 @@ def test_evaluate_scores_robustness_and_other_data_sets(tracked_run, sample_root
     assert all(set(row) == {"roc_auc", "average_precision", "eer", "accuracy"} for row in table.values())
     rows = metrics["datasets"]
     assert rows[sample_root.name]["roc_auc"] == metrics["roc_auc"]  # the same test split, scored the other way
-    assert set(rows["gan-faces"]) == {"n_real", "n_fake", "fake_recall", "unreadable"} and rows["gan-faces"]["n_real"] == 0
+    assert set(rows["gan-faces"]) == {"n_real", "n_fake", "fake_recall", "unreadable", "no_face"} and rows["gan-faces"]["n_real"] == 0
     report = (out / "report.md").read_text()
     assert "Robustness" in report and "gan-faces" in report and "ece" in report
     for figure in ("robustness.png", "reliability.png"):
