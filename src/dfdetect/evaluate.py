@@ -101,7 +101,8 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     def score(split_data: PreparedSplit) -> np.ndarray:
         return score_model(model, pre, split_data, params.train.device)[0]
 
-    sets = suite_sets(params, datasets, face_crop)  # scored before any output is replaced: a set that fails leaves none half-new
+    # the suite is scored before any output is replaced: a set that fails leaves no half-new outputs
+    sets = suite_sets(params, datasets, face_crop)
     suite = score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold,
                         workers) if sets else {}
 
