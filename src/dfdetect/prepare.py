@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_MARGIN, FacesParams, PrepareParams
-from .data import CACHE_META, DatasetError, ImageFile, cache_paths, discover
+from .data import CACHE_META, SPLITS, DatasetError, ImageFile, cache_paths, discover
 from .faces import build_detector, framing
 from .ingest import extract_faces, faces_report
 from .mixture import DEFAULT_SPLIT, SPLIT_SALT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
@@ -89,7 +89,7 @@ def find_leaks(checked: list[Checked]) -> list[dict]:
 def drop_leaked_copies(checked: list[Checked]) -> int:
     """Content found in two splits keeps its copies in the earliest split (train, then val) and loses the
     others, listed in the report as leaked; returns how many were dropped."""
-    order = {"train": 0, "val": 1, "test": 2}
+    order = {split: i for i, split in enumerate(SPLITS)}
     by_content = defaultdict(list)
     for c in checked:
         if c.pixel_sha256 and c.status == "ok":
@@ -100,11 +100,8 @@ def drop_leaked_copies(checked: list[Checked]) -> int:
         for c in group:
             if order[c.file.split] > first:
                 c.status, dropped = "leaked", dropped + 1
-                c.problem = f"{c.file.relpath}: same content as a file in '{SPLIT_NAMES[first]}' (prepare.drop_leaks)"
+                c.problem = f"{c.file.relpath}: same content as a file in '{SPLITS[first]}' (prepare.drop_leaks)"
     return dropped
-
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def assign_groups(files: list[ImageFile], pattern: str | None) -> tuple[list[ImageFile], list[str]]:
