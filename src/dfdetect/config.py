@@ -65,7 +65,23 @@ def _check_name(value: str | None) -> str | None:
     return value
 
 
-class NamedSet(Section):
+class _NamedGroups(Section):
+    """Checks for a data set's `name` (it names folders and metrics) and `group_pattern` (a regex with a video
+    group), shared by the main data set's params and every other set's."""
+
+    @field_validator("group_pattern", check_fields=False)  # the fields are the subclasses'
+    @classmethod
+    def _pattern_compiles(cls, value):
+        return _check_group_pattern(value)
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _name_is_a_label(cls, value):
+        return _check_name(value)
+
+
+
+class NamedSet(_NamedGroups):
     """A data set folder with a name for reports and metrics, and how its files group into videos."""
     path: str = Field(description="folder in the seed layout: {train,val,test}/{real,fake}/, or {real,fake}/ alone")
     name: str | None = Field(None, description="names the set in reports and metrics (default: the folder name)")
@@ -73,16 +89,6 @@ class NamedSet(Section):
                                                "prepare.faces says; videos are always face-cropped")
     group_pattern: str | None = Field(None, description="as prepare.group_pattern, for this set's file names: frames "
                                                         "of one video stay together (one split; video metrics)")
-
-    @field_validator("group_pattern")
-    @classmethod
-    def _pattern_compiles(cls, value):
-        return _check_group_pattern(value)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_label(cls, value):
-        return _check_name(value)
 
     @property
     def label(self) -> str:
@@ -105,7 +111,7 @@ class SourceParams(NamedSet):
         return value
 
 
-class PrepareParams(Section):
+class PrepareParams(_NamedGroups):
     image_size: int = Field(128, ge=16, le=1024, description="side of the square images the cache holds")
     min_size: int = Field(32, ge=1, description="images smaller than this (either side) are excluded")
     max_bad_fraction: float = Field(
@@ -124,16 +130,6 @@ class PrepareParams(Section):
                                                               "(whole videos or identities, chosen by a stable hash)")
     sources: list[SourceParams] = Field(default_factory=list, description="more data sets mixed into the same "
                                         "splits (a training mixture); train.source_weights sets their shares")
-
-    @field_validator("group_pattern")
-    @classmethod
-    def _pattern_compiles(cls, value):
-        return _check_group_pattern(value)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_label(cls, value):
-        return _check_name(value)
 
     @model_validator(mode="after")
     def _unique_names(self):
