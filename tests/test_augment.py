@@ -57,7 +57,7 @@ def test_degradations_touch_only_their_share_and_stay_in_range():
     from dfdetect.augment import degrade
 
     x = torch.rand(64, 3, 32, 32)
-    for kind in ("blur", "noise", "downscale"):
+    for kind in ("blur", "sharpen", "noise", "downscale"):
         params = AugmentParams(**{f"{kind}_prob": 0.5})
         out = degrade(x, params, torch.Generator().manual_seed(0))
         changed = [(o - i).abs().max().item() > 1e-4 for o, i in zip(out, x)]
@@ -66,6 +66,25 @@ def test_degradations_touch_only_their_share_and_stay_in_range():
     blurred = degrade(x, AugmentParams(blur_prob=1.0, blur_sigma=2.0), torch.Generator().manual_seed(0))
     assert blurred.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()  # smoother
     assert torch.equal(degrade(x, AugmentParams(), torch.Generator().manual_seed(0)), x)
+
+
+def test_sharpening_mirrors_blur_and_never_meets_it_on_one_image():
+    from dfdetect.augment import degrade
+
+    smooth = degrade(torch.rand(32, 3, 32, 32), AugmentParams(blur_prob=1.0, blur_sigma=1.5), torch.Generator().manual_seed(1))
+    detail = lambda t: t.diff(dim=-1).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    sharpened = degrade(smooth, AugmentParams(sharpen_prob=1.0, sharpen_amount=2.0), torch.Generator().manual_seed(2))
+    assert (detail(sharpened) >= detail(smooth) - 1e-6).all() and detail(sharpened).mean() > 1.2 * detail(smooth).mean()
+    # with both on, each image is blurred or sharpened, never both: the draws do not depend on params, so the
+    # blurred ones equal a blur-only run and the rest a sharpen-only run
+    x, seed = torch.rand(32, 3, 32, 32), 3
+    run = lambda **kw: degrade(x, AugmentParams(**kw), torch.Generator().manual_seed(seed))  # noqa: E731
+    both = run(blur_prob=0.5, blur_sigma=1.5, sharpen_prob=1.0, sharpen_amount=2.0)
+    blur_only, sharpen_only = run(blur_prob=0.5, blur_sigma=1.5), run(sharpen_prob=1.0, sharpen_amount=2.0)
+    as_blurred = torch.tensor([torch.equal(o, b) for o, b in zip(both, blur_only)])
+    as_sharpened = torch.tensor([torch.equal(o, s) for o, s in zip(both, sharpen_only)])
+    assert (as_blurred ^ as_sharpened).all()  # each image exactly one of the two
+    assert 5 < int(as_blurred.sum()) < 27
 
 
 def test_jpeg_recompression_is_lossy_per_image_and_reproducible():

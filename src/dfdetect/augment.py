@@ -85,22 +85,35 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     return k / k.sum(1, keepdim=True)
 
 
-def degrade(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """Blur, downscale-and-back and noise on a random share of the batch (float N x 3 x H x W in [0, 1])."""
+def _separable_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each image of a float N x 3 x H x W batch blurred with its own Gaussian (sigma 0: unchanged)."""
     n, _, h, w = images.shape
-    draws = torch.rand(6, n, generator=gen)  # always drawn, so the stream does not depend on params
+    kernels = _gaussian_kernels(sigma, radius).to(images.device, images.dtype)
+    weight = kernels.repeat_interleave(3, 0)  # one kernel per image, for each of its 3 channels
+    flat = images.reshape(1, n * 3, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight.view(n * 3, 1, 1, -1), groups=n * 3)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight.view(n * 3, 1, -1, 1), groups=n * 3)
+    return flat.view(n, 3, h, w)
+
+
+def degrade(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Blur or sharpen, downscale-and-back and noise on a random share of the batch (float N x 3 x H x W in
+    [0, 1]). Sharpening is blur's mirror: an image is blurred or sharpened, never both, so that how sharp a
+    face looks carries no label (a face swap is often blurrier than its frame, an enhanced one sharper)."""
+    n, _, h, w = images.shape
+    draws = torch.rand(8, n, generator=gen)  # always drawn, so the stream does not depend on params
     blur_on, sigma = draws[0] < params.blur_prob, draws[1] * params.blur_sigma
     down_on, factor = draws[2] < params.downscale_prob, params.downscale_min + draws[3] * (1 - params.downscale_min)
     noise_on, std = draws[4] < params.noise_prob, draws[5] * params.noise_std
+    sharpen_on = (draws[6] < params.sharpen_prob) & ~blur_on
+    amount = draws[7] * params.sharpen_amount
     out = images
     if blur_on.any():
-        radius = max(1, math.ceil(3 * params.blur_sigma))
-        kernels = _gaussian_kernels(torch.where(blur_on, sigma, 0.0), radius).to(out.device, out.dtype)
-        weight = kernels.repeat_interleave(3, 0)  # one kernel per image, for each of its 3 channels
-        flat = out.reshape(1, n * 3, h, w)
-        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weight.view(n * 3, 1, 1, -1), groups=n * 3)
-        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weight.view(n * 3, 1, -1, 1), groups=n * 3)
-        out = flat.view(n, 3, h, w)
+        out = _separable_blur(out, torch.where(blur_on, sigma, 0.0), max(1, math.ceil(3 * params.blur_sigma)))
+    if sharpen_on.any():
+        # unsharp mask: add back `amount` x the detail a sigma-1 blur removes
+        detail = out - _separable_blur(out, torch.where(sharpen_on, 1.0, 0.0), 3)
+        out = (out + detail * (amount * sharpen_on).view(n, 1, 1, 1).to(out.device, out.dtype)).clamp(0, 1)
     if down_on.any():
         out = out.clone() if out is images else out
         for i in torch.nonzero(down_on).flatten().tolist():
