@@ -20,7 +20,7 @@ import anyio
 import bentoml
 import numpy as np
 from pydantic import Field
-from fastapi import FastAPI
+from fastapi import FastAPI, Query, Request
 from PIL import Image
 from prometheus_client import Counter, Histogram
 from starlette.responses import JSONResponse
@@ -39,6 +39,8 @@ log = logging.getLogger("dfdetect.serving")
 PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
 SERVING = PARAMS.serving
 MB = 1024 * 1024
+RAW_FRAME_ROUTE = "/inference/analyze-frame/raw"  # the image is the request body: no multipart, no temporary file
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
 install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker builds its uvicorn server
 allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
 TRIM_EVERY_S = 30
@@ -105,6 +107,16 @@ class Detector:
             info = self.models.info()
             return {"status": "ok" if info.get("ready") else "loading", **info}
 
+        # A plain ASGI route, not a BentoML API: the body arrives already read and size-checked by the guard,
+        # and nothing parses it before the decoding thread (BentoML's root file inputs write a temporary file,
+        # and fetch the body as a URL when it looks like one).
+        @health_app.post(RAW_FRAME_ROUTE, summary="One image as the request body (Content-Type image/*)")
+        @answers_errors
+        async def analyze_frame_raw(request: Request, frameNumber: int = Query(0, ge=0, le=2**31 - 1),
+                                    explain: bool = False):
+            """The same verdict JSON as /inference/analyze-frame, for an image POSTed as the body."""
+            return await self._analyze_frame(await request.body(), frameNumber, explain, time.perf_counter())
+
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self._stop.set()  # the registry poll
@@ -170,15 +182,18 @@ class Detector:
         Grad-CAM overlay (`heatmap`, a PNG data URI) of what made the model say fake."""
         started = time.perf_counter()
         self._check_size(image, "image", SERVING.max_upload_mb, "serving.max_upload_mb")
+        return await self._analyze_frame(image.read_bytes(), frameNumber, explain, started)
+
+    async def _analyze_frame(self, data: bytes, frame_number: int, explain: bool, started: float) -> dict:
+        """Image bytes -> the verdict JSON (both frame endpoints): decoded in a thread, scored in a shared batch."""
         size = self._image_size()
         try:
-            array, face = await anyio.to_thread.run_sync(self._decode_and_crop, image.read_bytes(), size,
-                                                         limiter=self._decoders)
+            array, face = await anyio.to_thread.run_sync(self._decode_and_crop, data, size, limiter=self._decoders)
         except ImageError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         scored = (await self._score(array[None]))[0]
         PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
-        body = frame_response(frameNumber, scored, started)
+        body = frame_response(frame_number, scored, started)
         if face:
             body["face"] = face_json(face)
         if explain:
@@ -238,5 +253,6 @@ Detector.add_asgi_middleware(RequestGuard, body_timeout_s=SERVING.body_timeout_s
     "/inference/analyze-frame": Route("multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image",
                                       frozenset({"frameNumber", "explain"})),
     "/inference/analyze-video": Route("multipart", int(SERVING.max_video_mb * MB) + _FORM_SLACK, "video"),
+    RAW_FRAME_ROUTE: Route("raw", int(SERVING.max_upload_mb * MB), content_types=IMAGE_TYPES),
     "/score": Route("json", int(SERVING.max_score_mb * MB), content_types=("application/json",)),
 })

@@ -41,6 +41,25 @@ def test_analyze_frame_answers_the_original_json(service, sample_root):
     assert body["is_fake"] == (body["distribution"]["fake"] >= loaded.threshold)
 
 
+def test_raw_body_endpoint_answers_as_the_multipart_one(service, sample_root):
+    url = f"{service['url']}/inference/analyze-frame/raw"
+    for path in [next((sample_root / "test" / label).iterdir()) for label in ("fake", "real")]:
+        raw = requests.post(url, data=jpeg(path), params={"frameNumber": 7}, headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert raw.status_code == 200, raw.text
+        form = post_frame(service["url"], jpeg(path), frameNumber="7").json()
+        body = raw.json()
+        assert set(body) == set(form) and body["frameNumber"] == 7 and body["is_fake"] == form["is_fake"]
+        assert body["distribution"]["fake"] == pytest.approx(form["distribution"]["fake"], abs=1e-6)
+    # what is not an image is refused with a 4xx that says why, never fetched or parsed as anything else
+    url_body = requests.post(url, data=b"http://127.0.0.1:1/secret", headers={"Content-Type": "image/jpeg"}, timeout=30)
+    assert url_body.status_code == 400 and "error" in url_body.json()
+    wrong_type = requests.post(url, data=jpeg(path), headers={"Content-Type": "text/plain"}, timeout=30)
+    assert wrong_type.status_code == 415 and "image/jpeg" in wrong_type.json()["error"]
+    too_big = requests.post(url, data=b"\xff" * (int(service["params"].serving.max_upload_mb * 2**20) + 1),
+                            headers={"Content-Type": "image/jpeg"}, timeout=30)
+    assert too_big.status_code == 413
+
+
 def test_explain_returns_a_grad_cam_overlay(service, sample_root):
     import base64
 
