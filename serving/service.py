@@ -82,7 +82,7 @@ BATCH_SIZE = Histogram("dfdetect_batch_size", "Images per model call (adaptive b
 health_app = FastAPI(title="dfdetect health")
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60})
+@bentoml.service(workers=SERVING.workers, traffic={"timeout": 60})  # one batcher per worker process
 @bentoml.asgi_app(health_app, path="/")
 class Detector:
     def __init__(self):

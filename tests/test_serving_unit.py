@@ -189,3 +189,23 @@ def test_overload_and_a_dead_batcher_answer_503_that_say_so_with_retry_after(mon
         response = asyncio.run(service.answers_errors(api)())
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert json.loads(response.body)["error"].startswith(says)
+
+
+def test_serving_workers_sets_the_bentoml_worker_count(tmp_path):
+    """Each worker process builds its own Detector (models and batcher); the count comes from params."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["serving"]["workers"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-c", "import serving.service as s; print(s.Detector.config['workers'])"],
+                         cwd=REPO, env={**os.environ, "DFDETECT_PARAMS": str(tmp_path / "params.yaml")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "3"

@@ -331,6 +331,7 @@ class PromotionParams(Section):
 
 class ServingParams(Section):
     alias: str = Field("champion", min_length=1, description="registry alias (or version) the service answers with")
+    workers: int = Field(1, ge=1, le=64, description="BentoML worker processes; each loads the models and runs its own batcher")
     runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
         "auto", description="auto: torch on CUDA, onnx on the CPU (measured fastest there); torch: bf16 autocast + "
                             "channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU); onnx-int8: dynamically quantised")
