@@ -127,3 +127,41 @@ def test_erase_draws_the_same_random_numbers_on_or_off():
     erase(torch.rand(8, 3, 16, 16), AugmentParams(), a)
     erase(torch.rand(8, 3, 16, 16), AugmentParams(erase_prob=1.0), b)
     assert torch.equal(a.get_state(), b.get_state())
+
+
+def _textures(n: int, seed: int) -> torch.Tensor:
+    """Smooth random textures (noise at a quarter of the size, upscaled), a stand-in for face crops."""
+    small = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(small, size=(128, 128), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_sharpness_matching_takes_sharpness_away_as_a_label_cue():
+    from dfdetect.augment import _separable_blur, match_sharpness, sharpness
+    from dfdetect.metrics import roc_auc
+
+    n = 64
+    images = _textures(n, 0)
+    labels = torch.arange(n) % 2  # fakes: the blurrier class, as faceswap128's swaps are
+    fakes = labels == 1
+    images[fakes] = _separable_blur(images[fakes], torch.full((int(fakes.sum()),), 1.2), 4)
+    before = roc_auc(labels.numpy(), (-sharpness(images)).numpy(), 0.5)
+    matched = match_sharpness(images, 1.0, torch.Generator().manual_seed(3))
+    after = roc_auc(labels.numpy(), (-sharpness(matched)).numpy(), 0.5)
+    assert before > 0.95
+    assert abs(after - 0.5) < 0.15, after
+    assert matched.shape == images.shape and matched.min() >= 0 and matched.max() <= 1
+    assert not torch.equal(matched, images)
+
+
+def test_sharpness_matching_off_is_identity_and_draws_nothing():
+    from dfdetect.augment import match_sharpness
+
+    images, gen = _textures(8, 1), torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    assert match_sharpness(images, 0.0, gen) is images
+    assert torch.equal(gen.get_state(), state)
+    # a share: the images not drawn are untouched (the first draw is who is matched)
+    out = match_sharpness(images, 0.5, torch.Generator().manual_seed(5))
+    chosen = torch.rand(8, generator=torch.Generator().manual_seed(5)) < 0.5
+    assert 0 < int(chosen.sum()) < 8
+    assert torch.equal(out[~chosen], images[~chosen])

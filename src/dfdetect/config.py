@@ -161,6 +161,9 @@ class AugmentParams(Section):
     blur_sigma: float = Field(1.5, gt=0.0, le=5.0, description="largest blur sigma, pixels")
     sharpen_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images sharpened (unsharp mask; never one also blurred)")
     sharpen_amount: float = Field(1.0, gt=0.0, le=5.0, description="largest unsharp-mask amount (1: detail doubled)")
+    sharpness_match_prob: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of images blurred or sharpened to the sharpness of another image of the batch (sharpness then carries no label)")
     noise_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images with Gaussian noise")
     noise_std: float = Field(0.03, gt=0.0, le=0.5, description="largest noise standard deviation (images in [0, 1])")
     downscale_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images downscaled and scaled back up")
