@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from pathlib import Path
@@ -15,7 +13,7 @@ from . import checkpoint, runtime, tracking
 from .config import EvaluateParams, Params, SuiteSet
 from .data import DatasetError, PreparedSplit, batch_loader, load_meta, load_split, original_path
 from .inference import predict_scores
-from .io_utils import atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
 from .metrics import compute_all, eer_and_threshold, reliability, video_level
 from .plots import confusion_png, pr_png, reliability_png, robustness_png, roc_png
@@ -25,14 +23,6 @@ from .suite import flat_metrics, score_row, score_suite, table_markdown
 from .preprocessing import PreprocessConfig, decode_image, resize_square
 
 log = logging.getLogger(__name__)
-
-
-def _csv(rows: list[dict], fields: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def choose_split(prepared_dir: Path, wanted: str) -> tuple[str, list[str]]:
@@ -111,21 +101,21 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     prec, rec, _ = skm.precision_recall_curve(labels, scores)
     matrix = skm.confusion_matrix(labels, predicted, labels=[0, 1])
     plots_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plots_dir / "roc.csv", _csv([{"fpr": f, "tpr": t, "threshold": min(1.0, h)} for f, t, h in zip(fpr, tpr, roc_thr)], ["fpr", "tpr", "threshold"]))
-    atomic_write_text(plots_dir / "pr.csv", _csv([{"recall": r, "precision": p} for r, p in zip(rec, prec)], ["recall", "precision"]))
-    atomic_write_text(plots_dir / "confusion.csv", _csv([{"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]} for a, p in zip(labels, predicted)], ["actual", "predicted"]))
+    atomic_write_csv(plots_dir / "roc.csv", [{"fpr": f, "tpr": t, "threshold": min(1.0, h)} for f, t, h in zip(fpr, tpr, roc_thr)], ["fpr", "tpr", "threshold"])
+    atomic_write_csv(plots_dir / "pr.csv", [{"recall": r, "precision": p} for r, p in zip(rec, prec)], ["recall", "precision"])
+    atomic_write_csv(plots_dir / "confusion.csv", [{"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]} for a, p in zip(labels, predicted)], ["actual", "predicted"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "predictions.csv", _csv(
+    atomic_write_csv(out_dir / "predictions.csv",
         [{"path": p, "video": v, "label": int(y), "fake_probability": round(float(s), 6), "predicted": int(q)}
          for p, v, y, s, q in zip(data.relpaths, data.groups, labels, scores, predicted)],
-        ["path", "video", "label", "fake_probability", "predicted"]))
+        ["path", "video", "label", "fake_probability", "predicted"])
     figures = out_dir / "figures"
     roc_png(fpr, tpr, results["roc_auc"], figures / "roc.png")
     pr_png(rec, prec, results["average_precision"], figures / "pr.png")
     confusion_png(matrix, CLASS_NAMES, figures / "confusion.png")
     bins = reliability(labels, scores)
-    atomic_write_text(plots_dir / "calibration.csv", _csv(bins, ["bin", "predicted", "observed", "count"]))
+    atomic_write_csv(plots_dir / "calibration.csv", bins, ["bin", "predicted", "observed", "count"])
     reliability_png(bins, results["ece"], figures / "reliability.png")
     extra = ""
 

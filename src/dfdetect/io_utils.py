@@ -3,7 +3,9 @@ that never block on something that is not a regular file."""
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import os
 import shutil
@@ -100,6 +102,15 @@ def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_csv(path: str | Path, rows, fields: list[str]) -> None:
+    """Rows (dicts; keys outside `fields` are an error) as CSV with a header, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

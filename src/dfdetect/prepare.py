@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import re
@@ -19,7 +17,7 @@ from .data import CACHE_META, SPLITS, DatasetError, ImageFile, cache_paths, disc
 from .faces import build_detector, framing
 from .ingest import extract_faces, faces_report
 from .mixture import DEFAULT_SPLIT, SPLIT_SALT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
-from .io_utils import UnreadableFile, atomic_dir, read_regular_file
+from .io_utils import UnreadableFile, atomic_dir, atomic_write_csv, read_regular_file
 from .labels import CLASS_NAMES, LABEL_MAP
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
 from .progress import map_chunks
@@ -209,14 +207,10 @@ def report_markdown(report: dict) -> str:
 
 
 def write_manifest(path: Path, checked: list[Checked]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for c in checked:
-        writer.writerow({"dataset": c.file.dataset, "path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
+    atomic_write_csv(path, ({"dataset": c.file.dataset, "path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
                          "sha256": c.sha256, "width": c.width, "height": c.height, "status": c.status,
-                         "video": c.file.video, "frame": c.file.frame, "identity": c.file.identity, "source": c.file.source})
-    path.write_text(buf.getvalue())
+                         "video": c.file.video, "frame": c.file.frame, "identity": c.file.identity, "source": c.file.source}
+                            for c in checked), MANIFEST_FIELDS)
 
 
 def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int = 1) -> dict:

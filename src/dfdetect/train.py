@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import re
@@ -23,7 +21,7 @@ from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
 from .mixture import MixtureSampler
 from .sbi import sbi_batch
-from .io_utils import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporaries
 from .metrics import eer_and_threshold, roc_auc
 from .models import count_parameters, create_model
 from .inference import predict_scores
@@ -131,11 +129,7 @@ def training_sources(prepared_dir: str | Path) -> dict[str, dict]:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, history, HISTORY_FIELDS)
 
 
 class _NoTracking:
