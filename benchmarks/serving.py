@@ -1,18 +1,33 @@
-"""Serving throughput and latency: the BentoML service against the in-process limit and the original design.
+"""Serving throughput, latency and CPU per request: the BentoML service against the in-process limit and the
+servers a user would pick instead, each serving the same model with the same runtime.
 
-It trains and registers a model on generated sample data (a throw-away SQLite registry), then measures:
-- the service (`bentoml serve`, adaptive batching, the chosen runtime) under 1, 8 and 32 concurrent clients
-  posting JPEGs to /inference/analyze-frame for a fixed time: throughput and p50/p95/p99 latency;
-- in-process inference with the same runtime on batches of 32 (decode, resize, score): the limit;
-- a one-image-per-request server without batching running eager fp32 PyTorch (the original design);
-- the runtime against eager fp32 PyTorch in-process: speed, and ROC-AUC on the test split.
+It trains and registers a model on generated sample data (a throw-away SQLite registry), then measures, for
+each layout and server, closed-loop clients posting JPEGs for a fixed time at each client count:
+throughput, p50/p95/p99 latency, the server's CPU milliseconds per request (its process tree's CPU time over
+the window) and errors by kind (HTTP status, timeout, connection). The servers and what each one sends:
+- service: `bentoml serve serving.service:Detector`, multipart to /inference/analyze-frame;
+  service_raw: the same process, the image as the body of /inference/analyze-frame/raw;
+  service_batch: the same process, --batch-images images per request to /inference/analyze-frames;
+- fastapi: a plain FastAPI + uvicorn server with dfdetect's batcher (benchmarks/fastapi_server.py);
+- bentoml_batchable: BentoML's own `@bentoml.api(batchable=True)` batching (benchmarks/bentoml_batchable_service.py);
+- baseline_one_image_fp32: the original design, one image per request, eager fp32 (benchmarks/baseline_server.py).
+Layouts: `pinned` runs the load generator on --client-core and every server process (and the in-process
+limit, in a fresh process) on --server-core, so a server's figures are those of one core it has alone;
+`unpinned` lets everything share all cores, as the first version of this benchmark did. In process, in this
+process and on all cores: the runtime against eager fp32 PyTorch (speed, and ROC-AUC on the test split).
 
-    python benchmarks/serving.py [--runtime auto|torch|onnx|onnx-int8] [--seconds 15] [--out FILE]
+    python benchmarks/serving.py [--runtime auto] [--seconds 15] [--clients 1,8,32,64] [--layouts pinned,unpinned]
+                                 [--servers NAME,...] [--out benchmarks/results/serving.json]
+
+The top-level keys of the first version keep their meaning (measured unpinned, or in the first layout run
+when unpinned is not); `layouts` holds everything per layout, and `targets_pinned` the issue-16 targets.
+Smoke run: --epochs 1 --seconds 2 --warmup 1 --clients 1,4 --out /tmp/serving_smoke.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -21,108 +36,242 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import requests
 import yaml
 
 from dfdetect.servers import free_port
+from in_process import limit
+from loadgen import Load, drive, form_load, raw_load
 
 REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+VARIANTS = ("service", "service_raw", "service_batch", "fastapi", "bentoml_batchable", "baseline_one_image_fp32")
+SERVICE_VARIANTS = ("service", "service_raw", "service_batch")
+BASELINE = "baseline_one_image_fp32"  # eager fp32: not the served runtime, so no HTTP-path CPU for it
 
 
-def multipart(jpeg: bytes, boundary: str = "dfdetect-bench") -> bytes:
-    """One analyze-frame request body, encoded once: the load generator should spend its CPU on sending."""
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"f.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + f"\r\n--{boundary}--\r\n".encode()
+@dataclass(frozen=True)
+class Server:
+    """One server process: how to start it on a port, where it says it is ready, what is measured on it."""
+
+    name: str
+    command: list[str]  # "{port}" is replaced
+    health: str
+    variants: dict[str, Load]
 
 
-def drive(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
-    """`clients` concurrent connections posting JPEGs back to back for `seconds`, from one asyncio loop: the
-    clients share the server's CPUs, so they must cost as little as possible (no per-request encoding)."""
-    import asyncio
-
-    import aiohttp
-
-    bodies = [multipart(b) for b in images]
-    headers = {"Content-Type": "multipart/form-data; boundary=dfdetect-bench"}
-    latencies, errors = [], []
-
-    async def client(session, k: int, deadline: float):
-        i = k
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            try:
-                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
-                    await r.read()
-                    ok, problem = r.status == 200, f"HTTP {r.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                ok, problem = False, type(exc).__name__
-            if time.perf_counter() < deadline:  # count what completes inside the window only
-                (latencies.append(time.perf_counter() - started) if ok else errors.append(problem))
-            i += clients
-
-    async def run():
-        connector = aiohttp.TCPConnector(limit=clients)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-            deadline = time.perf_counter() + seconds
-            await asyncio.gather(*(client(session, k, deadline) for k in range(clients)))
-
-    asyncio.run(run())
-    ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors)),
-            "images_per_s": round(len(latencies) / seconds, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+def servers(tmp: Path, jpegs: list[bytes], batch_images: int) -> list[Server]:
+    frame = "/inference/analyze-frame"
+    host = ["--host", "127.0.0.1", "--port", "{port}"]
+    return [
+        Server("service", [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host], "/health", {
+            "service": form_load(frame, jpegs), "service_raw": raw_load(frame + "/raw", jpegs),
+            "service_batch": form_load("/inference/analyze-frames", jpegs, "images", batch_images)}),
+        Server("fastapi", [sys.executable, str(HERE / "fastapi_server.py"), "--params", str(tmp / "params.yaml"), *host],
+               "/health", {"fastapi": form_load(frame, jpegs)}),
+        Server("bentoml_batchable", [str(BIN / "bentoml"), "serve", "bentoml_batchable_service:BatchableDetector",
+                                     "--working-dir", str(HERE), *host], "/readyz",
+               {"bentoml_batchable": form_load(frame, jpegs)}),
+        Server("baseline", [sys.executable, str(HERE / "baseline_server.py"), "--checkpoint", str(tmp / "models" / "best.pt"),
+                            "--port", "{port}"], "/health", {BASELINE: form_load(frame, jpegs)}),
+    ]
 
 
-def start(cmd: list[str], env: dict, health: str, log: Path, timeout: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+def wait_ready(proc: subprocess.Popen, cmd: list[str], health: str, log: Path, timeout: float = 300) -> None:
+    """Return once `health` answers 200 (and not `"ready": false`); raise if the server exits or never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             r = requests.get(health, timeout=2)
-            if r.status_code == 200 and r.json().get("ready", True):
-                return proc
-        except (requests.RequestException, ValueError):
+            if r.status_code == 200:
+                try:
+                    ready = r.json().get("ready", True) if r.headers.get("content-type", "").startswith("application/json") else True
+                except ValueError:
+                    ready = True
+                if ready:
+                    return
+        except requests.RequestException:
             pass
         time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"{cmd[0]} not ready:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{' '.join(cmd[:4])} not ready within {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> bool:
+    """SIGTERM to the whole process group, SIGKILL after 20 s; True when no process of the group is left."""
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + wait_s  # the leader is gone: give its children the same time
+        while time.monotonic() < deadline and group_alive(proc.pid):
+            time.sleep(0.2)
+        if not group_alive(proc.pid):
+            break
+    return not group_alive(proc.pid)
+
+
+def group_alive(pgid: int) -> bool:
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
-def in_process(predict, pre, images: list[bytes], seconds: float) -> float:
-    """Images per second through decode, resize and the runtime, in batches of 32."""
-    from dfdetect.preprocessing import decode_image, resize_square
+@contextlib.contextmanager
+def running(server: Server, prefix: list[str], env: dict, log: Path, stopped: dict):
+    """The server on a free port for the block; stopped by process group whatever happens inside."""
+    port = free_port()
+    cmd = [*prefix, *(a.replace("{port}", str(port)) for a in server.command)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(proc, cmd, f"http://127.0.0.1:{port}{server.health}", log)
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        stopped[server.name] = stop(proc)
 
-    done, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        batch = np.stack([resize_square(decode_image(b), pre.image_size) for b in images[done % len(images):][:32]])
-        predict(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - began)
+
+def in_process_child(prefix: list[str], env: dict, images: Path, seconds: float) -> dict:
+    """The in-process limit in a fresh process, pinned like the servers are (benchmarks/in_process.py)."""
+    done = subprocess.run([*prefix, sys.executable, str(HERE / "in_process.py"), "--images", str(images),
+                           "--seconds", str(seconds)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=seconds + 300)
+    if done.returncode != 0:
+        raise RuntimeError(f"in_process.py failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_layout(layout: str, args, tmp: Path, env: dict, jpegs: list[bytes]) -> dict:
+    prefix = ["taskset", "-c", str(args.server_core)] if layout == "pinned" else []
+    everything = os.sched_getaffinity(0)
+    if layout == "pinned":  # this thread drives the load; threads started from now on inherit the core
+        os.sched_setaffinity(0, {args.client_core})
+    out = {"client_cores": sorted(os.sched_getaffinity(0)),
+           "server_cores": [args.server_core] if layout == "pinned" else sorted(everything),
+           "servers": {}, "stopped": {}, "failures": {}}
+    try:
+        out["in_process"] = in_process_child(prefix, env, tmp / "data" / "test", args.seconds)
+        model_ms = out["in_process"]["cpu_ms_per_image"]
+        for server in servers(tmp, jpegs, args.batch_images):
+            wanted = {name: load for name, load in server.variants.items() if name in args.servers}
+            if not wanted:
+                continue
+            try:
+                with running(server, prefix, env, tmp / f"{layout}_{server.name}.log", out["stopped"]) as (url, pid):
+                    for name, load in wanted.items():
+                        drive(url, load, 4, args.warmup, timeout_s=args.timeout)  # warm-up, not recorded
+                        levels = [drive(url, load, c, args.seconds, pid, args.timeout) for c in args.clients]
+                        for level in levels:
+                            cpu = level["server_cpu_ms_per_request"]
+                            level["http_path_cpu_ms_per_request"] = (
+                                round(cpu - model_ms * load.images_per_request, 3)
+                                if cpu is not None and name != BASELINE else None)
+                        out["servers"][name] = levels
+                        print(json.dumps({"layout": layout, "server": name, "levels": levels}), flush=True)
+            except RuntimeError as exc:  # record it and measure the other servers; main() exits non-zero
+                out["failures"][server.name] = str(exc)[-3000:]
+                print(f"{layout} {server.name} failed: {str(exc)[-1500:]}", file=sys.stderr, flush=True)
+    finally:
+        os.sched_setaffinity(0, everything)
+    return out
+
+
+def at(levels: list[dict], clients: int) -> dict | None:
+    return next((lv for lv in levels if lv["clients"] == clients), None)
+
+
+def pinned_targets(pinned: dict, max_latency_ms: int, clients: int = 32) -> dict:
+    """Issue 16's targets on the pinned layout at 32 clients, for each service variant measured."""
+    limit_ips = pinned["in_process"]["images_per_s"]
+    peers = {n: at(lv, clients) for n, lv in pinned["servers"].items() if n not in SERVICE_VARIANTS}
+    peers = {n: lv["images_per_s"] for n, lv in peers.items() if lv}
+    targets = {}
+    for name in SERVICE_VARIANTS:
+        level = at(pinned["servers"].get(name, []), clients)
+        if level is None:
+            continue
+        levels = pinned["servers"][name]
+        non_503 = sum(n for lv in levels for kind, n in lv["errors_by_kind"].items() if kind != "HTTP 503")
+        targets[name] = {
+            "vs_in_process_limit": round(level["images_per_s"] / limit_ips, 3),
+            "at_least_0.9": level["images_per_s"] >= 0.9 * limit_ips,
+            "vs_peers": {n: round(level["images_per_s"] / v, 2) if v else None for n, v in peers.items()},
+            "at_least_each_peer": all(level["images_per_s"] >= v for v in peers.values()),
+            "http_path_cpu_ms_per_request": level["http_path_cpu_ms_per_request"],
+            "http_path_at_most_1ms": (level["http_path_cpu_ms_per_request"] or 0) <= 1.0,
+            "p99_ms": level["p99_ms"], "p99_within_max_latency_ms": (level["p99_ms"] or 0) <= max_latency_ms,
+            "errors_at_fewer_clients": sum(lv["errors"] for lv in levels if lv["clients"] < clients),
+            "errors_other_than_503": non_503,
+        }
+    return {"clients": clients, "in_process_limit_images_per_s": limit_ips, **targets}
+
+
+def client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated client counts like 1,8,32,64; got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"client counts must be at least 1; got {text!r}")
+    return counts
+
+
+def names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        chosen = [n for n in text.split(",") if n]
+        unknown = sorted(set(chosen) - set(allowed))
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
+        return chosen
+    return parse
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
+                    help="serving.runtime of every server but the baseline (auto: what the service picks here)")
+    ap.add_argument("--seconds", type=float, default=15, help="measured load per server and client count, and the "
+                                                              "in-process limit's duration (default 15)")
+    ap.add_argument("--warmup", type=float, default=3, help="unrecorded load (4 clients) before each measured variant")
+    ap.add_argument("--clients", type=client_counts, default=[1, 8, 32, 64],
+                    help="comma-separated concurrent client counts (default 1,8,32,64)")
+    ap.add_argument("--layouts", type=names(("pinned", "unpinned")), default=["pinned", "unpinned"],
+                    help="pinned: load generator on --client-core, servers and the in-process limit on "
+                         "--server-core; unpinned: all on every core (default both)")
+    ap.add_argument("--servers", type=names(VARIANTS), default=list(VARIANTS),
+                    help="comma-separated variants to measure (default all): " + ", ".join(VARIANTS))
+    ap.add_argument("--client-core", type=int, default=0, help="the core of the load generator when pinned (default 0)")
+    ap.add_argument("--server-core", type=int, default=1, help="the core of each server when pinned (default 1)")
+    ap.add_argument("--batch-images", type=int, default=8, help="images per request for service_batch (default 8)")
+    ap.add_argument("--timeout", type=float, default=30, help="client timeout per request in seconds (a timeout is an error)")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs of the benchmark model (default 4)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json",
+                    help="JSON result file (default benchmarks/results/serving.json; write smoke runs elsewhere)")
+    args = ap.parse_args()
+    cores = os.sched_getaffinity(0)
+    if "pinned" in args.layouts and (args.client_core == args.server_core or not {args.client_core, args.server_core} <= cores):
+        ap.error(f"--client-core and --server-core must be two different cores of {sorted(cores)} for the pinned layout")
+    if not 1 <= args.batch_images:
+        ap.error("--batch-images must be at least 1")
+    return args
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
-                    help="serving.runtime to measure (auto: what the service picks on this machine)")
-    ap.add_argument("--seconds", type=float, default=15, help="load per client count")
-    ap.add_argument("--epochs", type=int, default=4, help="training epochs of the benchmark model")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json", help="JSON result file")
-    args = ap.parse_args()
+    args = parse_args()
 
     from dfdetect import registry
     from dfdetect.config import load_params, parse_params
@@ -152,50 +301,56 @@ def main():
     loaded = registry.load("champion", params=params)
     jpegs = [p.read_bytes() for p in sorted((tmp / "data" / "test").rglob("*.jpg"))]
 
-    # In process: the runtime against eager fp32, on the test split.
+    # In this process, on all cores: the runtime against eager fp32, on the test split (as in the first version).
     test = load_split(tmp / "prepared", "test")
     served = ServedModel(copy.deepcopy(loaded), "cpu", args.runtime)  # each owns its weights and memory format
     eager = ServedModel(copy.deepcopy(loaded), "cpu", "torch", precision="fp32")
     auc_runtime, auc_eager = roc_auc(test.labels, served.predict(test.images[:]), 0.5), roc_auc(test.labels, eager.predict(test.images[:]), 0.5)
-    limit = in_process(served.predict, loaded.preprocess, jpegs, args.seconds)
-    eager_speed = in_process(eager.predict, loaded.preprocess, jpegs, args.seconds)
+    size = loaded.preprocess.image_size
+    limit_ips = limit(served.predict, size, jpegs, args.seconds)["images_per_s"]
+    eager_speed = limit(eager.predict, size, jpegs, args.seconds)["images_per_s"]
+    runtime_name = served.runtime_name
+    del served, eager
 
     env = {**os.environ, "DFDETECT_PARAMS": str(tmp / "params.yaml"), "MLFLOW_TRACKING_URI": uri,
            "BENTOML_HOME": str(tmp / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    results = {"benchmark": "serving", "runtime": served.runtime_name, "seconds_per_level": args.seconds,
-               "machine": f"{os.cpu_count()} CPUs", "model": loaded.name + "/" + loaded.version,
-               "in_process_limit_images_per_s": round(limit, 1), "eager_fp32_in_process_images_per_s": round(eager_speed, 1),
-               "roc_auc_runtime": round(auc_runtime, 4), "roc_auc_eager_fp32": round(auc_eager, 4)}
-    port = free_port()
-    proc = start([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1", "--port", str(port)],
-                 env, f"http://127.0.0.1:{port}/health", tmp / "bentoml.log")
-    try:
-        url = f"http://127.0.0.1:{port}/inference/analyze-frame"
-        drive(url, jpegs, 4, 3)  # warm-up
-        results["service"] = [drive(url, jpegs, c, args.seconds) for c in (1, 8, 32)]
-    finally:
-        stop(proc)
-    port = free_port()
-    proc = start([sys.executable, str(REPO / "benchmarks" / "baseline_server.py"), "--checkpoint", str(tmp / "models" / "best.pt"),
-                  "--port", str(port)], env, f"http://127.0.0.1:{port}/health", tmp / "baseline.log")
-    try:
-        url = f"http://127.0.0.1:{port}/inference/analyze-frame"
-        drive(url, jpegs, 4, 3)
-        results["baseline_one_image_fp32"] = drive(url, jpegs, 32, args.seconds)
-    finally:
-        stop(proc)
+    results = {"benchmark": "serving", "runtime": runtime_name,
+               "seconds_per_level": args.seconds, "machine": f"{os.cpu_count()} CPUs",
+               "model": loaded.name + "/" + loaded.version, "command": " ".join(["python", "benchmarks/serving.py", *sys.argv[1:]]),
+               "in_process_limit_images_per_s": round(limit_ips, 1), "eager_fp32_in_process_images_per_s": round(eager_speed, 1),
+               "roc_auc_runtime": round(auc_runtime, 4), "roc_auc_eager_fp32": round(auc_eager, 4),
+               "clients": args.clients, "batch_images": args.batch_images, "layouts": {}}
+    for layout in args.layouts:
+        results["layouts"][layout] = measure_layout(layout, args, tmp, env, jpegs)
 
-    at32 = results["service"][-1]["images_per_s"]
-    results["targets"] = {
-        "service_at_32_vs_in_process_limit": round(at32 / limit, 3), "at_least_0.9": at32 >= 0.9 * limit,
-        "service_at_32_vs_one_image_fp32_server": round(at32 / results["baseline_one_image_fp32"]["images_per_s"], 2),
-        "at_least_3x": at32 >= 3 * results["baseline_one_image_fp32"]["images_per_s"],
-        "runtime_vs_eager_fp32": round(limit / eager_speed, 2), "runtime_at_least_2.5x": limit >= 2.5 * eager_speed,
-        "roc_auc_difference": round(abs(auc_runtime - auc_eager), 4), "roc_auc_within_0.005": abs(auc_runtime - auc_eager) <= 0.005,
-    }
+    # The first version's keys, from the unpinned layout (or the first one measured).
+    legacy = results["layouts"].get("unpinned") or results["layouts"][args.layouts[0]]
+    results["legacy_keys_from_layout"] = "unpinned" if "unpinned" in results["layouts"] else args.layouts[0]
+    headline = 32 if 32 in args.clients else max(args.clients)
+    if "service" in legacy["servers"]:
+        results["service"] = legacy["servers"]["service"]
+    if BASELINE in legacy["servers"]:
+        results["baseline_one_image_fp32"] = at(legacy["servers"][BASELINE], headline)
+    if "service" in results and "baseline_one_image_fp32" in results:
+        at32 = at(results["service"], headline)["images_per_s"]
+        base = results["baseline_one_image_fp32"]["images_per_s"]
+        results["targets"] = {
+            "service_at_32_vs_in_process_limit": round(at32 / limit_ips, 3), "at_least_0.9": at32 >= 0.9 * limit_ips,
+            "service_at_32_vs_one_image_fp32_server": round(at32 / base, 2) if base else None,
+            "at_least_3x": at32 >= 3 * base,
+            "runtime_vs_eager_fp32": round(limit_ips / eager_speed, 2), "runtime_at_least_2.5x": limit_ips >= 2.5 * eager_speed,
+            "roc_auc_difference": round(abs(auc_runtime - auc_eager), 4), "roc_auc_within_0.005": abs(auc_runtime - auc_eager) <= 0.005,
+            "at_clients": headline,
+        }
+    if "pinned" in results["layouts"]:
+        results["targets_pinned"] = pinned_targets(results["layouts"]["pinned"], params.serving.max_latency_ms, headline)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    failed = {f"{lay}/{name}": msg for lay, r in results["layouts"].items() for name, msg in r["failures"].items()}
+    left = [f"{lay}/{name}" for lay, r in results["layouts"].items() for name, ok in r["stopped"].items() if not ok]
+    if failed or left:
+        sys.exit(f"failed: {sorted(failed)}; processes left running: {left}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ concurrent requests are scored together; `/score` is the same batched prediction
 from params.yaml (`DFDETECT_PARAMS`), the tracking server from `MLFLOW_TRACKING_URI`.
 """
 
+import asyncio
 import dataclasses
 import functools
+import io
 import logging
 import os
+import re
 import threading
 import time
 from http import HTTPStatus
@@ -28,9 +31,9 @@ from starlette.responses import JSONResponse
 from dfdetect import allocator
 from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 from dfdetect.config import load_params
-from dfdetect.http_guard import RequestGuard, Route
+from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, check_multipart
 from dfdetect.http_timeouts import install_header_timeout
-from dfdetect.preprocessing import ImageError, decode_image, resize_square
+from dfdetect.preprocessing import ImageError, check_dimensions, decode_image, resize_square
 from dfdetect.serving import (FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, pick_arm,
                               video_response)
 from dfdetect.video import VideoError, read_frames
@@ -40,7 +43,21 @@ PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
 SERVING = PARAMS.serving
 MB = 1024 * 1024
 RAW_FRAME_ROUTE = "/inference/analyze-frame/raw"  # the image is the request body: no multipart, no temporary file
+BATCH_ROUTE = "/inference/analyze-frames"  # several images in one multipart request (the field `images`, repeated)
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
+MAX_FRAME_NUMBER = 2**31 - 1
+_FORM_SLACK = 64 * 1024  # multipart headers and small fields around the file
+BATCH_FORM = Route("multipart", int(SERVING.max_batch_mb * MB) + _FORM_SLACK, "images", frozenset({"frameNumber"}),
+                   max_files=SERVING.max_batch_images, keep_parts=True)
+IMAGE_LIMITS = {"max_pixels": int(SERVING.max_image_megapixels * 1e6), "max_side": SERVING.max_image_side,
+                "max_aspect_ratio": SERVING.max_aspect_ratio}  # per image, on every endpoint
+# The batch endpoint's form in the OpenAPI schema (a plain route: FastAPI cannot see it from the signature).
+BATCH_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                   "maxItems": SERVING.max_batch_images},
+        "frameNumber": {"type": "integer", "minimum": 0, "maximum": MAX_FRAME_NUMBER,
+                        "description": "the first image's frame number; image i answers frameNumber + i"}}}}}}}
 install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker builds its uvicorn server
 allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
 TRIM_EVERY_S = 30
@@ -52,10 +69,11 @@ class ApiError(Exception):
     Returned as JSON by `answers_errors`: BentoML would replace the text of any 5xx with "unexpected error",
     and a client that is told "overloaded" (with Retry-After) can back off instead of retrying at once."""
 
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None):
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None, index: int | None = None):
         super().__init__(message)
         self.status, self.message = status, message
         self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s else {}
+        self.extra = {} if index is None else {"index": index}  # which image of a batch request
 
 
 def answers_errors(api):
@@ -70,7 +88,7 @@ def answers_errors(api):
             error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", retry_after_s=5)
         except ApiError as exc:
             error = exc
-        return JSONResponse({"error": error.message}, error.status, headers=error.headers)
+        return JSONResponse({"error": error.message, **error.extra}, error.status, headers=error.headers)
     return wrapper
 
 
@@ -117,6 +135,23 @@ class Detector:
             """The same verdict JSON as /inference/analyze-frame, for an image POSTed as the body."""
             return await self._analyze_frame(await request.body(), frameNumber, explain, time.perf_counter())
 
+        # Also a plain route: the guard has parsed the form already (scope[PARTS_KEY]), and BentoML would write
+        # each image to a temporary file.
+        @health_app.post(BATCH_ROUTE, summary="Several images in one request (multipart, the field `images` repeated)",
+                         openapi_extra=BATCH_OPENAPI)
+        @answers_errors
+        async def analyze_frames(request: Request):
+            """A list with, per image in the order sent, the /inference/analyze-frame JSON and its `index`."""
+            started = time.perf_counter()
+            parts = request.scope.get(PARTS_KEY)
+            if parts is None:  # not behind the guard (it parses and checks the form first in the service)
+                try:
+                    parts = check_multipart(BATCH_FORM, request.headers.get("content-type"), await request.body(), keep=True)
+                except Refused as exc:
+                    raise ApiError(exc.status, exc.message) from None
+            images, first_frame = batch_fields(parts)
+            return await self._analyze_frames(images, first_frame, started)
+
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self._stop.set()  # the registry poll
@@ -147,23 +182,61 @@ class Detector:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable: no model loaded yet", retry_after_s=5)
         return int(info["image_size"])
 
-    def _decode_and_crop(self, data: bytes, size: int) -> tuple[np.ndarray, object | None]:
+    def _decode_and_crop(self, data: bytes, size: int, name: str = "image") -> tuple[np.ndarray, object | None]:
         """Bytes -> the model's S x S x 3 input (and the face box with serving.face_crop); in a thread."""
-        img = decode_image(data, "image", max_pixels=int(SERVING.max_image_megapixels * 1e6),
-                           max_side=SERVING.max_image_side, max_aspect_ratio=SERVING.max_aspect_ratio)
+        img = decode_image(data, name, **IMAGE_LIMITS)
         face = None
         if self.faces:
             found = self.faces(np.asarray(img))
             if found is None:
                 raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                               "image: no face found (serving.face_crop is on: the model scores face crops)")
+                               f"{name}: no face found (serving.face_crop is on: the model scores face crops)")
             img, face = Image.fromarray(found[0]), found[1]
         return resize_square(img, size), face
 
     async def _score(self, images: np.ndarray) -> list[Scored]:
-        """One request's images, all answered by one version (drawn per request in A/B mode)."""
+        """One request's images, all answered by one version (drawn per request in A/B mode); more than
+        serving.max_batch_size go to the batcher in parts of that size."""
         arm = pick_arm(SERVING, self.models.challenger is not None, self._rng)
-        return await self.batcher.submit(images, arm)
+        step = SERVING.max_batch_size
+        if len(images) <= step:
+            return await self.batcher.submit(images, arm)
+        parts = await asyncio.gather(*(self.batcher.submit(images[k:k + step], arm) for k in range(0, len(images), step)))
+        return [s for part in parts for s in part]
+
+    async def _analyze_frames(self, images: list[bytes], first_frame: int, started: float) -> list[dict]:
+        """A batch request's images -> one verdict JSON each, as _analyze_frame answers it, with its index.
+
+        Every image gets the single-image checks, named by its index; the sum of their pixels is bounded from
+        the headers before anything is decoded; each decode goes through the same bounded thread pool as
+        single images (so at most serving.decode_threads full-size images are in memory at once), and is
+        resized at once; then the whole batch is scored together."""
+        size = self._image_size()
+        limit = int(SERVING.max_upload_mb * MB)
+        for i, data in enumerate(images):
+            if len(data) > limit:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{i}]: {len(data)} bytes is over the limit "
+                                                                    f"of {limit} bytes (serving.max_upload_mb)", index=i)
+        await anyio.to_thread.run_sync(check_batch_headers, images, limiter=self._decoders)
+        decoded = await asyncio.gather(*(
+            anyio.to_thread.run_sync(self._decode_and_crop, data, size, f"images[{i}]", limiter=self._decoders)
+            for i, data in enumerate(images)), return_exceptions=True)
+        for i, result in enumerate(decoded):  # the first bad image, by index
+            if isinstance(result, ImageError):
+                raise ApiError(HTTPStatus.BAD_REQUEST, str(result), index=i)
+            if isinstance(result, ApiError):
+                raise ApiError(result.status, result.message, index=i)
+            if isinstance(result, BaseException):
+                raise result
+        scored = await self._score(np.stack([array for array, _ in decoded]))
+        answers = []
+        for i, (s, (_, face)) in enumerate(zip(scored, decoded)):
+            PREDICTIONS.labels(s.version, "fake" if s.is_fake else "real").inc()
+            body = {"index": i, **frame_response(first_frame + i, s, started)}
+            if face:
+                body["face"] = face_json(face)
+            answers.append(body)
+        return answers
 
     @bentoml.api
     @answers_errors
@@ -231,6 +304,37 @@ class Detector:
         return body
 
 
+def batch_fields(parts: list[Part]) -> tuple[list[bytes], int]:
+    """The checked form of a batch request -> its images and the first frame number (400 if not 0-2^31-1)."""
+    images = [p.data for p in parts if p.name == "images"]
+    first = next((p.data for p in parts if p.name == "frameNumber"), b"0")
+    highest = MAX_FRAME_NUMBER - len(images) + 1
+    if not re.fullmatch(rb"\d{1,10}", first) or int(first) > highest:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"frameNumber: expected the first image's frame number, an integer "
+                                               f"from 0 to {highest} (image i answers frameNumber + i)")
+    return images, int(first)
+
+
+def check_batch_headers(images: list[bytes]) -> None:
+    """Refuse (400) a batch whose images would together decode to more than serving.max_batch_megapixels,
+    from the headers alone; an image over a single-image limit is named by its index here too."""
+    total = 0
+    for i, data in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                w, h = img.size
+        except Exception:  # unreadable, or a bomb: decoding it says which, with its index
+            continue
+        try:
+            check_dimensions(w, h, f"images[{i}]", **IMAGE_LIMITS)
+        except ImageError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), index=i) from None
+        total += w * h
+    if total > SERVING.max_batch_megapixels * 1e6:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"images: {total / 1e6:.1f} megapixels in all is over the limit of "
+                                               f"{SERVING.max_batch_megapixels:g} per request (serving.max_batch_megapixels)")
+
+
 def pixels_from_json(images, size: int) -> np.ndarray:
     """/score's JSON -> N x S x S x 3 uint8, refusing (400) anything else with what was expected."""
     expected = f"images: expected N x S x S x 3 integers 0-255 (S = {size}, the model's image_size; N 1-{SERVING.max_batch_size})"
@@ -248,11 +352,11 @@ def pixels_from_json(images, size: int) -> np.ndarray:
 
 
 # Every body is checked before BentoML parses it: a 4xx JSON error says what was wrong (dfdetect.http_guard).
-_FORM_SLACK = 64 * 1024  # multipart headers and small fields around the file
 Detector.add_asgi_middleware(RequestGuard, body_timeout_s=SERVING.body_timeout_s, routes={
     "/inference/analyze-frame": Route("multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image",
                                       frozenset({"frameNumber", "explain"})),
     "/inference/analyze-video": Route("multipart", int(SERVING.max_video_mb * MB) + _FORM_SLACK, "video"),
     RAW_FRAME_ROUTE: Route("raw", int(SERVING.max_upload_mb * MB), content_types=IMAGE_TYPES),
+    BATCH_ROUTE: BATCH_FORM,
     "/score": Route("json", int(SERVING.max_score_mb * MB), content_types=("application/json",)),
 })

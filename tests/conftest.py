@@ -199,7 +199,8 @@ def serving_params(tracked_run) -> dict:
     raw = tracked_run["params"].model_dump(mode="json")
     raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
     raw["promotion"].update(floors={}, min_improvement=0.0)
-    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.1, device="cpu", header_timeout_s=3, body_timeout_s=3)
+    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.1, max_batch_mb=0.5, device="cpu", header_timeout_s=3,
+                          body_timeout_s=3)
     return raw
 
 

@@ -10,6 +10,7 @@ from dfdetect import checkpoint
 from dfdetect.data import load_split
 from dfdetect.export import FakeProbability, OnnxModel, export
 from dfdetect.preprocessing import normalize
+from dfdetect.artifact import TrainedModel
 from dfdetect.registry import LoadedModel
 from dfdetect.serving import ServedModel
 from dfdetect.train import train
@@ -47,14 +48,14 @@ def test_export_writes_fp32_and_int8_models_close_to_eager(trained):
 @pytest.mark.parametrize("runtime_name, tolerance", [("torch", 0.02), ("onnx", 1e-4), ("onnx-int8", 0.05)])
 def test_serving_runtimes_agree_with_eager_pytorch(trained, runtime_name, tolerance):
     model, pre, images, _ = trained
-    served = ServedModel(LoadedModel(model, pre, {"real": 0, "fake": 1}, 0.5, "m", "1", None, "r"), "cpu", runtime_name)
+    served = ServedModel(LoadedModel(TrainedModel(model, pre, 0.5, {"real": 0, "fake": 1}), "m", "1", None, "r"), "cpu", runtime_name)
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < tolerance
     assert served.predict(images[:1]).shape == (1,)  # any batch size
 
 
 def test_auto_runtime_serves_with_onnx_runtime_on_the_cpu(trained):
     model, pre, images, _ = trained
-    served = ServedModel(LoadedModel(model, pre, {"real": 0, "fake": 1}, 0.5, "m", "1", None, "r"), "cpu", "auto")
+    served = ServedModel(LoadedModel(TrainedModel(model, pre, 0.5, {"real": 0, "fake": 1}), "m", "1", None, "r"), "cpu", "auto")
     assert served.runtime_name == "onnx"
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < 1e-4
 

@@ -60,6 +60,56 @@ def test_raw_body_endpoint_answers_as_the_multipart_one(service, sample_root):
     assert too_big.status_code == 413
 
 
+def post_frames(url: str, images: list[bytes], **form) -> requests.Response:
+    files = [("images", (f"f{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    return requests.post(f"{url}/inference/analyze-frames", files=files, data=form, timeout=60)
+
+
+def test_batch_endpoint_answers_each_image_as_the_single_one(service, sample_root):
+    paths = [p for label in ("fake", "real") for p in sorted((sample_root / "test" / label).iterdir())[:3]]
+    r = post_frames(service["url"], [jpeg(p) for p in paths], frameNumber="10")
+    assert r.status_code == 200, r.text
+    answers = r.json()
+    assert [a["index"] for a in answers] == list(range(len(paths)))
+    for i, (path, body) in enumerate(zip(paths, answers)):
+        single = post_frame(service["url"], jpeg(path), frameNumber=str(10 + i)).json()
+        assert set(body) == set(single) | {"index"} and body["frameNumber"] == 10 + i
+        assert body["is_fake"] == single["is_fake"] and body["modelVersion"] == single["modelVersion"]
+        assert body["distribution"]["fake"] == pytest.approx(single["distribution"]["fake"], abs=1e-6)
+    assert [a["frameNumber"] for a in post_frames(service["url"], [jpeg(paths[0])] * 2).json()] == [0, 1]
+
+
+def test_batch_endpoint_refuses_a_bad_image_by_index_and_bounds_the_whole_request(service, sample_root):
+    url, serving = service["url"], service["params"].serving
+    good = jpeg(next((sample_root / "test" / "fake").iterdir()))
+    bad = post_frames(url, [good, good[:300], good])  # a truncated second image
+    assert bad.status_code == 400 and bad.json()["index"] == 1, bad.text
+    assert bad.json()["error"].startswith("images[1]: not a readable image")
+    too_many = post_frames(url, [good] * (serving.max_batch_images + 1))
+    assert too_many.status_code == 400 and f"more than {serving.max_batch_images} files" in too_many.json()["error"]
+    one_too_large = post_frames(url, [good, b"\xff" * (int(serving.max_upload_mb * 2**20) + 1)])
+    assert one_too_large.status_code == 413 and one_too_large.json()["index"] == 1, one_too_large.text
+    # each image under max_upload_mb, together over max_batch_mb: refused before any is decoded
+    under_each = int(serving.max_upload_mb * 2**20) - 1024
+    count = int(serving.max_batch_mb * 2**20 / under_each) + 2
+    assert count <= serving.max_batch_images
+    too_much = post_frames(url, [good + b"\0" * (under_each - len(good))] * count)
+    assert too_much.status_code == 413 and "over the limit" in too_much.json()["error"]
+    # small files that would decode to more than max_batch_megapixels together (6 megapixels each)
+    flat = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(flat, "PNG")
+    n = int(serving.max_batch_megapixels / 6) + 1
+    started = time.monotonic()
+    pixels = post_frames(url, [flat.getvalue()] * n)
+    assert pixels.status_code == 400 and "serving.max_batch_megapixels" in pixels.json()["error"], pixels.text
+    assert time.monotonic() - started < 5
+    explain = post_frames(url, [good], explain="true")  # Grad-CAM is one image at a time: the single endpoint
+    assert explain.status_code == 400 and "unexpected field 'explain'" in explain.json()["error"]
+    wrong_frame = post_frames(url, [good], frameNumber="-1")
+    assert wrong_frame.status_code == 400 and "frameNumber" in wrong_frame.json()["error"]
+    assert post_frames(url, [good]).status_code == 200  # and it still serves
+
+
 def test_explain_returns_a_grad_cam_overlay(service, sample_root):
     import base64
 
@@ -81,7 +131,7 @@ def test_same_verdict_as_the_library(service, sample_root):
     from dfdetect.preprocessing import decode_image
 
     loaded = registry.load("champion", params=service["params"])
-    predictor = Predictor(loaded.model, loaded.preprocess, loaded.threshold, "registry")
+    predictor = Predictor.from_trained(loaded.trained, "registry")
     for path in sorted((sample_root / "test" / "real").iterdir())[:3]:
         expected = float(predictor.score([decode_image(path.read_bytes())])[0])
         served = post_frame(service["url"], jpeg(path)).json()["distribution"]["fake"]

@@ -366,12 +366,16 @@ def test_fuzz_image_video_and_multipart_bodies(service, sample_root, ieee_floats
                                 st.binary(max_size=200), st.booleans()), max_size=6)
 
     @settings(max_examples=120, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(endpoint=st.sampled_from(["frame", "video"]), data=st.data())
+    @given(endpoint=st.sampled_from(["frame", "video", "frames"]), data=st.data())
     def call(endpoint, data):
         if endpoint == "frame":
             files = {"image": (data.draw(names), data.draw(image_bytes), "image/png")}
             extra = {"frameNumber": data.draw(st.text(max_size=20)), "explain": data.draw(st.sampled_from(["", "true", "x"]))}
             r = requests.post(f"{service['url']}{FRAME}", files=files, data=extra, timeout=60)
+        elif endpoint == "frames":  # the batch endpoint: several of the same image bodies
+            files = [("images", (data.draw(names), data.draw(image_bytes), "image/png")) for _ in range(data.draw(st.integers(1, 4)))]
+            extra = {"frameNumber": data.draw(st.text(max_size=20))}
+            r = requests.post(f"{service['url']}/inference/analyze-frames", files=files, data=extra, timeout=60)
         else:
             parts = [(name, (("f.bin" if is_file else None), value)) for name, value, is_file in data.draw(fields)]
             parts.append(("video", (data.draw(names) or "v", data.draw(video_bytes))))

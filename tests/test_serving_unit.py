@@ -9,6 +9,7 @@ from torch import nn
 
 from dfdetect.config import parse_params
 from dfdetect.preprocessing import PreprocessConfig
+from dfdetect.artifact import TrainedModel
 from dfdetect.registry import LoadedModel
 from dfdetect.serving import ModelSet, Scored, frame_response
 
@@ -36,7 +37,7 @@ class FakeRegistry:
     def __call__(self, ref):
         version = self.resolve(ref)
         self.loads += 1
-        return LoadedModel(Constant(self.logits[version]), PreprocessConfig(16), {"real": 0, "fake": 1}, 0.5,
+        return LoadedModel(TrainedModel(Constant(self.logits[version]), PreprocessConfig(16), 0.5, {"real": 0, "fake": 1}),
                            "det", version, ref, "run")
 
 
@@ -142,7 +143,7 @@ def test_an_explanation_never_moves_or_changes_the_module_that_scores():
 
     torch.manual_seed(0)
     net = create_model(ModelParams(name="custom_cnn", pretrained=False))
-    loaded = LoadedModel(net, PreprocessConfig(32), {"real": 0, "fake": 1}, 0.5, "det", "1", "champion", "run")
+    loaded = LoadedModel(TrainedModel(net, PreprocessConfig(32), 0.5, {"real": 0, "fake": 1}), "det", "1", "champion", "run")
     params = parse_params({"serving": {"runtime": "torch", "device": "cpu"}})
 
     class One:

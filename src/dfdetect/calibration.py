@@ -4,12 +4,9 @@ recomputed on the calibrated scores."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
-
-from . import checkpoint, runtime
+from . import runtime
+from .artifact import TrainedModel
 from .data import PreparedSplit, batch_loader
 from .inference import predict_logits
 from .metrics import eer_and_threshold, expected_calibration_error
@@ -32,20 +29,18 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
-def calibrate_checkpoint(path: str | Path, val: PreparedSplit, device: str = "auto") -> dict:
-    """Fit T on `val` for the checkpoint at `path` and store it in the weights, with the new threshold."""
-    state = checkpoint.load(path)
-    model, pre = checkpoint.model_from_state(state)
+def calibrate(trained: TrainedModel, val: PreparedSplit, device: str = "auto") -> TrainedModel:
+    """Fit T on `val` for `trained`, in memory: a copy with T in its module, the threshold recomputed on the
+    calibrated scores and the calibration summary (temperature, validation ECE before and after)."""
     rt = runtime.resolve(device, "fp32", False)
-    current = float(model.temperature)
-    logits, labels, _ = predict_logits(model.to(rt.device), batch_loader(val, 128, shuffle=False), pre, rt)
+    current = float(trained.module.temperature)
+    logits, labels, _ = predict_logits(trained.module.to(rt.device), batch_loader(val, 128, shuffle=False),
+                                       trained.preprocess, rt)
+    trained.module.cpu()
     raw = logits.astype(np.float64) * current  # undo a temperature fitted before: refitting starts from scratch
     t = fit_temperature(raw, labels)
     before, after = sigmoid(raw), sigmoid(raw / t)
-    state["state_dict"] = {**state["state_dict"], "temperature": torch.tensor(t, dtype=torch.float32)}
-    state["threshold"] = eer_and_threshold(labels, after)[1]
+    threshold = eer_and_threshold(labels, after)[1]
     summary = {"temperature": round(t, 6), "val_ece_before": round(expected_calibration_error(labels, before), 6),
-               "val_ece_after": round(expected_calibration_error(labels, after), 6), "threshold": state["threshold"]}
-    state["calibration"] = summary
-    checkpoint.save(path, state)
-    return summary
+               "val_ece_after": round(expected_calibration_error(labels, after), 6), "threshold": threshold}
+    return trained.with_calibration(t, threshold, summary)

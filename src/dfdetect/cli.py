@@ -225,32 +225,32 @@ def explain(
     import numpy as np
     from PIL import Image
 
-    from . import checkpoint as ckpt
+    from .artifact import TrainedModel
+    from .checkpoint import CheckpointError
     from .explain import explain_image
     from .io_utils import atomic_write_bytes
     from .preprocessing import ImageError, decode_image
 
     try:
-        state = ckpt.load(checkpoint)
+        trained = TrainedModel.load(checkpoint)
         img = decode_image(image.read_bytes(), str(image))
-    except (OSError, ImageError, ckpt.CheckpointError) as exc:
+    except (OSError, ImageError, CheckpointError) as exc:
         _fail(str(exc))
     if face_crop:
         from .serving import FaceCropper
 
-        margin = ckpt.model_from_state(state)[1].face_margin
+        margin = trained.preprocess.face_margin
         found = FaceCropper(_params(params_path).prepare.faces, lambda: margin)(np.asarray(img))
         if found is None:
             _fail(f"{image}: no face found (--face-crop)")
         img = Image.fromarray(found[0])
-    model, pre = ckpt.model_from_state(state)
-    result = explain_image(model, pre, img)
+    result = explain_image(trained.module, trained.preprocess, img)
     out = out or image.with_name(image.name + ".gradcam.png")
     buf = __import__("io").BytesIO()
     Image.fromarray(result["overlay"]).save(buf, format="PNG")
     atomic_write_bytes(out, buf.getvalue())
     p = result["fake_probability"]
-    threshold = float(state.get("threshold", 0.5))
+    threshold = trained.threshold
     typer.echo(json.dumps({"image": str(image), "out": str(out), "fake_probability": round(p, 6),
                            "verdict": "fake" if p >= threshold else "real", "threshold": threshold}))
 
@@ -273,10 +273,10 @@ def export_cmd(
             loaded = load(model_ref, params=_params(params_path))
             model, pre, threshold, source = loaded.model, loaded.preprocess, loaded.threshold, f"{loaded.name}/{loaded.version}"
         else:
-            from .checkpoint import load as load_checkpoint, model_from_state
+            from .artifact import TrainedModel
 
-            state = load_checkpoint(checkpoint)
-            (model, pre), threshold, source = model_from_state(state), float(state.get("threshold", 0.5)), str(checkpoint)
+            trained = TrainedModel.load(checkpoint)
+            model, pre, threshold, source = trained.module, trained.preprocess, trained.threshold, str(checkpoint)
     except _registry_errors() as exc:
         _fail(str(exc))
     typer.echo(json.dumps(export(model, pre, threshold, out, int8, source), indent=2))

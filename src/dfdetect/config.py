@@ -351,6 +351,13 @@ class ServingParams(Section):
     max_video_mb: float = Field(200.0, gt=0, le=10_240, description="largest video upload")
     video_frames: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from a video")
     max_score_mb: float = Field(16.0, gt=0, le=1024, description="largest POST /score JSON body")
+    # POST /inference/analyze-frames: bounds on one batch request, so that it costs no more than its images
+    # would as single requests (each image also keeps the single-image limits above and below)
+    max_batch_images: int = Field(32, ge=1, le=1024, description="most images in one analyze-frames request (400 above)")
+    max_batch_mb: float = Field(16.0, gt=0, le=1024, description="largest analyze-frames body, all its images together (413 above)")
+    max_batch_megapixels: float = Field(
+        100.0, gt=0, le=10_000, description="most pixels (width x height summed over its images) one analyze-frames "
+                                            "request may decode; 400 above, decided from the headers before decoding")
     max_image_megapixels: float = Field(40.0, gt=0, le=64, description="largest decoded image (width x height)")
     max_image_side: int = Field(8192, ge=64, le=16_384, description="longest side of an image, in pixels")
     max_aspect_ratio: float = Field(10.0, ge=1, le=20, description="longest side over shortest side of an image")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from . import checkpoint, runtime, tracking
+from . import runtime, tracking
+from .artifact import TrainedModel
 from .config import EvaluateParams, Params, SuiteSet
 from .data import DatasetError, PreparedSplit, batch_loader, load_meta, load_split, original_path
 from .inference import predict_scores
@@ -20,7 +21,7 @@ from .plots import confusion_png, pr_png, reliability_png, robustness_png, roc_p
 from .robustness import robustness_table
 from .robustness import table_markdown as robustness_markdown
 from .suite import flat_metrics, score_row, score_suite, table_markdown
-from .preprocessing import PreprocessConfig, decode_image, resize_square
+from .preprocessing import PreprocessConfig, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
         return data
     log.info("model expects %dpx, cache holds %dpx: decoding %d originals", pre.image_size, data.images.shape[1],
              len(data.relpaths))
-    arrays = [resize_square(decode_image(original_path(prepared_dir, rel).read_bytes(), rel), pre.image_size)
+    arrays = [pre.square(decode_image(original_path(prepared_dir, rel).read_bytes(), rel))
               for rel in data.relpaths]
     return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos, data.datasets)
 
@@ -69,13 +70,13 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     for spec in suite_sets(params, datasets, face_crop):  # a typo fails now, before any output is replaced
         if not Path(spec.path).is_dir():
             raise DatasetError(f"{spec.path}: data set folder of the suite set '{spec.label}' not found")
-    state = checkpoint.load(model_dir / "best.pt")
-    model, pre = checkpoint.model_from_state(state)
+    trained = TrainedModel.load(model_dir / "best.pt")
+    model, pre = trained.module, trained.preprocess
     split, notes = choose_split(prepared_dir, params.evaluate.split)
     data = split_for(prepared_dir, split, pre)
     scores, labels, loss = score_model(model, pre, data, params.train.device)
 
-    threshold = float(state.get("threshold", 0.5)) if params.evaluate.threshold == "val" else float(params.evaluate.threshold)
+    threshold = trained.threshold if params.evaluate.threshold == "val" else float(params.evaluate.threshold)
     results = compute_all(labels, scores, threshold)
     results.update({"loss": loss, "threshold": threshold, "eer_threshold": eer_and_threshold(labels, scores)[1],
                     "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum())})
@@ -135,7 +136,7 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
         metrics["datasets"] = suite
         atomic_write_json(out_dir / "datasets.json", suite)
         extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", suite)
-    atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, state) + extra)
+    atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, trained) + extra)
     atomic_write_json(metrics_path, metrics)
 
     if track:
@@ -143,11 +144,11 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
     return metrics
 
 
-def report_markdown(metrics: dict, matrix: np.ndarray, state: dict) -> str:
+def report_markdown(metrics: dict, matrix: np.ndarray, trained: TrainedModel) -> str:
     lines = [f"# Evaluation on '{metrics['split']}'", ""]
     if "note" in metrics:
         lines += [f"**Note:** {metrics['note']}", ""]
-    lines += [f"Model `{state['model']['name']}` from epoch {state.get('best_epoch', '?')}; "
+    lines += [f"Model `{trained.architecture}` from epoch {trained.provenance.get('best_epoch', '?')}; "
               f"{metrics['n_real']} real and {metrics['n_fake']} fake images; decision threshold {metrics['threshold']:.4f}.",
               "", "| metric | value |", "|---|---|"]
     for key in ("roc_auc", "average_precision", "eer", "accuracy", "precision", "recall", "f1", "ece", "loss"):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .preprocessing import PreprocessConfig, resize_square, to_model_input
+from .preprocessing import PreprocessConfig, to_model_input
 
 
 def last_conv(model: nn.Module) -> nn.Module:
@@ -69,7 +69,7 @@ def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarra
 
 def explain_image(model: nn.Module, pre: PreprocessConfig, image: Image.Image, device: str = "cpu") -> dict:
     """Grad-CAM of one PIL image: the model-size input, the heatmap, the overlay and P(fake)."""
-    shown = resize_square(image, pre.image_size)  # exactly what the model sees
+    shown = pre.square(image)  # exactly what the model sees
     heat, p = grad_cam(model.to(device).float(), to_model_input([shown], pre).to(device))
     return {"heatmap": heat, "overlay": overlay(shown, heat), "fake_probability": p}
 

@@ -20,12 +20,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 log = logging.getLogger(__name__)
 
-MAX_PARTS = 8  # an endpoint takes at most a file and a few small fields
+MAX_PARTS = 8  # an endpoint takes at most a file and a few small fields (a batch: its files and fields)
 MAX_FILENAME_BYTES = 200  # BentoML keeps the client's file name in a temporary file name (NAME_MAX is 255)
 MAX_TEXT_FIELD_BYTES = 64  # frameNumber, explain
 MAX_BOUNDARY = 70  # RFC 2046
 SMALL_BODY = 64 * 1024  # any other POST (unknown routes, feedback-sized JSON)
 DRAIN_BYTES = 8 * 1024 * 1024  # how much of a refused body is read and dropped so the client gets the answer
+PARTS_KEY = "dfdetect.parts"  # the ASGI scope key under which a route with keep_parts finds the parsed form
 
 
 class Refused(Exception):
@@ -46,12 +47,29 @@ class Route:
     file_field: str | None = None
     text_fields: frozenset[str] = field(default_factory=frozenset)
     content_types: tuple[str, ...] = ()  # for json/raw: the accepted media types ("" = any)
+    max_files: int = 1  # multipart: how many times the file field may be given (a batch of images)
+    # multipart: hand the parsed parts on in scope[PARTS_KEY], so the endpoint does not parse the body again
+    keep_parts: bool = False
+
+    @property
+    def max_parts(self) -> int:
+        return max(MAX_PARTS, self.max_files + len(self.text_fields))
 
     def describe(self) -> str:
         if self.kind == "multipart":
-            fields = [f"{self.file_field} (a file)", *sorted(self.text_fields)]
+            files = "a file" if self.max_files == 1 else f"1 to {self.max_files} files, the field repeated"
+            fields = [f"{self.file_field} ({files})", *sorted(self.text_fields)]
             return "multipart/form-data with the fields " + ", ".join(fields)
         return " or ".join(self.content_types) if self.content_types else "a request body"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a checked multipart body (data only when the route keeps its parts)."""
+
+    name: str
+    filename: str | None
+    data: bytes
 
 
 async def send_json(send: Callable, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
@@ -109,9 +127,11 @@ async def read_body(receive: Callable, limit: int, timeout_s: float) -> bytes:
 class _FormChecker:
     """Walks a multipart body with python-multipart's streaming parser and checks it against a Route."""
 
-    def __init__(self, route: Route):
-        self.route = route
+    def __init__(self, route: Route, keep: bool = False):
+        self.route, self.keep = route, keep
         self.parts: list[tuple[str, str | None, int]] = []  # name, filename, size
+        self.data: list[bytes] = []  # per part, when kept
+        self._chunks: list[bytes] = []
         self._header_name, self._header_value = b"", b""
         self._headers: dict[bytes, bytes] = {}
         self._size = 0
@@ -129,9 +149,9 @@ class _FormChecker:
             self._header_name, self._header_value = b"", b""
 
         def on_part_begin():
-            if len(self.parts) >= MAX_PARTS:
-                raise Refused(400, f"more than {MAX_PARTS} multipart parts; this endpoint takes {self.route.describe()}")
-            self._headers, self._size = {}, 0
+            if len(self.parts) >= self.route.max_parts:
+                raise Refused(400, f"more than {self.route.max_parts} multipart parts; this endpoint takes {self.route.describe()}")
+            self._headers, self._size, self._chunks = {}, 0, []
 
         def on_headers_finished():
             self.parts.append(self._check_part_headers())
@@ -142,10 +162,14 @@ class _FormChecker:
             if filename is None and self._size > MAX_TEXT_FIELD_BYTES:
                 raise Refused(400, f"field {name!r}: over {MAX_TEXT_FIELD_BYTES} bytes "
                                    f"(only {self.route.file_field!r} may be large, and it must be a file)")
+            if self.keep:
+                self._chunks.append(data[start:end])
 
         def on_part_end():
             name, filename, _ = self.parts[-1]
             self.parts[-1] = (name, filename, self._size)
+            if self.keep:
+                self.data.append(b"".join(self._chunks))
 
         def on_end():
             self.ended = True
@@ -169,7 +193,12 @@ class _FormChecker:
         allowed = {self.route.file_field, *self.route.text_fields}
         if name not in allowed:
             raise Refused(400, f"unexpected field {name[:40]!r}: this endpoint takes {self.route.describe()}")
-        if any(p[0] == name for p in self.parts):
+        given = sum(p[0] == name for p in self.parts)
+        if name == self.route.file_field and self.route.max_files > 1:
+            if given >= self.route.max_files:
+                raise Refused(400, f"field {name!r}: more than {self.route.max_files} files; this endpoint takes "
+                                   f"at most {self.route.max_files} per request")
+        elif given:
             raise Refused(400, f"field {name!r} given twice")
         if name == self.route.file_field and filename is None:
             raise Refused(400, f"field {name!r} must be a file upload (e.g. curl -F {name}=@photo.jpg), not text")
@@ -178,15 +207,16 @@ class _FormChecker:
         return name, filename and filename.decode("utf-8", "replace"), 0
 
 
-def check_multipart(route: Route, content_type: str | None, body: bytes) -> None:
-    """Refuse (4xx) a body that is not a well-formed form with the route's file field."""
+def check_multipart(route: Route, content_type: str | None, body: bytes, keep: bool = False) -> list[Part]:
+    """Refuse (4xx) a body that is not a well-formed form with the route's file field; its parts, in order
+    (with their data when `keep`)."""
     media, options = parse_options_header(content_type or "")
     if media != b"multipart/form-data":
         raise Refused(415, f"expected {route.describe()}; got Content-Type {media.decode('latin-1')[:80] or 'none'!r}")
     boundary = options.get(b"boundary")
     if not boundary or len(boundary) > MAX_BOUNDARY:
         raise Refused(400, f"multipart/form-data needs a boundary of 1 to {MAX_BOUNDARY} characters")
-    checker = _FormChecker(route)
+    checker = _FormChecker(route, keep)
     try:
         parser = MultipartParser(boundary, checker.callbacks())
         parser.write(body)
@@ -200,6 +230,8 @@ def check_multipart(route: Route, content_type: str | None, body: bytes) -> None
         raise Refused(400, "malformed multipart body: no closing boundary (does it match the Content-Type header?)")
     if not any(name == route.file_field for name, _, _ in checker.parts):
         raise Refused(400, f"missing field {route.file_field!r}: this endpoint takes {route.describe()}")
+    data = checker.data if keep else [b""] * len(checker.parts)
+    return [Part(name, filename, d) for (name, filename, _), d in zip(checker.parts, data)]
 
 
 def check_content_type(route: Route, content_type: str | None) -> None:
@@ -257,7 +289,9 @@ class RequestGuard:
             check_content_type(route, content_type)
         body = await read_body(receive, limit, self.body_timeout_s)
         if route is not None and route.kind == "multipart":
-            check_multipart(route, content_type, body)
+            parts = check_multipart(route, content_type, body, keep=route.keep_parts)
+            if route.keep_parts:  # the endpoint reads the parts; the body is not held twice
+                scope[PARTS_KEY], body = parts, b""
         return _replay(body, receive)
 
 

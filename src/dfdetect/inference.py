@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import checkpoint, runtime
+from . import runtime
+from .artifact import TrainedModel
 from .labels import CLASS_NAMES, FAKE, check_label_map
 from .preprocessing import PreprocessConfig, normalize, to_model_input
 
@@ -62,10 +63,12 @@ class Predictor:
         self._outputs_probabilities = probabilities
 
     @classmethod
+    def from_trained(cls, trained: TrainedModel, source: str, device: str = "cpu") -> "Predictor":
+        return cls(trained.module, trained.preprocess, trained.threshold, source, rt=runtime.resolve(device, "fp32", False))
+
+    @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Predictor":
-        state = checkpoint.load(path)
-        model, pre = checkpoint.model_from_state(state)
-        return cls(model, pre, state.get("threshold", 0.5), str(path), rt=runtime.resolve(device, "fp32", False))
+        return cls.from_trained(TrainedModel.load(path), str(path), device)
 
     @classmethod
     def from_mlflow(cls, model_uri: str) -> "Predictor":

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from .artifact import TrainedModel
 from .config import Params
 from .export import FakeProbability
-from .labels import LABEL_MAP
 from .plots import training_curves_png
 
 
@@ -22,12 +21,11 @@ def _requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in ("torch", "torchvision", "numpy")]
 
 
-def log_model(mlflow, best_ckpt: Path, threshold: float) -> None:
+def log_model(mlflow, trained: TrainedModel) -> None:
     from mlflow.models import infer_signature
 
-    state = checkpoint.load(best_ckpt)
-    net, pre = checkpoint.model_from_state(state)
-    wrapped = FakeProbability(net).eval()
+    pre = trained.preprocess
+    wrapped = FakeProbability(trained.module).eval()
     size = pre.image_size
     # Batch 2, not 1: a batch-1 example makes torch.export pin the batch size to 1.
     example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
@@ -39,12 +37,13 @@ def log_model(mlflow, best_ckpt: Path, threshold: float) -> None:
         signature=infer_signature(example, output),
         input_example=example,
         pip_requirements=_requirements(),
-        metadata={"label_map": LABEL_MAP, "preprocess": pre.to_dict(), "threshold": threshold,
-                  "output": "probability that the image is fake (label 1)", "architecture": state["model"]["name"]},
+        metadata={"label_map": trained.label_map, "preprocess": pre.to_dict(), "threshold": trained.threshold,
+                  "output": "probability that the image is fake (label 1)", "architecture": trained.architecture},
     )
 
 
-def log_training_outputs(mlflow, params: Params, best_ckpt: Path, history_path, best: dict) -> None:
+def log_training_outputs(mlflow, params: Params, trained: TrainedModel, best_ckpt: Path, history_path, best: dict) -> None:
+    """The run's best metrics, its checkpoint file (what the registry loads), training curves and the model."""
     mlflow.log_metrics({f"best_{k}": float(v) for k, v in best.items()})
     mlflow.log_artifact(str(best_ckpt), artifact_path="checkpoint")
     if history_path:
@@ -56,4 +55,4 @@ def log_training_outputs(mlflow, params: Params, best_ckpt: Path, history_path, 
             training_curves_png(rows, png)
             mlflow.log_artifact(str(png), artifact_path="training")
     if params.mlflow.log_model:
-        log_model(mlflow, best_ckpt, best["threshold"])
+        log_model(mlflow, trained)

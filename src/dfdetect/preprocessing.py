@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
 # A decompression bomb (huge declared dimensions) is refused before decoding; so is a sliver (a 30000 x 1 PNG
 # is 172 bytes, but resizing its short side to the model's size makes a 6.7-megapixel-per-row strip).
 MAX_PIXELS = 64_000_000
@@ -32,8 +34,22 @@ class PreprocessConfig:
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    resize: str = "shorter-side bilinear antialias + center crop"
+    # How an image becomes image_size x image_size (resize_square reads these): the shorter side resized with
+    # this PIL filter (PIL's filters widen their support when shrinking, so downscaling is antialiased), then
+    # the centre cropped.
+    interpolation: str = "bilinear"
+    crop: str = "center"
     face_margin: float | None = None  # how training faces were framed (face box x margin); None: not recorded
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocess.interpolation: {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        if self.crop != "center":
+            raise ValueError(f"preprocess.crop: {self.crop!r} is not supported (only 'center')")
+
+    def square(self, img: Image.Image) -> np.ndarray:
+        """The model's input image: image_size x image_size x 3 uint8, made as training made its images."""
+        return resize_square(img, self.image_size, self.interpolation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +60,9 @@ class PreprocessConfig:
             image_size=int(d["image_size"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
-            resize=str(d.get("resize", cls.resize)),
+            # before these were fields, configs said "shorter-side bilinear antialias + center crop" in prose
+            interpolation=str(d.get("interpolation", "bilinear")),
+            crop=str(d.get("crop", "center")),
             face_margin=float(d["face_margin"]) if d.get("face_margin") is not None else None,
         )
 
@@ -83,13 +101,13 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS,
     return img.convert("RGB")
 
 
-def resize_square(img: Image.Image, size: int) -> np.ndarray:
+def resize_square(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """Resize the shorter side to `size` and center-crop: an HxWx3 uint8 array."""
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        img = img.resize((nw, nh), INTERPOLATIONS[interpolation], reducing_gap=None)
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
@@ -111,6 +129,6 @@ def normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
 
 def to_model_input(images: list[Image.Image] | list[np.ndarray], cfg: PreprocessConfig) -> torch.Tensor:
     """PIL images (or already-resized arrays) -> a normalised float batch for the model."""
-    arrays = [im if isinstance(im, np.ndarray) else resize_square(im, cfg.image_size) for im in images]
+    arrays = [im if isinstance(im, np.ndarray) else cfg.square(im) for im in images]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return normalize(batch, cfg)

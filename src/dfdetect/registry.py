@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from . import checkpoint, tracking
+from .artifact import TrainedModel
 from .config import LOWER_IS_BETTER, Params
 from .io_utils import atomic_write_json, atomic_write_text
 from .labels import LABEL_MAP
@@ -175,14 +176,29 @@ def registry_lock(client, name: str, timeout_s: float, lease_s: float):
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
-    preprocess: PreprocessConfig
-    label_map: dict
-    threshold: float
+    """A registered version: the trained artifact with its registry name, version, alias and run."""
+
+    trained: TrainedModel
     name: str
     version: str
     alias: str | None
     run_id: str
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trained.module
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.trained.preprocess
+
+    @property
+    def threshold(self) -> float:
+        return self.trained.threshold
+
+    @property
+    def label_map(self) -> dict:
+        return self.trained.label_map
 
 
 def load_version(client, name: str, ref: str) -> LoadedModel:
@@ -196,13 +212,11 @@ def load_version(client, name: str, ref: str) -> LoadedModel:
             raise RegistryError(f"version {mv.version} of '{name}' has no dfdetect checkpoint ({CHECKPOINT_ARTIFACT}) "
                                 f"with its label map and preprocessing: {type(exc).__name__}") from None
         try:
-            state = checkpoint.load(path)
+            trained = TrainedModel.load(path)
         except (checkpoint.CheckpointError, ValueError) as exc:
             raise RegistryError(f"version {mv.version} of '{name}': {exc}") from None
-    model, pre = checkpoint.model_from_state(state)
     alias = None if str(ref).isdigit() else str(ref)
-    return LoadedModel(model, pre, state["label_map"], float(state.get("threshold", 0.5)), name, str(mv.version),
-                       alias, mv.run_id)
+    return LoadedModel(trained, name, str(mv.version), alias, mv.run_id)
 
 
 def load(alias_or_version: str = CHAMPION, name: str | None = None, params: Params | None = None) -> LoadedModel:
@@ -212,6 +226,24 @@ def load(alias_or_version: str = CHAMPION, name: str | None = None, params: Para
 
 
 # --- register ---------------------------------------------------------------------------------------------
+
+def _register_version(mlflow, client, name: str, run, tags: dict):
+    """MLflow 3 registers a logged model (`models:/m-...`), not a run path: the model this run logged; with
+    `mlflow.log_model` off, the run's checkpoint folder (what `load_version` reads) as the version's source."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = run.info.run_id
+    logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                         max_results=1)
+    if logged:
+        return mlflow.register_model(f"models:/{logged[0].model_id}", name, tags=tags)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, f"runs:/{run_id}/checkpoint", run_id=run_id, tags=tags)
+
 
 def model_card(name: str, version: str, run, metrics: dict, data_report: dict | None) -> str:
     p = run.data.params
@@ -307,7 +339,7 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
                  "params_hash": run.data.tags.get("dfdetect.params_hash", tracking.params_hash(params)),
                  "label_map": json.dumps(LABEL_MAP), "checkpoint": CHECKPOINT_ARTIFACT})
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
-    mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+    mv = _register_version(mlflow, client, name, run, tags)
     card = model_card(name, str(mv.version), run, metrics, data_report)
     card_path = f"model_card/{name}-v{mv.version}.md"
     client.update_model_version(name, str(mv.version), description=card_description(card, card_path))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, distributed, runtime
+from .artifact import TrainedModel
 from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
@@ -341,14 +342,19 @@ def train(
     distributed.teardown(d)
     if not d.is_main:
         return TrainResult(None, 0, float("nan"), 0.5, state["epoch"], completed, stopped_early)
-    calibration = None
-    if completed and t.calibrate and (model_dir / "best.pt").exists():
-        from .calibration import calibrate_checkpoint
+    calibration, trained = None, None
+    if completed and (model_dir / "best.pt").exists():
+        best_state = checkpoint.load(model_dir / "best.pt")
+        trained = TrainedModel.from_state(best_state)
+        if t.calibrate:
+            from .calibration import calibrate
 
-        calibration = calibrate_checkpoint(model_dir / "best.pt", val_split, t.device)
-        state["threshold"] = calibration["threshold"]
-        log.info("calibrated: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
-                 calibration["val_ece_before"], calibration["val_ece_after"])
+            trained = calibrate(trained, val_split, t.device)
+            trained.save(model_dir / "best.pt", training_state=best_state)
+            calibration = trained.calibration
+            state["threshold"] = trained.threshold
+            log.info("calibrated: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
+                     calibration["val_ece_before"], calibration["val_ece_after"])
     result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
                          state["epoch"], completed, stopped_early)
     if history_path:
@@ -365,7 +371,7 @@ def train(
         if mlflow:
             from .model_logging import log_training_outputs
 
-            log_training_outputs(mlflow, params, model_dir / "best.pt", history_path, best)
+            log_training_outputs(mlflow, params, trained, model_dir / "best.pt", history_path, best)
     if mlflow:
         mlflow.end_run(status="FINISHED" if completed else "KILLED")
     return result
