@@ -140,6 +140,240 @@ class _NoTracking:
         pass
 
 
+class Trainer:
+    """One training run in parts a reader can hold: set-up (`__init__`), `resume`, `run_epoch`,
+    `validate_and_checkpoint` and `finish`; `train` below strings them together."""
+
+    def __init__(self, params: Params, prepared_dir: str | Path, model_dir: str | Path, track: bool = True):
+        """Devices and processes, data, model, optimizer, generators and loaders; nothing is trained yet."""
+        self.params, self.t, self.prepared_dir, self.model_dir = params, params.train, Path(prepared_dir), Path(model_dir)
+        t = self.t
+        self.d = d = distributed.setup()
+        if d.is_main:  # a kill during a checkpoint write leaves its temporary behind
+            stale = remove_stale_temporaries(self.model_dir, ("best.pt", "last.pt", "summary.json"))
+            if stale:
+                log.info("removed temporaries of an interrupted write: %s", ", ".join(p.name for p in stale))
+        device = t.device
+        if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{d.local_rank}"  # one GPU per process
+        self.rt = rt = runtime.resolve(device, t.precision, t.channels_last)
+        runtime.flush_denormals(rt.device)
+        if t.batch_size % d.world:
+            raise TrainError(f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes")
+        self.track = track and d.is_main  # one MLflow run, one set of checkpoints
+        runtime.seed_everything(params.seed)
+        self.pre = preprocess_config(prepared_dir)
+        self.train_split, self.val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+        if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
+            self.train_split = _reals_only(self.train_split)
+        self.landmarker = None
+        if t.sbi.mode != "none" and t.sbi.mask == "landmarks":  # loaded before any work: a missing model fails now
+            from .landmarks import FaceLandmarker
+
+            self.landmarker = FaceLandmarker.load()
+        self.model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
+        self.frozen = freeze_parameters(self.model, t.freeze)
+        self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
+        self.shipped = self.ema.module if self.ema else self.model  # what is validated, checkpointed as best and registered
+        self.optimizer = make_optimizer(self.model, params)
+        self.scheduler = make_scheduler(self.optimizer, params)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
+        self.shuffle_gen = torch.Generator().manual_seed(params.seed)
+        self.augment_gen = torch.Generator().manual_seed(params.seed + 1 + d.rank)
+        self.state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "stale_epochs": 0, "history": [], "run_id": None,
+                      "threshold": 0.5}
+        self.sampler = None
+        if t.source_weights:  # a mixture: each source its share of the draws, in an order fixed by the seed and epoch
+            self.sampler = MixtureSampler(self.train_split.datasets or [params.prepare.name] * len(self.train_split.labels),
+                                          t.source_weights, params.seed, d.rank, d.world)
+            log.info("mixture draws per epoch: %s", self.sampler.counts())
+        elif d.enabled:  # each process trains on its share, in an order fixed by the seed and the epoch
+            self.sampler = torch.utils.data.distributed.DistributedSampler(
+                self.train_split.labels, num_replicas=d.world, rank=d.rank, shuffle=True, seed=params.seed, drop_last=True)
+        self.train_loader = batch_loader(self.train_split, t.batch_size // d.world, shuffle=True, generator=self.shuffle_gen,
+                                         num_workers=t.num_workers, drop_last=len(self.train_split.labels) > t.batch_size,
+                                         pin_memory=rt.device.type == "cuda", sampler=self.sampler)
+        self.net = self.model
+        if d.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.val_loader = batch_loader(self.val_split, max(t.batch_size, 64), shuffle=False)
+        self.mlflow, self.sink, self.logged = None, _NoTracking(), {}
+        log.info("model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
+                 params.model.name, count_parameters(self.model), self.frozen, rt.device, rt.precision, rt.channels_last,
+                 len(self.train_split.labels), len(self.val_split.labels))
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by this recipe: weights, optimizer, schedules, RNGs and history."""
+        d, rt = self.d, self.rt
+        ckpt = checkpoint.load(path)
+        changed = _diff(ckpt["params"], _comparable(self.params))
+        if ckpt.get("world", 1) != d.world:
+            changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
+        if changed:
+            raise TrainError(f"{path}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
+        self.model.load_state_dict(ckpt["state_dict"] if ckpt.get("train_state_dict") is None else ckpt["train_state_dict"])
+        if self.ema:
+            self.ema.load_state_dict({"module": ckpt["state_dict"], "updates": ckpt["ema_updates"]})
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
+        own = ckpt["rng"]["ranks"][d.rank] if d.enabled else ckpt["rng"]
+        self.augment_gen.set_state(own["augment"])
+        torch.set_rng_state(own["torch"])
+        if rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], rt.device)
+        self.state.update({k: ckpt[k] for k in self.state})
+        log.info("resuming from %s after epoch %d", path, self.state["epoch"])
+
+    def start_tracking(self, resumed: bool) -> None:
+        """Open (or, resumed, reopen) the run's MLflow run; params and provenance tags are logged once."""
+        if not self.track:
+            return
+        params, state = self.params, self.state
+        self.mlflow = mlflow = tracking.setup_mlflow(params)
+        run = mlflow.start_run(run_id=state["run_id"]) if state["run_id"] else mlflow.start_run()
+        state["run_id"] = run.info.run_id
+        self.sink = mlflow
+        if not resumed:
+            mlflow.log_params(tracking.flat_params(params))
+            mlflow.set_tags({"dfdetect.data_version": tracking.data_version(), "dfdetect.git_commit": tracking.git_commit(),
+                             "dfdetect.params_hash": tracking.params_hash(params), "dfdetect.label_map": "real=0,fake=1",
+                             "dfdetect.device": str(self.rt.device), "dfdetect.precision": self.rt.precision,
+                             "dfdetect.training_sources": json.dumps(training_sources(self.prepared_dir))})
+        else:
+            # Killed between an epoch's metrics and its checkpoint, the run has that epoch and the resumed loop
+            # repeats it: skip what the run has; log the checkpoint's epochs the run lacks.
+            client = mlflow.MlflowClient()
+            self.logged = {k: {m.step for m in client.get_metric_history(state["run_id"], k)}
+                           for k in HISTORY_FIELDS if k != "epoch"}
+            for row in state["history"]:
+                self.log_epoch(row)
+
+    def log_epoch(self, row: dict) -> None:
+        """Each epoch's metrics exactly once in the run, also across a kill and resume."""
+        new = {k: v for k, v in row.items() if k != "epoch" and row["epoch"] not in self.logged.setdefault(k, set())}
+        if new:
+            self.sink.log_metrics(new, step=row["epoch"])
+            for k in new:
+                self.logged[k].add(row["epoch"])
+
+    def run_epoch(self, epoch: int, bar) -> dict:
+        """One pass over the training draws: self-blends, augmentation, steps, weight averaging. Returns the
+        epoch's learning rate, mean loss and accuracy, and each process's RNG states (for the checkpoint)."""
+        t, rt = self.t, self.rt
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        self.net.train()
+        task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(self.train_loader), info="")
+        loss_sum, correct, seen = 0.0, 0, 0
+        for images, y in self.train_loader:
+            if t.sbi.mode != "none":
+                images, y = sbi_batch(images, y, t.sbi.prob, self.augment_gen, self.landmarker)
+            x = training_batch(images, t.augment, self.augment_gen, self.pre, rt)
+            y = y.to(rt.device).float()
+            loss, logits = train_step(self.net, self.optimizer, self.scaler, rt, x, y)
+            if self.ema:
+                self.ema.update(self.model)
+            loss_sum += loss.item() * len(y)
+            correct += int(((logits > 0).float() == y).sum())
+            seen += len(y)
+            bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        ranks = distributed.gather(self.d, {"augment": self.augment_gen.get_state(), "torch": torch.get_rng_state()})
+        self.state["epoch"] = epoch
+        return {"lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen, "ranks": ranks, "task": task}
+
+    def _checkpoint_state(self, epoch: int, ranks: list) -> dict:
+        d, rt = self.d, self.rt
+        return {
+            "model": self.params.model.model_dump(), "state_dict": self.shipped.state_dict(), "preprocess": self.pre.to_dict(),
+            # with weight averaging, the weights being trained differ from the shipped average
+            "train_state_dict": self.model.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": {"shuffle": self.shuffle_gen.get_state(), "augment": self.augment_gen.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+                    "ranks": ranks if d.enabled else None},
+            "params": _comparable(self.params), "world": d.world, **{**self.state, "epoch": epoch},
+        }
+
+    def validate_and_checkpoint(self, epoch: int, stats: dict, started: float, bar) -> bool:
+        """Rank 0 scores validation, logs the epoch, writes best.pt on a new best and last.pt always, and
+        decides early stopping; every process returns that decision."""
+        state, t = self.state, self.t
+        if not self.d.is_main:  # rank 0 validates, decides and writes; the others follow its decision
+            return bool(distributed.broadcast(self.d, None))
+        scores, labels, val_loss = predict_scores(self.shipped, self.val_loader, self.pre, self.rt)
+        val_auc = roc_auc(labels, scores, 0.5)
+        row = {"epoch": epoch, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+               "val_loss": val_loss, "val_acc": float(((scores >= 0.5) == labels).mean()), "val_auc": val_auc,
+               "seconds": round(time.time() - started, 2)}
+        state["history"].append(row)
+        bar.update(stats["task"], info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
+        self.log_epoch(row)
+        if val_auc > state["best_val_auc"] + 1e-6:
+            state.update(best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0, threshold=eer_and_threshold(labels, scores)[1])
+            checkpoint.save(self.model_dir / "best.pt", self._checkpoint_state(epoch, stats["ranks"]))
+        else:
+            state["stale_epochs"] += 1
+        checkpoint.save(self.model_dir / "last.pt", self._checkpoint_state(epoch, stats["ranks"]))
+        stop = bool(t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience)
+        distributed.broadcast(self.d, stop)
+        if stop:
+            log.info("early stopping: val AUC has not improved for %d epochs", state["stale_epochs"])
+        return stop
+
+    def finish(self, completed: bool, stopped_early: bool, history_path, metrics_path) -> TrainResult:
+        """Calibrate the best model in memory and write it once; the history, metrics and summary files; the
+        run's model and artifacts logged once; the MLflow run closed."""
+        state, t, model_dir = self.state, self.t, self.model_dir
+        distributed.teardown(self.d)
+        if not self.d.is_main:
+            return TrainResult(None, 0, float("nan"), 0.5, state["epoch"], completed, stopped_early)
+        calibration, trained = None, None
+        if completed and (model_dir / "best.pt").exists():
+            best_state = checkpoint.load(model_dir / "best.pt")
+            trained = TrainedModel.from_state(best_state)
+            if t.calibrate:
+                from .calibration import calibrate
+
+                trained = calibrate(trained, self.val_split, t.device)
+                trained.save(model_dir / "best.pt", training_state=best_state)
+                calibration = trained.calibration
+                state["threshold"] = trained.threshold
+                log.info("calibrated: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
+                         calibration["val_ece_before"], calibration["val_ece_after"])
+        result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
+                             state["epoch"], completed, stopped_early)
+        if history_path:
+            write_history(Path(history_path), state["history"])
+        if completed:
+            best = {"best_epoch": result.best_epoch, "val_auc": result.best_val_auc, "threshold": result.threshold,
+                    "epochs_run": result.epochs_run, **({"temperature": calibration["temperature"],
+                                                        "val_ece": calibration["val_ece_after"]} if calibration else {})}
+            if metrics_path:
+                atomic_write_json(metrics_path, best)
+            atomic_write_json(model_dir / "summary.json", {
+                **asdict(result), "model": self.params.model.name,
+                "tracking_uri": tracking.redact(tracking.tracking_uri(self.params)) if self.track else None,
+                "data_version": tracking.data_version(), "params_hash": tracking.params_hash(self.params)})
+            if self.mlflow:
+                from .model_logging import log_training_outputs
+
+                log_training_outputs(self.mlflow, self.params, trained, model_dir / "best.pt", history_path, best)
+        if self.mlflow:
+            self.mlflow.end_run(status="FINISHED" if completed else "KILLED")
+        return result
+
+
+def _reals_only(split: PreparedSplit) -> PreparedSplit:
+    reals = np.flatnonzero(split.labels == 0)
+    return PreparedSplit(np.asarray(split.images[reals]), split.labels[reals], [split.relpaths[i] for i in reals],
+                         datasets=[split.datasets[i] for i in reals] if split.datasets else None)
+
+
 def train(
     params: Params,
     prepared_dir: str | Path,
@@ -151,227 +385,25 @@ def train(
     track: bool = True,
 ) -> TrainResult:
     """Train; `stop_after_epochs` ends this invocation early (a preemptible job), `resume` continues it."""
-    model_dir = Path(model_dir)
-    t = params.train
-    d = distributed.setup()
-    if d.is_main:  # a kill during a checkpoint write leaves its temporary behind
-        stale = remove_stale_temporaries(model_dir, ("best.pt", "last.pt", "summary.json"))
-        if stale:
-            log.info("removed temporaries of an interrupted write: %s", ", ".join(p.name for p in stale))
-    device = t.device
-    if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{d.local_rank}"  # one GPU per process
-    rt = runtime.resolve(device, t.precision, t.channels_last)
-    runtime.flush_denormals(rt.device)
-    if t.batch_size % d.world:
-        raise TrainError(f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes")
-    track = track and d.is_main  # one MLflow run, one set of checkpoints
-    runtime.seed_everything(params.seed)
-    pre = preprocess_config(prepared_dir)
-    train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
-        reals = np.flatnonzero(train_split.labels == 0)
-        train_split = PreparedSplit(np.asarray(train_split.images[reals]), train_split.labels[reals],
-                                    [train_split.relpaths[i] for i in reals],
-                                    datasets=[train_split.datasets[i] for i in reals] if train_split.datasets else None)
-
-    landmarker = None
-    if t.sbi.mode != "none" and t.sbi.mask == "landmarks":  # loaded before any work: a missing model fails now
-        from .landmarks import FaceLandmarker
-
-        landmarker = FaceLandmarker.load()
-    model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
-    frozen = freeze_parameters(model, t.freeze)
-    ema = WeightAverage(model, t.ema_decay) if t.ema_decay else None
-    shipped = ema.module if ema else model  # what is validated, checkpointed as best and registered
-    optimizer = make_optimizer(model, params)
-    scheduler = make_scheduler(optimizer, params)
-    scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
-    shuffle_gen = torch.Generator().manual_seed(params.seed)
-    augment_gen = torch.Generator().manual_seed(params.seed + 1 + d.rank)
-    state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "stale_epochs": 0, "history": [], "run_id": None,
-             "threshold": 0.5}
-
+    trainer = Trainer(params, prepared_dir, model_dir, track)
     if resume:
-        ckpt = checkpoint.load(resume)
-        changed = _diff(ckpt["params"], _comparable(params))
-        if ckpt.get("world", 1) != d.world:
-            changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
-        if changed:
-            raise TrainError(f"{resume}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
-        model.load_state_dict(ckpt["state_dict"] if ckpt.get("train_state_dict") is None else ckpt["train_state_dict"])
-        if ema:
-            ema.load_state_dict({"module": ckpt["state_dict"], "updates": ckpt["ema_updates"]})
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        shuffle_gen.set_state(ckpt["rng"]["shuffle"])
-        own = ckpt["rng"]["ranks"][d.rank] if d.enabled else ckpt["rng"]
-        augment_gen.set_state(own["augment"])
-        torch.set_rng_state(own["torch"])
-        if rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], rt.device)
-        state.update({k: ckpt[k] for k in state})
-        log.info("resuming from %s after epoch %d", resume, state["epoch"])
-
-    sampler = None
-    if t.source_weights:  # a mixture: each source its share of the draws, in an order fixed by the seed and epoch
-        sampler = MixtureSampler(train_split.datasets or [params.prepare.name] * len(train_split.labels),
-                                 t.source_weights, params.seed, d.rank, d.world)
-        log.info("mixture draws per epoch: %s", sampler.counts())
-    elif d.enabled:  # each process trains on its share, in an order fixed by the seed and the epoch
-        sampler = torch.utils.data.distributed.DistributedSampler(train_split.labels, num_replicas=d.world, rank=d.rank,
-                                                                  shuffle=True, seed=params.seed, drop_last=True)
-    train_loader = batch_loader(train_split, t.batch_size // d.world, shuffle=True, generator=shuffle_gen,
-                                num_workers=t.num_workers, drop_last=len(train_split.labels) > t.batch_size,
-                                pin_memory=rt.device.type == "cuda", sampler=sampler)
-    net = model
-    if d.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    val_loader = batch_loader(val_split, max(t.batch_size, 64), shuffle=False)
-    log.info("model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
-             params.model.name, count_parameters(model), frozen, rt.device, rt.precision, rt.channels_last,
-             len(train_split.labels), len(val_split.labels))
-
-    mlflow = tracking.setup_mlflow(params) if track else None
-    run = None
-    if mlflow:
-        run = mlflow.start_run(run_id=state["run_id"]) if state["run_id"] else mlflow.start_run()
-        state["run_id"] = run.info.run_id
-        if not resume:
-            mlflow.log_params(tracking.flat_params(params))
-            mlflow.set_tags({"dfdetect.data_version": tracking.data_version(), "dfdetect.git_commit": tracking.git_commit(),
-                             "dfdetect.params_hash": tracking.params_hash(params), "dfdetect.label_map": "real=0,fake=1",
-                             "dfdetect.device": str(rt.device), "dfdetect.precision": rt.precision,
-                             "dfdetect.training_sources": json.dumps(training_sources(prepared_dir))})
-    sink = mlflow or _NoTracking()
-    logged: dict[str, set[int]] = {}  # metric -> the steps the run already has
-
-    def log_epoch(row: dict) -> None:
-        """Each epoch's metrics exactly once in the run, also across a kill and resume."""
-        new = {k: v for k, v in row.items() if k != "epoch" and row["epoch"] not in logged.setdefault(k, set())}
-        if new:
-            sink.log_metrics(new, step=row["epoch"])
-            for k in new:
-                logged[k].add(row["epoch"])
-
-    if mlflow and resume:
-        # Killed between an epoch's metrics and its checkpoint, the run has that epoch and the resumed loop
-        # repeats it: skip what the run has; log the checkpoint's epochs the run lacks.
-        client = mlflow.MlflowClient()
-        logged = {k: {m.step for m in client.get_metric_history(state["run_id"], k)}
-                  for k in HISTORY_FIELDS if k != "epoch"}
-        for row in state["history"]:
-            log_epoch(row)
-
-    def ckpt_state(epoch: int, ranks: list) -> dict:
-        return {
-            "model": params.model.model_dump(), "state_dict": shipped.state_dict(), "preprocess": pre.to_dict(),
-            # with weight averaging, the weights being trained differ from the shipped average
-            "train_state_dict": model.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": {"shuffle": shuffle_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
-                    "ranks": ranks if d.enabled else None},
-            "params": _comparable(params), "world": d.world, **{**state, "epoch": epoch},
-        }
-
+        trainer.resume(resume)
+    trainer.start_tracking(resumed=bool(resume))
     stopped_early, epochs_this_run = False, 0
     try:
-        with progress(disable=not d.is_main) as bar:
-            for epoch in range(state["epoch"] + 1, t.epochs + 1):
+        with progress(disable=not trainer.d.is_main) as bar:
+            for epoch in range(trainer.state["epoch"] + 1, params.train.epochs + 1):
                 if stop_after_epochs is not None and epochs_this_run >= stop_after_epochs:
                     break
                 started = time.time()
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                net.train()
-                task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader), info="")
-                loss_sum, correct, seen = 0.0, 0, 0
-                for images, y in train_loader:
-                    if t.sbi.mode != "none":
-                        images, y = sbi_batch(images, y, t.sbi.prob, augment_gen, landmarker)
-                    x = training_batch(images, t.augment, augment_gen, pre, rt)
-                    y = y.to(rt.device).float()
-                    loss, logits = train_step(net, optimizer, scaler, rt, x, y)
-                    if ema:
-                        ema.update(model)
-                    loss_sum += loss.item() * len(y)
-                    correct += int(((logits > 0).float() == y).sum())
-                    seen += len(y)
-                    bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                ranks = distributed.gather(d, {"augment": augment_gen.get_state(), "torch": torch.get_rng_state()})
-                state["epoch"] = epoch
+                stats = trainer.run_epoch(epoch, bar)
                 epochs_this_run += 1
-                if not d.is_main:  # rank 0 validates, decides and writes; the others follow its decision
-                    if distributed.broadcast(d, None):
-                        stopped_early = True
-                        break
-                    continue
-
-                scores, labels, val_loss = predict_scores(shipped, val_loader, pre, rt)
-                val_auc = roc_auc(labels, scores, 0.5)
-                row = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                       "val_loss": val_loss, "val_acc": float(((scores >= 0.5) == labels).mean()), "val_auc": val_auc,
-                       "seconds": round(time.time() - started, 2)}
-                state["history"].append(row)
-                bar.update(task, info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
-                log_epoch(row)
-
-                if val_auc > state["best_val_auc"] + 1e-6:
-                    state.update(best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0,
-                                 threshold=eer_and_threshold(labels, scores)[1])
-                    checkpoint.save(model_dir / "best.pt", ckpt_state(epoch, ranks))
-                else:
-                    state["stale_epochs"] += 1
-                checkpoint.save(model_dir / "last.pt", ckpt_state(epoch, ranks))
-                stop = bool(t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience)
-                distributed.broadcast(d, stop)
-                if stop:
-                    log.info("early stopping: val AUC has not improved for %d epochs", state["stale_epochs"])
+                if trainer.validate_and_checkpoint(epoch, stats, started, bar):
                     stopped_early = True
                     break
     except BaseException:
-        if mlflow:
-            mlflow.end_run(status="FAILED")
+        if trainer.mlflow:
+            trainer.mlflow.end_run(status="FAILED")
         raise
-
-    completed = stopped_early or state["epoch"] >= t.epochs
-    distributed.teardown(d)
-    if not d.is_main:
-        return TrainResult(None, 0, float("nan"), 0.5, state["epoch"], completed, stopped_early)
-    calibration, trained = None, None
-    if completed and (model_dir / "best.pt").exists():
-        best_state = checkpoint.load(model_dir / "best.pt")
-        trained = TrainedModel.from_state(best_state)
-        if t.calibrate:
-            from .calibration import calibrate
-
-            trained = calibrate(trained, val_split, t.device)
-            trained.save(model_dir / "best.pt", training_state=best_state)
-            calibration = trained.calibration
-            state["threshold"] = trained.threshold
-            log.info("calibrated: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
-                     calibration["val_ece_before"], calibration["val_ece_after"])
-    result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
-                         state["epoch"], completed, stopped_early)
-    if history_path:
-        write_history(Path(history_path), state["history"])
-    if completed:
-        best = {"best_epoch": result.best_epoch, "val_auc": result.best_val_auc, "threshold": result.threshold,
-                "epochs_run": result.epochs_run, **({"temperature": calibration["temperature"],
-                                                    "val_ece": calibration["val_ece_after"]} if calibration else {})}
-        if metrics_path:
-            atomic_write_json(metrics_path, best)
-        atomic_write_json(model_dir / "summary.json", {
-            **asdict(result), "model": params.model.name, "tracking_uri": tracking.redact(tracking.tracking_uri(params)) if track else None,
-            "data_version": tracking.data_version(), "params_hash": tracking.params_hash(params)})
-        if mlflow:
-            from .model_logging import log_training_outputs
-
-            log_training_outputs(mlflow, params, trained, model_dir / "best.pt", history_path, best)
-    if mlflow:
-        mlflow.end_run(status="FINISHED" if completed else "KILLED")
-    return result
+    completed = stopped_early or trainer.state["epoch"] >= params.train.epochs
+    return trainer.finish(completed, stopped_early, history_path, metrics_path)
