@@ -8,6 +8,7 @@ the window) and errors by kind (HTTP status, timeout, connection). The servers a
 - service: `bentoml serve serving.service:Detector`, multipart to /inference/analyze-frame;
   service_raw: the same process, the image as the body of /inference/analyze-frame/raw;
   service_batch: the same process, --batch-images images per request to /inference/analyze-frames;
+  service_2_workers: another `bentoml serve` with serving.workers=2 (two worker processes, one batcher each);
 - fastapi: a plain FastAPI + uvicorn server with dfdetect's batcher (benchmarks/fastapi_server.py);
 - bentoml_batchable: BentoML's own `@bentoml.api(batchable=True)` batching (benchmarks/bentoml_batchable_service.py);
 - baseline_one_image_fp32: the original design, one image per request, eager fp32 (benchmarks/baseline_server.py).
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -49,8 +50,8 @@ from loadgen import Load, drive, form_load, raw_load
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-VARIANTS = ("service", "service_raw", "service_batch", "fastapi", "bentoml_batchable", "baseline_one_image_fp32")
-SERVICE_VARIANTS = ("service", "service_raw", "service_batch")
+VARIANTS = ("service", "service_raw", "service_batch", "service_2_workers", "fastapi", "bentoml_batchable", "baseline_one_image_fp32")
+SERVICE_VARIANTS = ("service", "service_raw", "service_batch", "service_2_workers")
 BASELINE = "baseline_one_image_fp32"  # eager fp32: not the served runtime, so no HTTP-path CPU for it
 
 
@@ -62,6 +63,7 @@ class Server:
     command: list[str]  # "{port}" is replaced
     health: str
     variants: dict[str, Load]
+    env: dict[str, str] = field(default_factory=dict)  # on top of the benchmark's environment
 
 
 def servers(tmp: Path, jpegs: list[bytes], batch_images: int) -> list[Server]:
@@ -71,6 +73,9 @@ def servers(tmp: Path, jpegs: list[bytes], batch_images: int) -> list[Server]:
         Server("service", [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host], "/health", {
             "service": form_load(frame, jpegs), "service_raw": raw_load(frame + "/raw", jpegs),
             "service_batch": form_load("/inference/analyze-frames", jpegs, "images", batch_images)}),
+        # serving.workers=2: two BentoML worker processes, one batcher each (issue 16: 1 against 2 workers)
+        Server("service_2_workers", [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host], "/health",
+               {"service_2_workers": form_load(frame, jpegs)}, {"DFDETECT_PARAMS": str(tmp / "params_2_workers.yaml")}),
         Server("fastapi", [sys.executable, str(HERE / "fastapi_server.py"), "--params", str(tmp / "params.yaml"), *host],
                "/health", {"fastapi": form_load(frame, jpegs)}),
         Server("bentoml_batchable", [str(BIN / "bentoml"), "serve", "bentoml_batchable_service:BatchableDetector",
@@ -137,7 +142,7 @@ def running(server: Server, prefix: list[str], env: dict, log: Path, stopped: di
     port = free_port()
     cmd = [*prefix, *(a.replace("{port}", str(port)) for a in server.command)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **server.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(proc, cmd, f"http://127.0.0.1:{port}{server.health}", log)
         yield f"http://127.0.0.1:{port}", proc.pid
@@ -273,7 +278,7 @@ def parse_args() -> argparse.Namespace:
 def main():
     args = parse_args()
 
-    from dfdetect import registry
+    from dfdetect import promotion, registry
     from dfdetect.config import load_params, parse_params
     from dfdetect.data import load_split
     from dfdetect.evaluate import evaluate
@@ -292,12 +297,13 @@ def main():
     raw["serving"].update(runtime=args.runtime, device="cpu")
     params = parse_params(raw)
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp / "params_2_workers.yaml").write_text(yaml.safe_dump({**raw, "serving": {**raw["serving"], "workers": 2}}))
     generate(tmp / "data", {"train": 300, "val": 100, "test": 100}, size=128, seed=42)
     prepare(tmp / "data", tmp / "prepared", params.prepare, workers=2)
     train(params, tmp / "prepared", tmp / "models", tmp / "history.csv")
     evaluate(params, tmp / "prepared", tmp / "models", tmp / "eval", tmp / "eval" / "metrics.json", tmp / "eval" / "plots")
     registry.register(params, tmp / "models", tmp / "eval" / "metrics.json", tmp / "prepared")
-    registry.promote(params, tmp / "prepared")
+    promotion.promote(params, tmp / "prepared")
     loaded = registry.load("champion", params=params)
     jpegs = [p.read_bytes() for p in sorted((tmp / "data" / "test").rglob("*.jpg"))]
 

@@ -103,7 +103,7 @@ def train_and_register(tmp: Path):
     """A small champion on generated data (the HTTP path is measured, not the model), its JPEGs and a video."""
     import av
 
-    from dfdetect import registry
+    from dfdetect import promotion, registry
     from dfdetect.config import load_params, parse_params
     from dfdetect.evaluate import evaluate
     from dfdetect.prepare import prepare
@@ -125,7 +125,7 @@ def train_and_register(tmp: Path):
     train(params, tmp / "prepared", tmp / "models", tmp / "history.csv")
     evaluate(params, tmp / "prepared", tmp / "models", tmp / "eval", tmp / "eval" / "metrics.json", tmp / "eval" / "plots")
     registry.register(params, tmp / "models", tmp / "eval" / "metrics.json", tmp / "prepared")
-    registry.promote(params, tmp / "prepared")
+    promotion.promote(params, tmp / "prepared")
     jpegs = [p.read_bytes() for p in sorted((tmp / "data" / "test").rglob("*.jpg"))]
     frames = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs[:30]]
     with av.open(str(tmp / "clip.mp4"), mode="w") as container:

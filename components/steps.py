@@ -68,7 +68,7 @@ def promote(prepared: Input[Dataset], version: str, registry: dict, promotion: d
     import tempfile
 
     from dfdetect.orchestration import params_from, use_tracking
-    from dfdetect.registry import promote as run_promote
+    from dfdetect.promotion import promote as run_promote
 
     use_tracking(tracking_uri)
     params = params_from({"registry": registry, "promotion": promotion, "mlflow": mlflow})

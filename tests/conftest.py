@@ -208,7 +208,7 @@ def serving_params(tracked_run) -> dict:
 def service(tracked_run, sample_root, tmp_path_factory):
     import requests
 
-    from dfdetect import registry
+    from dfdetect import promotion, registry
 
     root = tmp_path_factory.mktemp("serving")
     raw = serving_params(tracked_run)
@@ -223,7 +223,7 @@ def service(tracked_run, sample_root, tmp_path_factory):
         assert early.status_code == 503 and "no model loaded yet" in early.json()["error"], early.text
         assert early.headers.get("Retry-After")
         registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
-        registry.promote(params, tracked_run["prepared"])
+        promotion.promote(params, tracked_run["prepared"])
         wait_for(ready=True)  # the poll picks the champion up, no restart
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
         yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log", "raw": raw}

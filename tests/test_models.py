@@ -6,7 +6,7 @@ from torchvision import models as tvm
 
 from dfdetect.config import ModelParams
 from dfdetect.models import ModelError, available_models, count_parameters, create_model, register_model
-from dfdetect.models.registry import _MODELS
+from dfdetect.models.catalog import _MODELS
 
 
 def test_shipped_models_are_registered():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dfdetect import registry, tracking
+from dfdetect import promotion, registry, tracking
 from dfdetect.config import ParamsError, parse_params
 from dfdetect.registry import CHALLENGER, CHAMPION, RegistryError
 
@@ -52,10 +52,10 @@ def test_register_tags_the_version_and_sets_challenger(env):
 
 def test_first_promotion_is_decided_by_the_floors(env):
     _register(env)
-    rejected = registry.promote(env["make"](floors={"roc_auc": 1.01}), env["prepared"], env["tmp"])
+    rejected = promotion.promote(env["make"](floors={"roc_auc": 1.01}), env["prepared"], env["tmp"])
     assert rejected["verdict"] == "rejected" and _aliases(env) == {CHALLENGER: "1"}  # a failed gate moves nothing
     assert "FAILS" in (env["tmp"] / "promotion.md").read_text()
-    promoted = registry.promote(env["make"](floors={"roc_auc": 0.0}), env["prepared"], env["tmp"])
+    promoted = promotion.promote(env["make"](floors={"roc_auc": 0.0}), env["prepared"], env["tmp"])
     assert promoted["verdict"] == "promoted" and promoted["champion"] is None
     assert _aliases(env) == {CHALLENGER: "1", CHAMPION: "1"}
     report = json.loads((env["tmp"] / "promotion.json").read_text())
@@ -64,27 +64,27 @@ def test_first_promotion_is_decided_by_the_floors(env):
 
 def test_challenger_must_beat_the_re_evaluated_champion(env):
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     _register(env)  # version 2: the same weights, so the same score
-    needs_gain = registry.promote(env["make"](floors={}, min_improvement=0.01), env["prepared"])
+    needs_gain = promotion.promote(env["make"](floors={}, min_improvement=0.01), env["prepared"])
     assert needs_gain["verdict"] == "rejected"
     assert needs_gain["champion"]["metrics"] == needs_gain["challenger"]["metrics"]  # both scored on the same data
     assert _aliases(env)[CHAMPION] == "1"
     client = registry.client_for(env["params"])
     assert client.get_model_version(env["params"].registry.model_name, "1").tags["dfdetect.promotion.challenged_by"] == "2"
-    equal_ok = registry.promote(env["make"](floors={}, min_improvement=0.0), env["prepared"])
+    equal_ok = promotion.promote(env["make"](floors={}, min_improvement=0.0), env["prepared"])
     assert equal_ok["verdict"] == "promoted" and _aliases(env)[CHAMPION] == "2"
-    again = registry.promote(env["make"](floors={}), env["prepared"])
+    again = promotion.promote(env["make"](floors={}), env["prepared"])
     assert again["verdict"] == "already champion"
 
 
 def test_rollback_restores_the_previous_champion_and_keeps_history(env):
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     with pytest.raises(RegistryError, match="replaced no earlier champion"):
         registry.rollback(env["params"], "nothing before v1")
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     moved = registry.rollback(env["params"], "false positives on new uploads")
     assert (moved["from"], moved["version"]) == ("2", "1") and _aliases(env)[CHAMPION] == "1"
     listing = registry.list_versions(env["params"])
@@ -99,7 +99,7 @@ def test_rollback_restores_the_previous_champion_and_keeps_history(env):
 
 def test_load_gives_model_preprocessing_label_map_and_version(env):
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     loaded = registry.load(CHAMPION, params=env["params"])
     assert (loaded.version, loaded.alias, loaded.label_map) == ("1", CHAMPION, {"real": 0, "fake": 1})
     assert loaded.preprocess.image_size == 48 and 0 <= loaded.threshold <= 1
@@ -120,7 +120,7 @@ def test_promote_without_a_challenger(env):
     client = registry.client_for(env["params"])
     client.create_registered_model(env["params"].registry.model_name)
     with pytest.raises(RegistryError, match="has no 'challenger'; run `dfdetect register` first"):
-        registry.promote(env["params"], env["prepared"])
+        promotion.promote(env["params"], env["prepared"])
 
 
 def test_a_version_without_a_dfdetect_checkpoint_is_refused(env):
@@ -173,7 +173,7 @@ def test_redact_removes_user_and_password():
 
 def test_two_promotions_at_once_leave_one_consistent_state(env):
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     _register(env)
     params_file = env["tmp"] / "params.yaml"
     params_file.write_text(yaml.safe_dump(env["make"](floors={}).model_dump(mode="json")))
@@ -243,7 +243,7 @@ def test_a_tracking_uri_with_credentials_is_reachable_and_its_secret_never_print
 
 HOLDER = """
 import sys, time
-from dfdetect import registry
+from dfdetect import promotion, registry
 from dfdetect.config import ParamsError, parse_params
 params = parse_params({"mlflow": {"tracking_uri": sys.argv[1]}})
 with registry.registry_lock(registry.client_for(params), sys.argv[2], 5, 900):
@@ -310,9 +310,9 @@ def test_models_list_tells_former_champions_from_the_champion(env, tmp_path):
     from dfdetect.cli import app
 
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     _register(env)
-    registry.promote(env["make"](floors={}), env["prepared"])
+    promotion.promote(env["make"](floors={}), env["prepared"])
     status = {v["version"]: v["status"] for v in registry.list_versions(env["params"])["versions"]}
     assert status["2"] == "champion"
     assert status["1"].startswith("former champion (replaced by v2 on 20")
@@ -336,16 +336,16 @@ def test_dataset_floors_refuse_a_challenger_that_loses_on_another_set(env, sampl
                              "promotion": {**raw["promotion"], "floors": {}, "dataset_floors": floors}})
 
     with pytest.raises(RegistryError, match="'nope'"):  # refused before anything is scored or moved
-        registry.promote(with_floors({"nope": {"roc_auc": 0.5}}), env["prepared"])
-    rejected = registry.promote(with_floors({"other": {"roc_auc": 1.01, "real_fpr": 1.0}}), env["prepared"], env["tmp"])
+        promotion.promote(with_floors({"nope": {"roc_auc": 0.5}}), env["prepared"])
+    rejected = promotion.promote(with_floors({"other": {"roc_auc": 1.01, "real_fpr": 1.0}}), env["prepared"], env["tmp"])
     assert rejected["verdict"] == "rejected" and _aliases(env) == {CHALLENGER: "1"}
     assert any(c.startswith("floor other roc_auc >= 1.01") and c.endswith("FAILS") for c in rejected["checks"])
     assert any(c.startswith("floor other real_fpr <= 1.0") and c.endswith("holds") for c in rejected["checks"])
     assert "The challenger on the suite sets" in (env["tmp"] / "promotion.md").read_text()
-    promoted = registry.promote(with_floors({"other": {"roc_auc": 0.0, "real_fpr_ratio": 2.0}}), env["prepared"])
+    promoted = promotion.promote(with_floors({"other": {"roc_auc": 0.0, "real_fpr_ratio": 2.0}}), env["prepared"])
     assert promoted["verdict"] == "rejected"  # no attribute groups on this set: the ratio is not measured, so it fails
     assert any("real_fpr_ratio" in c and "not measured" in c for c in promoted["checks"])
-    promoted = registry.promote(with_floors({"other": {"roc_auc": 0.0}}), env["prepared"])
+    promoted = promotion.promote(with_floors({"other": {"roc_auc": 0.0}}), env["prepared"])
     assert promoted["verdict"] == "promoted" and _aliases(env)[CHAMPION] == "1"
     assert promoted["challenger_suite"]["other"]["n_real"] > 0
 

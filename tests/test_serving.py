@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from dfdetect import registry
+from dfdetect import promotion, registry
 from conftest import BIN, REPO, bentoml_serve, post_frame
 
 pytestmark = pytest.mark.slow
@@ -223,7 +223,7 @@ def test_a_promotion_reaches_the_running_service_without_a_failed_request(servic
         time.sleep(1.5)
         run = service["run"]
         registry.register(service["params"], run["models"], run["metrics"], run["prepared"])
-        assert registry.promote(service["params"], run["prepared"])["verdict"] == "promoted"
+        assert promotion.promote(service["params"], run["prepared"])["verdict"] == "promoted"
         name = service["params"].registry.model_name
         deadline = time.monotonic() + 30
         while not versions or versions[-1] != f"{name}/2":

@@ -353,7 +353,7 @@ def promote(
 ):
     """Re-score `champion` and `challenger` on the same data; move `champion` only if the gate in params passes."""
     params = _params(params_path)
-    from .registry import promote as run_promote
+    from .promotion import promote as run_promote
 
     try:
         report = run_promote(params, prepared, out)

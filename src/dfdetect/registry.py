@@ -22,8 +22,8 @@ from torch import nn
 
 from . import checkpoint, tracking
 from .artifact import TrainedModel
-from .config import LOWER_IS_BETTER, Params
-from .io_utils import atomic_write_json, atomic_write_text
+from .config import Params
+from .io_utils import atomic_write_json
 from .labels import LABEL_MAP
 from .preprocessing import PreprocessConfig
 from .suite import table_markdown as suite_markdown
@@ -42,7 +42,7 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked."""
 
 
-def _now() -> str:
+def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -75,7 +75,7 @@ def get_version(client, name: str, ref: str):
         raise
 
 
-def _alias_version(client, name: str, alias: str):
+def alias_version(client, name: str, alias: str):
     try:
         return get_version(client, name, alias)
     except RegistryError:
@@ -92,7 +92,7 @@ def alias_history(client, name: str) -> list[dict]:
         return []
 
 
-def _record(client, name: str, entry: dict) -> None:
+def record_alias(client, name: str, entry: dict) -> None:
     history = alias_history(client, name) + [entry]
     while len(json.dumps(history)) > TAG_VALUE_LIMIT and len(history) > 1:
         history.pop(0)  # the oldest moves drop out of the tag; version tags and reports keep them
@@ -344,10 +344,10 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
     card_path = f"model_card/{name}-v{mv.version}.md"
     client.update_model_version(name, str(mv.version), description=card_description(card, card_path))
     client.log_text(run_id, card, card_path)
-    previous = _alias_version(client, name, CHALLENGER)
+    previous = alias_version(client, name, CHALLENGER)
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
-    _record(client, name, {"alias": CHALLENGER, "version": str(mv.version), "from": str(previous.version) if previous else None,
-                           "at": _now(), "by": "register", "reason": f"registered from run {run_id}"})
+    record_alias(client, name, {"alias": CHALLENGER, "version": str(mv.version), "from": str(previous.version) if previous else None,
+                           "at": now_iso(), "by": "register", "reason": f"registered from run {run_id}"})
     result = {"name": name, "version": str(mv.version), "run_id": run_id, "alias": CHALLENGER,
               "tracking_uri": tracking.redact(tracking.tracking_uri(params))}
     if out_path:
@@ -358,196 +358,22 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
 
 # --- promote ----------------------------------------------------------------------------------------------
 
-def _better(metric: str, challenger: float, champion: float, margin: float) -> bool:
-    gain = champion - challenger if metric in LOWER_IS_BETTER else challenger - champion
-    return gain >= margin - 1e-12
-
-
-def _floor_holds(metric: str, value: float, floor: float) -> bool:
-    return value <= floor if metric in LOWER_IS_BETTER else value >= floor
-
-
-def _evaluate_version(loaded: LoadedModel, prepared_dir: Path, split: str) -> dict:
-    from .evaluate import score_model, split_for
-    from .metrics import compute_all
-
-    data = split_for(prepared_dir, split, loaded.preprocess)
-    scores, labels, _ = score_model(loaded.model, loaded.preprocess, data)
-    return {k: round(v, 6) for k, v in compute_all(labels, scores, loaded.threshold).items()}
-
-
-def floor_sets(params: Params) -> list:
-    """The suite sets that promotion.dataset_floors names; refused at once when one is not in evaluate.datasets
-    or its folder is missing."""
-    from .evaluate import suite_sets
-
-    floors = params.promotion.dataset_floors
-    sets = {s.label: s for s in suite_sets(params)}
-    unknown = sorted(set(floors) - set(sets))
-    if unknown:
-        raise RegistryError(f"promotion.dataset_floors names {unknown}, which evaluate.datasets does not list "
-                            f"(it has {sorted(sets)})")
-    missing = [f"{n}: {sets[n].path}" for n in floors if not Path(sets[n].path).is_dir()]
-    if missing:
-        raise RegistryError(f"promotion.dataset_floors: data set folders not found: {missing}")
-    return [sets[n] for n in floors]
-
-
-def _suite_rows(loaded: LoadedModel, params: Params, sets: list) -> dict[str, dict]:
-    """The version scored on the suite sets of the floors (at its own threshold)."""
-    from .evaluate import score_model
-    from .suite import score_suite
-
-    return score_suite(sets, lambda data: score_model(loaded.model, loaded.preprocess, data)[0],
-                       loaded.preprocess.image_size, params.prepare.faces.with_margin(loaded.preprocess.face_margin),
-                       loaded.threshold)
-
-
-def _suite_value(row: dict, metric: str) -> float | None:
-    if metric == "real_fpr_ratio":  # the worst attribute's spread between groups
-        ratios = [g["real_fpr_ratio"] for g in row.get("groups", {}).values() if "real_fpr_ratio" in g]
-        return max(ratios) if ratios else None
-    return row.get(metric)
-
-
-def decide(params: Params, challenger: dict, champion: dict | None,
-           challenger_suite: dict[str, dict] | None = None) -> tuple[str, list[str]]:
-    """The gate: 'promoted' or 'rejected', with one line per check."""
-    rule = params.promotion
-    checks, ok = [], True
-    for set_name, floors in rule.dataset_floors.items():
-        row = (challenger_suite or {}).get(set_name, {})
-        for metric, floor in floors.items():
-            value = _suite_value(row, metric)
-            holds = value is not None and _floor_holds(metric, value, floor)
-            ok &= holds
-            shown = "not measured" if value is None else f"{value:.4f}"
-            checks.append(f"floor {set_name} {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
-                          f"{shown} {'holds' if holds else 'FAILS'}")
-    for metric, floor in rule.floors.items():
-        holds = _floor_holds(metric, challenger[metric], floor)
-        ok &= holds
-        checks.append(f"floor {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
-                      f"{challenger[metric]:.4f} {'holds' if holds else 'FAILS'}")
-    if champion is not None:
-        beats = _better(rule.metric, challenger[rule.metric], champion[rule.metric], rule.min_improvement)
-        ok &= beats
-        checks.append(f"{rule.metric}: challenger {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f}, "
-                      f"needs an improvement of at least {rule.min_improvement}: {'yes' if beats else 'NO'}")
-    else:
-        checks.append("no champion yet: the floors alone decide")
-    return ("promoted" if ok else "rejected"), checks
-
-
-def report_markdown(report: dict) -> str:
-    lines = [f"# Promotion of {report['name']} version {report['challenger']['version']}: **{report['verdict']}**", "",
-             f"At {report['at']}, on the '{report['split']}' split of {report['prepared_dir']}.", "",
-             f"Rule: beat the champion on `{report['rule']['metric']}` by at least {report['rule']['min_improvement']}, "
-             f"and hold every floor {report['rule']['floors']}.", "", "| metric | challenger | champion |", "|---|---|---|"]
-    champ = report["champion"]["metrics"] if report["champion"] else {}
-    for k, v in report["challenger"]["metrics"].items():
-        lines.append(f"| {k} | {v:.4f} | {champ[k]:.4f} |" if k in champ else f"| {k} | {v:.4f} | - |")
-    if report.get("challenger_suite"):
-        lines += ["", suite_markdown("The challenger on the suite sets of promotion.dataset_floors",
-                                     report["challenger_suite"])]
-    lines += ["", "## Checks"] + [f"- {c}" for c in report["checks"]]
-    return "\n".join(lines) + "\n"
-
-
-def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None = None,
-            expected_challenger: str | None = None) -> dict:
-    """Move `champion` to the `challenger` if it wins on the same data and holds every floor.
-
-    `expected_challenger` (a pipeline's own registration) refuses to promote a challenger registered since.
-    """
-    from .evaluate import choose_split
-
-    prepared_dir = Path(prepared_dir)
-    client = client_for(params)
-    name = params.registry.model_name
-    split, notes = choose_split(prepared_dir, "test")
-    gate_sets = floor_sets(params)
-    suite, suite_version = None, None
-    if gate_sets:  # scored before the lock (face crops of whole sets take minutes); checked under it below
-        pending = _alias_version(client, name, CHALLENGER)
-        if pending is not None:
-            suite_version = str(pending.version)
-            suite = _suite_rows(load_version(client, name, suite_version), params, gate_sets)
-    with registry_lock(client, name, params.promotion.lock_timeout_s, params.promotion.lock_lease_s):
-        challenger_mv = _alias_version(client, name, CHALLENGER)
-        if challenger_mv is None:
-            raise RegistryError(f"registered model '{name}' has no '{CHALLENGER}'; run `dfdetect register` first")
-        if expected_challenger is not None and str(challenger_mv.version) != str(expected_challenger):
-            raise RegistryError(f"'{CHALLENGER}' of '{name}' is version {challenger_mv.version}, not {expected_challenger}: "
-                                "another registration came in between; promote it deliberately")
-        if gate_sets and suite_version != str(challenger_mv.version):
-            raise RegistryError(f"'{CHALLENGER}' of '{name}' moved to version {challenger_mv.version} while version "
-                                f"{suite_version} was scored on the suite; promote again")
-        champion_mv = _alias_version(client, name, CHAMPION)
-        report = {"name": name, "at": _now(), "split": split, "notes": notes, "prepared_dir": str(prepared_dir),
-                  "rule": params.promotion.model_dump(exclude={"lock_timeout_s", "lock_lease_s"})}
-        if champion_mv is not None and str(champion_mv.version) == str(challenger_mv.version):
-            report.update(verdict="already champion", checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
-                          challenger={"version": str(challenger_mv.version), "metrics": {}}, champion=None)
-            return _write_report(report, out_dir)
-        challenger = _evaluate_version(load_version(client, name, str(challenger_mv.version)), prepared_dir, split)
-        champion = (_evaluate_version(load_version(client, name, str(champion_mv.version)), prepared_dir, split)
-                    if champion_mv is not None else None)
-        verdict, checks = decide(params, challenger, champion, suite)
-        if suite:
-            report["challenger_suite"] = suite
-        report.update(verdict=verdict, checks=checks,
-                      challenger={"version": str(challenger_mv.version), "metrics": challenger},
-                      champion={"version": str(champion_mv.version), "metrics": champion} if champion_mv else None)
-
-        prefix = "dfdetect.promotion."
-        common = {prefix + "at": report["at"], prefix + "verdict": verdict,
-                  prefix + "rule": json.dumps(report["rule"], sort_keys=True)}
-        for key, value in {**common, prefix + "compared_with": str(champion_mv.version) if champion_mv else "none",
-                           prefix + params.promotion.metric: str(challenger[params.promotion.metric])}.items():
-            client.set_model_version_tag(name, str(challenger_mv.version), key, value)
-        if champion_mv is not None:
-            for key, value in {**common, prefix + "challenged_by": str(challenger_mv.version),
-                               prefix + params.promotion.metric: str(champion[params.promotion.metric])}.items():
-                client.set_model_version_tag(name, str(champion_mv.version), key, value)
-        if verdict == "promoted":
-            client.set_model_version_tag(name, str(challenger_mv.version), PREVIOUS_TAG,
-                                         str(champion_mv.version) if champion_mv else "")
-            client.set_registered_model_alias(name, CHAMPION, str(challenger_mv.version))
-            _record(client, name, {"alias": CHAMPION, "version": str(challenger_mv.version),
-                                   "from": str(champion_mv.version) if champion_mv else None, "at": report["at"],
-                                   "by": "promote", "reason": "; ".join(checks)})
-        client.log_text(challenger_mv.run_id, json.dumps(report, indent=2), f"promotion/report-{report['at']}.json")
-        client.log_text(challenger_mv.run_id, report_markdown(report), f"promotion/report-{report['at']}.md")
-    log.info("promotion of %s v%s: %s", name, challenger_mv.version, verdict)
-    return _write_report(report, out_dir)
-
-
-def _write_report(report: dict, out_dir) -> dict:
-    if out_dir:
-        atomic_write_json(Path(out_dir) / "promotion.json", report)
-        atomic_write_text(Path(out_dir) / "promotion.md", report_markdown(report))
-    return report
-
-
-# --- rollback and listing ---------------------------------------------------------------------------------
-
 def rollback(params: Params, reason: str) -> dict:
     """Move `champion` back to the version it replaced."""
     client = client_for(params)
     name = params.registry.model_name
     with registry_lock(client, name, params.promotion.lock_timeout_s, params.promotion.lock_lease_s):
-        current = _alias_version(client, name, CHAMPION)
+        current = alias_version(client, name, CHAMPION)
         if current is None:
             raise RegistryError(f"registered model '{name}' has no '{CHAMPION}' to roll back")
         previous = current.tags.get(PREVIOUS_TAG)
         if not previous:
             raise RegistryError(f"version {current.version} of '{name}' replaced no earlier champion; nothing to roll back to")
         get_version(client, name, previous)  # still there?
-        at = _now()
+        at = now_iso()
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_model_version_tag(name, str(current.version), "dfdetect.rolled_back", f"{at}: {reason}")
-        _record(client, name, {"alias": CHAMPION, "version": previous, "from": str(current.version), "at": at,
+        record_alias(client, name, {"alias": CHAMPION, "version": previous, "from": str(current.version), "at": at,
                                "by": "rollback", "reason": reason})
     log.info("rolled %s '%s' back from v%s to v%s", name, CHAMPION, current.version, previous)
     return {"name": name, "alias": CHAMPION, "version": previous, "from": str(current.version), "at": at, "reason": reason}

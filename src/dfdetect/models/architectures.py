@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
-from .registry import register_model
+from .catalog import register_model
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
