@@ -23,6 +23,7 @@ run: install  ## pull the versioned sample data and run prepare -> train -> eval
 
 test: install  ## lint, then the whole test suite (what .ci/run calls)
 	ruff check .
+	ruff format --check .
 	python -m pytest -q -ra
 
 test-fast: install  ## everything but the end-to-end tests that train

@@ -1,6 +1,6 @@
 """The original design, for comparison only: one image per request, no batching, eager fp32 PyTorch.
 
-    python benchmarks/baseline_server.py --checkpoint models/best.pt --port 8000
+python benchmarks/baseline_server.py --checkpoint models/best.pt --port 8000
 """
 
 import argparse
@@ -27,8 +27,11 @@ def build(checkpoint: str) -> FastAPI:
     def analyze_frame(image: UploadFile = File(...), frameNumber: int = Form(0)):
         started = time.perf_counter()
         p = float(predictor.score([decode_image(image.file.read())])[0])
-        return {"frameNumber": frameNumber, "distribution": {"real": 1 - p, "fake": p},
-                "processingTime": (time.perf_counter() - started) * 1000}
+        return {
+            "frameNumber": frameNumber,
+            "distribution": {"real": 1 - p, "fake": p},
+            "processingTime": (time.perf_counter() - started) * 1000,
+        }
 
     return app
 

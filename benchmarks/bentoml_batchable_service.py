@@ -36,8 +36,13 @@ class BatchableDetector:
         self.models.refresh()  # the model must be registered already: this peer does not wait for one
         self.size = self.models.primary.preprocess.image_size
 
-    @bentoml.api(route="/inference/analyze-frame", batchable=True, batch_dim=0,
-                 max_batch_size=SERVING.max_batch_size, max_latency_ms=SERVING.max_latency_ms)
+    @bentoml.api(
+        route="/inference/analyze-frame",
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SERVING.max_batch_size,
+        max_latency_ms=SERVING.max_latency_ms,
+    )
     def analyze_frame(self, image: list[Path]) -> list[dict]:
         """The files of every request in this batch -> one verdict each, in the same order."""
         started = time.perf_counter()

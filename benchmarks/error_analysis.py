@@ -26,8 +26,12 @@ def analyse(predictions: pd.DataFrame, worst: int = 5) -> dict:
         raise ValueError(f"predictions need the columns {list(REQUIRED)}; missing {missing}")
     if predictions["label"].nunique() != 2:
         raise ValueError("predictions need both real (0) and fake (1) frames")
-    videos = predictions.groupby("video").agg(label=("label", "first"), mean=("fake_probability", "mean"),
-                                              std=("fake_probability", "std"), frames=("label", "size"))
+    videos = predictions.groupby("video").agg(
+        label=("label", "first"),
+        mean=("fake_probability", "mean"),
+        std=("fake_probability", "std"),
+        frames=("label", "size"),
+    )
     if (predictions.groupby("video")["label"].nunique() > 1).any():
         raise ValueError("a video has frames of both labels: its frames were grouped wrongly")
     as_video_mean = predictions["video"].map(videos["mean"])
@@ -37,7 +41,8 @@ def analyse(predictions: pd.DataFrame, worst: int = 5) -> dict:
         return [{"video": v, "mean": round(r["mean"], 4), "frames": int(r["frames"])} for v, r in rows.iterrows()]
 
     return {
-        "frames": len(predictions), "videos": len(videos),
+        "frames": len(predictions),
+        "videos": len(videos),
         "frame_roc_auc": round(roc_auc_score(predictions["label"], predictions["fake_probability"]), 6),
         "video_roc_auc": round(roc_auc_score(videos["label"], videos["mean"]), 6),
         "frame_roc_auc_with_video_means": round(roc_auc_score(predictions["label"], as_video_mean), 6),

@@ -63,8 +63,11 @@ def build(params_file: str) -> FastAPI:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=os.environ.get("DFDETECT_PARAMS", "params.yaml"),
-                    help="params.yaml (serving.* and registry.*; default: $DFDETECT_PARAMS or params.yaml)")
+    ap.add_argument(
+        "--params",
+        default=os.environ.get("DFDETECT_PARAMS", "params.yaml"),
+        help="params.yaml (serving.* and registry.*; default: $DFDETECT_PARAMS or params.yaml)",
+    )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=8001, help="port to listen on")
     args = ap.parse_args()

@@ -35,8 +35,10 @@ from dfdetect.train import train
 
 VIDEO_FRAMES = r"^(?P<video>[a-z]+_\d+)_\d+$"  # faceswap128: <label>_<video>_<frame>
 UTK = r"^\d+_(?P<gender>\d)_(?P<race>\d)_"  # age_gender_race_date.jpg: the issue asks per gender and ethnicity
-UTK_NAMES = {"gender": {"0": "male", "1": "female"},
-             "race": {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}}
+UTK_NAMES = {
+    "gender": {"0": "male", "1": "female"},
+    "race": {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"},
+}
 # name -> how its files are framed and named (SuiteSet / SourceParams fields)
 SETS = {
     "faceswap128": {"group_pattern": VIDEO_FRAMES},  # tight face crops already: never re-cropped
@@ -47,8 +49,12 @@ SETS = {
 }
 SOURCE_FIELDS = {"face_crop", "group_pattern"}
 TARGETS = {  # issue 15, for the default recipe within 30 minutes of CPU training
-    "cross": {"lfw_faceswap": ("roc_auc", ">=", 0.85), "ffpp_c23_videos": ("video_roc_auc", ">=", 0.85),
-              "faceswap128 (in-dataset test)": ("roc_auc", ">=", 0.97), "utkface_real": ("real_fpr", "<=", 0.10)},
+    "cross": {
+        "lfw_faceswap": ("roc_auc", ">=", 0.85),
+        "ffpp_c23_videos": ("video_roc_auc", ">=", 0.85),
+        "faceswap128 (in-dataset test)": ("roc_auc", ">=", 0.97),
+        "utkface_real": ("real_fpr", "<=", 0.10),
+    },
     "loso": {"*": ("roc_auc", ">=", 0.90), "utkface_real": ("real_fpr", "<=", 0.10)},
 }
 
@@ -67,8 +73,12 @@ def protocol_params(base: Params, args, training: list[str], scored: list[str]) 
     and the scored sets as the suite."""
     raw = base.model_dump(mode="json")
     first, rest = training[0], training[1:]
-    raw["prepare"].update(name=first, group_pattern=SETS[first].get("group_pattern"), max_per_class=args.cap,
-                          sources=[source_entry(args.datasets, n, args.cap) for n in rest])
+    raw["prepare"].update(
+        name=first,
+        group_pattern=SETS[first].get("group_pattern"),
+        max_per_class=args.cap,
+        sources=[source_entry(args.datasets, n, args.cap) for n in rest],
+    )
     raw["prepare"]["faces"]["crop_images"] = SETS[first].get("face_crop", False)
     raw["evaluate"].update(datasets=[suite_entry(args.datasets, n) for n in scored], robustness=False)
     return parse_params(raw, "benchmark params")
@@ -112,29 +122,48 @@ def run(args) -> dict:
     started = time.perf_counter()
     result = None if reuse else train(params, work / "prepared", work / "models", work / "history.csv", track=False)
     train_s = time.perf_counter() - started
-    metrics = evaluate(params, work / "prepared", work / "models", work / "eval", work / "eval" / "metrics.json",
-                       work / "plots", track=False, workers=args.workers)
+    metrics = evaluate(
+        params,
+        work / "prepared",
+        work / "models",
+        work / "eval",
+        work / "eval" / "metrics.json",
+        work / "plots",
+        track=False,
+        workers=args.workers,
+    )
     summary = json.loads((work / "models" / "summary.json").read_text())
     data_report = json.loads((work / "prepared" / "report.json").read_text())
-    in_dataset = {k: metrics[k] for k in ("roc_auc", "average_precision", "eer", "accuracy", "threshold",
-                                          "n_real", "n_fake") if k in metrics}
+    in_dataset = {
+        k: metrics[k]
+        for k in ("roc_auc", "average_precision", "eer", "accuracy", "threshold", "n_real", "n_fake")
+        if k in metrics
+    }
     in_dataset.update({k: v for k, v in metrics.items() if k.startswith("video_") or k == "n_videos"})
     report = {
-        "protocol": args.protocol, "left_out": args.leave_out, "trained_on": training,
+        "protocol": args.protocol,
+        "left_out": args.leave_out,
+        "trained_on": training,
         "command": f"python benchmarks/generalisation.py {args.protocol}"
-                   + (f" --leave-out {args.leave_out}" if args.leave_out else "")
-                   + f" --datasets {args.datasets}" + (f" --cap {args.cap}" if args.cap else "")
-                   + "".join(f" --set {s}" for s in args.set),
+        + (f" --leave-out {args.leave_out}" if args.leave_out else "")
+        + f" --datasets {args.datasets}"
+        + (f" --cap {args.cap}" if args.cap else "")
+        + "".join(f" --set {s}" for s in args.set),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "recipe": {"model": params.model.model_dump(), "train": params.train.model_dump(mode="json"),
-                   "prepare": params.prepare.model_dump(mode="json", exclude={"sources"})},
+        "recipe": {
+            "model": params.model.model_dump(),
+            "train": params.train.model_dump(mode="json"),
+            "prepare": params.prepare.model_dump(mode="json", exclude={"sources"}),
+        },
         "face_margin": params.prepare.faces.with_margin(preprocess_config(work / "prepared").face_margin).margin,
         "prepare_minutes": round(prepare_s / 60, 2) if not reuse else "reused",
         "train_minutes": round(train_s / 60, 2) if result else "reused",
-        "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"],
         "val_roc_auc": round(summary["best_val_auc"], 6),
         "data": data_report.get("sources") or {training[0]: data_report["splits"]},
-        "in_dataset_test": in_dataset, "in_dataset_by_source": metrics.get("sources"),
+        "in_dataset_test": in_dataset,
+        "in_dataset_by_source": metrics.get("sources"),
         "suite": metrics["datasets"],
         "targets": check_targets(args.protocol, in_dataset, metrics["datasets"]),
     }
@@ -146,24 +175,45 @@ def run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("protocol", choices=["cross", "loso"], help="cross: train on faceswap128, score the others; "
-                        "loso: train on all but --leave-out, score it")
-    parser.add_argument("--leave-out", default=None, help=f"loso: the set scored and not trained on ({', '.join(SETS)})")
+    parser.add_argument(
+        "protocol",
+        choices=["cross", "loso"],
+        help="cross: train on faceswap128, score the others; loso: train on all but --leave-out, score it",
+    )
+    parser.add_argument(
+        "--leave-out", default=None, help=f"loso: the set scored and not trained on ({', '.join(SETS)})"
+    )
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"), help="folder holding the sets")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the recipe (default: the project's)")
     parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. train.epochs=4 (repeatable)")
-    parser.add_argument("--cap", type=int, default=None, help="at most this many files per class and split of each "
-                        "training set (faceswap128 has 9,000 a class; a cap keeps a fold within the budget)")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one, removed)")
+    parser.add_argument(
+        "--cap",
+        type=int,
+        default=None,
+        help="at most this many files per class and split of each "
+        "training set (faceswap128 has 9,000 a class; a cap keeps a fold within the budget)",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one, removed)"
+    )
     parser.add_argument("--reuse", action="store_true", help="with --work: score its trained model again, no training")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for decoding and face crops")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes for decoding and face crops"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args()
     if args.protocol == "loso" and not args.leave_out:
         parser.error("loso needs --leave-out")
     report = run(args)
-    print(json.dumps({k: report[k] for k in ("protocol", "left_out", "train_minutes", "val_roc_auc", "in_dataset_test",
-                                             "targets")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("protocol", "left_out", "train_minutes", "val_roc_auc", "in_dataset_test", "targets")
+            },
+            indent=2,
+        )
+    )
     for name, row in report["suite"].items():
         print(name, {k: v for k, v in row.items() if not isinstance(v, dict)})
 

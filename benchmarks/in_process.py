@@ -26,7 +26,7 @@ def limit(predict, image_size: int, jpegs: list[bytes], seconds: float) -> dict:
 
     done, began, cpu0 = 0, time.perf_counter(), time.process_time()
     while done == 0 or time.perf_counter() - began < seconds:
-        batch = np.stack([resize_square(decode_image(b), image_size) for b in jpegs[done % len(jpegs):][:BATCH]])
+        batch = np.stack([resize_square(decode_image(b), image_size) for b in jpegs[done % len(jpegs) :][:BATCH]])
         predict(batch)
         done += len(batch)
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
@@ -37,8 +37,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, required=True, help="folder of JPEGs to score (searched recursively)")
     ap.add_argument("--seconds", type=float, default=10, help="how long to measure, after one warm-up batch")
-    ap.add_argument("--params", type=Path, default=Path(os.environ.get("DFDETECT_PARAMS", "params.yaml")),
-                    help="params.yaml whose serving.alias, serving.runtime and registry are used (default: $DFDETECT_PARAMS)")
+    ap.add_argument(
+        "--params",
+        type=Path,
+        default=Path(os.environ.get("DFDETECT_PARAMS", "params.yaml")),
+        help="params.yaml whose serving.alias, serving.runtime and registry are used (default: $DFDETECT_PARAMS)",
+    )
     args = ap.parse_args()
 
     from dfdetect.config import load_params
@@ -51,8 +55,15 @@ def main() -> None:
     model = ServedModel(RegistryLoader(params)(params.serving.alias), "cpu", params.serving.runtime)
     size = model.preprocess.image_size
     limit(model.predict, size, jpegs, 0)  # one warm-up batch: the first call pays for allocations
-    print(json.dumps({**limit(model.predict, size, jpegs, args.seconds), "runtime": model.runtime_name,
-                      "cores": sorted(os.sched_getaffinity(0))}))
+    print(
+        json.dumps(
+            {
+                **limit(model.predict, size, jpegs, args.seconds),
+                "runtime": model.runtime_name,
+                "cores": sorted(os.sched_getaffinity(0)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

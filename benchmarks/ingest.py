@@ -44,7 +44,7 @@ def positives(face_files: list[Path], rng) -> list[tuple[np.ndarray, tuple]]:
         face = np.asarray(Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC))
         frame = background(rng)
         y, x = int(rng.integers(0, FRAME[0] - side)), int(rng.integers(0, FRAME[1] - side))
-        frame[y:y + side, x:x + side] = face
+        frame[y : y + side, x : x + side] = face
         out.append((frame, (x, y, side, side)))
     return out
 
@@ -72,9 +72,12 @@ def score_detector(detector, pos, neg) -> dict:
         ious.append(overlap)
     false_positives = sum(detector.largest(frame) is not None for frame in neg)
     seconds = time.perf_counter() - started
-    return {"recall": round(hits / len(pos), 4), "mean_iou": round(float(np.mean(ious)), 4),
-            "false_positive_frames": round(false_positives / len(neg), 4),
-            "ms_per_frame": round(1000 * seconds / (len(pos) + len(neg)), 2)}
+    return {
+        "recall": round(hits / len(pos), 4),
+        "mean_iou": round(float(np.mean(ious)), 4),
+        "false_positive_frames": round(false_positives / len(neg), 4),
+        "ms_per_frame": round(1000 * seconds / (len(pos) + len(neg)), 2),
+    }
 
 
 def write_videos(folder: Path, pos, n_videos: int, frames: int) -> list[ImageFile]:
@@ -105,20 +108,29 @@ def time_ingestion(files: list[ImageFile], out: Path, params: FacesParams, worke
         started = time.perf_counter()
         results = extract_faces(files, out / f"workers{n}", params, n)
         seconds = time.perf_counter() - started
-        timings[f"workers_{n}"] = {"frames_per_s": round(sampled / seconds, 2), "seconds": round(seconds, 2),
-                                   "frames": sampled, "crops": sum(len(r.crops) for r in results)}
+        timings[f"workers_{n}"] = {
+            "frames_per_s": round(sampled / seconds, 2),
+            "seconds": round(seconds, 2),
+            "frames": sampled,
+            "crops": sum(len(r.crops) for r in results),
+        }
     return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--faces", type=Path, required=True, help="folder of tight face crops (jpg/png), searched recursively")
+    parser.add_argument(
+        "--faces", type=Path, required=True, help="folder of tight face crops (jpg/png), searched recursively"
+    )
     parser.add_argument("--n", type=int, default=300, help="face frames and as many face-free frames to score")
     parser.add_argument("--videos", type=int, default=8, help="videos to ingest for the frames-per-second figure")
     parser.add_argument("--frames", type=int, default=100, help="frames per video (16 are sampled from each)")
     parser.add_argument("--workers", type=int, default=2, help="ingestion processes")
-    parser.add_argument("--ingest-detectors", default=",".join(available_detectors()),
-                        help="comma-separated detectors to time ingestion with (default: every registered one)")
+    parser.add_argument(
+        "--ingest-detectors",
+        default=",".join(available_detectors()),
+        help="comma-separated detectors to time ingestion with (default: every registered one)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest.json"))
     args = parser.parse_args()
 
@@ -143,17 +155,29 @@ def main() -> None:
         decode_s = time.perf_counter() - started
         ingest = {}
         for name in args.ingest_detectors.split(","):
-            timings = time_ingestion(files, Path(tmp) / name, params.model_copy(update={"detector": name}),
-                                     sorted({1, args.workers}), sampled)
+            timings = time_ingestion(
+                files,
+                Path(tmp) / name,
+                params.model_copy(update={"detector": name}),
+                sorted({1, args.workers}),
+                sampled,
+            )
             if name == FacesParams().detector:
                 ingest.update(timings)  # the default detector's figures stay where they always were
             ingest[name] = timings
     result = {
         "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
-        "faces": str(args.faces), "n_face_frames": len(pos), "n_face_free_frames": len(neg), "frame": list(FRAME),
+        "faces": str(args.faces),
+        "n_face_frames": len(pos),
+        "n_face_free_frames": len(neg),
+        "frame": list(FRAME),
         "accuracy": accuracy,
-        "ingest": {"videos": len(files), "frames_per_video_sampled": params.frames_per_video,
-                   "decode_only_frames_per_s": round(sampled / decode_s, 2), **ingest},
+        "ingest": {
+            "videos": len(files),
+            "frames_per_video_sampled": params.frames_per_video,
+            "decode_only_frames_per_s": round(sampled / decode_s, 2),
+            **ingest,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -31,16 +31,27 @@ class Load:
 
 def multipart(files: list[bytes], field_name: str = "image") -> bytes:
     """A multipart/form-data body with `field_name` given once per file (one image, or a batch)."""
-    parts = [(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field_name}\"; filename=\"f{i}.jpg\"\r\n"
-              f"Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n" for i, data in enumerate(files)]
+    parts = [
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field_name}"; filename="f{i}.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+        for i, data in enumerate(files)
+    ]
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
 def form_load(path: str, jpegs: list[bytes], field_name: str = "image", per_request: int = 1) -> Load:
     """Multipart requests of `per_request` images each (the same images in the same order for every server)."""
     groups = [[jpegs[(i + k) % len(jpegs)] for k in range(per_request)] for i in range(0, len(jpegs), per_request)]
-    return Load(path, [multipart(g, field_name) for g in groups],
-                {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}, per_request)
+    return Load(
+        path,
+        [multipart(g, field_name) for g in groups],
+        {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        per_request,
+    )
 
 
 def raw_load(path: str, jpegs: list[bytes]) -> Load:
@@ -79,8 +90,9 @@ def percentile(ms: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(ms, q)), 1) if len(ms) else None
 
 
-def drive(base_url: str, load: Load, clients: int, seconds: float, server_pid: int | None = None,
-          timeout_s: float = 30.0) -> dict:
+def drive(
+    base_url: str, load: Load, clients: int, seconds: float, server_pid: int | None = None, timeout_s: float = 30.0
+) -> dict:
     """`clients` connections posting back to back for `seconds`; throughput, latency of the 200s, errors by
     kind (HTTP status, timeout, connection), and the server's CPU milliseconds per answered request."""
     import aiohttp
@@ -112,7 +124,9 @@ def drive(base_url: str, load: Load, clients: int, seconds: float, server_pid: i
 
     async def run():
         connector = aiohttp.TCPConnector(limit=clients)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as session:
             cpu["start"] = tree_cpu_s(server_pid) if server_pid else 0.0
             deadline = time.perf_counter() + seconds
             await asyncio.gather(sample_cpu_at(deadline), *(client(session, k, deadline) for k in range(clients)))
@@ -121,12 +135,20 @@ def drive(base_url: str, load: Load, clients: int, seconds: float, server_pid: i
     ms = np.array(latencies) * 1000
     answered = len(latencies) + sum(n for kind, n in errors.items() if kind.startswith("HTTP"))
     cpu_ms = (cpu["end"] - cpu["start"]) * 1000 if server_pid else None
-    return {"clients": clients, "requests": len(latencies), "errors": sum(errors.values()),
-            "error_kinds": sorted(errors), "errors_by_kind": dict(sorted(errors.items())),
-            "images_per_request": load.images_per_request,
-            "requests_per_s": round(len(latencies) / seconds, 1),
-            "images_per_s": round(len(latencies) * load.images_per_request / seconds, 1),
-            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99),
-            "server_cpu_ms_per_request": round(cpu_ms / answered, 3) if cpu_ms is not None and answered else None,
-            "server_cpu_ms_per_image": (round(cpu_ms / (len(latencies) * load.images_per_request), 3)
-                                        if cpu_ms is not None and latencies else None)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": sorted(errors),
+        "errors_by_kind": dict(sorted(errors.items())),
+        "images_per_request": load.images_per_request,
+        "requests_per_s": round(len(latencies) / seconds, 1),
+        "images_per_s": round(len(latencies) * load.images_per_request / seconds, 1),
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "server_cpu_ms_per_request": round(cpu_ms / answered, 3) if cpu_ms is not None and answered else None,
+        "server_cpu_ms_per_image": (
+            round(cpu_ms / (len(latencies) * load.images_per_request), 3) if cpu_ms is not None and latencies else None
+        ),
+    }

@@ -17,20 +17,22 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from error_analysis import analyse  # beside this script
 
 from dfdetect.config import load_params
 from dfdetect.evaluate import evaluate
 from dfdetect.orchestration import apply_overrides
 from dfdetect.prepare import prepare
 from dfdetect.train import train
-from error_analysis import analyse  # beside this script
 
 TARGET_AUC, BUDGET_MINUTES = 0.97, 30.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="data set in the seed layout {train,val,test}/{real,fake}")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="data set in the seed layout {train,val,test}/{real,fake}"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the recipe (default: the project's)")
     parser.add_argument("--set", action="append", default=[], help="override, e.g. train.epochs=6 (repeatable)")
     parser.add_argument("--dataset", action="append", default=[], help="another data set to score (repeatable)")
@@ -47,26 +49,50 @@ def main() -> None:
     started = time.perf_counter()
     result = train(params, work / "prepared", work / "models", work / "history.csv", track=False)
     train_s = time.perf_counter() - started
-    metrics = evaluate(params, work / "prepared", work / "models", work / "eval", work / "eval" / "metrics.json",
-                       work / "plots", track=False, datasets=args.dataset)
+    metrics = evaluate(
+        params,
+        work / "prepared",
+        work / "models",
+        work / "eval",
+        work / "eval" / "metrics.json",
+        work / "plots",
+        track=False,
+        datasets=args.dataset,
+    )
     report = {
         "command": "python benchmarks/quality.py --data " + str(args.data) + "".join(f" --set {s}" for s in args.set),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "recipe": {"model": params.model.model_dump(), "image_size": params.prepare.image_size,
-                   "train": params.train.model_dump(mode="json")},
-        "prepare_minutes": round(prepare_s / 60, 2), "train_minutes": round(train_s / 60, 2),
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "val_roc_auc": round(result.best_val_auc, 6),
-        "test": {k: metrics[k] for k in ("roc_auc", "average_precision", "eer", "accuracy", "ece", "threshold", "n_real", "n_fake")},
+        "recipe": {
+            "model": params.model.model_dump(),
+            "image_size": params.prepare.image_size,
+            "train": params.train.model_dump(mode="json"),
+        },
+        "prepare_minutes": round(prepare_s / 60, 2),
+        "train_minutes": round(train_s / 60, 2),
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "val_roc_auc": round(result.best_val_auc, 6),
+        "test": {
+            k: metrics[k]
+            for k in ("roc_auc", "average_precision", "eer", "accuracy", "ece", "threshold", "n_real", "n_fake")
+        },
         "test_video": {k: v for k, v in metrics.items() if k.startswith("video_") or k == "n_videos"},
         "errors": analyse(pd.read_csv(work / "eval" / "predictions.csv")),
-        "robustness": json.loads((work / "eval" / "robustness.json").read_text()) if params.evaluate.robustness else None,
+        "robustness": json.loads((work / "eval" / "robustness.json").read_text())
+        if params.evaluate.robustness
+        else None,
         "datasets": metrics.get("datasets"),
-        "target": {"roc_auc": TARGET_AUC, "train_minutes": BUDGET_MINUTES,
-                   "met": metrics["roc_auc"] >= TARGET_AUC and train_s / 60 <= BUDGET_MINUTES},
+        "target": {
+            "roc_auc": TARGET_AUC,
+            "train_minutes": BUDGET_MINUTES,
+            "met": metrics["roc_auc"] >= TARGET_AUC and train_s / 60 <= BUDGET_MINUTES,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("train_minutes", "epochs_run", "val_roc_auc", "test", "target")}, indent=2))
+    print(
+        json.dumps({k: report[k] for k in ("train_minutes", "epochs_run", "val_roc_auc", "test", "target")}, indent=2)
+    )
 
 
 if __name__ == "__main__":

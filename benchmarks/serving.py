@@ -42,15 +42,23 @@ from pathlib import Path
 
 import requests
 import yaml
-
-from dfdetect.servers import free_port
 from in_process import limit
 from loadgen import Load, drive, form_load, raw_load
+
+from dfdetect.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-VARIANTS = ("service", "service_raw", "service_batch", "service_2_workers", "fastapi", "bentoml_batchable", "baseline_one_image_fp32")
+VARIANTS = (
+    "service",
+    "service_raw",
+    "service_batch",
+    "service_2_workers",
+    "fastapi",
+    "bentoml_batchable",
+    "baseline_one_image_fp32",
+)
 SERVICE_VARIANTS = ("service", "service_raw", "service_batch", "service_2_workers")
 BASELINE = "baseline_one_image_fp32"  # eager fp32: not the served runtime, so no HTTP-path CPU for it
 
@@ -70,19 +78,56 @@ def servers(tmp: Path, jpegs: list[bytes], batch_images: int) -> list[Server]:
     frame = "/inference/analyze-frame"
     host = ["--host", "127.0.0.1", "--port", "{port}"]
     return [
-        Server("service", [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host], "/health", {
-            "service": form_load(frame, jpegs), "service_raw": raw_load(frame + "/raw", jpegs),
-            "service_batch": form_load("/inference/analyze-frames", jpegs, "images", batch_images)}),
+        Server(
+            "service",
+            [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host],
+            "/health",
+            {
+                "service": form_load(frame, jpegs),
+                "service_raw": raw_load(frame + "/raw", jpegs),
+                "service_batch": form_load("/inference/analyze-frames", jpegs, "images", batch_images),
+            },
+        ),
         # serving.workers=2: two BentoML worker processes, one batcher each (issue 16: 1 against 2 workers)
-        Server("service_2_workers", [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host], "/health",
-               {"service_2_workers": form_load(frame, jpegs)}, {"DFDETECT_PARAMS": str(tmp / "params_2_workers.yaml")}),
-        Server("fastapi", [sys.executable, str(HERE / "fastapi_server.py"), "--params", str(tmp / "params.yaml"), *host],
-               "/health", {"fastapi": form_load(frame, jpegs)}),
-        Server("bentoml_batchable", [str(BIN / "bentoml"), "serve", "bentoml_batchable_service:BatchableDetector",
-                                     "--working-dir", str(HERE), *host], "/readyz",
-               {"bentoml_batchable": form_load(frame, jpegs)}),
-        Server("baseline", [sys.executable, str(HERE / "baseline_server.py"), "--checkpoint", str(tmp / "models" / "best.pt"),
-                            "--port", "{port}"], "/health", {BASELINE: form_load(frame, jpegs)}),
+        Server(
+            "service_2_workers",
+            [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host],
+            "/health",
+            {"service_2_workers": form_load(frame, jpegs)},
+            {"DFDETECT_PARAMS": str(tmp / "params_2_workers.yaml")},
+        ),
+        Server(
+            "fastapi",
+            [sys.executable, str(HERE / "fastapi_server.py"), "--params", str(tmp / "params.yaml"), *host],
+            "/health",
+            {"fastapi": form_load(frame, jpegs)},
+        ),
+        Server(
+            "bentoml_batchable",
+            [
+                str(BIN / "bentoml"),
+                "serve",
+                "bentoml_batchable_service:BatchableDetector",
+                "--working-dir",
+                str(HERE),
+                *host,
+            ],
+            "/readyz",
+            {"bentoml_batchable": form_load(frame, jpegs)},
+        ),
+        Server(
+            "baseline",
+            [
+                sys.executable,
+                str(HERE / "baseline_server.py"),
+                "--checkpoint",
+                str(tmp / "models" / "best.pt"),
+                "--port",
+                "{port}",
+            ],
+            "/health",
+            {BASELINE: form_load(frame, jpegs)},
+        ),
     ]
 
 
@@ -96,7 +141,11 @@ def wait_ready(proc: subprocess.Popen, cmd: list[str], health: str, log: Path, t
             r = requests.get(health, timeout=2)
             if r.status_code == 200:
                 try:
-                    ready = r.json().get("ready", True) if r.headers.get("content-type", "").startswith("application/json") else True
+                    ready = (
+                        r.json().get("ready", True)
+                        if r.headers.get("content-type", "").startswith("application/json")
+                        else True
+                    )
                 except ValueError:
                     ready = True
                 if ready:
@@ -142,7 +191,9 @@ def running(server: Server, prefix: list[str], env: dict, log: Path, stopped: di
     port = free_port()
     cmd = [*prefix, *(a.replace("{port}", str(port)) for a in server.command)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **server.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env={**env, **server.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_ready(proc, cmd, f"http://127.0.0.1:{port}{server.health}", log)
         yield f"http://127.0.0.1:{port}", proc.pid
@@ -152,9 +203,14 @@ def running(server: Server, prefix: list[str], env: dict, log: Path, stopped: di
 
 def in_process_child(prefix: list[str], env: dict, images: Path, seconds: float) -> dict:
     """The in-process limit in a fresh process, pinned like the servers are (benchmarks/in_process.py)."""
-    done = subprocess.run([*prefix, sys.executable, str(HERE / "in_process.py"), "--images", str(images),
-                           "--seconds", str(seconds)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=seconds + 300)
+    done = subprocess.run(
+        [*prefix, sys.executable, str(HERE / "in_process.py"), "--images", str(images), "--seconds", str(seconds)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 300,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"in_process.py failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -165,9 +221,13 @@ def measure_layout(layout: str, args, tmp: Path, env: dict, jpegs: list[bytes]) 
     everything = os.sched_getaffinity(0)
     if layout == "pinned":  # this thread drives the load; threads started from now on inherit the core
         os.sched_setaffinity(0, {args.client_core})
-    out = {"client_cores": sorted(os.sched_getaffinity(0)),
-           "server_cores": [args.server_core] if layout == "pinned" else sorted(everything),
-           "servers": {}, "stopped": {}, "failures": {}}
+    out = {
+        "client_cores": sorted(os.sched_getaffinity(0)),
+        "server_cores": [args.server_core] if layout == "pinned" else sorted(everything),
+        "servers": {},
+        "stopped": {},
+        "failures": {},
+    }
     try:
         out["in_process"] = in_process_child(prefix, env, tmp / "data" / "test", args.seconds)
         model_ms = out["in_process"]["cpu_ms_per_image"]
@@ -184,7 +244,9 @@ def measure_layout(layout: str, args, tmp: Path, env: dict, jpegs: list[bytes]) 
                             cpu = level["server_cpu_ms_per_request"]
                             level["http_path_cpu_ms_per_request"] = (
                                 round(cpu - model_ms * load.images_per_request, 3)
-                                if cpu is not None and name != BASELINE else None)
+                                if cpu is not None and name != BASELINE
+                                else None
+                            )
                         out["servers"][name] = levels
                         print(json.dumps({"layout": layout, "server": name, "levels": levels}), flush=True)
             except RuntimeError as exc:  # record it and measure the other servers; main() exits non-zero
@@ -218,7 +280,8 @@ def pinned_targets(pinned: dict, max_latency_ms: int, clients: int = 32) -> dict
             "at_least_each_peer": all(level["images_per_s"] >= v for v in peers.values()),
             "http_path_cpu_ms_per_request": level["http_path_cpu_ms_per_request"],
             "http_path_at_most_1ms": (level["http_path_cpu_ms_per_request"] or 0) <= 1.0,
-            "p99_ms": level["p99_ms"], "p99_within_max_latency_ms": (level["p99_ms"] or 0) <= max_latency_ms,
+            "p99_ms": level["p99_ms"],
+            "p99_within_max_latency_ms": (level["p99_ms"] or 0) <= max_latency_ms,
             "errors_at_fewer_clients": sum(lv["errors"] for lv in levels if lv["clients"] < clients),
             "errors_other_than_503": non_503,
         }
@@ -229,7 +292,9 @@ def client_counts(text: str) -> list[int]:
     try:
         counts = [int(c) for c in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated client counts like 1,8,32,64; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated client counts like 1,8,32,64; got {text!r}"
+        ) from None
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"client counts must be at least 1; got {text!r}")
     return counts
@@ -242,34 +307,65 @@ def names(allowed: tuple[str, ...]):
         if unknown or not chosen:
             raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
         return chosen
+
     return parse
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
-                    help="serving.runtime of every server but the baseline (auto: what the service picks here)")
-    ap.add_argument("--seconds", type=float, default=15, help="measured load per server and client count, and the "
-                                                              "in-process limit's duration (default 15)")
+    ap.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "torch", "onnx", "onnx-int8"],
+        help="serving.runtime of every server but the baseline (auto: what the service picks here)",
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=15,
+        help="measured load per server and client count, and the in-process limit's duration (default 15)",
+    )
     ap.add_argument("--warmup", type=float, default=3, help="unrecorded load (4 clients) before each measured variant")
-    ap.add_argument("--clients", type=client_counts, default=[1, 8, 32, 64],
-                    help="comma-separated concurrent client counts (default 1,8,32,64)")
-    ap.add_argument("--layouts", type=names(("pinned", "unpinned")), default=["pinned", "unpinned"],
-                    help="pinned: load generator on --client-core, servers and the in-process limit on "
-                         "--server-core; unpinned: all on every core (default both)")
-    ap.add_argument("--servers", type=names(VARIANTS), default=list(VARIANTS),
-                    help="comma-separated variants to measure (default all): " + ", ".join(VARIANTS))
+    ap.add_argument(
+        "--clients",
+        type=client_counts,
+        default=[1, 8, 32, 64],
+        help="comma-separated concurrent client counts (default 1,8,32,64)",
+    )
+    ap.add_argument(
+        "--layouts",
+        type=names(("pinned", "unpinned")),
+        default=["pinned", "unpinned"],
+        help="pinned: load generator on --client-core, servers and the in-process limit on "
+        "--server-core; unpinned: all on every core (default both)",
+    )
+    ap.add_argument(
+        "--servers",
+        type=names(VARIANTS),
+        default=list(VARIANTS),
+        help="comma-separated variants to measure (default all): " + ", ".join(VARIANTS),
+    )
     ap.add_argument("--client-core", type=int, default=0, help="the core of the load generator when pinned (default 0)")
     ap.add_argument("--server-core", type=int, default=1, help="the core of each server when pinned (default 1)")
     ap.add_argument("--batch-images", type=int, default=8, help="images per request for service_batch (default 8)")
-    ap.add_argument("--timeout", type=float, default=30, help="client timeout per request in seconds (a timeout is an error)")
+    ap.add_argument(
+        "--timeout", type=float, default=30, help="client timeout per request in seconds (a timeout is an error)"
+    )
     ap.add_argument("--epochs", type=int, default=4, help="training epochs of the benchmark model (default 4)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json",
-                    help="JSON result file (default benchmarks/results/serving.json; write smoke runs elsewhere)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "serving.json",
+        help="JSON result file (default benchmarks/results/serving.json; write smoke runs elsewhere)",
+    )
     args = ap.parse_args()
     cores = os.sched_getaffinity(0)
-    if "pinned" in args.layouts and (args.client_core == args.server_core or not {args.client_core, args.server_core} <= cores):
-        ap.error(f"--client-core and --server-core must be two different cores of {sorted(cores)} for the pinned layout")
+    if "pinned" in args.layouts and (
+        args.client_core == args.server_core or not {args.client_core, args.server_core} <= cores
+    ):
+        ap.error(
+            f"--client-core and --server-core must be two different cores of {sorted(cores)} for the pinned layout"
+        )
     if not 1 <= args.batch_images:
         ap.error("--batch-images must be at least 1")
     return args
@@ -301,7 +397,9 @@ def main():
     generate(tmp / "data", {"train": 300, "val": 100, "test": 100}, size=128, seed=42)
     prepare(tmp / "data", tmp / "prepared", params.prepare, workers=2)
     train(params, tmp / "prepared", tmp / "models", tmp / "history.csv")
-    evaluate(params, tmp / "prepared", tmp / "models", tmp / "eval", tmp / "eval" / "metrics.json", tmp / "eval" / "plots")
+    evaluate(
+        params, tmp / "prepared", tmp / "models", tmp / "eval", tmp / "eval" / "metrics.json", tmp / "eval" / "plots"
+    )
     registry.register(params, tmp / "models", tmp / "eval" / "metrics.json", tmp / "prepared")
     promotion.promote(params, tmp / "prepared")
     loaded = registry.load("champion", params=params)
@@ -311,21 +409,38 @@ def main():
     test = load_split(tmp / "prepared", "test")
     served = ServedModel(copy.deepcopy(loaded), "cpu", args.runtime)  # each owns its weights and memory format
     eager = ServedModel(copy.deepcopy(loaded), "cpu", "torch", precision="fp32")
-    auc_runtime, auc_eager = roc_auc(test.labels, served.predict(test.images[:]), 0.5), roc_auc(test.labels, eager.predict(test.images[:]), 0.5)
+    auc_runtime, auc_eager = (
+        roc_auc(test.labels, served.predict(test.images[:]), 0.5),
+        roc_auc(test.labels, eager.predict(test.images[:]), 0.5),
+    )
     size = loaded.preprocess.image_size
     limit_ips = limit(served.predict, size, jpegs, args.seconds)["images_per_s"]
     eager_speed = limit(eager.predict, size, jpegs, args.seconds)["images_per_s"]
     runtime_name = served.runtime_name
     del served, eager
 
-    env = {**os.environ, "DFDETECT_PARAMS": str(tmp / "params.yaml"), "MLFLOW_TRACKING_URI": uri,
-           "BENTOML_HOME": str(tmp / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    results = {"benchmark": "serving", "runtime": runtime_name,
-               "seconds_per_level": args.seconds, "machine": f"{os.cpu_count()} CPUs",
-               "model": loaded.name + "/" + loaded.version, "command": " ".join(["python", "benchmarks/serving.py", *sys.argv[1:]]),
-               "in_process_limit_images_per_s": round(limit_ips, 1), "eager_fp32_in_process_images_per_s": round(eager_speed, 1),
-               "roc_auc_runtime": round(auc_runtime, 4), "roc_auc_eager_fp32": round(auc_eager, 4),
-               "clients": args.clients, "batch_images": args.batch_images, "layouts": {}}
+    env = {
+        **os.environ,
+        "DFDETECT_PARAMS": str(tmp / "params.yaml"),
+        "MLFLOW_TRACKING_URI": uri,
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    results = {
+        "benchmark": "serving",
+        "runtime": runtime_name,
+        "seconds_per_level": args.seconds,
+        "machine": f"{os.cpu_count()} CPUs",
+        "model": loaded.name + "/" + loaded.version,
+        "command": " ".join(["python", "benchmarks/serving.py", *sys.argv[1:]]),
+        "in_process_limit_images_per_s": round(limit_ips, 1),
+        "eager_fp32_in_process_images_per_s": round(eager_speed, 1),
+        "roc_auc_runtime": round(auc_runtime, 4),
+        "roc_auc_eager_fp32": round(auc_eager, 4),
+        "clients": args.clients,
+        "batch_images": args.batch_images,
+        "layouts": {},
+    }
     for layout in args.layouts:
         results["layouts"][layout] = measure_layout(layout, args, tmp, env, jpegs)
 
@@ -341,15 +456,20 @@ def main():
         at32 = at(results["service"], headline)["images_per_s"]
         base = results["baseline_one_image_fp32"]["images_per_s"]
         results["targets"] = {
-            "service_at_32_vs_in_process_limit": round(at32 / limit_ips, 3), "at_least_0.9": at32 >= 0.9 * limit_ips,
+            "service_at_32_vs_in_process_limit": round(at32 / limit_ips, 3),
+            "at_least_0.9": at32 >= 0.9 * limit_ips,
             "service_at_32_vs_one_image_fp32_server": round(at32 / base, 2) if base else None,
             "at_least_3x": at32 >= 3 * base,
-            "runtime_vs_eager_fp32": round(limit_ips / eager_speed, 2), "runtime_at_least_2.5x": limit_ips >= 2.5 * eager_speed,
-            "roc_auc_difference": round(abs(auc_runtime - auc_eager), 4), "roc_auc_within_0.005": abs(auc_runtime - auc_eager) <= 0.005,
+            "runtime_vs_eager_fp32": round(limit_ips / eager_speed, 2),
+            "runtime_at_least_2.5x": limit_ips >= 2.5 * eager_speed,
+            "roc_auc_difference": round(abs(auc_runtime - auc_eager), 4),
+            "roc_auc_within_0.005": abs(auc_runtime - auc_eager) <= 0.005,
             "at_clients": headline,
         }
     if "pinned" in results["layouts"]:
-        results["targets_pinned"] = pinned_targets(results["layouts"]["pinned"], params.serving.max_latency_ms, headline)
+        results["targets_pinned"] = pinned_targets(
+            results["layouts"]["pinned"], params.serving.max_latency_ms, headline
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

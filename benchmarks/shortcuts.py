@@ -35,7 +35,7 @@ def sharpness(image: Image.Image) -> float:
     resize would remove the fine detail where the classes differ)."""
     grey = np.asarray(image.convert("L"), dtype=np.float32)
     h, w = grey.shape
-    grey = grey[h // 4:h - h // 4, w // 4:w - w // 4]
+    grey = grey[h // 4 : h - h // 4, w // 4 : w - w // 4]
     lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
     return float(np.log1p(lap.var()))
 
@@ -55,8 +55,12 @@ def measure(folder: Path, n: int, rng: random.Random) -> dict:
             steps.append(jpeg_step(image))
             sharp.append(sharpness(image))
     steps = [s for s in steps if s is not None]
-    return {"files": len(files), "sharpness": sharp, "median_sharpness": round(float(np.median(sharp)), 3),
-            "mean_jpeg_step": round(float(np.mean(steps)), 2) if steps else None}
+    return {
+        "files": len(files),
+        "sharpness": sharp,
+        "median_sharpness": round(float(np.median(sharp)), 3),
+        "mean_jpeg_step": round(float(np.mean(steps)), 2) if steps else None,
+    }
 
 
 def main() -> None:
@@ -79,8 +83,15 @@ def main() -> None:
             row["auc_blurrier_means_fake"] = round(roc_auc(labels, -np.array(r["sharpness"] + f["sharpness"]), 0.5), 3)
         rows[name] = row
         print(name, json.dumps(row))
-    atomic_write_json(args.out, {"benchmark": "shortcuts", "command": "python benchmarks/shortcuts.py "
-                                 f"--datasets {args.datasets} --n {args.n} --seed {args.seed} --out {args.out}", "sets": rows})
+    atomic_write_json(
+        args.out,
+        {
+            "benchmark": "shortcuts",
+            "command": "python benchmarks/shortcuts.py "
+            f"--datasets {args.datasets} --n {args.n} --seed {args.seed} --out {args.out}",
+            "sets": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

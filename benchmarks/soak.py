@@ -77,25 +77,55 @@ def request_kinds(jpegs: list[bytes], video: bytes, size: int, max_batch: int):
         "frame": (True, lambda s, url: post_image(random.choice(jpegs))(s, url)),
         "score": (True, lambda s, url: s.post(url + "/score", json={"images": pixels}, timeout=60)),
         "explain": (True, lambda s, url: post_image(random.choice(jpegs), explain="true")(s, url)),
-        "video": (True, lambda s, url: s.post(url + "/inference/analyze-video", files={"video": ("c.mp4", video)}, timeout=60)),
+        "video": (
+            True,
+            lambda s, url: s.post(url + "/inference/analyze-video", files={"video": ("c.mp4", video)}, timeout=60),
+        ),
         "random-bytes": (False, lambda s, url: post_image(os.urandom(random.randint(1, 4096)))(s, url)),
         "truncated": (False, lambda s, url: post_image(random.choice(jpegs)[:200])(s, url)),
         "sliver": (False, post_image(png(30000, 1), "s.png")),
         "wrong-field": (False, post_image(jpegs[0], field="file")),
-        "text-field": (False, lambda s, url: s.post(url + frame, data={"image": "http://example.com/a.jpg"}, timeout=60)),
-        "urlencoded": (False, lambda s, url: s.post(url + frame, data="image=x", timeout=60,
-                                                     headers={"Content-Type": "application/x-www-form-urlencoded"})),
-        "no-boundary": (False, lambda s, url: s.post(url + frame, data=b"--x\r\n\r\n", timeout=60,
-                                                      headers={"Content-Type": "multipart/form-data"})),
+        "text-field": (
+            False,
+            lambda s, url: s.post(url + frame, data={"image": "http://example.com/a.jpg"}, timeout=60),
+        ),
+        "urlencoded": (
+            False,
+            lambda s, url: s.post(
+                url + frame, data="image=x", timeout=60, headers={"Content-Type": "application/x-www-form-urlencoded"}
+            ),
+        ),
+        "no-boundary": (
+            False,
+            lambda s, url: s.post(
+                url + frame, data=b"--x\r\n\r\n", timeout=60, headers={"Content-Type": "multipart/form-data"}
+            ),
+        ),
         "long-name": (False, post_image(jpegs[0], "n" * 300 + ".jpg")),
         "huge-frame-number": (False, post_image(jpegs[0], frameNumber="9" * 5001)),
-        "playlist": (False, lambda s, url: s.post(url + "/inference/analyze-video", files={"video": ("x.m3u8", playlist)},
-                                                  timeout=60)),
-        "score-values": (False, lambda s, url: s.post(url + "/score", json={"images": [[[[300, None, 1.5]]]]}, timeout=60)),
-        "score-oversize": (False, lambda s, url: s.post(url + "/score", data=b"[" + b"0," * 9_000_000 + b"0]", timeout=60,
-                                                        headers={"Content-Type": "application/json"})),
-        "score-too-many": (False, lambda s, url: s.post(url + "/score", timeout=60, json={
-            "images": np.zeros((max_batch + 1, 2, 2, 3), np.uint8).tolist()})),
+        "playlist": (
+            False,
+            lambda s, url: s.post(url + "/inference/analyze-video", files={"video": ("x.m3u8", playlist)}, timeout=60),
+        ),
+        "score-values": (
+            False,
+            lambda s, url: s.post(url + "/score", json={"images": [[[[300, None, 1.5]]]]}, timeout=60),
+        ),
+        "score-oversize": (
+            False,
+            lambda s, url: s.post(
+                url + "/score",
+                data=b"[" + b"0," * 9_000_000 + b"0]",
+                timeout=60,
+                headers={"Content-Type": "application/json"},
+            ),
+        ),
+        "score-too-many": (
+            False,
+            lambda s, url: s.post(
+                url + "/score", timeout=60, json={"images": np.zeros((max_batch + 1, 2, 2, 3), np.uint8).tolist()}
+            ),
+        ),
     }
 
 
@@ -123,7 +153,9 @@ def train_and_register(tmp: Path):
     generate(tmp / "data", {"train": 60, "val": 20, "test": 20}, size=96, seed=1)
     prepare(tmp / "data", tmp / "prepared", params.prepare, workers=2)
     train(params, tmp / "prepared", tmp / "models", tmp / "history.csv")
-    evaluate(params, tmp / "prepared", tmp / "models", tmp / "eval", tmp / "eval" / "metrics.json", tmp / "eval" / "plots")
+    evaluate(
+        params, tmp / "prepared", tmp / "models", tmp / "eval", tmp / "eval" / "metrics.json", tmp / "eval" / "plots"
+    )
     registry.register(params, tmp / "models", tmp / "eval" / "metrics.json", tmp / "prepared")
     promotion.promote(params, tmp / "prepared")
     jpegs = [p.read_bytes() for p in sorted((tmp / "data" / "test").rglob("*.jpg"))]
@@ -144,8 +176,12 @@ def main():
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients")
     ap.add_argument("--hostile-share", type=float, default=0.5, help="share of requests drawn from the hostile kinds")
     ap.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
-    ap.add_argument("--max-growth-mb", type=float, default=100.0,
-                    help="pass when the mean RSS of the last quarter exceeds the second quarter's by less")
+    ap.add_argument(
+        "--max-growth-mb",
+        type=float,
+        default=100.0,
+        help="pass when the mean RSS of the last quarter exceeds the second quarter's by less",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "soak.json", help="JSON result file")
     args = ap.parse_args()
 
@@ -186,7 +222,9 @@ def main():
         while not stop.wait(args.sample_every):
             memory.append((round(time.monotonic() - began, 1), round(tree_rss_mb(server.proc.pid), 1)))
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)] + [threading.Thread(target=sampler)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)] + [
+        threading.Thread(target=sampler)
+    ]
     try:
         memory.append((0.0, round(tree_rss_mb(server.proc.pid), 1)))
         for t in threads:
@@ -194,8 +232,12 @@ def main():
         deadline = began + args.seconds
         while time.monotonic() < deadline:
             time.sleep(1)
-            print(f"\r{time.monotonic() - began:6.0f}/{args.seconds:.0f} s  {sum(sum(c.values()) for c in statuses.values())} "
-                  f"requests  RSS {memory[-1][1]:.0f} MB", end="", flush=True)
+            print(
+                f"\r{time.monotonic() - began:6.0f}/{args.seconds:.0f} s  {sum(sum(c.values()) for c in statuses.values())} "
+                f"requests  RSS {memory[-1][1]:.0f} MB",
+                end="",
+                flush=True,
+            )
         print()
     finally:
         stop.set()
@@ -207,29 +249,59 @@ def main():
     by_status = Counter()
     for c in statuses.values():
         by_status.update(c)
-    bad = {s: n for s, n in by_status.items() if s in ("timeout", "connection-error") or (s.isdigit() and int(s) >= 500 and s != "503")}
+    bad = {
+        s: n
+        for s, n in by_status.items()
+        if s in ("timeout", "connection-error") or (s.isdigit() and int(s) >= 500 and s != "503")
+    }
     rss = [m for _, m in memory]
     quarter = max(1, len(rss) // 4)
-    growth = float(np.mean(rss[-quarter:]) - np.mean(rss[quarter:2 * quarter])) if len(rss) >= 4 else 0.0
+    growth = float(np.mean(rss[-quarter:]) - np.mean(rss[quarter : 2 * quarter])) if len(rss) >= 4 else 0.0
     result = {
-        "benchmark": "soak", "seconds": args.seconds, "clients": args.clients, "hostile_share": args.hostile_share,
-        "machine": f"{os.cpu_count()} CPUs", "model": f"{params.model.name} {params.prepare.image_size}px (sample data)",
-        "requests": sum(by_status.values()), "by_status": dict(sorted(by_status.items())),
+        "benchmark": "soak",
+        "seconds": args.seconds,
+        "clients": args.clients,
+        "hostile_share": args.hostile_share,
+        "machine": f"{os.cpu_count()} CPUs",
+        "model": f"{params.model.name} {params.prepare.image_size}px (sample data)",
+        "requests": sum(by_status.values()),
+        "by_status": dict(sorted(by_status.items())),
         "by_kind": {k: dict(sorted(v.items())) for k, v in sorted(statuses.items())},
-        "latency_ms": {k: {"p50": round(1000 * float(np.percentile(v, 50)), 1), "p99": round(1000 * float(np.percentile(v, 99)), 1)}
-                       for k, v in sorted(latencies.items()) if v},
-        "rss_mb": {"start": rss[0], "peak": max(rss), "end": rss[-1], "growth_last_vs_second_quarter": round(growth, 1),
-                   "samples": memory},
+        "latency_ms": {
+            k: {
+                "p50": round(1000 * float(np.percentile(v, 50)), 1),
+                "p99": round(1000 * float(np.percentile(v, 99)), 1),
+            }
+            for k, v in sorted(latencies.items())
+            if v
+        },
+        "rss_mb": {
+            "start": rss[0],
+            "peak": max(rss),
+            "end": rss[-1],
+            "growth_last_vs_second_quarter": round(growth, 1),
+            "samples": memory,
+        },
         "livez_after": alive,
-        "passed": {"no_5xx_but_overloaded": not bad, "flat_memory": growth < args.max_growth_mb, "live_after": alive == 200},
-        "command": "python benchmarks/soak.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "passed": {
+            "no_5xx_but_overloaded": not bad,
+            "flat_memory": growth < args.max_growth_mb,
+            "live_after": alive == 200,
+        },
+        "command": "python benchmarks/soak.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
     tmp_out.replace(args.out)
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_mb"} | {"rss_mb": {k: v for k, v in result["rss_mb"].items()
-                                                                                      if k != "samples"}}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if k != "rss_mb"}
+            | {"rss_mb": {k: v for k, v in result["rss_mb"].items() if k != "samples"}},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

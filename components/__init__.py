@@ -15,5 +15,6 @@ STEPS = ("fetch_data", "prepare", "train", "evaluate", "register", "promote")
 
 def make_components(image: str) -> SimpleNamespace:
     # install_kfp_package=False: the image already has kfp (and a local run has it in this interpreter).
-    return SimpleNamespace(**{name: dsl.component(getattr(steps, name), base_image=image, install_kfp_package=False)
-                              for name in STEPS})
+    return SimpleNamespace(
+        **{name: dsl.component(getattr(steps, name), base_image=image, install_kfp_package=False) for name in STEPS}
+    )

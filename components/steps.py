@@ -22,8 +22,16 @@ def prepare(data: Input[Dataset], prepare: dict, prepared: Output[Dataset], repo
     shutil.copy(f"{prepared.path}/report.md", report.path)
 
 
-def train(prepared: Input[Dataset], seed: int, model: dict, train: dict, mlflow: dict, tracking_uri: str,
-          model_dir: Output[Model], history: Output[Artifact]) -> str:
+def train(
+    prepared: Input[Dataset],
+    seed: int,
+    model: dict,
+    train: dict,
+    mlflow: dict,
+    tracking_uri: str,
+    model_dir: Output[Model],
+    history: Output[Artifact],
+) -> str:
     """`dfdetect train`; returns the MLflow run id."""
     from dfdetect.orchestration import params_from, use_tracking
     from dfdetect.train import train as run_train
@@ -31,13 +39,23 @@ def train(prepared: Input[Dataset], seed: int, model: dict, train: dict, mlflow:
     use_tracking(tracking_uri)
     params = params_from({"seed": seed, "model": model, "train": train, "mlflow": mlflow})
     result = run_train(params, prepared.path, model_dir.path, history.path)
-    model_dir.metadata.update({"run_id": result.run_id, "best_epoch": result.best_epoch, "val_auc": result.best_val_auc})
+    model_dir.metadata.update(
+        {"run_id": result.run_id, "best_epoch": result.best_epoch, "val_auc": result.best_val_auc}
+    )
     return result.run_id or ""
 
 
-def evaluate(prepared: Input[Dataset], model_dir: Input[Model], evaluate: dict, mlflow: dict, tracking_uri: str,
-             metrics: Output[Metrics], roc: Output[ClassificationMetrics], report: Output[Markdown],
-             evaluation: Output[Artifact]) -> float:
+def evaluate(
+    prepared: Input[Dataset],
+    model_dir: Input[Model],
+    evaluate: dict,
+    mlflow: dict,
+    tracking_uri: str,
+    metrics: Output[Metrics],
+    roc: Output[ClassificationMetrics],
+    report: Output[Markdown],
+    evaluation: Output[Artifact],
+) -> float:
     """`dfdetect evaluate`; returns the test ROC-AUC that gates registration."""
     from dfdetect.evaluate import evaluate as run_evaluate
     from dfdetect.orchestration import log_kfp_evaluation, params_from, use_tracking
@@ -50,8 +68,14 @@ def evaluate(prepared: Input[Dataset], model_dir: Input[Model], evaluate: dict, 
     return float(result["roc_auc"])
 
 
-def register(prepared: Input[Dataset], model_dir: Input[Model], evaluation: Input[Artifact], registry: dict,
-             mlflow: dict, tracking_uri: str) -> str:
+def register(
+    prepared: Input[Dataset],
+    model_dir: Input[Model],
+    evaluation: Input[Artifact],
+    registry: dict,
+    mlflow: dict,
+    tracking_uri: str,
+) -> str:
     """`dfdetect register`: a new model version with alias challenger; returns the version."""
     from dfdetect.orchestration import params_from, use_tracking
     from dfdetect.registry import register as run_register
@@ -61,8 +85,15 @@ def register(prepared: Input[Dataset], model_dir: Input[Model], evaluation: Inpu
     return run_register(params, model_dir.path, f"{evaluation.path}/metrics.json", prepared.path)["version"]
 
 
-def promote(prepared: Input[Dataset], version: str, registry: dict, promotion: dict, mlflow: dict,
-            tracking_uri: str, report: Output[Markdown]) -> str:
+def promote(
+    prepared: Input[Dataset],
+    version: str,
+    registry: dict,
+    promotion: dict,
+    mlflow: dict,
+    tracking_uri: str,
+    report: Output[Markdown],
+) -> str:
     """`dfdetect promote` of the version just registered; returns the verdict."""
     import shutil
     import tempfile

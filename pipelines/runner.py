@@ -55,7 +55,9 @@ def run_local(package: str | Path, args: dict, pipeline_root: str | Path) -> Pat
     try:
         with warnings.catch_warnings():
             # Locally the image is this interpreter, by design; kfp warns about custom images and ignored requests.
-            warnings.filterwarnings("ignore", message=".*(custom or non-Python base image|have no effect in the current local runner).*")
+            warnings.filterwarnings(
+                "ignore", message=".*(custom or non-Python base image|have no effect in the current local runner).*"
+            )
             pipeline(**args)
     except RuntimeError as exc:
         raise PipelineError(f"local pipeline run failed: {exc}") from None
@@ -80,15 +82,22 @@ def check_host(host: str, timeout: float = 5.0) -> None:
     raise PipelineError(f"Kubeflow Pipelines at {host} is unreachable ({problem})")
 
 
-def submit(host: str, package: str | Path, args: dict, experiment: str, run_name: str | None = None,
-           namespace: str | None = None) -> dict:
+def submit(
+    host: str,
+    package: str | Path,
+    args: dict,
+    experiment: str,
+    run_name: str | None = None,
+    namespace: str | None = None,
+) -> dict:
     import kfp
 
     check_host(host)
     client = kfp.Client(host=host, namespace=namespace)
     run_name = run_name or f"dfdetect-{datetime.now():%Y%m%d-%H%M%S}"
-    result = client.create_run_from_pipeline_package(str(package), arguments=args, run_name=run_name,
-                                                     experiment_name=experiment, namespace=namespace)
+    result = client.create_run_from_pipeline_package(
+        str(package), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace
+    )
     return {"run_id": result.run_id, "run_name": run_name, "experiment": experiment, "host": host}
 
 

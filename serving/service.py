@@ -22,10 +22,10 @@ from typing import Annotated
 import anyio
 import bentoml
 import numpy as np
-from pydantic import Field
 from fastapi import FastAPI, Query, Request
 from PIL import Image
 from prometheus_client import Counter, Histogram
+from pydantic import Field
 from starlette.responses import JSONResponse
 
 from dfdetect import allocator
@@ -34,8 +34,16 @@ from dfdetect.config import load_params
 from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, check_multipart
 from dfdetect.http_timeouts import install_header_timeout
 from dfdetect.preprocessing import ImageError, check_dimensions, decode_image, resize_square
-from dfdetect.serving import (FaceCropper, ModelSet, RegistryLoader, Scored, face_json, frame_response, pick_arm,
-                              video_response)
+from dfdetect.serving import (
+    FaceCropper,
+    ModelSet,
+    RegistryLoader,
+    Scored,
+    face_json,
+    frame_response,
+    pick_arm,
+    video_response,
+)
 from dfdetect.video import VideoError, read_frames
 
 log = logging.getLogger("dfdetect.serving")
@@ -47,17 +55,47 @@ BATCH_ROUTE = "/inference/analyze-frames"  # several images in one multipart req
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
 MAX_FRAME_NUMBER = 2**31 - 1
 _FORM_SLACK = 64 * 1024  # multipart headers and small fields around the file
-BATCH_FORM = Route("multipart", int(SERVING.max_batch_mb * MB) + _FORM_SLACK, "images", frozenset({"frameNumber"}),
-                   max_files=SERVING.max_batch_images, keep_parts=True)
-IMAGE_LIMITS = {"max_pixels": int(SERVING.max_image_megapixels * 1e6), "max_side": SERVING.max_image_side,
-                "max_aspect_ratio": SERVING.max_aspect_ratio}  # per image, on every endpoint
+BATCH_FORM = Route(
+    "multipart",
+    int(SERVING.max_batch_mb * MB) + _FORM_SLACK,
+    "images",
+    frozenset({"frameNumber"}),
+    max_files=SERVING.max_batch_images,
+    keep_parts=True,
+)
+IMAGE_LIMITS = {
+    "max_pixels": int(SERVING.max_image_megapixels * 1e6),
+    "max_side": SERVING.max_image_side,
+    "max_aspect_ratio": SERVING.max_aspect_ratio,
+}  # per image, on every endpoint
 # The batch endpoint's form in the OpenAPI schema (a plain route: FastAPI cannot see it from the signature).
-BATCH_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
-                   "maxItems": SERVING.max_batch_images},
-        "frameNumber": {"type": "integer", "minimum": 0, "maximum": MAX_FRAME_NUMBER,
-                        "description": "the first image's frame number; image i answers frameNumber + i"}}}}}}}
+BATCH_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": SERVING.max_batch_images,
+                        },
+                        "frameNumber": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": MAX_FRAME_NUMBER,
+                            "description": "the first image's frame number; image i answers frameNumber + i",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker builds its uvicorn server
 allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
 TRIM_EVERY_S = 30
@@ -78,6 +116,7 @@ class ApiError(Exception):
 
 def answers_errors(api):
     """Turn ApiError (and the batcher's overload and death) into a JSON answer with the right status."""
+
     @functools.wraps(api)
     async def wrapper(*args, **kwargs):
         try:
@@ -89,13 +128,15 @@ def answers_errors(api):
         except ApiError as exc:
             error = exc
         return JSONResponse({"error": error.message, **error.extra}, error.status, headers=error.headers)
+
     return wrapper
 
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
 PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version and label", ["version", "label"])
-BATCH_SIZE = Histogram("dfdetect_batch_size", "Images per model call (adaptive batching)",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_SIZE = Histogram(
+    "dfdetect_batch_size", "Images per model call (adaptive batching)", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
 
 health_app = FastAPI(title="dfdetect health")
 
@@ -112,13 +153,17 @@ class Detector:
         self._stop = threading.Event()
         threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
         threading.Thread(target=self._trim_memory, daemon=True, name="malloc-trim").start()
-        self.batcher = MicroBatcher(self.models.score, SERVING.max_batch_size, SERVING.max_latency_ms,
-                                    on_batch=BATCH_SIZE.observe)
+        self.batcher = MicroBatcher(
+            self.models.score, SERVING.max_batch_size, SERVING.max_latency_ms, on_batch=BATCH_SIZE.observe
+        )
         # decoding and resizing happen here, never on the event loop (Pillow releases the GIL while decoding)
         self._decoders = anyio.CapacityLimiter(SERVING.decode_threads)
         self._rng = np.random.default_rng()
-        self.faces = (FaceCropper(PARAMS.prepare.faces, lambda: self.models.info().get("face_margin"))
-                      if SERVING.face_crop else None)
+        self.faces = (
+            FaceCropper(PARAMS.prepare.faces, lambda: self.models.info().get("face_margin"))
+            if SERVING.face_crop
+            else None
+        )
 
         @health_app.get("/health")
         async def health():
@@ -130,15 +175,19 @@ class Detector:
         # and fetch the body as a URL when it looks like one).
         @health_app.post(RAW_FRAME_ROUTE, summary="One image as the request body (Content-Type image/*)")
         @answers_errors
-        async def analyze_frame_raw(request: Request, frameNumber: int = Query(0, ge=0, le=2**31 - 1),
-                                    explain: bool = False):
+        async def analyze_frame_raw(
+            request: Request, frameNumber: int = Query(0, ge=0, le=2**31 - 1), explain: bool = False
+        ):
             """The same verdict JSON as /inference/analyze-frame, for an image POSTed as the body."""
             return await self._analyze_frame(await request.body(), frameNumber, explain, time.perf_counter())
 
         # Also a plain route: the guard has parsed the form already (scope[PARTS_KEY]), and BentoML would write
         # each image to a temporary file.
-        @health_app.post(BATCH_ROUTE, summary="Several images in one request (multipart, the field `images` repeated)",
-                         openapi_extra=BATCH_OPENAPI)
+        @health_app.post(
+            BATCH_ROUTE,
+            summary="Several images in one request (multipart, the field `images` repeated)",
+            openapi_extra=BATCH_OPENAPI,
+        )
         @answers_errors
         async def analyze_frames(request: Request):
             """A list with, per image in the order sent, the /inference/analyze-frame JSON and its `index`."""
@@ -146,7 +195,9 @@ class Detector:
             parts = request.scope.get(PARTS_KEY)
             if parts is None:  # not behind the guard (it parses and checks the form first in the service)
                 try:
-                    parts = check_multipart(BATCH_FORM, request.headers.get("content-type"), await request.body(), keep=True)
+                    parts = check_multipart(
+                        BATCH_FORM, request.headers.get("content-type"), await request.body(), keep=True
+                    )
                 except Refused as exc:
                     raise ApiError(exc.status, exc.message) from None
             images, first_frame = batch_fields(parts)
@@ -174,7 +225,10 @@ class Detector:
     def _check_size(upload: Path, field: str, limit_mb: float, param: str) -> None:
         size, limit = upload.stat().st_size, int(limit_mb * MB)
         if size > limit:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{field}: {size} bytes is over the limit of {limit} bytes ({param})")
+            raise ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"{field}: {size} bytes is over the limit of {limit} bytes ({param})",
+            )
 
     def _image_size(self) -> int:
         info = self.models.info()
@@ -189,8 +243,10 @@ class Detector:
         if self.faces:
             found = self.faces(np.asarray(img))
             if found is None:
-                raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                               f"{name}: no face found (serving.face_crop is on: the model scores face crops)")
+                raise ApiError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    f"{name}: no face found (serving.face_crop is on: the model scores face crops)",
+                )
             img, face = Image.fromarray(found[0]), found[1]
         return resize_square(img, size), face
 
@@ -201,7 +257,9 @@ class Detector:
         step = SERVING.max_batch_size
         if len(images) <= step:
             return await self.batcher.submit(images, arm)
-        parts = await asyncio.gather(*(self.batcher.submit(images[k:k + step], arm) for k in range(0, len(images), step)))
+        parts = await asyncio.gather(
+            *(self.batcher.submit(images[k : k + step], arm) for k in range(0, len(images), step))
+        )
         return [s for part in parts for s in part]
 
     async def _analyze_frames(self, images: list[bytes], first_frame: int, started: float) -> list[dict]:
@@ -215,12 +273,19 @@ class Detector:
         limit = int(SERVING.max_upload_mb * MB)
         for i, data in enumerate(images):
             if len(data) > limit:
-                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{i}]: {len(data)} bytes is over the limit "
-                                                                    f"of {limit} bytes (serving.max_upload_mb)", index=i)
+                raise ApiError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"images[{i}]: {len(data)} bytes is over the limit of {limit} bytes (serving.max_upload_mb)",
+                    index=i,
+                )
         await anyio.to_thread.run_sync(check_batch_headers, images, limiter=self._decoders)
-        decoded = await asyncio.gather(*(
-            anyio.to_thread.run_sync(self._decode_and_crop, data, size, f"images[{i}]", limiter=self._decoders)
-            for i, data in enumerate(images)), return_exceptions=True)
+        decoded = await asyncio.gather(
+            *(
+                anyio.to_thread.run_sync(self._decode_and_crop, data, size, f"images[{i}]", limiter=self._decoders)
+                for i, data in enumerate(images)
+            ),
+            return_exceptions=True,
+        )
         for i, result in enumerate(decoded):  # the first bad image, by index
             if isinstance(result, ImageError):
                 raise ApiError(HTTPStatus.BAD_REQUEST, str(result), index=i)
@@ -249,8 +314,9 @@ class Detector:
 
     @bentoml.api(route="/inference/analyze-frame")
     @answers_errors
-    async def analyze_frame(self, image: Path, frameNumber: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0,
-                            explain: bool = False) -> dict:
+    async def analyze_frame(
+        self, image: Path, frameNumber: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0, explain: bool = False
+    ) -> dict:
         """One image (multipart field `image`) -> the original service's verdict JSON; `explain=true` adds a
         Grad-CAM overlay (`heatmap`, a PNG data URI) of what made the model say fake."""
         started = time.perf_counter()
@@ -283,8 +349,15 @@ class Detector:
         size = self._image_size()
         try:
             clip = await anyio.to_thread.run_sync(
-                functools.partial(read_frames, video, SERVING.video_frames, "video",
-                                  max_pixels=int(SERVING.max_video_megapixels * 1e6)), limiter=self._decoders)
+                functools.partial(
+                    read_frames,
+                    video,
+                    SERVING.video_frames,
+                    "video",
+                    max_pixels=int(SERVING.max_video_megapixels * 1e6),
+                ),
+                limiter=self._decoders,
+            )
         except VideoError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         frames, indices, without_face = clip.frames, clip.indices, None
@@ -294,10 +367,13 @@ class Detector:
             frames = [c[0] for c in crops if c is not None]
             indices = [i for i, c in zip(clip.indices, crops) if c is not None]
             if not frames:
-                raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                               f"video: no face in any of the {len(clip.frames)} sampled frames (serving.face_crop is on)")
+                raise ApiError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    f"video: no face in any of the {len(clip.frames)} sampled frames (serving.face_crop is on)",
+                )
         resized = await anyio.to_thread.run_sync(
-            lambda: np.stack([resize_square(Image.fromarray(f), size) for f in frames]), limiter=self._decoders)
+            lambda: np.stack([resize_square(Image.fromarray(f), size) for f in frames]), limiter=self._decoders
+        )
         scored = await self._score(resized)
         body = video_response(clip, scored, started, indices, without_face)
         PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
@@ -310,8 +386,11 @@ def batch_fields(parts: list[Part]) -> tuple[list[bytes], int]:
     first = next((p.data for p in parts if p.name == "frameNumber"), b"0")
     highest = MAX_FRAME_NUMBER - len(images) + 1
     if not re.fullmatch(rb"\d{1,10}", first) or int(first) > highest:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"frameNumber: expected the first image's frame number, an integer "
-                                               f"from 0 to {highest} (image i answers frameNumber + i)")
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"frameNumber: expected the first image's frame number, an integer "
+            f"from 0 to {highest} (image i answers frameNumber + i)",
+        )
     return images, int(first)
 
 
@@ -331,8 +410,11 @@ def check_batch_headers(images: list[bytes]) -> None:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), index=i) from None
         total += w * h
     if total > SERVING.max_batch_megapixels * 1e6:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"images: {total / 1e6:.1f} megapixels in all is over the limit of "
-                                               f"{SERVING.max_batch_megapixels:g} per request (serving.max_batch_megapixels)")
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"images: {total / 1e6:.1f} megapixels in all is over the limit of "
+            f"{SERVING.max_batch_megapixels:g} per request (serving.max_batch_megapixels)",
+        )
 
 
 def pixels_from_json(images, size: int) -> np.ndarray:
@@ -343,7 +425,9 @@ def pixels_from_json(images, size: int) -> np.ndarray:
     except (ValueError, TypeError, OverflowError):  # ragged nesting, numbers beyond any integer type
         raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got nested lists of unequal lengths") from None
     if array.dtype.kind not in "iu":
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got values of type {array.dtype.name} (null, text or decimals)")
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"{expected}; got values of type {array.dtype.name} (null, text or decimals)"
+        )
     if array.ndim != 4 or array.shape[1:] != (size, size, 3) or not 1 <= len(array) <= SERVING.max_batch_size:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"{expected}; got shape {array.shape}")
     if array.min() < 0 or array.max() > 255:
@@ -352,11 +436,16 @@ def pixels_from_json(images, size: int) -> np.ndarray:
 
 
 # Every body is checked before BentoML parses it: a 4xx JSON error says what was wrong (dfdetect.http_guard).
-Detector.add_asgi_middleware(RequestGuard, body_timeout_s=SERVING.body_timeout_s, routes={
-    "/inference/analyze-frame": Route("multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image",
-                                      frozenset({"frameNumber", "explain"})),
-    "/inference/analyze-video": Route("multipart", int(SERVING.max_video_mb * MB) + _FORM_SLACK, "video"),
-    RAW_FRAME_ROUTE: Route("raw", int(SERVING.max_upload_mb * MB), content_types=IMAGE_TYPES),
-    BATCH_ROUTE: BATCH_FORM,
-    "/score": Route("json", int(SERVING.max_score_mb * MB), content_types=("application/json",)),
-})
+Detector.add_asgi_middleware(
+    RequestGuard,
+    body_timeout_s=SERVING.body_timeout_s,
+    routes={
+        "/inference/analyze-frame": Route(
+            "multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image", frozenset({"frameNumber", "explain"})
+        ),
+        "/inference/analyze-video": Route("multipart", int(SERVING.max_video_mb * MB) + _FORM_SLACK, "video"),
+        RAW_FRAME_ROUTE: Route("raw", int(SERVING.max_upload_mb * MB), content_types=IMAGE_TYPES),
+        BATCH_ROUTE: BATCH_FORM,
+        "/score": Route("json", int(SERVING.max_score_mb * MB), content_types=("application/json",)),
+    },
+)

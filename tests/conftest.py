@@ -75,8 +75,14 @@ def tracked_run(prepared_small, tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         train(params, prepared_small, root / "models", root / "history.csv")
         evaluate(params, prepared_small, root / "models", root / "eval", root / "eval" / "metrics.json", root / "plots")
-    return {"params": params, "uri": uri, "prepared": prepared_small, "models": root / "models",
-            "metrics": root / "eval" / "metrics.json", "root": root}
+    return {
+        "params": params,
+        "uri": uri,
+        "prepared": prepared_small,
+        "models": root / "models",
+        "metrics": root / "eval" / "metrics.json",
+        "root": root,
+    }
 
 
 def write_video(path, frames, fps=10):
@@ -117,7 +123,7 @@ def face_frames(n: int, fake: bool, seed: int, size=(240, 320)) -> list:
         canvas = np.empty((*size, 3), np.uint8)
         canvas[:] = background
         y, x = 10 + (i * 3 + seed) % 25, 20 + (i * 7 + seed * 5) % 80
-        canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
+        canvas[y : y + face.shape[0], x : x + face.shape[1]] = face
         frames.append(canvas)
     return frames
 
@@ -137,6 +143,7 @@ def make_face_videos(root, per_class: dict[str, int], frames: int = 6, seed: int
 
 # --- a running `bentoml serve` (tests/test_serving*.py share one: starting it and promoting costs ~30 s) ---
 
+
 @contextlib.contextmanager
 def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
     """`bentoml serve` with these params on a free port; yields (url, wait_for_ready); stopped by process group."""
@@ -146,14 +153,24 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
 
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracking_uri,
-           "BENTOML_HOME": str(root / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "DFDETECT_PARAMS": str(params_file),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "BENTOML_HOME": str(root / "bentoml"),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
     log = open(root / "serve.log", "wb")
     for attempt in range(3):  # a free port can be taken by another process before the server binds it
         port = free_port()
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             proc.wait(3)
         except subprocess.TimeoutExpired:
@@ -192,15 +209,18 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
 def post_frame(url, data: bytes, name="face.jpg", **form):
     import requests
 
-    return requests.post(f"{url}/inference/analyze-frame", files={"image": (name, data, "image/jpeg")}, data=form, timeout=30)
+    return requests.post(
+        f"{url}/inference/analyze-frame", files={"image": (name, data, "image/jpeg")}, data=form, timeout=30
+    )
 
 
 def serving_params(tracked_run) -> dict:
     raw = tracked_run["params"].model_dump(mode="json")
     raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
     raw["promotion"].update(floors={}, min_improvement=0.0)
-    raw["serving"].update(poll_interval_s=1, max_upload_mb=0.1, max_batch_mb=0.5, device="cpu", header_timeout_s=3,
-                          body_timeout_s=3)
+    raw["serving"].update(
+        poll_interval_s=1, max_upload_mb=0.1, max_batch_mb=0.5, device="cpu", header_timeout_s=3, body_timeout_s=3
+    )
     return raw
 
 
@@ -227,5 +247,3 @@ def service(tracked_run, sample_root, tmp_path_factory):
         wait_for(ready=True)  # the poll picks the champion up, no restart
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
         yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log", "raw": raw}
-
-

@@ -13,8 +13,13 @@ from dfdetect.preprocessing import PreprocessConfig
 def small() -> TrainedModel:
     spec = ModelParams(name="custom_cnn", pretrained=False)
     torch.manual_seed(0)
-    return TrainedModel(create_model(spec).eval(), PreprocessConfig(32, face_margin=1.3, interpolation="bicubic"),
-                        0.42, spec=spec, provenance={"best_epoch": 3, "best_val_auc": 0.9})
+    return TrainedModel(
+        create_model(spec).eval(),
+        PreprocessConfig(32, face_margin=1.3, interpolation="bicubic"),
+        0.42,
+        spec=spec,
+        provenance={"best_epoch": 3, "best_val_auc": 0.9},
+    )
 
 
 def test_save_then_load_gives_the_same_artifact(tmp_path):
@@ -53,7 +58,12 @@ def test_bad_artifacts_fail_clearly(tmp_path):
 
 
 def test_configs_written_before_the_resize_fields_still_load():
-    legacy = {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "shorter-side bilinear antialias + center crop"}
+    legacy = {
+        "image_size": 64,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "resize": "shorter-side bilinear antialias + center crop",
+    }
     pre = PreprocessConfig.from_dict(legacy)
     assert (pre.interpolation, pre.crop, pre.image_size) == ("bilinear", "center", 64)
     assert "resize" not in pre.to_dict() and pre.to_dict()["interpolation"] == "bilinear"

@@ -20,20 +20,26 @@ def test_same_generator_state_gives_same_augmentation():
 
 
 def test_flip_only_flips_some_images_whole():
-    out = augment_batch(batch(), AugmentParams(hflip=True, rotation_degrees=0, color_jitter=0), torch.Generator().manual_seed(0))
+    out = augment_batch(
+        batch(), AugmentParams(hflip=True, rotation_degrees=0, color_jitter=0), torch.Generator().manual_seed(0)
+    )
     flipped = [bool(torch.equal(img, batch()[0].flip(-1))) for img in out]
     kept = [bool(torch.equal(img, batch()[0])) for img in out]
     assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
 
 
 def test_disabled_augmentation_is_identity():
-    out = augment_batch(batch(), AugmentParams(hflip=False, rotation_degrees=0, color_jitter=0), torch.Generator().manual_seed(0))
+    out = augment_batch(
+        batch(), AugmentParams(hflip=False, rotation_degrees=0, color_jitter=0), torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out, batch())
 
 
 def test_rotation_is_bounded_and_per_image():
     x = torch.rand(4, 3, 32, 32)
-    out = augment_batch(x, AugmentParams(hflip=False, rotation_degrees=10, color_jitter=0), torch.Generator().manual_seed(0))
+    out = augment_batch(
+        x, AugmentParams(hflip=False, rotation_degrees=10, color_jitter=0), torch.Generator().manual_seed(0)
+    )
     centre_diff = (out[:, :, 12:20, 12:20] - x[:, :, 12:20, 12:20]).abs().mean()
     assert 0 < centre_diff < 0.3  # a small rotation moves pixels a little, not a scramble
     assert not torch.equal(out[0] - x[0], out[1] - x[1])
@@ -49,7 +55,9 @@ def test_colour_jitter_matches_torchvision_v2_formulas():
     torch.rand(3, generator=gen), torch.rand(3, generator=gen)  # the flip and angle draws
     b, c, s = (torch.rand(3, generator=gen) * 0.6 + 0.7 for _ in range(3))
     for i in range(3):
-        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b[i].item()), c[i].item()), s[i].item())
+        ref = TF.adjust_saturation(
+            TF.adjust_contrast(TF.adjust_brightness(x[i], b[i].item()), c[i].item()), s[i].item()
+        )
         assert torch.allclose(out[i], ref, atol=1e-5)
 
 
@@ -71,7 +79,9 @@ def test_degradations_touch_only_their_share_and_stay_in_range():
 def test_sharpening_mirrors_blur_and_never_meets_it_on_one_image():
     from dfdetect.augment import degrade
 
-    smooth = degrade(torch.rand(32, 3, 32, 32), AugmentParams(blur_prob=1.0, blur_sigma=1.5), torch.Generator().manual_seed(1))
+    smooth = degrade(
+        torch.rand(32, 3, 32, 32), AugmentParams(blur_prob=1.0, blur_sigma=1.5), torch.Generator().manual_seed(1)
+    )
     detail = lambda t: t.diff(dim=-1).abs().mean(dim=(1, 2, 3))  # noqa: E731
     sharpened = degrade(smooth, AugmentParams(sharpen_prob=1.0, sharpen_amount=2.0), torch.Generator().manual_seed(2))
     assert (detail(sharpened) >= detail(smooth) - 1e-6).all() and detail(sharpened).mean() > 1.2 * detail(smooth).mean()

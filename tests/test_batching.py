@@ -53,7 +53,12 @@ def test_requests_queued_while_the_model_is_busy_share_one_call_and_get_their_ow
 def test_batches_respect_max_batch_size_and_keep_a_requests_images_together():
     model = GatedModel()
     batcher = MicroBatcher(model, max_batch_size=4, max_latency_ms=5000)
-    requests = [(images(1), "primary"), (images(2, 3), "primary"), (images(4, 5), "primary"), (images(*range(6, 12)), "primary")]
+    requests = [
+        (images(1), "primary"),
+        (images(2, 3), "primary"),
+        (images(4, 5), "primary"),
+        (images(*range(6, 12)), "primary"),
+    ]
     _, rest = asyncio.run(busy_then(model, batcher, requests))
     # 1 + 2 fit in 4; the pair 4, 5 would overflow, so it opens the next batch; 6 images run alone
     assert [n for n, _ in model.calls] == [1, 3, 2, 6]
@@ -63,8 +68,9 @@ def test_batches_respect_max_batch_size_and_keep_a_requests_images_together():
 def test_each_arm_is_scored_by_its_own_call():
     model = GatedModel()
     batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
-    _, rest = asyncio.run(busy_then(model, batcher, [(images(1), "primary"), (images(2), "challenger"),
-                                                      (images(3), "primary")]))
+    _, rest = asyncio.run(
+        busy_then(model, batcher, [(images(1), "primary"), (images(2), "challenger"), (images(3), "primary")])
+    )
     assert sorted(model.calls[1:]) == [(1, "challenger"), (2, "primary")]
     assert rest == [[(1, "primary")], [(2, "challenger")], [(3, "primary")]]
 
@@ -120,8 +126,11 @@ def test_requests_of_different_image_sizes_queued_together_are_each_answered_and
     batcher = MicroBatcher(model, max_batch_size=32, max_latency_ms=5000)
 
     async def scenario():
-        first, rest = await busy_then(model, batcher, [(images(1, side=4), "primary"), (images(2, side=9), "primary"),
-                                                       (images(3, side=4), "primary")])
+        first, rest = await busy_then(
+            model,
+            batcher,
+            [(images(1, side=4), "primary"), (images(2, side=9), "primary"), (images(3, side=4), "primary")],
+        )
         after = await batcher.submit(images(5, side=6))
         return first, rest, (after, batcher.alive)
 
@@ -159,7 +168,8 @@ def test_a_batcher_whose_loop_died_is_not_alive_fails_what_was_queued_and_refuse
 def test_a_full_queue_refuses_at_once_as_overloaded():
     model = GatedModel()
     batcher = MicroBatcher(model, max_batch_size=2, max_latency_ms=5000, max_queued_images=3)
-    _, rest = asyncio.run(busy_then(model, batcher, [(images(1, 2), "primary"), (images(3), "primary"),
-                                                      (images(4), "primary")]))
+    _, rest = asyncio.run(
+        busy_then(model, batcher, [(images(1, 2), "primary"), (images(3), "primary"), (images(4), "primary")])
+    )
     assert rest[0] == [(1, "primary"), (2, "primary")] and rest[1] == [(3, "primary")]
     assert isinstance(rest[2], Overloaded) and "queued" in str(rest[2])

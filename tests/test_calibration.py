@@ -19,7 +19,10 @@ def test_temperature_recovers_the_overconfidence_and_lowers_ece():
     logits, labels = overconfident()
     t = fit_temperature(logits, labels)
     assert abs(t - 3.0) < 0.3
-    before, after = expected_calibration_error(labels, sigmoid(logits)), expected_calibration_error(labels, sigmoid(logits / t))
+    before, after = (
+        expected_calibration_error(labels, sigmoid(logits)),
+        expected_calibration_error(labels, sigmoid(logits / t)),
+    )
     assert after < 0.02 < before
     ranking = [compute_all(labels, sigmoid(z))["roc_auc"] for z in (logits, logits / t)]
     assert abs(ranking[0] - ranking[1]) < 1e-9  # monotonic: ROC-AUC does not move
@@ -33,10 +36,15 @@ def test_reliability_bins_cover_every_score():
 
 def test_training_stores_the_temperature_in_the_weights(prepared_small, tmp_path):
     from conftest import small_params
+
     from dfdetect.train import train
 
-    train(small_params(mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}), prepared_small, tmp_path / "models",
-          track=False)
+    train(
+        small_params(mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}),
+        prepared_small,
+        tmp_path / "models",
+        track=False,
+    )
     state = checkpoint.load(tmp_path / "models" / "best.pt")
     t = state["calibration"]["temperature"]
     assert t > 0 and t != 1.0 and state["threshold"] == state["calibration"]["threshold"]
@@ -110,9 +118,13 @@ def test_explain_cli_writes_an_overlay(tracked_run, sample_root, tmp_path):
 
     image = next((sample_root / "test" / "fake").iterdir())
     out = tmp_path / "cam.png"
-    result = CliRunner().invoke(app, ["explain", str(image), "-c", str(tracked_run["models"] / "best.pt"), "-o", str(out)])
+    result = CliRunner().invoke(
+        app, ["explain", str(image), "-c", str(tracked_run["models"] / "best.pt"), "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     body = json.loads(result.stdout.strip().splitlines()[-1])
     assert body["verdict"] in ("fake", "real") and Image.open(out).size == (48, 48)
-    missing = CliRunner().invoke(app, ["explain", str(tmp_path / "none.jpg"), "-c", str(tracked_run["models"] / "best.pt")])
+    missing = CliRunner().invoke(
+        app, ["explain", str(tmp_path / "none.jpg"), "-c", str(tracked_run["models"] / "best.pt")]
+    )
     assert missing.exit_code != 0 and "none.jpg" in missing.output

@@ -2,10 +2,10 @@ import json
 import shutil
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from dfdetect.cli import app
-from conftest import REPO
 
 runner = CliRunner()
 
@@ -13,7 +13,9 @@ runner = CliRunner()
 def test_unknown_params_key_fails_before_any_work(tmp_path, data_copy):
     bad = tmp_path / "params.yaml"
     bad.write_text((REPO / "params.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  learnign_rate: 0.1\n", 1))
-    result = runner.invoke(app, ["prepare", "--params", str(bad), "--data", str(data_copy), "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ["prepare", "--params", str(bad), "--data", str(data_copy), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2
     assert "train.learnign_rate: unknown key (value 0.1)" in result.output
     assert not (tmp_path / "out").exists()
@@ -21,15 +23,26 @@ def test_unknown_params_key_fails_before_any_work(tmp_path, data_copy):
 
 def test_missing_split_via_cli(tmp_path, data_copy):
     shutil.rmtree(data_copy / "train")
-    result = runner.invoke(app, ["prepare", "--params", str(REPO / "params.yaml"), "--data", str(data_copy),
-                                 "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        ["prepare", "--params", str(REPO / "params.yaml"), "--data", str(data_copy), "--out", str(tmp_path / "out")],
+    )
     assert result.exit_code == 2
     assert "missing split folder 'train'" in result.output
 
 
-@pytest.mark.parametrize("command, option", [("sample-data", "--params"), ("fetch-data", "--remote-url"), ("prepare", "--params"),
-                                             ("train", "--params"), ("evaluate", "--params"), ("predict", "--checkpoint"),
-                                             ("check-params", "--params")])
+@pytest.mark.parametrize(
+    "command, option",
+    [
+        ("sample-data", "--params"),
+        ("fetch-data", "--remote-url"),
+        ("prepare", "--params"),
+        ("train", "--params"),
+        ("evaluate", "--params"),
+        ("predict", "--checkpoint"),
+        ("check-params", "--params"),
+    ],
+)
 def test_every_command_explains_its_options(command, option):
     result = runner.invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
@@ -38,24 +51,40 @@ def test_every_command_explains_its_options(command, option):
 
 
 def test_train_with_missing_prepared_data_says_what_to_run(tmp_path):
-    result = runner.invoke(app, ["train", "--params", str(REPO / "params.yaml"), "--prepared", str(tmp_path / "none"),
-                                 "--models", str(tmp_path / "m"), "--no-mlflow"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--prepared",
+            str(tmp_path / "none"),
+            "--models",
+            str(tmp_path / "m"),
+            "--no-mlflow",
+        ],
+    )
     assert result.exit_code == 2
     assert "run `dfdetect prepare` first" in result.output
 
 
 def test_predict_reports_unreadable_images_and_classifies_the_rest(prepared_small, tmp_path, sample_root):
-    from dfdetect.train import train
     from conftest import small_params
+
+    from dfdetect.train import train
 
     train(small_params(train={"epochs": 1}), prepared_small, tmp_path / "m", track=False)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xffnope")
     good = next((sample_root / "test" / "fake").iterdir())
-    result = runner.invoke(app, ["predict", str(good), str(tmp_path / "broken.jpg"), "--checkpoint", str(tmp_path / "m" / "best.pt")])
+    result = runner.invoke(
+        app, ["predict", str(good), str(tmp_path / "broken.jpg"), "--checkpoint", str(tmp_path / "m" / "best.pt")]
+    )
     assert result.exit_code == 1, result.output  # one input failed
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert lines[0]["label"] in ("real", "fake") and 0.0 <= lines[0]["fake_probability"] <= 1.0
-    assert "broken.jpg: not a readable image" in lines[1]["error"] and "broken.jpg: not a readable image" in result.stderr
+    assert (
+        "broken.jpg: not a readable image" in lines[1]["error"] and "broken.jpg: not a readable image" in result.stderr
+    )
 
 
 def test_fetch_data_reads_the_remote_it_is_given(tmp_path):
@@ -67,8 +96,18 @@ def test_fetch_data_reads_the_remote_it_is_given(tmp_path):
     shutil.copytree(REPO / "dvc-store", tmp_path / "team-remote")
     (tmp_path / "empty-remote").mkdir()
     runner = CliRunner()
-    ok = runner.invoke(app, ["fetch-data", "--repo", str(clone), "--out", str(tmp_path / "data"),
-                             "--remote-url", str(tmp_path / "team-remote")])
+    ok = runner.invoke(
+        app,
+        [
+            "fetch-data",
+            "--repo",
+            str(clone),
+            "--out",
+            str(tmp_path / "data"),
+            "--remote-url",
+            str(tmp_path / "team-remote"),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     import yaml
 
@@ -77,17 +116,29 @@ def test_fetch_data_reads_the_remote_it_is_given(tmp_path):
     assert len(fetched) == tracked and json.loads(ok.stdout.strip().splitlines()[-1])["files"] == tracked
     assert {p.relative_to(tmp_path / "data").parts[:2] for p in fetched} >= {("train", "real"), ("test", "fake")}
 
-    bad = runner.invoke(app, ["fetch-data", "--repo", str(clone), "--out", str(tmp_path / "nothing"),
-                              "--remote-url", str(tmp_path / "empty-remote")])
+    bad = runner.invoke(
+        app,
+        [
+            "fetch-data",
+            "--repo",
+            str(clone),
+            "--out",
+            str(tmp_path / "nothing"),
+            "--remote-url",
+            str(tmp_path / "empty-remote"),
+        ],
+    )
     assert bad.exit_code != 0 and "empty-remote" in bad.output and "data" in bad.output
 
 
 # --- hardening (issue 14): predict's exit status and inputs that are not regular files ------------------
 
+
 @pytest.fixture(scope="module")
 def one_epoch_checkpoint(prepared_small, tmp_path_factory):
-    from dfdetect.train import train
     from conftest import small_params
+
+    from dfdetect.train import train
 
     models = tmp_path_factory.mktemp("predict") / "m"
     train(small_params(train={"epochs": 1}), prepared_small, models, track=False)

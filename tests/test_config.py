@@ -1,7 +1,7 @@
 import pytest
+from conftest import REPO
 
 from dfdetect.config import Params, ParamsError, load_params, parse_params
-from conftest import REPO
 
 
 def test_repository_params_are_valid():

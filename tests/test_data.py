@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_params
 
 from dfdetect.data import DatasetError, discover, load_split
 from dfdetect.labels import FAKE, REAL
 from dfdetect.prepare import MANIFEST_FIELDS, prepare
 from dfdetect.sample_data import generate
-from conftest import small_params
 
 
 def test_labels_come_from_the_fixed_map_not_folder_order(sample_root):
@@ -115,7 +115,10 @@ def test_drop_leaks_keeps_the_earliest_copy_and_lists_the_rest(data_copy, tmp_pa
     shutil.copy(src, data_copy / "test" / "fake" / "copied.jpg")
     shutil.copy(src, data_copy / "val" / "fake" / "copied_too.jpg")
     report = prepare(data_copy, tmp_path / "out", small_params(prepare={"drop_leaks": True}).prepare)
-    assert sorted(p.split(":")[0] for p in report["leaked_dropped"]) == ["test/fake/copied.jpg", "val/fake/copied_too.jpg"]
+    assert sorted(p.split(":")[0] for p in report["leaked_dropped"]) == [
+        "test/fake/copied.jpg",
+        "val/fake/copied_too.jpg",
+    ]
     assert report["leaks_across_splits"] == [] and report["splits"]["train"]["fake"] == 24
     rows = {r["path"]: r["status"] for r in csv.DictReader((tmp_path / "out" / "manifest.csv").open())}
     assert rows["test/fake/copied.jpg"] == "leaked" and rows[src.relative_to(data_copy).as_posix()] == "ok"
@@ -141,6 +144,7 @@ def test_missing_data_folder(tmp_path):
 
 # --- hardening (issue 14): files that are not regular files, and I/O errors while reading --------------
 
+
 def _unreadable_entries(folder):
     """A FIFO (opening it would block), a broken symbolic link, and a file whose read fails with EIO."""
     import os
@@ -148,8 +152,11 @@ def _unreadable_entries(folder):
     os.mkfifo(folder / "pipe.jpg")
     (folder / "gone.png").symlink_to(folder / "nowhere.png")
     (folder / "eio.jpg").symlink_to("/proc/self/mem")  # stat says regular file; read() fails: Input/output error
-    return ["pipe.jpg: not a regular file (a FIFO)", "gone.png: cannot be read (a broken symbolic link)",
-            "eio.jpg: cannot be read (Input/output error)"]
+    return [
+        "pipe.jpg: not a regular file (a FIFO)",
+        "gone.png: cannot be read (a broken symbolic link)",
+        "eio.jpg: cannot be read (Input/output error)",
+    ]
 
 
 @pytest.mark.timeout(120)
@@ -161,7 +168,9 @@ def test_fifos_broken_links_and_io_errors_are_counted_and_listed_as_unreadable(d
     for message in expected:
         assert any(p.endswith("train/real/" + message) for p in report["unreadable"]), (message, report["unreadable"])
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "## Unreadable or truncated (excluded): 3" in markdown and "pipe.jpg: not a regular file (a FIFO)" in markdown
+    assert (
+        "## Unreadable or truncated (excluded): 3" in markdown and "pipe.jpg: not a regular file (a FIFO)" in markdown
+    )
     rows = {r["path"]: r["status"] for r in csv.DictReader((tmp_path / "out" / "manifest.csv").open())}
     assert rows["train/real/pipe.jpg"] == rows["train/real/eio.jpg"] == "unreadable"
 
@@ -177,7 +186,9 @@ def test_prepare_cli_turns_unreadable_files_into_a_clear_error(data_copy, tmp_pa
     _unreadable_entries(data_copy / "val" / "fake")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(small_params(prepare={"max_bad_fraction": 0.0}).model_dump(mode="json")))
-    result = CliRunner().invoke(app, ["prepare", "-p", str(params_file), "--data", str(data_copy), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["prepare", "-p", str(params_file), "--data", str(data_copy), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
     assert "3 of 83 files are unreadable" in result.stderr and "val/fake/eio.jpg: cannot be read" in result.stderr

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from dfdetect import checkpoint
 from dfdetect.prepare import prepare
 from dfdetect.sample_data import generate
 from dfdetect.train import train
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -25,7 +25,9 @@ def setup(tmp_path_factory):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     # The mechanics of data-parallel training, not a recipe: the compact CNN keeps three 12-epoch runs short.
     raw["model"].update(name="custom_cnn", pretrained=False, dropout=0.3)
-    raw["train"].update(epochs=12, batch_size=32, early_stopping_patience=0, lr=0.002, precision="auto", channels_last="auto")
+    raw["train"].update(
+        epochs=12, batch_size=32, early_stopping_patience=0, lr=0.002, precision="auto", channels_last="auto"
+    )
     raw["mlflow"]["log_model"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     from dfdetect.config import parse_params
@@ -37,8 +39,23 @@ def setup(tmp_path_factory):
 
 
 def ddp(root, env, *extra):
-    cmd = [str(BIN / "dfdetect"), "train", "--nproc", "2", "--prepared", "prepared", "--models", "models-ddp",
-           "--history", "ddp-history.csv", "--metrics", "ddp-metrics.json", "-p", "params.yaml", *extra]
+    cmd = [
+        str(BIN / "dfdetect"),
+        "train",
+        "--nproc",
+        "2",
+        "--prepared",
+        "prepared",
+        "--models",
+        "models-ddp",
+        "--history",
+        "ddp-history.csv",
+        "--metrics",
+        "ddp-metrics.json",
+        "-p",
+        "params.yaml",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -54,7 +71,9 @@ def test_two_processes_train_one_run_close_to_a_single_process(setup):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["completed"] and result["epochs_run"] == 12 and result["run_id"]
 
-    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("dfdetect").experiment_id])
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("dfdetect").experiment_id]
+    )
     assert [r.info.run_id for r in runs] == [result["run_id"]]  # exactly one run: rank 0's
     assert len(mlflow.MlflowClient(uri).get_metric_history(result["run_id"], "val_auc")) == 12
     state = checkpoint.load(root / "models-ddp" / "last.pt")
@@ -71,7 +90,24 @@ def test_resume_continues_with_the_same_number_of_processes(setup):
     resumed = ddp(root, env, "--no-mlflow", "--models", "models-resume", "--resume", "models-resume/last.pt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["epochs_run"] == 12
-    single = subprocess.run([str(BIN / "dfdetect"), "train", "--prepared", "prepared", "--models", "models-resume",
-                             "--no-mlflow", "-p", "params.yaml", "--resume", "models-resume/last.pt"],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [
+            str(BIN / "dfdetect"),
+            "train",
+            "--prepared",
+            "prepared",
+            "--models",
+            "models-resume",
+            "--no-mlflow",
+            "-p",
+            "params.yaml",
+            "--resume",
+            "models-resume/last.pt",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 2 and "processes: checkpoint 2, now 1" in single.stderr

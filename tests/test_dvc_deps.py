@@ -11,8 +11,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "dfdetect"
 # The module each stage's `dfdetect <command>` runs (the CLI only parses arguments and calls it).
-STAGE_MODULES = {"prepare": "dfdetect.prepare", "train": "dfdetect.train", "evaluate": "dfdetect.evaluate",
-                 "register": "dfdetect.registry"}
+STAGE_MODULES = {
+    "prepare": "dfdetect.prepare",
+    "train": "dfdetect.train",
+    "evaluate": "dfdetect.evaluate",
+    "register": "dfdetect.registry",
+}
 
 
 def module_file(module: str) -> Path | None:
@@ -33,7 +37,7 @@ def imported_names(path: Path) -> set[str]:
             names |= {a.name for a in node.names if a.name.split(".")[0] == "dfdetect"}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
@@ -48,7 +52,9 @@ def closure(module: str) -> set[Path]:
     todo = [module]
     while todo:
         name = todo.pop()
-        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]  # importing a.b runs a/__init__
+        parents = [
+            ".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)
+        ]  # importing a.b runs a/__init__
         for candidate in (name, *parents):
             path = module_file(candidate)
             if path is not None and path not in seen:

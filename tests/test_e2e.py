@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, last_json
 
 pytestmark = pytest.mark.slow
@@ -31,15 +30,26 @@ def run(cmd, cwd, env, timeout=600, stdout_only=False):
 def project(tmp_path_factory):
     """A fresh copy of the working tree (what a clone holds), its own git repo, data pulled from the DVC remote."""
     dst = tmp_path_factory.mktemp("clone") / "dfdetect"
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     for rel in filter(None, listed):
         if (REPO / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{dst.parent / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{dst.parent / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     run(["git", "init", "-q"], dst, env)
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "clone"], dst, env)
@@ -89,11 +99,18 @@ def test_known_fakes_are_called_fake_all_the_way(project):
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # explicit: other tests may have set another one
     run_id = json.loads((dst / "models" / "summary.json").read_text())["run_id"]
-    for predictor in (Predictor.from_checkpoint(dst / "models" / "best.pt"), Predictor.from_mlflow(f"runs:/{run_id}/model")):
+    for predictor in (
+        Predictor.from_checkpoint(dst / "models" / "best.pt"),
+        Predictor.from_mlflow(f"runs:/{run_id}/model"),
+    ):
         labels = [v.label for v in predictor.verdicts(images)]
         assert labels[:10].count("fake") >= 9 and labels[10:].count("real") >= 9, (predictor.source, labels)
 
-    out = run(["dfdetect", "predict", str(dst / "data" / fakes[0]["path"]), "--checkpoint", str(dst / "models" / "best.pt")], dst, env)
+    out = run(
+        ["dfdetect", "predict", str(dst / "data" / fakes[0]["path"]), "--checkpoint", str(dst / "models" / "best.pt")],
+        dst,
+        env,
+    )
     assert json.loads(out.strip().splitlines()[-1])["label"] == ("fake" if fakes[0]["predicted"] == "1" else "real")
 
 
@@ -135,15 +152,25 @@ def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
     run_ = client.get_run(run_id)
     assert run_.info.status == "FINISHED"
     recipe = yaml.safe_load((dst / "params.yaml").read_text())
-    assert float(run_.data.params["train.lr"]) == recipe["train"]["lr"] and run_.data.params["model.name"] == recipe["model"]["name"]
+    assert (
+        float(run_.data.params["train.lr"]) == recipe["train"]["lr"]
+        and run_.data.params["model.name"] == recipe["model"]["name"]
+    )
     md5 = yaml.safe_load((dst / "data.dvc").read_text())["outs"][0]["md5"]
     assert run_.data.tags["dfdetect.data_version"] == md5
     assert len(run_.data.tags["dfdetect.git_commit"]) >= 40
     epochs = len((dst / "train" / "history.csv").read_text().splitlines()) - 1
     assert len(client.get_metric_history(run_id, "val_auc")) == epochs
     assert run_.data.metrics["test_roc_auc"] == json.loads((dst / "eval" / "metrics.json").read_text())["roc_auc"]
-    artifacts = {a.path for folder in ("training", "evaluation", "checkpoint") for a in client.list_artifacts(run_id, folder)}
-    assert {"training/training_curves.png", "evaluation/roc.png", "evaluation/confusion.png", "checkpoint/best.pt"} <= artifacts
+    artifacts = {
+        a.path for folder in ("training", "evaluation", "checkpoint") for a in client.list_artifacts(run_id, folder)
+    }
+    assert {
+        "training/training_curves.png",
+        "evaluation/roc.png",
+        "evaluation/confusion.png",
+        "checkpoint/best.pt",
+    } <= artifacts
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     assert info.metadata["label_map"] == {"real": 0, "fake": 1}
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 128, 128]
@@ -161,8 +188,24 @@ def test_dvc_experiment_with_a_changed_param(project):
 def test_kubeflow_local_run_matches_the_dvc_run(project):
     """Parity: the same params and seed through kfp.local, data from the DVC remote at HEAD, give the same metrics."""
     dst, env, _ = project
-    out = run(["dfdetect", "pipeline", "run", "--local", "--dvc-repo", str(dst), "--dvc-rev", "HEAD",
-               "--pipeline-root", str(dst.parent / "kfp-root")], dst, env, timeout=900, stdout_only=True)
+    out = run(
+        [
+            "dfdetect",
+            "pipeline",
+            "run",
+            "--local",
+            "--dvc-repo",
+            str(dst),
+            "--dvc-rev",
+            "HEAD",
+            "--pipeline-root",
+            str(dst.parent / "kfp-root"),
+        ],
+        dst,
+        env,
+        timeout=900,
+        stdout_only=True,
+    )
     kfp_metrics = last_json(out)["metrics"]
     dvc_metrics = json.loads((dst / "eval" / "metrics.json").read_text())
     for key in ("roc_auc", "average_precision", "eer", "accuracy", "f1", "threshold"):

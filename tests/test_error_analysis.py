@@ -15,14 +15,20 @@ def _run(csv: Path, *args):
 
 
 def _write(path, videos):
-    rows = [{"path": f"{video}_{i}.jpg", "video": video, "label": label, "fake_probability": score}
-            for video, label, scores in videos for i, score in enumerate(scores)]
+    rows = [
+        {"path": f"{video}_{i}.jpg", "video": video, "label": label, "fake_probability": score}
+        for video, label, scores in videos
+        for i, score in enumerate(scores)
+    ]
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
 def test_separates_within_video_noise_from_misranked_videos(tmp_path):
     # every video's mean is on its side, but frames overlap: r1's 0.6 outranks f1's 0.4
-    _write(tmp_path / "noisy.csv", [("r1", 0, [0.1, 0.6]), ("r2", 0, [0.2, 0.3]), ("f1", 1, [0.9, 0.4]), ("f2", 1, [0.8, 0.7])])
+    _write(
+        tmp_path / "noisy.csv",
+        [("r1", 0, [0.1, 0.6]), ("r2", 0, [0.2, 0.3]), ("f1", 1, [0.9, 0.4]), ("f2", 1, [0.8, 0.7])],
+    )
     result = _run(tmp_path / "noisy.csv", "--worst", "1", "--out", str(tmp_path / "report.json"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
@@ -45,7 +51,11 @@ def test_separates_within_video_noise_from_misranked_videos(tmp_path):
 def test_names_missing_columns_and_files(tmp_path):
     pd.DataFrame({"path": ["a.jpg"], "label": [0], "fake_probability": [0.2]}).to_csv(tmp_path / "p.csv", index=False)
     result = _run(tmp_path / "p.csv")
-    assert result.returncode != 0 and "p.csv: predictions need the columns" in result.stderr and "missing ['video']" in result.stderr
+    assert (
+        result.returncode != 0
+        and "p.csv: predictions need the columns" in result.stderr
+        and "missing ['video']" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     result = _run(tmp_path / "nope.csv")
     assert result.returncode != 0 and "nope.csv: no such file" in result.stderr

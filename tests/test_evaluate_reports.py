@@ -17,10 +17,29 @@ def test_evaluate_scores_robustness_and_other_data_sets(tracked_run, sample_root
 
     params_file.write_text(yaml.safe_dump(tracked_run["params"].model_dump(mode="json")))
     out = tmp_path / "eval"
-    result = CliRunner().invoke(app, ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
-                                      "--out", str(out), "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"),
-                                      "--no-mlflow", "--dataset", str(sample_root), "--dataset", str(fakes_only),
-                                      "-p", str(params_file)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--prepared",
+            str(tracked_run["prepared"]),
+            "--models",
+            str(tracked_run["models"]),
+            "--out",
+            str(out),
+            "--metrics",
+            str(out / "metrics.json"),
+            "--plots",
+            str(out / "plots"),
+            "--no-mlflow",
+            "--dataset",
+            str(sample_root),
+            "--dataset",
+            str(fakes_only),
+            "-p",
+            str(params_file),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["robustness"]) == set(CONDITIONS) and metrics["robustness"]["clean"] == metrics["roc_auc"]
@@ -28,15 +47,36 @@ def test_evaluate_scores_robustness_and_other_data_sets(tracked_run, sample_root
     assert all(set(row) == {"roc_auc", "average_precision", "eer", "accuracy"} for row in table.values())
     rows = metrics["datasets"]
     assert rows[sample_root.name]["roc_auc"] == metrics["roc_auc"]  # the same test split, scored the other way
-    assert set(rows["gan-faces"]) == {"n_real", "n_fake", "fake_recall", "unreadable", "no_face"} and rows["gan-faces"]["n_real"] == 0
+    assert (
+        set(rows["gan-faces"]) == {"n_real", "n_fake", "fake_recall", "unreadable", "no_face"}
+        and rows["gan-faces"]["n_real"] == 0
+    )
     report = (out / "report.md").read_text()
     assert "Robustness" in report and "gan-faces" in report and "ece" in report
     for figure in ("robustness.png", "reliability.png"):
         assert (out / "figures" / figure).stat().st_size > 0
 
     e2 = tmp_path / "e2"
-    missing = CliRunner().invoke(app, ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
-                                       "--out", str(e2), "--metrics", str(e2 / "metrics.json"), "--plots", str(e2 / "plots"),
-                                       "--no-mlflow", "--dataset", str(tmp_path / "nowhere"), "-p", str(params_file)])
+    missing = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--prepared",
+            str(tracked_run["prepared"]),
+            "--models",
+            str(tracked_run["models"]),
+            "--out",
+            str(e2),
+            "--metrics",
+            str(e2 / "metrics.json"),
+            "--plots",
+            str(e2 / "plots"),
+            "--no-mlflow",
+            "--dataset",
+            str(tmp_path / "nowhere"),
+            "-p",
+            str(params_file),
+        ],
+    )
     assert missing.exit_code != 0 and "nowhere" in missing.output
     assert not e2.exists()  # refused before writing anything

@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import small_params
 
 from dfdetect import checkpoint
+from dfdetect.artifact import TrainedModel
 from dfdetect.data import load_split
 from dfdetect.export import FakeProbability, OnnxModel, export
 from dfdetect.preprocessing import normalize
-from dfdetect.artifact import TrainedModel
 from dfdetect.registry import LoadedModel
 from dfdetect.serving import ServedModel
 from dfdetect.train import train
-from conftest import small_params
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +48,26 @@ def test_export_writes_fp32_and_int8_models_close_to_eager(trained):
 @pytest.mark.parametrize("runtime_name, tolerance", [("torch", 0.02), ("onnx", 1e-4), ("onnx-int8", 0.05)])
 def test_serving_runtimes_agree_with_eager_pytorch(trained, runtime_name, tolerance):
     model, pre, images, _ = trained
-    served = ServedModel(LoadedModel(TrainedModel(model, pre, 0.5, {"real": 0, "fake": 1}), "m", "1", None, "r"), "cpu", runtime_name)
+    served = ServedModel(
+        LoadedModel(TrainedModel(model, pre, 0.5, {"real": 0, "fake": 1}), "m", "1", None, "r"), "cpu", runtime_name
+    )
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < tolerance
     assert served.predict(images[:1]).shape == (1,)  # any batch size
 
 
 def test_auto_runtime_serves_with_onnx_runtime_on_the_cpu(trained):
     model, pre, images, _ = trained
-    served = ServedModel(LoadedModel(TrainedModel(model, pre, 0.5, {"real": 0, "fake": 1}), "m", "1", None, "r"), "cpu", "auto")
+    served = ServedModel(
+        LoadedModel(TrainedModel(model, pre, 0.5, {"real": 0, "fake": 1}), "m", "1", None, "r"), "cpu", "auto"
+    )
     assert served.runtime_name == "onnx"
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < 1e-4
 
 
-
 def test_a_model_with_the_residual_branch_trains_reloads_and_exports(prepared_small, tmp_path):
-    train(small_params(model={"residual_branch": True}, train={"epochs": 1}), prepared_small, tmp_path / "m", track=False)
+    train(
+        small_params(model={"residual_branch": True}, train={"epochs": 1}), prepared_small, tmp_path / "m", track=False
+    )
     model, pre = checkpoint.model_from_state(checkpoint.load(tmp_path / "m" / "best.pt"))
     assert model.branch is not None and model.branch.fc.weight.abs().sum() > 0  # trained, and reloaded with it
     images = load_split(prepared_small, "test").images[:]

@@ -6,16 +6,26 @@ import json
 
 import numpy as np
 import pytest
+from conftest import face_frames, make_face_videos
 from PIL import Image
 from skimage import data as skdata
 
 from dfdetect.config import FacesParams, PrepareParams
 from dfdetect.data import DatasetError, load_split
-from dfdetect.faces import (FaceBox, FaceError, build_detector, crop_face, eye_angle, framing, installed_file, iou, nms,
-                             square_box)
+from dfdetect.faces import (
+    FaceBox,
+    FaceError,
+    build_detector,
+    crop_face,
+    eye_angle,
+    framing,
+    installed_file,
+    iou,
+    nms,
+    square_box,
+)
 from dfdetect.metrics import video_level
 from dfdetect.prepare import prepare
-from conftest import face_frames, make_face_videos
 
 # The astronaut's face in scikit-image's photo (512 x 512), measured by eye: x, y, width, height.
 ASTRONAUT_FACE = (180, 70, 90, 90)
@@ -139,7 +149,9 @@ def test_a_missing_model_package_is_named():
 
 
 def test_video_level_scores_are_frame_means():
-    labels, scores = video_level(["a", "a", "b", "b", "c"], np.array([1, 1, 0, 0, 1]), np.array([0.9, 0.7, 0.2, 0.4, 0.6]))
+    labels, scores = video_level(
+        ["a", "a", "b", "b", "c"], np.array([1, 1, 0, 0, 1]), np.array([0.9, 0.7, 0.2, 0.4, 0.6])
+    )
     assert labels.tolist() == [1, 0, 1] and np.allclose(scores, [0.8, 0.3, 0.6])
     with pytest.raises(ValueError, match="both labels"):
         video_level(["a", "a"], np.array([0, 1]), np.array([0.1, 0.9]))
@@ -151,6 +163,7 @@ def video_data(tmp_path_factory):
     (root / "train" / "real" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
     blank = [np.full((120, 160, 3), 80 + 10 * i, np.uint8) for i in range(4)]
     from conftest import write_video
+
     write_video(root / "train" / "fake" / "no_face.mp4", blank)
     return root
 
@@ -262,11 +275,16 @@ def test_prepare_frames_every_crop_as_the_data_s_own_stills_with_margin_auto(tmp
         for label in ("real", "fake"):
             (root / split / label).mkdir(parents=True)
             for i in range(3):
-                crop = crop_face(photo[i + 3 * k:], box, 0.9, 96)  # shifted: no two files alike
-                Image.fromarray(crop if label == "real" else crop[:, ::-1]).save(root / split / label / f"{label}_{i}.jpg")
-            write_video(root / split / label / f"{label}_{split}_clip.mp4", face_frames(4, label == "fake", seed=len(split)))
-    params = PrepareParams(image_size=32, faces=FacesParams(detector="retinaface", margin="auto", frames_per_video=2,
-                                                            crop_size=64))
+                crop = crop_face(photo[i + 3 * k :], box, 0.9, 96)  # shifted: no two files alike
+                Image.fromarray(crop if label == "real" else crop[:, ::-1]).save(
+                    root / split / label / f"{label}_{i}.jpg"
+                )
+            write_video(
+                root / split / label / f"{label}_{split}_clip.mp4", face_frames(4, label == "fake", seed=len(split))
+            )
+    params = PrepareParams(
+        image_size=32, faces=FacesParams(detector="retinaface", margin="auto", frames_per_video=2, crop_size=64)
+    )
     report = prepare(root, tmp_path / "out", params)
     assert 0.85 < report["face_margin"] < 1.05 and any("margin auto" in n for n in report["notes"])
     assert preprocess_config(tmp_path / "out").face_margin == report["face_margin"]

@@ -5,30 +5,51 @@ import subprocess
 
 import pytest
 import yaml
+from conftest import small_params
 
 from dfdetect import tracking
-from conftest import small_params
 
 DVC_YAML = {
     "stages": {
-        "train": {"cmd": "dfdetect train", "deps": ["src/code.py"], "outs": ["models"],
-                  "metrics": [{"train/metrics.json": {"cache": False}}], "plots": [{"train/history.csv": {"cache": False}}]},
-        "evaluate": {"cmd": "dfdetect evaluate", "deps": ["models"], "outs": ["eval/report", {"eval/plots": {"cache": False}}]},
+        "train": {
+            "cmd": "dfdetect train",
+            "deps": ["src/code.py"],
+            "outs": ["models"],
+            "metrics": [{"train/metrics.json": {"cache": False}}],
+            "plots": [{"train/history.csv": {"cache": False}}],
+        },
+        "evaluate": {
+            "cmd": "dfdetect evaluate",
+            "deps": ["models"],
+            "outs": ["eval/report", {"eval/plots": {"cache": False}}],
+        },
     },
     "plots": ["eval/figures/roc.png", {"Training curves": {"x": "epoch", "y": {"train/history.csv": ["val_auc"]}}}],
 }
 
 
 def _git(repo, *args):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def test_lineage_tells_a_changed_source_tree_from_the_pipeline_s_own_outputs(tmp_path):
     repo = tmp_path / "repo"
-    files = {"src/code.py": "x = 1\n", "dvc.yaml": yaml.safe_dump(DVC_YAML), "dvc.lock": "schema: '2.0'\n",
-             "train/metrics.json": "{}\n", "train/history.csv": "epoch\n", "eval/plots/roc.csv": "fpr,tpr\n",
-             "eval/figures/roc.png": "png", "models_notes.txt": "not an output: only models/ is\n"}
+    files = {
+        "src/code.py": "x = 1\n",
+        "dvc.yaml": yaml.safe_dump(DVC_YAML),
+        "dvc.lock": "schema: '2.0'\n",
+        "train/metrics.json": "{}\n",
+        "train/history.csv": "epoch\n",
+        "eval/plots/roc.csv": "fpr,tpr\n",
+        "eval/figures/roc.png": "png",
+        "models_notes.txt": "not an output: only models/ is\n",
+    }
     for rel, text in files.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text(text)

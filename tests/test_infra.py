@@ -16,10 +16,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 
 from dfdetect.config import load_params
-from conftest import REPO
 
 INFRA = REPO / "infra"
 BIN = Path(sys.executable).parent
@@ -76,7 +76,12 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered):
         if obj["kind"] == "PyTorchJob":  # a custom resource: its pod templates are core PodTemplateSpecs
             assert obj["apiVersion"] == "kubeflow.org/v1"
             for role, template in pod_specs([obj]):
-                pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+                pod_template = {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": "t"},
+                    "template": template,
+                }
                 kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
             continue
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -84,7 +89,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered):
 
 def test_a_broken_manifest_fails_validation():
     """The validator is not a no-op: a probe with a misspelt field is rejected."""
-    deployment = next(o for o in render("base") if o["kind"] == "Deployment" and o["metadata"]["name"] == "dfdetect-serving")
+    deployment = next(
+        o for o in render("base") if o["kind"] == "Deployment" and o["metadata"]["name"] == "dfdetect-serving"
+    )
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/readyz"}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
@@ -97,8 +104,13 @@ def test_references_resolve_and_secrets_are_never_inlined(rendered):
     claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
     secrets = documented_secrets()
     assert secrets, "infra/README.md must show the `kubectl create secret generic` commands"
-    claim_templates = {f"StatefulSet/{o['metadata']['name']}": {t["metadata"]["name"] for t in o["spec"].get("volumeClaimTemplates", [])}
-                       for o in objects if o["kind"] == "StatefulSet"}
+    claim_templates = {
+        f"StatefulSet/{o['metadata']['name']}": {
+            t["metadata"]["name"] for t in o["spec"].get("volumeClaimTemplates", [])
+        }
+        for o in objects
+        if o["kind"] == "StatefulSet"
+    }
     for owner, template in pod_specs(objects):
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
         volumes.update({name: {} for name in claim_templates.get(owner, ())})
@@ -141,7 +153,9 @@ def test_services_and_probes_point_at_real_ports(rendered):
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if "httpGet" in c.get(probe, {}):
                     assert c[probe]["httpGet"]["port"] in names, (owner, probe)
-            assert c.get("resources", {}).get("requests"), f"{owner}/{c['name']} has no resource requests (HPA, scheduling)"
+            assert c.get("resources", {}).get("requests"), (
+                f"{owner}/{c['name']} has no resource requests (HPA, scheduling)"
+            )
     deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
     for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
@@ -149,7 +163,9 @@ def test_services_and_probes_point_at_real_ports(rendered):
 
 def test_serving_probes_use_the_services_health_endpoints():
     """Readiness is /readyz (503 until a model is loaded: tests/test_serving.py), liveness /livez."""
-    serving = next(o for o in render("base") if o["kind"] == "Deployment" and o["metadata"]["name"] == "dfdetect-serving")
+    serving = next(
+        o for o in render("base") if o["kind"] == "Deployment" and o["metadata"]["name"] == "dfdetect-serving"
+    )
     spec = serving["spec"]["template"]["spec"]
     detector = spec["containers"][0]
     assert detector["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -192,12 +208,13 @@ def _commands(objects: list[dict]):
 def _option_exists(argv: list[str]) -> list[str]:
     """Options in a dfdetect or mlflow command line that its --help does not list."""
     if argv[:1] == ["python"] and "dfdetect.cli" in argv:
-        argv = ["dfdetect", *argv[argv.index("dfdetect.cli") + 1:]]
+        argv = ["dfdetect", *argv[argv.index("dfdetect.cli") + 1 :]]
     if argv[:1] not in (["dfdetect"], ["mlflow"]):
         return []
     sub = [a for a in argv[1:3] if not a.startswith("-")][:1]
-    helptext = subprocess.run([tool(argv[0]), *sub, "--help"], capture_output=True, text=True,
-                              env={**os.environ, "COLUMNS": "300"}).stdout
+    helptext = subprocess.run(
+        [tool(argv[0]), *sub, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"}
+    ).stdout
     assert "Usage" in helptext, (argv, helptext[:500])
     return [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in helptext]
 
@@ -228,8 +245,9 @@ def test_compose_file_validates_against_the_compose_schema():
         assert set(svc.get("depends_on", {})) <= set(services), name
         assert set(svc.get("secrets", [])) <= declared, name
         for key, value in (svc.get("environment") or {}).items():
-            assert not re.search(r"PASSWORD$|SECRET|ACCESS_KEY", key) or str(value).startswith("/run/secrets/"), \
+            assert not re.search(r"PASSWORD$|SECRET|ACCESS_KEY", key) or str(value).startswith("/run/secrets/"), (
                 f"{name}: {key} must come from a secret file"
+            )
     for secret in compose["secrets"].values():
         assert secret["file"].startswith("./secrets/")
     ignored = subprocess.run(["git", "check-ignore", "-q", "infra/secrets/postgres_password"], cwd=REPO)
@@ -239,15 +257,21 @@ def test_compose_file_validates_against_the_compose_schema():
 def test_with_secrets_exports_secret_files_as_variables(tmp_path):
     (tmp_path / "aws_access_key_id").write_text("AKIAEXAMPLE")
     (tmp_path / "postgres-password").write_text("s3cr3t value")
-    out = subprocess.run([str(INFRA / "with-secrets"), "env"], capture_output=True, text=True, check=True,
-                         env={"PATH": os.environ["PATH"], "SECRETS_DIR": str(tmp_path)}).stdout
+    out = subprocess.run(
+        [str(INFRA / "with-secrets"), "env"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.environ["PATH"], "SECRETS_DIR": str(tmp_path)},
+    ).stdout
     assert "AWS_ACCESS_KEY_ID=AKIAEXAMPLE" in out.splitlines()
     assert "POSTGRES_PASSWORD=s3cr3t value" in out.splitlines()
 
 
 def test_dockerfile_lints_and_pins_what_the_tests_ran_with():
-    lint = subprocess.run([tool("hadolint"), "--failure-threshold", "info", str(INFRA / "Dockerfile")],
-                          capture_output=True, text=True)
+    lint = subprocess.run(
+        [tool("hadolint"), "--failure-threshold", "info", str(INFRA / "Dockerfile")], capture_output=True, text=True
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     dockerfile = (INFRA / "Dockerfile").read_text()
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):

@@ -30,8 +30,12 @@ def face():
 def textures() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     gray = [np.stack([a[:256, :256]] * 3, -1) for a in (skdata.brick(), skdata.grass())]
-    return [skdata.coffee()[100:356, 200:456], *gray,
-            rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), np.full((200, 300, 3), 120, np.uint8)]
+    return [
+        skdata.coffee()[100:356, 200:456],
+        *gray,
+        rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+        np.full((200, 300, 3), 120, np.uint8),
+    ]
 
 
 def test_468_points_on_the_face_inside_the_crop(landmarker, face):

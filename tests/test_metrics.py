@@ -40,7 +40,16 @@ def test_single_class_gives_nan_auc_not_a_crash():
 
 
 def test_the_registry_names_every_metric_once():
-    assert available_metrics() == ["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer", "ece"]
+    assert available_metrics() == [
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "roc_auc",
+        "average_precision",
+        "eer",
+        "ece",
+    ]
 
 
 def test_mismatched_lengths_are_refused():
@@ -53,7 +62,9 @@ def test_robustness_conditions_change_the_images_but_not_their_labels():
     from dfdetect.robustness import CONDITIONS, corrupted
 
     rng = np.random.default_rng(0)
-    data = PreparedSplit(rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]), ["a", "b", "c", "d"])
+    data = PreparedSplit(
+        rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1]), ["a", "b", "c", "d"]
+    )
     for condition in CONDITIONS:
         out = corrupted(data, condition)
         assert out.images.shape == data.images.shape and out.labels is data.labels

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import small_params
+
 from dfdetect.config import ParamsError, parse_params
 from dfdetect.data import DatasetError, load_split, original_path
 from dfdetect.mixture import MixtureSampler, assign_splits, cap_per_class
@@ -50,8 +50,16 @@ def test_prepare_merges_sources_and_remembers_each_image_s_source(sample_root, u
 
 def test_a_source_s_split_does_not_depend_on_the_other_sources(sample_root, unsplit_source, tmp_path):
     prepare(sample_root, tmp_path / "a", mixture_params(unsplit_source).prepare)
-    alone = parse_params({"prepare": {"image_size": 48, "min_size": 16, "name": "x",
-                                      "sources": [{"path": str(unsplit_source), "name": "other"}]}})
+    alone = parse_params(
+        {
+            "prepare": {
+                "image_size": 48,
+                "min_size": 16,
+                "name": "x",
+                "sources": [{"path": str(unsplit_source), "name": "other"}],
+            }
+        }
+    )
     prepare(sample_root, tmp_path / "b", alone.prepare)
 
     def split_of(out):
@@ -73,7 +81,11 @@ def test_groups_stay_in_one_split_and_caps_take_whole_groups():
 
     from dfdetect.data import ImageFile
 
-    files = [ImageFile(Path(f"v{v}_{i}.jpg"), f"real/v{v}_{i}.jpg", "", "real", video=f"real/v{v}") for v in range(40) for i in range(3)]
+    files = [
+        ImageFile(Path(f"v{v}_{i}.jpg"), f"real/v{v}_{i}.jpg", "", "real", video=f"real/v{v}")
+        for v in range(40)
+        for i in range(3)
+    ]
     split = assign_splits(files, {"train": 0.6, "val": 0.2, "test": 0.2}, "salt")
     by_video = {}
     for f in split:
@@ -123,8 +135,10 @@ def test_mixture_sampler_gives_each_source_its_share():
 def test_training_draws_by_source_weights_and_records_its_sources(sample_root, unsplit_source, tmp_path, monkeypatch):
     from dfdetect.train import train, training_sources
 
-    params = small_params(prepare={"name": "main", "sources": [{"path": str(unsplit_source), "name": "other"}]},
-                          train={"epochs": 1, "source_weights": {"other": 2.0}})
+    params = small_params(
+        prepare={"name": "main", "sources": [{"path": str(unsplit_source), "name": "other"}]},
+        train={"epochs": 1, "source_weights": {"other": 2.0}},
+    )
     prepare(sample_root, tmp_path / "prepared", params.prepare)
     result = train(params, tmp_path / "prepared", tmp_path / "models", track=False)
     assert result.completed

@@ -97,7 +97,10 @@ def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline():
     net = EfficientNetLite0()
     net._fc = torch.nn.Linear(1280, 1000)
     net.load_state_dict(torch.load(_lite0_weights(), weights_only=True), strict=True)
-    x = torch.from_numpy(np.array(Image.fromarray(data.coffee()).resize((224, 224)))).permute(2, 0, 1)[None].float() / 255
+    x = (
+        torch.from_numpy(np.array(Image.fromarray(data.coffee()).resize((224, 224)))).permute(2, 0, 1)[None].float()
+        / 255
+    )
     with torch.no_grad():
         assert net.eval()((x - 0.498) / 0.502).argmax().item() == 967
     model = create_model(ModelParams(name="efficientnet_lite0", pretrained=True))
@@ -110,14 +113,21 @@ def test_larger_lite_backbones_load_their_packaged_weights_exactly(name, size):
     from skimage import data
 
     from dfdetect.config import ModelParams
-    from dfdetect.models import create_model
-    from dfdetect.models import architectures
+    from dfdetect.models import architectures, create_model
 
-    cls = {"efficientnet_lite1": architectures.EfficientNetLite1, "efficientnet_lite2": architectures.EfficientNetLite2}[name]
+    cls = {
+        "efficientnet_lite1": architectures.EfficientNetLite1,
+        "efficientnet_lite2": architectures.EfficientNetLite2,
+    }[name]
     net = cls()
     net._fc = torch.nn.Linear(1280, 1000)
-    net.load_state_dict(torch.load(getattr(architectures, f"_lite{name[-1]}_weights")(), weights_only=True), strict=True)
-    x = torch.from_numpy(np.array(Image.fromarray(data.coffee()).resize((size, size)))).permute(2, 0, 1)[None].float() / 255
+    net.load_state_dict(
+        torch.load(getattr(architectures, f"_lite{name[-1]}_weights")(), weights_only=True), strict=True
+    )
+    x = (
+        torch.from_numpy(np.array(Image.fromarray(data.coffee()).resize((size, size)))).permute(2, 0, 1)[None].float()
+        / 255
+    )
     with torch.no_grad():
         assert net.eval()((x - 0.498) / 0.502).argmax().item() == 967  # espresso, at its native resolution
     model = create_model(ModelParams(name=name, pretrained=True))

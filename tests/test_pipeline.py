@@ -7,11 +7,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
+from conftest import REPO, last_json
 from typer.testing import CliRunner
 
 from dfdetect.cli import app
 from dfdetect.config import load_params
-from conftest import REPO, last_json
 from pipelines.deepfake_pipeline import DEFAULT_IMAGE
 from pipelines.runner import PipelineError, check_host, compile_pipeline
 
@@ -22,12 +22,17 @@ COMMITTED = REPO / "pipelines" / "deepfake_pipeline.yaml"
 def test_committed_yaml_is_up_to_date(tmp_path):
     fresh = compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "p.yaml", DEFAULT_IMAGE)
     # Parsed, not as text: KFP's comment header lists dict defaults in no fixed order.
-    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(COMMITTED.read_text()), \
+    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(COMMITTED.read_text()), (
         "stale: run `dfdetect pipeline compile` and commit pipelines/deepfake_pipeline.yaml"
+    )
 
 
 def test_compiled_pipeline_has_typed_steps_condition_and_params_defaults(tmp_path):
-    spec = yaml.safe_load(compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "p.yaml", "registry.local/dfdetect:9").read_text())
+    spec = yaml.safe_load(
+        compile_pipeline(
+            load_params(REPO / "params.yaml"), tmp_path / "p.yaml", "registry.local/dfdetect:9"
+        ).read_text()
+    )
     tasks = spec["root"]["dag"]["tasks"]
     assert {"fetch-data", "prepare", "train", "evaluate", "condition-1"} <= set(tasks)
     assert "triggerPolicy" in tasks["condition-1"]
@@ -37,7 +42,10 @@ def test_compiled_pipeline_has_typed_steps_condition_and_params_defaults(tmp_pat
     assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert outputs["roc"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
-    assert spec["components"]["comp-train"]["outputDefinitions"]["artifacts"]["model_dir"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert (
+        spec["components"]["comp-train"]["outputDefinitions"]["artifacts"]["model_dir"]["artifactType"]["schemaTitle"]
+        == "system.Model"
+    )
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.local/dfdetect:9"}
     defaults = spec["root"]["inputDefinitions"]["parameters"]
@@ -70,7 +78,9 @@ class RecordingKFP(BaseHTTPRequestHandler):
         if self.path.endswith("/experiments"):
             self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
         elif self.path.endswith("/runs"):
-            self._reply({"run_id": "run-1", "display_name": body["display_name"], "experiment_id": body["experiment_id"]})
+            self._reply(
+                {"run_id": "run-1", "display_name": body["display_name"], "experiment_id": body["experiment_id"]}
+            )
         else:
             self._reply({})
 
@@ -90,9 +100,29 @@ def kfp_api():
 
 def test_submit_uploads_the_spec_with_experiment_run_name_and_parameters(kfp_api):
     host, requests = kfp_api
-    result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--experiment",
-                                 "faces-v2", "--run-name", "nightly", "--dvc-repo", "https://git.example/dfdetect.git",
-                                 "--dvc-rev", "v1.2", "--param", "train.lr=0.0007", "-p", str(REPO / "params.yaml")])
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "submit",
+            "--host",
+            host,
+            "--package",
+            str(COMMITTED),
+            "--experiment",
+            "faces-v2",
+            "--run-name",
+            "nightly",
+            "--dvc-repo",
+            "https://git.example/dfdetect.git",
+            "--dvc-rev",
+            "v1.2",
+            "--param",
+            "train.lr=0.0007",
+            "-p",
+            str(REPO / "params.yaml"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["run_id"] == "run-1"
     posted = {path: body for method, path, body in requests if method == "POST"}
@@ -101,7 +131,10 @@ def test_submit_uploads_the_spec_with_experiment_run_name_and_parameters(kfp_api
     assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
     assert run["pipeline_spec"]["pipelineInfo"] == yaml.safe_load(COMMITTED.read_text())["pipelineInfo"]
     values = run["runtime_config"]["parameters"]
-    assert values["train"]["lr"] == 0.0007 and values["train"]["epochs"] == yaml.safe_load((REPO / "params.yaml").read_text())["train"]["epochs"]
+    assert (
+        values["train"]["lr"] == 0.0007
+        and values["train"]["epochs"] == yaml.safe_load((REPO / "params.yaml").read_text())["train"]["epochs"]
+    )
     assert values["dvc_repo"] == "https://git.example/dfdetect.git" and values["dvc_rev"] == "v1.2"
 
 
@@ -116,11 +149,37 @@ def test_unreachable_host_is_named_quickly():
 
 def test_unknown_parameter_is_refused_before_anything_runs(kfp_api):
     host, requests = kfp_api
-    result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--param",
-                                 "train.learning_rate=0.1", "-p", str(REPO / "params.yaml")])
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "submit",
+            "--host",
+            host,
+            "--package",
+            str(COMMITTED),
+            "--param",
+            "train.learning_rate=0.1",
+            "-p",
+            str(REPO / "params.yaml"),
+        ],
+    )
     assert result.exit_code == 2 and "train.learning_rate: unknown key" in result.output
-    result = runner.invoke(app, ["pipeline", "submit", "--host", host, "--package", str(COMMITTED), "--param",
-                                 "trainer.lr=0.1", "-p", str(REPO / "params.yaml")])
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "submit",
+            "--host",
+            host,
+            "--package",
+            str(COMMITTED),
+            "--param",
+            "trainer.lr=0.1",
+            "-p",
+            str(REPO / "params.yaml"),
+        ],
+    )
     assert result.exit_code == 2 and "unknown parameter (no section 'trainer')" in result.output
     assert requests == []
 
@@ -142,9 +201,27 @@ def test_local_run_trains_evaluates_registers_and_promotes(sample_root, tmp_path
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = _small_params(tmp_path, floors={})
-    result = runner.invoke(app, ["pipeline", "run", "--local", "--package", str(COMMITTED), "--data-source", str(sample_root),
-                                 "--tracking-uri", uri, "--pipeline-root", str(tmp_path / "root"), "-p", str(params),
-                                 "--param", "promotion.floors={}"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "run",
+            "--local",
+            "--package",
+            str(COMMITTED),
+            "--data-source",
+            str(sample_root),
+            "--tracking-uri",
+            uri,
+            "--pipeline-root",
+            str(tmp_path / "root"),
+            "-p",
+            str(params),
+            "--param",
+            "promotion.floors={}",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     outputs = last_json(result.output)
     assert outputs["register"] == "1" and outputs["promote"] == "promoted"
@@ -166,9 +243,24 @@ def test_a_failing_step_stops_the_run_names_it_and_registers_nothing(sample_root
     shutil.copytree(sample_root, broken)
     shutil.rmtree(broken / "val")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = runner.invoke(app, ["pipeline", "run", "--local", "--package", str(COMMITTED), "--data-source", str(broken),
-                                 "--tracking-uri", uri, "--pipeline-root", str(tmp_path / "root"), "-p",
-                                 str(_small_params(tmp_path))])
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "run",
+            "--local",
+            "--package",
+            str(COMMITTED),
+            "--data-source",
+            str(broken),
+            "--tracking-uri",
+            uri,
+            "--pipeline-root",
+            str(tmp_path / "root"),
+            "-p",
+            str(_small_params(tmp_path)),
+        ],
+    )
     assert result.exit_code == 2
     assert "local pipeline run failed" in result.output and "'prepare'" in result.output
     assert mlflow.MlflowClient(uri).search_registered_models() == []

@@ -29,7 +29,9 @@ def env(tracked_run, monkeypatch, tmp_path):
 
 
 def _register(env, params=None):
-    return registry.register(params or env["params"], env["models"], env["metrics"], env["prepared"], env["tmp"] / "reg.json")
+    return registry.register(
+        params or env["params"], env["models"], env["metrics"], env["prepared"], env["tmp"] / "reg.json"
+    )
 
 
 def _aliases(env, params=None):
@@ -46,7 +48,11 @@ def test_register_tags_the_version_and_sets_challenger(env):
     metrics = json.loads(env["metrics"].read_text())
     assert mv.tags["metric.roc_auc"] == str(metrics["roc_auc"])
     assert mv.tags["data_version"] and mv.tags["git_commit"] and len(mv.tags["params_hash"]) == 16
-    assert "# Model card" in mv.description and "## Known limits" in mv.description and "train: 24 real, 24 fake" in mv.description
+    assert (
+        "# Model card" in mv.description
+        and "## Known limits" in mv.description
+        and "train: 24 real, 24 fake" in mv.description
+    )
     assert _aliases(env) == {CHALLENGER: "1"}
 
 
@@ -71,7 +77,9 @@ def test_challenger_must_beat_the_re_evaluated_champion(env):
     assert needs_gain["champion"]["metrics"] == needs_gain["challenger"]["metrics"]  # both scored on the same data
     assert _aliases(env)[CHAMPION] == "1"
     client = registry.client_for(env["params"])
-    assert client.get_model_version(env["params"].registry.model_name, "1").tags["dfdetect.promotion.challenged_by"] == "2"
+    assert (
+        client.get_model_version(env["params"].registry.model_name, "1").tags["dfdetect.promotion.challenged_by"] == "2"
+    )
     equal_ok = promotion.promote(env["make"](floors={}, min_improvement=0.0), env["prepared"])
     assert equal_ok["verdict"] == "promoted" and _aliases(env)[CHAMPION] == "2"
     again = promotion.promote(env["make"](floors={}), env["prepared"])
@@ -91,8 +99,12 @@ def test_rollback_restores_the_previous_champion_and_keeps_history(env):
     assert [v["version"] for v in listing["versions"]] == ["1", "2"]
     assert listing["versions"][0]["aliases"] == [CHAMPION]
     assert [(h["by"], h["alias"], str(h["version"])) for h in listing["history"]] == [
-        ("register", CHALLENGER, "1"), ("promote", CHAMPION, "1"), ("register", CHALLENGER, "2"),
-        ("promote", CHAMPION, "2"), ("rollback", CHAMPION, "1")]
+        ("register", CHALLENGER, "1"),
+        ("promote", CHAMPION, "1"),
+        ("register", CHALLENGER, "2"),
+        ("promote", CHAMPION, "2"),
+        ("rollback", CHAMPION, "1"),
+    ]
     assert listing["history"][-1]["reason"] == "false positives on new uploads"
     assert listing["versions"][1]["rolled_back"].endswith("false positives on new uploads")
 
@@ -177,9 +189,26 @@ def test_two_promotions_at_once_leave_one_consistent_state(env):
     _register(env)
     params_file = env["tmp"] / "params.yaml"
     params_file.write_text(yaml.safe_dump(env["make"](floors={}).model_dump(mode="json")))
-    procs = [subprocess.Popen([sys.executable, "-m", "dfdetect.cli", "promote", "-p", str(params_file), "--prepared",
-                               str(env["prepared"]), "--out", str(env["tmp"] / f"out{i}")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dfdetect.cli",
+                "promote",
+                "-p",
+                str(params_file),
+                "--prepared",
+                str(env["prepared"]),
+                "--out",
+                str(env["tmp"] / f"out{i}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     verdicts = sorted(json.loads((env["tmp"] / f"out{i}" / "promotion.json").read_text())["verdict"] for i in range(2))
@@ -187,7 +216,9 @@ def test_two_promotions_at_once_leave_one_consistent_state(env):
     assert _aliases(env) == {CHALLENGER: "2", CHAMPION: "2"}
     history = registry.list_versions(env["params"])["history"]
     assert [(h["by"], str(h["version"]), str(h["from"])) for h in history if h["by"] == "promote"] == [
-        ("promote", "1", "None"), ("promote", "2", "1")]
+        ("promote", "1", "None"),
+        ("promote", "2", "1"),
+    ]
     client = registry.client_for(env["params"])
     assert client.get_model_version(env["params"].registry.model_name, "2").tags[registry.PREVIOUS_TAG] == "1"
     names = {m.name for m in client.search_registered_models()}
@@ -204,6 +235,7 @@ def test_config_metric_names_match_the_metric_registry():
 
 
 # --- hardening (issue 14): credentials in the URI, the promotion lock, the listing ----------------------
+
 
 def test_a_tracking_uri_with_credentials_is_reachable_and_its_secret_never_printed(caplog):
     import base64
@@ -254,8 +286,9 @@ with registry.registry_lock(registry.client_for(params), sys.argv[2], 5, 900):
 
 def _hold_lock(env):
     """A real promotion-lock holder in another process, as a promote in progress is."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, env["uri"], env["params"].registry.model_name],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, env["uri"], env["params"].registry.model_name], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -332,12 +365,19 @@ def test_dataset_floors_refuse_a_challenger_that_loses_on_another_set(env, sampl
     raw = env["params"].model_dump(mode="json")
 
     def with_floors(floors):
-        return parse_params({**raw, "evaluate": {**raw["evaluate"], "datasets": [{"path": str(sample_root), "name": "other"}]},
-                             "promotion": {**raw["promotion"], "floors": {}, "dataset_floors": floors}})
+        return parse_params(
+            {
+                **raw,
+                "evaluate": {**raw["evaluate"], "datasets": [{"path": str(sample_root), "name": "other"}]},
+                "promotion": {**raw["promotion"], "floors": {}, "dataset_floors": floors},
+            }
+        )
 
     with pytest.raises(RegistryError, match="'nope'"):  # refused before anything is scored or moved
         promotion.promote(with_floors({"nope": {"roc_auc": 0.5}}), env["prepared"])
-    rejected = promotion.promote(with_floors({"other": {"roc_auc": 1.01, "real_fpr": 1.0}}), env["prepared"], env["tmp"])
+    rejected = promotion.promote(
+        with_floors({"other": {"roc_auc": 1.01, "real_fpr": 1.0}}), env["prepared"], env["tmp"]
+    )
     assert rejected["verdict"] == "rejected" and _aliases(env) == {CHALLENGER: "1"}
     assert any(c.startswith("floor other roc_auc >= 1.01") and c.endswith("FAILS") for c in rejected["checks"])
     assert any(c.startswith("floor other real_fpr <= 1.0") and c.endswith("holds") for c in rejected["checks"])

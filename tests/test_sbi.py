@@ -3,9 +3,9 @@ real faces alone."""
 
 import numpy as np
 import torch
+from conftest import face_frames, small_params
 
 from dfdetect.sbi import sbi_batch, self_blend
-from conftest import face_frames, small_params
 
 
 def test_blend_changes_the_face_region_only():

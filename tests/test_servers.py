@@ -16,10 +16,10 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
+from conftest import REPO
 
 from dfdetect import servers
 from dfdetect.sample_data import generate
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -67,8 +67,9 @@ def workdir(tmp_path_factory):
 
 
 def s3_client(s3):
-    return boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-                        region_name="us-east-1")
+    return boto3.client(
+        "s3", endpoint_url=s3.url, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1"
+    )
 
 
 def cli(args, cwd, env):
@@ -79,8 +80,9 @@ def cli(args, cwd, env):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_pipeline_register_and_promote_against_a_tracking_server(backend, s3, workdir, tmp_path, request):
-    backend_uri = (request.getfixturevalue("postgres").url if backend == "postgresql"
-                   else f"sqlite:///{tmp_path / 'mlflow.db'}")
+    backend_uri = (
+        request.getfixturevalue("postgres").url if backend == "postgresql" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
     prefix = f"artifacts-{backend}"
     server = servers.start_mlflow(backend_uri, f"s3://mlflow/{prefix}", env=s3.env, log_dir=tmp_path)
     request.addfinalizer(server.stop)
@@ -104,8 +106,11 @@ def test_pipeline_register_and_promote_against_a_tracking_server(backend, s3, wo
     assert listing["versions"][0]["aliases"] in (["challenger", "champion"], ["challenger"])
 
     run_id = registered["run_id"]
-    keys = [o["Key"] for page in s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket="mlflow", Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket="mlflow", Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith(f"{run_id}/artifacts/checkpoint/best.pt") for k in keys), keys[:20]
     assert any(k.endswith("evaluation/roc.png") for k in keys)
     assert any(k.endswith("MLmodel") for k in keys)
@@ -117,8 +122,14 @@ def test_dvc_push_and_pull_through_the_s3_endpoint(s3, workdir, tmp_path):
     origin = tmp_path / "origin"
     origin.mkdir()
     shutil.copytree(workdir / "data", origin / "data")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
     def sh(*cmd, cwd):
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -145,7 +156,10 @@ def test_dvc_push_and_pull_through_the_s3_endpoint(s3, workdir, tmp_path):
     sh("dvc", "pull", cwd=clone)
 
     def digest(root):
-        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     assert digest(clone / "data") == digest(origin / "data") and len(digest(clone / "data")) == 128

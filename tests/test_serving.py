@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import BIN, REPO, bentoml_serve, post_frame
 from PIL import Image
 
 from dfdetect import promotion, registry
-from conftest import BIN, REPO, bentoml_serve, post_frame
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,9 @@ def test_analyze_frame_answers_the_original_json(service, sample_root):
 def test_raw_body_endpoint_answers_as_the_multipart_one(service, sample_root):
     url = f"{service['url']}/inference/analyze-frame/raw"
     for path in [next((sample_root / "test" / label).iterdir()) for label in ("fake", "real")]:
-        raw = requests.post(url, data=jpeg(path), params={"frameNumber": 7}, headers={"Content-Type": "image/jpeg"}, timeout=30)
+        raw = requests.post(
+            url, data=jpeg(path), params={"frameNumber": 7}, headers={"Content-Type": "image/jpeg"}, timeout=30
+        )
         assert raw.status_code == 200, raw.text
         form = post_frame(service["url"], jpeg(path), frameNumber="7").json()
         body = raw.json()
@@ -55,8 +57,12 @@ def test_raw_body_endpoint_answers_as_the_multipart_one(service, sample_root):
     assert url_body.status_code == 400 and "error" in url_body.json()
     wrong_type = requests.post(url, data=jpeg(path), headers={"Content-Type": "text/plain"}, timeout=30)
     assert wrong_type.status_code == 415 and "image/jpeg" in wrong_type.json()["error"]
-    too_big = requests.post(url, data=b"\xff" * (int(service["params"].serving.max_upload_mb * 2**20) + 1),
-                            headers={"Content-Type": "image/jpeg"}, timeout=30)
+    too_big = requests.post(
+        url,
+        data=b"\xff" * (int(service["params"].serving.max_upload_mb * 2**20) + 1),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
     assert too_big.status_code == 413
 
 
@@ -172,17 +178,22 @@ def test_score_api_gives_the_frame_endpoint_probability_for_the_same_pixels(serv
     assert r.status_code == 200, r.text
     [row] = r.json()
     assert set(row) >= {"fake_probability", "threshold", "version"}
-    assert row["fake_probability"] == pytest.approx(post_frame(service["url"], jpeg(path)).json()["distribution"]["fake"], abs=1e-5)
+    assert row["fake_probability"] == pytest.approx(
+        post_frame(service["url"], jpeg(path)).json()["distribution"]["fake"], abs=1e-5
+    )
     bad = requests.post(f"{service['url']}/score", json={"images": [[[1, 2], [3, 4]]]}, timeout=30)
     assert bad.status_code == 400 and "N x S x S x 3" in bad.text
 
 
-@pytest.mark.parametrize("payload, name, status, message", [
-    (b"this is not an image", "notes.jpg", 400, "not a readable image"),
-    ("truncated", "cut.jpg", 400, "not a readable image"),
-    ("bomb", "bomb.png", 400, "exceeds the limit"),
-    ("large", "huge.png", 413, "over the limit"),
-])
+@pytest.mark.parametrize(
+    "payload, name, status, message",
+    [
+        (b"this is not an image", "notes.jpg", 400, "not a readable image"),
+        ("truncated", "cut.jpg", 400, "not a readable image"),
+        ("bomb", "bomb.png", 400, "exceeds the limit"),
+        ("large", "huge.png", 413, "over the limit"),
+    ],
+)
 def test_bad_uploads_get_a_4xx_that_says_why(service, sample_root, payload, name, status, message):
     if payload == "truncated":
         payload = jpeg(next((sample_root / "test" / "fake").iterdir()))[:300]
@@ -249,8 +260,11 @@ def clip(sample_root, tmp_path_factory):
 
 
 def test_analyze_video_scores_sampled_frames_and_their_mean(service, clip):
-    r = requests.post(f"{service['url']}/inference/analyze-video", files={"video": ("clip.mp4", clip.read_bytes(), "video/mp4")},
-                      timeout=60)
+    r = requests.post(
+        f"{service['url']}/inference/analyze-video",
+        files={"video": ("clip.mp4", clip.read_bytes(), "video/mp4")},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["frames"]) == service["params"].serving.video_frames
@@ -261,8 +275,11 @@ def test_analyze_video_scores_sampled_frames_and_their_mean(service, clip):
 
 
 def test_unsupported_video_is_a_400(service):
-    r = requests.post(f"{service['url']}/inference/analyze-video", files={"video": ("x.mp4", b"\x00\x00\x00 ftypisom junk", "video/mp4")},
-                      timeout=30)
+    r = requests.post(
+        f"{service['url']}/inference/analyze-video",
+        files={"video": ("x.mp4", b"\x00\x00\x00 ftypisom junk", "video/mp4")},
+        timeout=30,
+    )
     assert r.status_code == 400 and "not a supported video" in r.text
 
 
@@ -275,7 +292,9 @@ def test_metrics_count_requests_per_endpoint_and_predictions_per_version_and_lab
 
 def test_package_builds_a_bento_with_the_wheel_and_the_endpoints(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run([str(BIN / "dfdetect"), "package"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "dfdetect"), "package"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
@@ -288,9 +307,9 @@ def test_package_builds_a_bento_with_the_wheel_and_the_endpoints(tmp_path):
 def test_face_crop_mode_scores_the_face_and_refuses_a_frame_without_one(service, tmp_path):
     """serving.face_crop: the served model sees the face crop `prepare` would make (same code and settings)."""
     from skimage import data as skdata
+    from test_faces import ASTRONAUT_FACE
 
     from dfdetect.faces import iou
-    from test_faces import ASTRONAUT_FACE
 
     raw = {**service["raw"], "serving": {**service["raw"]["serving"], "face_crop": True, "max_upload_mb": 2}}
     photo, blank = io.BytesIO(), io.BytesIO()

@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-
 from conftest import bentoml_serve, post_frame, serving_params
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +71,16 @@ def raw_request(url: str, data: bytes, timeout: float = 30) -> tuple[int, bytes]
 
 def multipart_request(path: str, boundary: bytes, body: bytes, content_type: bytes | None = None) -> bytes:
     content_type = content_type or b"multipart/form-data; boundary=" + boundary
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: " + content_type
-            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"POST "
+        + path.encode()
+        + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+        + content_type
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def form(*parts: bytes, boundary=b"XyZ", eol=b"\r\n") -> bytes:
@@ -85,8 +92,19 @@ def form(*parts: bytes, boundary=b"XyZ", eol=b"\r\n") -> bytes:
 
 def file_part(name=b"image", filename=b"a.png", data=None, eol=b"\r\n") -> bytes:
     data = png(32, 32) if data is None else data
-    return (b'Content-Disposition: form-data; name="' + name + b'"; filename="' + filename + b'"' + eol
-            + b"Content-Type: image/png" + eol + eol + data + eol)
+    return (
+        b'Content-Disposition: form-data; name="'
+        + name
+        + b'"; filename="'
+        + filename
+        + b'"'
+        + eol
+        + b"Content-Type: image/png"
+        + eol
+        + eol
+        + data
+        + eol
+    )
 
 
 def text_part(name: bytes, value: bytes) -> bytes:
@@ -111,10 +129,18 @@ def test_concurrent_score_calls_of_different_sizes_never_stop_the_service(servic
     still_serves(service, sample_root)
 
 
-@pytest.mark.parametrize("images, says", [
-    ("300", "values from"), ("null", "type object"), ("float", "type float"), ("ragged", "unequal"),
-    ("two-d", "shape"), ("many", "shape"), ("huge-int", "type object"),
-])
+@pytest.mark.parametrize(
+    "images, says",
+    [
+        ("300", "values from"),
+        ("null", "type object"),
+        ("float", "type float"),
+        ("ragged", "unequal"),
+        ("two-d", "shape"),
+        ("many", "shape"),
+        ("huge-int", "type object"),
+    ],
+)
 def test_score_refuses_pixels_that_are_not_uint8_images(service, images, says):
     size = service["params"].prepare.image_size
     base = np.zeros((1, size, size, 3), np.int64).tolist()
@@ -131,7 +157,7 @@ def test_score_refuses_pixels_that_are_not_uint8_images(service, images, says):
     elif images == "many":
         base = np.zeros((service["params"].serving.max_batch_size + 1, size, size, 3), np.uint8).tolist()
     elif images == "huge-int":
-        base[0][0][0][0] = 10 ** 40
+        base[0][0][0][0] = 10**40
     r = requests.post(f"{service['url']}/score", json={"images": base}, timeout=60)
     assert_clean_4xx(r, 400, says)
 
@@ -147,23 +173,37 @@ def test_a_playlist_upload_cannot_read_server_files_and_tells_nothing_of_which_e
     for target in (secret, tmp_path / "missing.mp4"):
         playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{target}\n#EXT-X-ENDLIST\n".encode()
         for name in ("x.m3u8", "x.mp4"):
-            answers.append(requests.post(f"{service['url']}/inference/analyze-video",
-                                         files={"video": (name, playlist, "application/vnd.apple.mpegurl")}, timeout=30))
+            answers.append(
+                requests.post(
+                    f"{service['url']}/inference/analyze-video",
+                    files={"video": (name, playlist, "application/vnd.apple.mpegurl")},
+                    timeout=30,
+                )
+            )
     concat = f"ffconcat version 1.0\nfile '{secret}'\n".encode()
-    answers.append(requests.post(f"{service['url']}/inference/analyze-video",
-                                 files={"video": ("x.ffconcat", concat, "video/mp4")}, timeout=30))
+    answers.append(
+        requests.post(
+            f"{service['url']}/inference/analyze-video",
+            files={"video": ("x.ffconcat", concat, "video/mp4")},
+            timeout=30,
+        )
+    )
     for r in answers:
         assert_clean_4xx(r, 400, "not a supported video container")
     assert len({r.text for r in answers}) == 1  # the same answer whether the named file exists or not
-    text = requests.post(f"{service['url']}/inference/analyze-video", files={"video": ("notes.txt", b"hello", "text/plain")},
-                         timeout=30)
+    text = requests.post(
+        f"{service['url']}/inference/analyze-video", files={"video": ("notes.txt", b"hello", "text/plain")}, timeout=30
+    )
     assert_clean_4xx(text, 400, "not a supported video container")
     still_serves(service, sample_root)
 
 
 def test_a_broken_video_error_shows_no_server_path(service):
-    r = requests.post(f"{service['url']}/inference/analyze-video",
-                      files={"video": ("clip.mp4", b"\x00\x00\x00 ftypisom" + b"\x00" * 200, "video/mp4")}, timeout=30)
+    r = requests.post(
+        f"{service['url']}/inference/analyze-video",
+        files={"video": ("clip.mp4", b"\x00\x00\x00 ftypisom" + b"\x00" * 200, "video/mp4")},
+        timeout=30,
+    )
     assert_clean_4xx(r, 400, "not a supported video")
 
 
@@ -173,38 +213,98 @@ FRAME = "/inference/analyze-frame"
 LONG = b"b" * 5000
 
 
-@pytest.mark.parametrize("case, request_bytes, status, says", [
-    ("field named file", multipart_request(FRAME, b"XyZ", form(file_part(name=b"file"))), 400, "unexpected field 'file'"),
-    ("image as text", multipart_request(FRAME, b"XyZ", form(text_part(b"image", b"http://example.com/a.jpg"))), 400,
-     "must be a file upload"),
-    ("url-encoded", b"POST " + FRAME.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
-     b"application/x-www-form-urlencoded\r\nContent-Length: 9\r\n\r\nimage=abc", 415, "multipart/form-data"),
-    ("no boundary", multipart_request(FRAME, b"XyZ", form(file_part()), b"multipart/form-data"), 400, "boundary"),
-    ("mismatched boundary", multipart_request(FRAME, b"Other", form(file_part())), 400, "malformed multipart"),
-    ("LF line endings", multipart_request(FRAME, b"XyZ", form(file_part(eol=b"\n"), eol=b"\n")), 400, "multipart"),
-    ("5000-character boundary", multipart_request(FRAME, LONG, form(file_part(), boundary=LONG)), 400, "boundary"),
-    ("no Content-Disposition", multipart_request(FRAME, b"XyZ", form(b"Content-Type: image/png\r\n\r\nxx\r\n")), 400,
-     "content-disposition"),
-    ("2000 fields", multipart_request(FRAME, b"XyZ", form(*[text_part(b"frameNumber", b"1")] * 2000)), 400, "frameNumber"),
-    ("1100 files", multipart_request(FRAME, b"XyZ", form(*[file_part(data=b"x")] * 1100)), 400, "image"),
-    ("9 distinct parts", multipart_request(FRAME, b"XyZ", form(*[text_part(b"f%d" % i, b"1") for i in range(9)])), 400,
-     "unexpected field"),
-    ("2 MB field", multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"frameNumber", b"1" * 2_000_000))), 413,
-     "over the limit"),
-    ("100-byte field", multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"explain", b"1" * 100))), 400,
-     "over 64 bytes"),
-    ("245-character file name", multipart_request(FRAME, b"XyZ", form(file_part(filename=b"f" * 245 + b".png"))), 400,
-     "file name"),
-    ("5001-digit frameNumber", multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"frameNumber", b"9" * 5001))),
-     400, "frameNumber"),
-    ("large frameNumber", multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"frameNumber", b"9" * 30))),
-     400, "frameNumber"),
-    ("json to a form endpoint", b"POST " + FRAME.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
-     b"application/json\r\nContent-Length: 2\r\n\r\n{}", 415, "multipart/form-data"),
-    ("form to /score", multipart_request("/score", b"XyZ", form(file_part())), 415, "application/json"),
-    ("bad Content-Length", b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
-     b"Content-Length: 99999999999\r\n\r\n{}", 413, "over the limit"),
-])
+@pytest.mark.parametrize(
+    "case, request_bytes, status, says",
+    [
+        (
+            "field named file",
+            multipart_request(FRAME, b"XyZ", form(file_part(name=b"file"))),
+            400,
+            "unexpected field 'file'",
+        ),
+        (
+            "image as text",
+            multipart_request(FRAME, b"XyZ", form(text_part(b"image", b"http://example.com/a.jpg"))),
+            400,
+            "must be a file upload",
+        ),
+        (
+            "url-encoded",
+            b"POST " + FRAME.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+            b"application/x-www-form-urlencoded\r\nContent-Length: 9\r\n\r\nimage=abc",
+            415,
+            "multipart/form-data",
+        ),
+        ("no boundary", multipart_request(FRAME, b"XyZ", form(file_part()), b"multipart/form-data"), 400, "boundary"),
+        ("mismatched boundary", multipart_request(FRAME, b"Other", form(file_part())), 400, "malformed multipart"),
+        ("LF line endings", multipart_request(FRAME, b"XyZ", form(file_part(eol=b"\n"), eol=b"\n")), 400, "multipart"),
+        ("5000-character boundary", multipart_request(FRAME, LONG, form(file_part(), boundary=LONG)), 400, "boundary"),
+        (
+            "no Content-Disposition",
+            multipart_request(FRAME, b"XyZ", form(b"Content-Type: image/png\r\n\r\nxx\r\n")),
+            400,
+            "content-disposition",
+        ),
+        (
+            "2000 fields",
+            multipart_request(FRAME, b"XyZ", form(*[text_part(b"frameNumber", b"1")] * 2000)),
+            400,
+            "frameNumber",
+        ),
+        ("1100 files", multipart_request(FRAME, b"XyZ", form(*[file_part(data=b"x")] * 1100)), 400, "image"),
+        (
+            "9 distinct parts",
+            multipart_request(FRAME, b"XyZ", form(*[text_part(b"f%d" % i, b"1") for i in range(9)])),
+            400,
+            "unexpected field",
+        ),
+        (
+            "2 MB field",
+            multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"frameNumber", b"1" * 2_000_000))),
+            413,
+            "over the limit",
+        ),
+        (
+            "100-byte field",
+            multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"explain", b"1" * 100))),
+            400,
+            "over 64 bytes",
+        ),
+        (
+            "245-character file name",
+            multipart_request(FRAME, b"XyZ", form(file_part(filename=b"f" * 245 + b".png"))),
+            400,
+            "file name",
+        ),
+        (
+            "5001-digit frameNumber",
+            multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"frameNumber", b"9" * 5001))),
+            400,
+            "frameNumber",
+        ),
+        (
+            "large frameNumber",
+            multipart_request(FRAME, b"XyZ", form(file_part(), text_part(b"frameNumber", b"9" * 30))),
+            400,
+            "frameNumber",
+        ),
+        (
+            "json to a form endpoint",
+            b"POST " + FRAME.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+            b"application/json\r\nContent-Length: 2\r\n\r\n{}",
+            415,
+            "multipart/form-data",
+        ),
+        ("form to /score", multipart_request("/score", b"XyZ", form(file_part())), 415, "application/json"),
+        (
+            "bad Content-Length",
+            b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 99999999999\r\n\r\n{}",
+            413,
+            "over the limit",
+        ),
+    ],
+)
 def test_malformed_requests_get_a_4xx_json_error_that_says_what_was_wrong(service, case, request_bytes, status, says):
     code, body = raw_request(service["url"], request_bytes)
     fake = requests.Response()
@@ -292,7 +392,9 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(service):
 def test_a_body_that_stalls_is_refused_with_408(service):
     host, port = service["url"].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        sock.sendall(
+            b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         started = time.monotonic()
         reply = b""
         while b"stalled" not in reply and (chunk := sock.recv(65536)):  # headers and body may come apart
@@ -332,8 +434,10 @@ def test_fuzz_the_openapi_schema_no_5xx_and_json_errors(service, sample_root, ie
     schema = schemathesis.openapi.from_url(f"{service['url']}/docs.json")
     seen = []
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(case=schema.as_strategy(mode))
         def call(case):
             r = case.call(base_url=service["url"], timeout=30)
@@ -354,26 +458,52 @@ def test_fuzz_image_video_and_multipart_bodies(service, sample_root, ieee_floats
     from hypothesis import strategies as st
 
     valid = png(48, 48)
-    image_bytes = st.one_of(st.binary(max_size=2048),
-                            st.builds(lambda cut, junk: valid[:cut] + junk, st.integers(0, len(valid)), st.binary(max_size=64)),
-                            st.builds(png, st.integers(1, 5000), st.integers(1, 50)))
-    video_bytes = st.one_of(st.binary(max_size=2048),
-                            st.builds(lambda magic, rest: magic + rest,
-                                      st.sampled_from([b"\x00\x00\x00\x18ftypisom", b"\x1a\x45\xdf\xa3", b"RIFF\x00\x00\x00\x00AVI ",
-                                                       b"#EXTM3U\n", b"ffconcat version 1.0\n"]), st.binary(max_size=1024)))
+    image_bytes = st.one_of(
+        st.binary(max_size=2048),
+        st.builds(lambda cut, junk: valid[:cut] + junk, st.integers(0, len(valid)), st.binary(max_size=64)),
+        st.builds(png, st.integers(1, 5000), st.integers(1, 50)),
+    )
+    video_bytes = st.one_of(
+        st.binary(max_size=2048),
+        st.builds(
+            lambda magic, rest: magic + rest,
+            st.sampled_from(
+                [
+                    b"\x00\x00\x00\x18ftypisom",
+                    b"\x1a\x45\xdf\xa3",
+                    b"RIFF\x00\x00\x00\x00AVI ",
+                    b"#EXTM3U\n",
+                    b"ffconcat version 1.0\n",
+                ]
+            ),
+            st.binary(max_size=1024),
+        ),
+    )
     names = st.text(min_size=0, max_size=300)
-    fields = st.lists(st.tuples(st.sampled_from(["image", "video", "frameNumber", "explain", "file", ""]),
-                                st.binary(max_size=200), st.booleans()), max_size=6)
+    fields = st.lists(
+        st.tuples(
+            st.sampled_from(["image", "video", "frameNumber", "explain", "file", ""]),
+            st.binary(max_size=200),
+            st.booleans(),
+        ),
+        max_size=6,
+    )
 
     @settings(max_examples=120, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(endpoint=st.sampled_from(["frame", "video", "frames"]), data=st.data())
     def call(endpoint, data):
         if endpoint == "frame":
             files = {"image": (data.draw(names), data.draw(image_bytes), "image/png")}
-            extra = {"frameNumber": data.draw(st.text(max_size=20)), "explain": data.draw(st.sampled_from(["", "true", "x"]))}
+            extra = {
+                "frameNumber": data.draw(st.text(max_size=20)),
+                "explain": data.draw(st.sampled_from(["", "true", "x"])),
+            }
             r = requests.post(f"{service['url']}{FRAME}", files=files, data=extra, timeout=60)
         elif endpoint == "frames":  # the batch endpoint: several of the same image bodies
-            files = [("images", (data.draw(names), data.draw(image_bytes), "image/png")) for _ in range(data.draw(st.integers(1, 4)))]
+            files = [
+                ("images", (data.draw(names), data.draw(image_bytes), "image/png"))
+                for _ in range(data.draw(st.integers(1, 4)))
+            ]
             extra = {"frameNumber": data.draw(st.text(max_size=20))}
             r = requests.post(f"{service['url']}/inference/analyze-frames", files=files, data=extra, timeout=60)
         else:

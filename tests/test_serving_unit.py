@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from dfdetect.artifact import TrainedModel
 from dfdetect.config import parse_params
 from dfdetect.preprocessing import PreprocessConfig
-from dfdetect.artifact import TrainedModel
 from dfdetect.registry import LoadedModel
 from dfdetect.serving import ModelSet, Scored, frame_response
 
@@ -37,8 +37,13 @@ class FakeRegistry:
     def __call__(self, ref):
         version = self.resolve(ref)
         self.loads += 1
-        return LoadedModel(TrainedModel(Constant(self.logits[version]), PreprocessConfig(16), 0.5, {"real": 0, "fake": 1}),
-                           "det", version, ref, "run")
+        return LoadedModel(
+            TrainedModel(Constant(self.logits[version]), PreprocessConfig(16), 0.5, {"real": 0, "fake": 1}),
+            "det",
+            version,
+            ref,
+            "run",
+        )
 
 
 def images(n=64):
@@ -143,7 +148,9 @@ def test_an_explanation_never_moves_or_changes_the_module_that_scores():
 
     torch.manual_seed(0)
     net = create_model(ModelParams(name="custom_cnn", pretrained=False))
-    loaded = LoadedModel(TrainedModel(net, PreprocessConfig(32), 0.5, {"real": 0, "fake": 1}), "det", "1", "champion", "run")
+    loaded = LoadedModel(
+        TrainedModel(net, PreprocessConfig(32), 0.5, {"real": 0, "fake": 1}), "det", "1", "champion", "run"
+    )
     params = parse_params({"serving": {"runtime": "torch", "device": "cpu"}})
 
     class One:
@@ -175,6 +182,7 @@ def test_overload_and_a_dead_batcher_answer_503_that_say_so_with_retry_after(mon
     import json
 
     from conftest import REPO
+
     from dfdetect.batching import BatcherDead, Overloaded
 
     monkeypatch.setenv("DFDETECT_PARAMS", str(REPO / "params.yaml"))
@@ -199,14 +207,18 @@ def test_serving_workers_sets_the_bentoml_worker_count(tmp_path):
     import sys
 
     import yaml
-
     from conftest import REPO
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["serving"]["workers"] = 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-c", "import serving.service as s; print(s.Detector.config['workers'])"],
-                         cwd=REPO, env={**os.environ, "DFDETECT_PARAMS": str(tmp_path / "params.yaml")},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import serving.service as s; print(s.Detector.config['workers'])"],
+        cwd=REPO,
+        env={**os.environ, "DFDETECT_PARAMS": str(tmp_path / "params.yaml")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "3"

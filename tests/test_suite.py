@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import make_face_videos
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import make_face_videos
 from dfdetect.config import FacesParams, ParamsError, SuiteSet, parse_params
 from dfdetect.data import DatasetError
 from dfdetect.suite import flat_metrics, group_rates, load_suite_set, score_row
@@ -21,7 +21,9 @@ def test_rows_report_the_rates_each_kind_of_set_allows():
     only_reals = score_row(np.array([0, 0, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3, 0.4]), 0.5)
     assert only_reals == {"n_real": 5, "n_fake": 0, "real_fpr": 0.2}
     both = score_row(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.6, 0.7]), 0.5)
-    assert both["roc_auc"] == 1.0 and both["accuracy"] == 0.75 and both["real_fpr"] == 0.5 and both["fake_recall"] == 1.0
+    assert (
+        both["roc_auc"] == 1.0 and both["accuracy"] == 0.75 and both["real_fpr"] == 0.5 and both["fake_recall"] == 1.0
+    )
 
 
 def test_video_rows_score_the_mean_of_each_video():
@@ -37,8 +39,14 @@ def test_group_rates_per_attribute_and_the_spread():
     files = [f"{age}_{g}_{r}_x.jpg" for age, g, r in [(20, 0, 0)] * 20 + [(30, 1, 1)] * 20 + [(40, 1, 2)] * 5]
     labels = np.zeros(45, dtype=int)
     scores = np.array([0.9] * 2 + [0.1] * 18 + [0.9] * 8 + [0.1] * 12 + [0.9] * 5)
-    out = group_rates(files, labels, scores, 0.5, r"^(?P<age>\d+)_(?P<gender>\d)_(?P<race>\d)_",
-                      {"gender": {"0": "male", "1": "female"}})
+    out = group_rates(
+        files,
+        labels,
+        scores,
+        0.5,
+        r"^(?P<age>\d+)_(?P<gender>\d)_(?P<race>\d)_",
+        {"gender": {"0": "male", "1": "female"}},
+    )
     gender = out["gender"]
     assert gender["groups"]["male"] == {"n": 20, "n_real": 20, "real_fpr": 0.1}
     assert gender["groups"]["female"] == {"n": 25, "n_real": 25, "real_fpr": 13 / 25}
@@ -93,7 +101,9 @@ def test_videos_go_through_the_video_path(tmp_path):
     root = make_face_videos(tmp_path / "vids", {"test": 2}, frames=6)
     got = load_suite_set(SuiteSet(path=str(root)), 32, FacesParams(frames_per_video=3))
     assert got.has_videos and len(set(got.split.videos)) == 4
-    assert len(got.split.labels) == 12 and set(got.files) == {p.relative_to(root).as_posix() for p in root.rglob("*.mp4")}
+    assert len(got.split.labels) == 12 and set(got.files) == {
+        p.relative_to(root).as_posix() for p in root.rglob("*.mp4")
+    }
 
 
 def test_a_set_with_nothing_usable_is_refused(tmp_path):
@@ -109,12 +119,35 @@ def test_evaluate_reports_the_suite_in_one_table(tracked_run, tmp_path, sample_r
     shutil.copytree(sample_root / "test" / "real", reals / "real")
     for i, path in enumerate(sorted((reals / "real").iterdir())):  # file names carry a group: 4 per group
         path.rename(path.with_name(f"{i % 2}_{path.name}"))
-    params = tracked_run["params"].model_copy(update={"evaluate": parse_params({"evaluate": {"robustness": False, "datasets": [
-        str(sample_root),
-        {"path": str(reals), "name": "reals", "attributes": r"^(?P<kind>\d)_", "attribute_names": {"kind": {"0": "even"}}},
-    ]}}).evaluate})
-    metrics = evaluate(params, tracked_run["prepared"], tracked_run["models"], tmp_path / "eval",
-                       tmp_path / "eval" / "metrics.json", tmp_path / "plots", track=False)
+    params = tracked_run["params"].model_copy(
+        update={
+            "evaluate": parse_params(
+                {
+                    "evaluate": {
+                        "robustness": False,
+                        "datasets": [
+                            str(sample_root),
+                            {
+                                "path": str(reals),
+                                "name": "reals",
+                                "attributes": r"^(?P<kind>\d)_",
+                                "attribute_names": {"kind": {"0": "even"}},
+                            },
+                        ],
+                    }
+                }
+            ).evaluate
+        }
+    )
+    metrics = evaluate(
+        params,
+        tracked_run["prepared"],
+        tracked_run["models"],
+        tmp_path / "eval",
+        tmp_path / "eval" / "metrics.json",
+        tmp_path / "plots",
+        track=False,
+    )
     rows = metrics["datasets"]
     assert set(rows) == {sample_root.name, "reals"}
     assert rows[sample_root.name]["roc_auc"] == pytest.approx(metrics["roc_auc"])  # the same test split, scored alike
@@ -129,8 +162,14 @@ def test_every_suite_metric_name_is_one_mlflow_accepts():
     from mlflow.utils.validation import _validate_metric_name
 
     files = ["20_0_0_a.jpg", "30_1_4_b.jpg"] * 10
-    groups = group_rates(files, np.zeros(20, int), np.linspace(0, 1, 20), 0.5, r"^(?P<age>\d+)_(?P<g>\d)_(?P<race>\d)",
-                         {"race": {"4": "Others (mixed)", "0": "White"}})
+    groups = group_rates(
+        files,
+        np.zeros(20, int),
+        np.linspace(0, 1, 20),
+        0.5,
+        r"^(?P<age>\d+)_(?P<g>\d)_(?P<race>\d)",
+        {"race": {"4": "Others (mixed)", "0": "White"}},
+    )
     names = flat_metrics({"utk": {"n_real": 20, "real_fpr": 0.5, "groups": groups}})
     assert "dataset/utk/race/Others _mixed_/real_fpr" in names
     for name in names:
@@ -138,14 +177,29 @@ def test_every_suite_metric_name_is_one_mlflow_accepts():
 
 
 def test_command_line_sets_are_face_cropped_when_asked(tracked_run, photo_set, tmp_path):
+    from conftest import REPO, last_json
     from typer.testing import CliRunner
 
-    from conftest import REPO, last_json
     from dfdetect.cli import app
 
-    args = ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"]),
-            "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "plots"),
-            "--no-mlflow", "--dataset", str(photo_set), "--params", str(REPO / "params.yaml")]
+    args = [
+        "evaluate",
+        "--prepared",
+        str(tracked_run["prepared"]),
+        "--models",
+        str(tracked_run["models"]),
+        "--out",
+        str(tmp_path / "eval"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--plots",
+        str(tmp_path / "plots"),
+        "--no-mlflow",
+        "--dataset",
+        str(photo_set),
+        "--params",
+        str(REPO / "params.yaml"),
+    ]
     plain = CliRunner().invoke(app, args)
     assert plain.exit_code == 0, plain.output
     assert last_json(plain.output)["datasets"]["photos"]["no_face"] == 0  # scored whole

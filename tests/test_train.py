@@ -4,13 +4,13 @@ import re
 
 import pytest
 import torch
+from conftest import small_params
 
 from dfdetect import checkpoint, runtime
 from dfdetect.checkpoint import CheckpointError
 from dfdetect.config import ParamsError, parse_params
 from dfdetect.models import create_model
 from dfdetect.train import TrainError, train
-from conftest import small_params
 
 
 def _history(path):
@@ -18,8 +18,14 @@ def _history(path):
 
 
 def test_training_writes_checkpoints_history_and_metrics(prepared_small, tmp_path):
-    result = train(small_params(), prepared_small, tmp_path / "models", tmp_path / "history.csv",
-                   tmp_path / "metrics.json", track=False)
+    result = train(
+        small_params(),
+        prepared_small,
+        tmp_path / "models",
+        tmp_path / "history.csv",
+        tmp_path / "metrics.json",
+        track=False,
+    )
     assert result.completed and result.epochs_run == 3 and 1 <= result.best_epoch <= 3
     rows = _history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -33,8 +39,9 @@ def test_training_writes_checkpoints_history_and_metrics(prepared_small, tmp_pat
     assert not list((tmp_path / "models").glob("*.tmp")) and not list((tmp_path / "models").glob(".*"))
 
 
-@pytest.mark.parametrize("recipe", [{"optimizer": "sgd", "scheduler": "step", "step_size": 1},
-                                    {"optimizer": "adam", "scheduler": "cosine"}])
+@pytest.mark.parametrize(
+    "recipe", [{"optimizer": "sgd", "scheduler": "step", "step_size": 1}, {"optimizer": "adam", "scheduler": "cosine"}]
+)
 def test_resume_gives_the_same_weights_and_metrics(prepared_small, tmp_path, recipe):
     params = small_params(train=recipe)
     straight = train(params, prepared_small, tmp_path / "a", tmp_path / "a.csv", track=False)
@@ -42,10 +49,16 @@ def test_resume_gives_the_same_weights_and_metrics(prepared_small, tmp_path, rec
     first = train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", stop_after_epochs=1, track=False)
     assert not first.completed and first.epochs_run == 1
     assert not (tmp_path / "b" / "summary.json").exists()
-    resumed = train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", resume=tmp_path / "b" / "last.pt", track=False)
+    resumed = train(
+        params, prepared_small, tmp_path / "b", tmp_path / "b.csv", resume=tmp_path / "b" / "last.pt", track=False
+    )
 
     assert resumed.completed and resumed.epochs_run == 3
-    assert (resumed.best_epoch, resumed.best_val_auc, resumed.threshold) == (straight.best_epoch, straight.best_val_auc, straight.threshold)
+    assert (resumed.best_epoch, resumed.best_val_auc, resumed.threshold) == (
+        straight.best_epoch,
+        straight.best_val_auc,
+        straight.threshold,
+    )
     assert _history(tmp_path / "a.csv") == _history(tmp_path / "b.csv")
     for name in ("last.pt", "best.pt"):
         a, b = checkpoint.load(tmp_path / "a" / name), checkpoint.load(tmp_path / "b" / name)
@@ -57,7 +70,13 @@ def test_resume_gives_the_same_weights_and_metrics(prepared_small, tmp_path, rec
 def test_resume_with_changed_params_is_refused(prepared_small, tmp_path):
     train(small_params(), prepared_small, tmp_path / "m", stop_after_epochs=1, track=False)
     with pytest.raises(TrainError, match=r"params differ.*\n  train.lr: checkpoint 0.002, now 0.01"):
-        train(small_params(train={"lr": 0.01}), prepared_small, tmp_path / "m", resume=tmp_path / "m" / "last.pt", track=False)
+        train(
+            small_params(train={"lr": 0.01}),
+            prepared_small,
+            tmp_path / "m",
+            resume=tmp_path / "m" / "last.pt",
+            track=False,
+        )
 
 
 def test_early_stopping_stops_when_val_auc_stalls(prepared_small, tmp_path):
@@ -118,14 +137,19 @@ def test_weight_averaged_training_ships_the_average_and_resumes_exactly(prepared
     params = small_params(train={"ema_decay": 0.9})
     straight = train(params, prepared_small, tmp_path / "a", tmp_path / "a.csv", track=False)
     train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", stop_after_epochs=1, track=False)
-    resumed = train(params, prepared_small, tmp_path / "b", tmp_path / "b.csv", resume=tmp_path / "b" / "last.pt", track=False)
+    resumed = train(
+        params, prepared_small, tmp_path / "b", tmp_path / "b.csv", resume=tmp_path / "b" / "last.pt", track=False
+    )
     assert (resumed.best_epoch, resumed.best_val_auc) == (straight.best_epoch, straight.best_val_auc)
     a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     # what is shipped is the average, not the last step's weights
-    assert any(not torch.equal(a["state_dict"][k], a["train_state_dict"][k]) for k in a["state_dict"]
-               if a["state_dict"][k].dtype.is_floating_point)
+    assert any(
+        not torch.equal(a["state_dict"][k], a["train_state_dict"][k])
+        for k in a["state_dict"]
+        if a["state_dict"][k].dtype.is_floating_point
+    )
 
 
 def test_frozen_layers_keep_their_initial_values_and_the_rest_trains(prepared_small, tmp_path):
@@ -134,14 +158,21 @@ def test_frozen_layers_keep_their_initial_values_and_the_rest_trains(prepared_sm
     initial = create_model(params.model).state_dict()
     train(params, prepared_small, tmp_path / "m", track=False)
     trained = checkpoint.load(tmp_path / "m" / "last.pt")["state_dict"]
-    frozen = [k for k in initial if k.startswith(("net.features.0.", "net.features.1.")) and k.endswith(("weight", "bias"))]
+    frozen = [
+        k for k in initial if k.startswith(("net.features.0.", "net.features.1.")) and k.endswith(("weight", "bias"))
+    ]
     assert frozen and all(torch.equal(initial[k], trained[k]) for k in frozen)
     assert not torch.equal(initial["net.features.2.0.weight"], trained["net.features.2.0.weight"])
     assert not torch.equal(initial["net.head.5.weight"], trained["net.head.5.weight"])
 
 
-@pytest.mark.parametrize("pattern, message", [("^backbone\\.", "matches no parameter of this model; its names start with net."),
-                                              (".", "matches every parameter")])
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("^backbone\\.", "matches no parameter of this model; its names start with net."),
+        (".", "matches every parameter"),
+    ],
+)
 def test_freeze_patterns_that_freeze_nothing_or_everything_are_refused(prepared_small, tmp_path, pattern, message):
     with pytest.raises(TrainError, match=re.escape(message)):
         train(small_params(train={"freeze": pattern}), prepared_small, tmp_path / "m", track=False)
@@ -154,6 +185,7 @@ def test_freeze_must_be_a_regular_expression():
 
 
 # --- hardening (issue 14): kills during a checkpoint write, metrics across a kill and resume ---------------
+
 
 def test_stale_checkpoint_temporaries_are_removed_when_training_starts(prepared_small, tmp_path, caplog):
     import logging

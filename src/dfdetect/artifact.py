@@ -45,8 +45,15 @@ class TrainedModel:
         module, pre = checkpoint.model_from_state(state)
         spec = ModelParams(**{**state["model"], "pretrained": False, "weights_path": None})
         provenance = {k: state[k] for k in ("best_epoch", "best_val_auc", "run_id") if state.get(k) is not None}
-        return cls(module, pre, float(state.get("threshold", DEFAULT_THRESHOLD)), dict(state["label_map"]), spec,
-                   state.get("calibration"), provenance)
+        return cls(
+            module,
+            pre,
+            float(state.get("threshold", DEFAULT_THRESHOLD)),
+            dict(state["label_map"]),
+            spec,
+            state.get("calibration"),
+            provenance,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainedModel":
@@ -57,8 +64,14 @@ class TrainedModel:
         """The checkpoint fields of this artifact (without any training-resume state)."""
         if self.spec is None:
             raise ValueError("a TrainedModel built without an architecture spec cannot be saved")
-        return {"model": self.spec.model_dump(), "state_dict": self.module.state_dict(), "preprocess": self.preprocess.to_dict(),
-                "threshold": float(self.threshold), "calibration": self.calibration, **self.provenance}
+        return {
+            "model": self.spec.model_dump(),
+            "state_dict": self.module.state_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "threshold": float(self.threshold),
+            "calibration": self.calibration,
+            **self.provenance,
+        }
 
     def save(self, path: str | Path, training_state: dict | None = None) -> None:
         """Write atomically; `training_state` (optimizer, schedulers, RNGs, history) is kept beside it so that

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from .config import AugmentParams
 
-
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
 LUMA = (0.2989, 0.587, 0.114)
 
@@ -74,8 +73,13 @@ def erase(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> 
     top, left = (draws[3] * (h - eh + 1)).floor(), (draws[4] * (w - ew + 1)).floor()
     rows = torch.arange(h).view(1, h, 1)
     cols = torch.arange(w).view(1, 1, w)
-    box = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
-           & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)) & on.view(n, 1, 1))
+    box = (
+        (rows >= top.view(n, 1, 1))
+        & (rows < (top + eh).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1))
+        & (cols < (left + ew).view(n, 1, 1))
+        & on.view(n, 1, 1)
+    )
     return images.masked_fill(box.unsqueeze(1).to(images.device), 0.5)
 
 
@@ -100,7 +104,7 @@ def _separable_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> t
 
 def _grey_sharpness(grey: torch.Tensor) -> torch.Tensor:
     h, w = grey.shape[-2:]
-    grey = grey[:, h // 4:h - h // 4, w // 4:w - w // 4] * 255
+    grey = grey[:, h // 4 : h - h // 4, w // 4 : w - w // 4] * 255
     lap = 4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
     return torch.log1p(lap.flatten(1).var(1))
 
@@ -123,7 +127,9 @@ _SHARPEN_AMOUNTS = (0.3, 0.6, 1.0, 1.5, 2.2, 3.0)
 
 def _blur_grey(grey: torch.Tensor, sigma: float) -> torch.Tensor:
     n = grey.shape[0]
-    blurred = _separable_blur(grey.unsqueeze(1), torch.full((n,), sigma, device=grey.device), max(1, math.ceil(3 * sigma)))
+    blurred = _separable_blur(
+        grey.unsqueeze(1), torch.full((n,), sigma, device=grey.device), max(1, math.ceil(3 * sigma))
+    )
     return blurred.squeeze(1)
 
 
@@ -177,9 +183,14 @@ def degrade(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -
     if down_on.any():
         out = out.clone() if out is images else out
         for i in torch.nonzero(down_on).flatten().tolist():
-            small = F.interpolate(out[i:i + 1], size=(max(1, round(h * float(factor[i]))), max(1, round(w * float(factor[i])))),
-                                  mode="bilinear", align_corners=False, antialias=True)
-            out[i:i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+            small = F.interpolate(
+                out[i : i + 1],
+                size=(max(1, round(h * float(factor[i]))), max(1, round(w * float(factor[i])))),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+            out[i : i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
     if params.noise_prob > 0:
         noise = torch.randn(n, 3, h, w, generator=gen) * (std * noise_on).view(n, 1, 1, 1)
         out = (out + noise.to(out.device, out.dtype)).clamp(0, 1)
@@ -202,6 +213,8 @@ def recompress(images: torch.Tensor, params: AugmentParams, gen: torch.Generator
     out = images.clone()
     for i in torch.nonzero(chosen).flatten().tolist():
         buf = io.BytesIO()
-        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=int(low + quality[i] * (high - low)))
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(
+            buf, format="JPEG", quality=int(low + quality[i] * (high - low))
+        )
         out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
     return out

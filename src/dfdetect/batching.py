@@ -48,8 +48,14 @@ class MicroBatcher:
     `on_batch(n_images)` is called for every batch run (metrics).
     """
 
-    def __init__(self, score: Callable[[np.ndarray, str], list], max_batch_size: int, max_latency_ms: float,
-                 on_batch: Callable[[int], None] | None = None, max_queued_images: int | None = None):
+    def __init__(
+        self,
+        score: Callable[[np.ndarray, str], list],
+        max_batch_size: int,
+        max_latency_ms: float,
+        on_batch: Callable[[int], None] | None = None,
+        max_queued_images: int | None = None,
+    ):
         self.score, self.max_batch_size = score, max_batch_size
         self.max_wait_s = max_latency_ms / 1000
         self.on_batch = on_batch or (lambda n: None)
@@ -125,8 +131,9 @@ class MicroBatcher:
             if p.future.done():  # the client went away
                 continue
             if now - p.queued_at > self.max_wait_s:
-                p.future.set_exception(Overloaded(
-                    f"waited {1000 * (now - p.queued_at):.0f} ms for the model, over serving.max_latency_ms"))
+                p.future.set_exception(
+                    Overloaded(f"waited {1000 * (now - p.queued_at):.0f} ms for the model, over serving.max_latency_ms")
+                )
                 continue
             live.append(p)
         # One model call per version asked for and per image shape and type: images that cannot be stacked
@@ -149,7 +156,7 @@ class MicroBatcher:
             start = 0
             for p in group:
                 if not p.future.done():
-                    p.future.set_result(results[start:start + len(p.images)])
+                    p.future.set_result(results[start : start + len(p.images)])
                 start += len(p.images)
 
     def close(self) -> None:

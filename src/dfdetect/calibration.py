@@ -5,6 +5,7 @@ recomputed on the calibrated scores."""
 from __future__ import annotations
 
 import numpy as np
+
 from . import runtime
 from .artifact import TrainedModel
 from .data import PreparedSplit, batch_loader
@@ -34,13 +35,18 @@ def calibrate(trained: TrainedModel, val: PreparedSplit, device: str = "auto") -
     calibrated scores and the calibration summary (temperature, validation ECE before and after)."""
     rt = runtime.resolve(device, "fp32", False)
     current = float(trained.module.temperature)
-    logits, labels, _ = predict_logits(trained.module.to(rt.device), batch_loader(val, 128, shuffle=False),
-                                       trained.preprocess, rt)
+    logits, labels, _ = predict_logits(
+        trained.module.to(rt.device), batch_loader(val, 128, shuffle=False), trained.preprocess, rt
+    )
     trained.module.cpu()
     raw = logits.astype(np.float64) * current  # undo a temperature fitted before: refitting starts from scratch
     t = fit_temperature(raw, labels)
     before, after = sigmoid(raw), sigmoid(raw / t)
     threshold = eer_and_threshold(labels, after)[1]
-    summary = {"temperature": round(t, 6), "val_ece_before": round(expected_calibration_error(labels, before), 6),
-               "val_ece_after": round(expected_calibration_error(labels, after), 6), "threshold": threshold}
+    summary = {
+        "temperature": round(t, 6),
+        "val_ece_before": round(expected_calibration_error(labels, before), 6),
+        "val_ece_after": round(expected_calibration_error(labels, after), 6),
+        "threshold": threshold,
+    }
     return trained.with_calibration(t, threshold, summary)

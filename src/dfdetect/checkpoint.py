@@ -53,6 +53,8 @@ def model_from_state(state: dict) -> tuple[nn.Module, PreprocessConfig]:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         first_line = str(exc).splitlines()[0]
-        raise CheckpointError(f"weights do not fit the '{params.name}' architecture of this dfdetect version ({first_line})") from None
+        raise CheckpointError(
+            f"weights do not fit the '{params.name}' architecture of this dfdetect version ({first_line})"
+        ) from None
     model.eval()
     return model, PreprocessConfig.from_dict(state["preprocess"])

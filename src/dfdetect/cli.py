@@ -14,7 +14,9 @@ from .config import ParamsError, load_params
 
 app = typer.Typer(
     help="Train, evaluate and use deepfake image detectors. Every step reads params.yaml (see README).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 log = logging.getLogger("dfdetect")
 
@@ -22,8 +24,11 @@ PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", "-p", help="The param
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -47,7 +52,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 @app.command("sample-data")
 def sample_data_cmd(
-    out: Path = typer.Option(Path("data"), "--out", "-o", help="Folder to write {train,val,test}/{real,fake}/*.jpg into."),
+    out: Path = typer.Option(
+        Path("data"), "--out", "-o", help="Folder to write {train,val,test}/{real,fake}/*.jpg into."
+    ),
     params_path: Path = PARAMS_OPT,
 ):
     """Generate the embedded synthetic face-swap data set (deterministic for a given seed and size)."""
@@ -61,13 +68,23 @@ def sample_data_cmd(
 @app.command("fetch-data")
 def fetch_data_cmd(
     out: Path = typer.Option(Path("data"), "--out", "-o", help="Folder to write the data set into."),
-    repo: str = typer.Option(".", "--repo", help="Git URL or path of the project whose data.dvc names the data version."),
+    repo: str = typer.Option(
+        ".", "--repo", help="Git URL or path of the project whose data.dvc names the data version."
+    ),
     rev: str = typer.Option("HEAD", "--rev", help="Git revision (commit, tag, branch) of that data version."),
     path: str = typer.Option("data", "--path", help="The DVC-tracked path inside the repository."),
-    remote_url: str = typer.Option("", "--remote-url", help="Read from this DVC remote instead of the repository's default "
-                                                             "(e.g. s3://dvc/dfdetect); S3 credentials from AWS_* variables."),
-    endpoint_url: str = typer.Option("", "--endpoint-url", envvar="DVC_S3_ENDPOINT_URL",
-                                     help="S3 endpoint of --remote-url, for MinIO or another S3 server (env DVC_S3_ENDPOINT_URL)."),
+    remote_url: str = typer.Option(
+        "",
+        "--remote-url",
+        help="Read from this DVC remote instead of the repository's default "
+        "(e.g. s3://dvc/dfdetect); S3 credentials from AWS_* variables.",
+    ),
+    endpoint_url: str = typer.Option(
+        "",
+        "--endpoint-url",
+        envvar="DVC_S3_ENDPOINT_URL",
+        help="S3 endpoint of --remote-url, for MinIO or another S3 server (env DVC_S3_ENDPOINT_URL).",
+    ),
 ):
     """Download one data version from the DVC remote without a checkout (what containers and pipeline steps do)."""
     from .orchestration import fetch_data
@@ -82,8 +99,12 @@ def fetch_data_cmd(
 
 @app.command()
 def prepare(
-    data: Path = typer.Option(Path("data"), "--data", "-d", help="Data set root in the layout {train,val,test}/{real,fake}/*."),
-    out: Path = typer.Option(Path("prepared"), "--out", "-o", help="Folder for manifest.csv, report.md/json and the image cache."),
+    data: Path = typer.Option(
+        Path("data"), "--data", "-d", help="Data set root in the layout {train,val,test}/{real,fake}/*."
+    ),
+    out: Path = typer.Option(
+        Path("prepared"), "--out", "-o", help="Folder for manifest.csv, report.md/json and the image cache."
+    ),
     workers: int = typer.Option(2, "--workers", "-j", min=1, help="Processes decoding images."),
     params_path: Path = PARAMS_OPT,
 ):
@@ -109,13 +130,26 @@ def train(
     prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output folder of `dfdetect prepare`."),
     models: Path = typer.Option(Path("models"), "--models", help="Where best.pt, last.pt and summary.json go."),
     history: Path = typer.Option(Path("train/history.csv"), "--history", help="Per-epoch curves (DVC plots)."),
-    metrics: Path = typer.Option(Path("train/metrics.json"), "--metrics", help="Validation metrics of the best epoch (DVC metrics)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (e.g. models/last.pt) to continue from; params must match."),
-    stop_after_epochs: Optional[int] = typer.Option(None, "--stop-after-epochs", min=1,
-                                                   help="End this invocation after N epochs (preemptible jobs); continue with --resume."),
+    metrics: Path = typer.Option(
+        Path("train/metrics.json"), "--metrics", help="Validation metrics of the best epoch (DVC metrics)."
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Checkpoint (e.g. models/last.pt) to continue from; params must match."
+    ),
+    stop_after_epochs: Optional[int] = typer.Option(
+        None,
+        "--stop-after-epochs",
+        min=1,
+        help="End this invocation after N epochs (preemptible jobs); continue with --resume.",
+    ),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not track the run in MLflow."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (torchrun; gloo on CPU, "
-                                                        "NCCL on GPUs); train.batch_size is the global batch."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Data-parallel processes on this machine (torchrun; gloo on CPU, "
+        "NCCL on GPUs); train.batch_size is the global batch.",
+    ),
     params_path: Path = PARAMS_OPT,
 ):
     """Train the model named in params.yaml; tracks params, curves and the model in MLflow."""
@@ -124,8 +158,19 @@ def train(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .distributed import launch
 
-        args = ["train", "--prepared", str(prepared), "--models", str(models), "--history", str(history),
-                "--metrics", str(metrics), "--params", str(params_path)]
+        args = [
+            "train",
+            "--prepared",
+            str(prepared),
+            "--models",
+            str(models),
+            "--history",
+            str(history),
+            "--metrics",
+            str(metrics),
+            "--params",
+            str(params_path),
+        ]
         args += ["--resume", str(resume)] if resume else []
         args += ["--stop-after-epochs", str(stop_after_epochs)] if stop_after_epochs else []
         args += ["--no-mlflow"] if no_mlflow else []
@@ -149,17 +194,27 @@ def train(
 @app.command()
 def evaluate(
     prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output folder of `dfdetect prepare`."),
-    models: Path = typer.Option(Path("models"), "--models", help="Folder with best.pt and summary.json from `dfdetect train`."),
+    models: Path = typer.Option(
+        Path("models"), "--models", help="Folder with best.pt and summary.json from `dfdetect train`."
+    ),
     out: Path = typer.Option(Path("eval"), "--out", "-o", help="Report, predictions and PNG figures."),
     metrics: Path = typer.Option(Path("eval/metrics.json"), "--metrics", help="Metrics file (DVC metrics)."),
     plots: Path = typer.Option(Path("eval/plots"), "--plots", help="roc.csv, pr.csv, confusion.csv (DVC plots)."),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not log to the training run in MLflow."),
-    dataset: list[Path] = typer.Option([], "--dataset", help="Another data set in the seed layout (its test split, or "
-                                       "every split, or {real,fake}/ alone) to score beside evaluate.datasets; "
-                                       "repeatable; one table in the report. Its stills are face-cropped with "
-                                       "--face-crop (or prepare.faces.crop_images); videos always are."),
-    face_crop: bool = typer.Option(False, "--face-crop", help="Crop the largest face of the --dataset sets' stills "
-                                   "(whole photos, portraits) with the model's own framing, as training cropped faces."),
+    dataset: list[Path] = typer.Option(
+        [],
+        "--dataset",
+        help="Another data set in the seed layout (its test split, or "
+        "every split, or {real,fake}/ alone) to score beside evaluate.datasets; "
+        "repeatable; one table in the report. Its stills are face-cropped with "
+        "--face-crop (or prepare.faces.crop_images); videos always are.",
+    ),
+    face_crop: bool = typer.Option(
+        False,
+        "--face-crop",
+        help="Crop the largest face of the --dataset sets' stills "
+        "(whole photos, portraits) with the model's own framing, as training cropped faces.",
+    ),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes that crop faces of the suite's sets."),
     params_path: Path = PARAMS_OPT,
 ):
@@ -173,8 +228,18 @@ def evaluate(
 
     params = _params(params_path)
     try:
-        result = run_evaluate(params, prepared, models, out, metrics, plots, track=not no_mlflow, datasets=dataset,
-                              workers=workers, face_crop=face_crop)
+        result = run_evaluate(
+            params,
+            prepared,
+            models,
+            out,
+            metrics,
+            plots,
+            track=not no_mlflow,
+            datasets=dataset,
+            workers=workers,
+            face_crop=face_crop,
+        )
     except (DatasetError, CheckpointError, ValueError, TrackingError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result, indent=2))
@@ -183,8 +248,12 @@ def evaluate(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files to classify."),
-    checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
-    model_uri: Optional[str] = typer.Option(None, "--model-uri", help="An MLflow model URI (runs:/ID/model, models:/NAME@alias); overrides --checkpoint."),
+    checkpoint: Optional[Path] = typer.Option(
+        Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."
+    ),
+    model_uri: Optional[str] = typer.Option(
+        None, "--model-uri", help="An MLflow model URI (runs:/ID/model, models:/NAME@alias); overrides --checkpoint."
+    ),
 ):
     """Classify images as real or fake; prints one JSON line per image. Exits 1 if any input failed
     (each is named on stderr)."""
@@ -206,8 +275,16 @@ def predict(
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             continue
         v = predictor.verdicts([img])[0]
-        typer.echo(json.dumps({"path": str(path), "label": v.label, "fake_probability": round(v.fake_probability, 6),
-                               "threshold": round(v.threshold, 6)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "path": str(path),
+                    "label": v.label,
+                    "fake_probability": round(v.fake_probability, 6),
+                    "threshold": round(v.threshold, 6),
+                }
+            )
+        )
     if failed:  # a script must not take "every input failed" for success
         typer.secho(f"error: {failed} of {len(images)} inputs failed", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
@@ -217,8 +294,12 @@ def predict(
 def explain(
     image: Path = typer.Argument(..., help="The image to explain."),
     checkpoint: Path = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the PNG overlay; default IMAGE.gradcam.png."),
-    face_crop: bool = typer.Option(False, "--face-crop", help="Explain the largest face (prepare.faces settings), as serving.face_crop does."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Where to write the PNG overlay; default IMAGE.gradcam.png."
+    ),
+    face_crop: bool = typer.Option(
+        False, "--face-crop", help="Explain the largest face (prepare.faces settings), as serving.face_crop does."
+    ),
     params_path: Path = PARAMS_OPT,
 ):
     """Grad-CAM heatmap: which regions made the model call the image fake, as a PNG overlay."""
@@ -251,15 +332,30 @@ def explain(
     atomic_write_bytes(out, buf.getvalue())
     p = result["fake_probability"]
     threshold = trained.threshold
-    typer.echo(json.dumps({"image": str(image), "out": str(out), "fake_probability": round(p, 6),
-                           "verdict": "fake" if p >= threshold else "real", "threshold": threshold}))
+    typer.echo(
+        json.dumps(
+            {
+                "image": str(image),
+                "out": str(out),
+                "fake_probability": round(p, 6),
+                "verdict": "fake" if p >= threshold else "real",
+                "threshold": threshold,
+            }
+        )
+    )
 
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Optional[Path] = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."),
-    model_ref: Optional[str] = typer.Option(None, "--model", help="A registry alias or version instead of --checkpoint (e.g. champion)."),
-    out: Path = typer.Option(Path("exports"), "--out", "-o", help="Folder for model.onnx, model.int8.onnx and export.json."),
+    checkpoint: Optional[Path] = typer.Option(
+        Path("models/best.pt"), "--checkpoint", "-c", help="A dfdetect checkpoint."
+    ),
+    model_ref: Optional[str] = typer.Option(
+        None, "--model", help="A registry alias or version instead of --checkpoint (e.g. champion)."
+    ),
+    out: Path = typer.Option(
+        Path("exports"), "--out", "-o", help="Folder for model.onnx, model.int8.onnx and export.json."
+    ),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write a dynamically quantised int8 model."),
     params_path: Path = PARAMS_OPT,
 ):
@@ -271,7 +367,12 @@ def export_cmd(
             from .registry import load
 
             loaded = load(model_ref, params=_params(params_path))
-            model, pre, threshold, source = loaded.model, loaded.preprocess, loaded.threshold, f"{loaded.name}/{loaded.version}"
+            model, pre, threshold, source = (
+                loaded.model,
+                loaded.preprocess,
+                loaded.threshold,
+                f"{loaded.name}/{loaded.version}",
+            )
         else:
             from .artifact import TrainedModel
 
@@ -295,9 +396,11 @@ def package_cmd(
     from . import __version__
 
     wheel = Path("dist") / f"dfdetect-{__version__}-py3-none-any.whl"
-    steps = [[sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", "dist", "."],
-             [shutil.which("bentoml") or "bentoml", "build", "-f", str(bentofile), "--output", "tag"]
-             + (["--version", version] if version else [])]
+    steps = [
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", "dist", "."],
+        [shutil.which("bentoml") or "bentoml", "build", "-f", str(bentofile), "--output", "tag"]
+        + (["--version", version] if version else []),
+    ]
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -327,10 +430,18 @@ def _registry_errors():
 
 @app.command()
 def register(
-    models: Path = typer.Option(Path("models"), "--models", help="Folder with summary.json (the training run) from `dfdetect train`."),
-    metrics: Path = typer.Option(Path("eval/metrics.json"), "--metrics", help="Metrics from `dfdetect evaluate`; become version tags."),
-    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="Output of `dfdetect prepare` (counts for the model card)."),
-    out: Path = typer.Option(Path("registry/registration.json"), "--out", help="Where to write the registered name and version."),
+    models: Path = typer.Option(
+        Path("models"), "--models", help="Folder with summary.json (the training run) from `dfdetect train`."
+    ),
+    metrics: Path = typer.Option(
+        Path("eval/metrics.json"), "--metrics", help="Metrics from `dfdetect evaluate`; become version tags."
+    ),
+    prepared: Path = typer.Option(
+        Path("prepared"), "--prepared", help="Output of `dfdetect prepare` (counts for the model card)."
+    ),
+    out: Path = typer.Option(
+        Path("registry/registration.json"), "--out", help="Where to write the registered name and version."
+    ),
     params_path: Path = PARAMS_OPT,
 ):
     """Register the evaluated run's model as a new version and give it the alias `challenger`."""
@@ -346,7 +457,9 @@ def register(
 
 @app.command()
 def promote(
-    prepared: Path = typer.Option(Path("prepared"), "--prepared", help="The data both models are scored on (its test split)."),
+    prepared: Path = typer.Option(
+        Path("prepared"), "--prepared", help="The data both models are scored on (its test split)."
+    ),
     out: Path = typer.Option(Path("registry"), "--out", help="Folder for promotion.json and promotion.md."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the gate rejects the challenger."),
     params_path: Path = PARAMS_OPT,
@@ -406,8 +519,15 @@ def models_list(
     for col in ("version", "aliases", "created", "roc_auc", "eer", "status", "run"):
         table.add_column(col)
     for v in listing["versions"]:
-        table.add_row(v["version"], ", ".join(v["aliases"]), v["created"], v["metrics"].get("roc_auc", "-"),
-                      v["metrics"].get("eer", "-"), v["status"], v["run_id"][:8])
+        table.add_row(
+            v["version"],
+            ", ".join(v["aliases"]),
+            v["created"],
+            v["metrics"].get("roc_auc", "-"),
+            v["metrics"].get("eer", "-"),
+            v["status"],
+            v["run_id"][:8],
+        )
     history = Table(title="alias history")
     for col in ("at", "alias", "version", "from", "by", "reason"):
         history.add_column(col)
@@ -418,16 +538,20 @@ def models_list(
     console.print(history)
 
 
-pipeline_app = typer.Typer(help="The same pipeline as a Kubeflow Pipelines (v2) pipeline: compile, run locally, submit.",
-                           no_args_is_help=True)
+pipeline_app = typer.Typer(
+    help="The same pipeline as a Kubeflow Pipelines (v2) pipeline: compile, run locally, submit.", no_args_is_help=True
+)
 app.add_typer(pipeline_app, name="pipeline")
 PACKAGE_OPT = typer.Option(Path("pipelines/deepfake_pipeline.yaml"), "--package", help="The compiled pipeline YAML.")
-PARAM_OPT = typer.Option([], "--param", help="Override a params.yaml value for this run, e.g. --param train.lr=0.0005 (repeatable).")
+PARAM_OPT = typer.Option(
+    [], "--param", help="Override a params.yaml value for this run, e.g. --param train.lr=0.0005 (repeatable)."
+)
 
 
 def _pipeline_args(params_path: Path, overrides: list[str], **extra) -> dict:
-    from .orchestration import apply_overrides
     from pipelines.runner import arguments
+
+    from .orchestration import apply_overrides
 
     try:
         params = apply_overrides(_params(params_path), overrides)
@@ -438,7 +562,9 @@ def _pipeline_args(params_path: Path, overrides: list[str], **extra) -> dict:
 
 @pipeline_app.command("compile")
 def pipeline_compile(
-    out: Path = typer.Option(Path("pipelines/deepfake_pipeline.yaml"), "--out", "-o", help="Where to write the IR YAML."),
+    out: Path = typer.Option(
+        Path("pipelines/deepfake_pipeline.yaml"), "--out", "-o", help="Where to write the IR YAML."
+    ),
     image: Optional[str] = typer.Option(None, "--image", help="Container image of the components (built from infra/)."),
     params_path: Path = PARAMS_OPT,
 ):
@@ -451,19 +577,26 @@ def pipeline_compile(
 
 @pipeline_app.command("run")
 def pipeline_run(
-    local: bool = typer.Option(False, "--local", help="Run here with kfp.local's SubprocessRunner (no Docker, no cluster)."),
+    local: bool = typer.Option(
+        False, "--local", help="Run here with kfp.local's SubprocessRunner (no Docker, no cluster)."
+    ),
     package: Path = PACKAGE_OPT,
-    data_source: str = typer.Option("dvc", "--data-source", help="'dvc' (the DVC remote at --dvc-rev) or a data folder."),
+    data_source: str = typer.Option(
+        "dvc", "--data-source", help="'dvc' (the DVC remote at --dvc-rev) or a data folder."
+    ),
     dvc_repo: Path = typer.Option(Path("."), "--dvc-repo", help="Git repository whose data.dvc names the data."),
     dvc_rev: str = typer.Option("HEAD", "--dvc-rev", help="Git revision of the data version."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI for every step (default: as `dfdetect train`)."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI for every step (default: as `dfdetect train`)."
+    ),
     pipeline_root: Path = typer.Option(Path(".kfp"), "--pipeline-root", help="Where local runs keep their artifacts."),
     overrides: list[str] = PARAM_OPT,
     params_path: Path = PARAMS_OPT,
 ):
     """Run the compiled pipeline on this machine, logging to MLflow; prints the run's outputs as JSON."""
-    from .tracking import tracking_uri as default_uri
     from pipelines.runner import PipelineError, run_local, run_outputs
+
+    from .tracking import tracking_uri as default_uri
 
     if not local:
         _fail("only --local runs here; use `dfdetect pipeline submit --host URL` for a cluster")
@@ -472,8 +605,14 @@ def pipeline_run(
     uri = tracking_uri or default_uri(_params(params_path))
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # tasks run in other folders
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    args = _pipeline_args(params_path, overrides, data_source=data_source, dvc_repo=str(dvc_repo.resolve()),
-                          dvc_rev=dvc_rev, tracking_uri=uri)
+    args = _pipeline_args(
+        params_path,
+        overrides,
+        data_source=data_source,
+        dvc_repo=str(dvc_repo.resolve()),
+        dvc_rev=dvc_rev,
+        tracking_uri=uri,
+    )
     try:
         run_dir = run_local(package, args, pipeline_root)
     except PipelineError as exc:
@@ -483,12 +622,18 @@ def pipeline_run(
 
 @pipeline_app.command("submit")
 def pipeline_submit(
-    host: str = typer.Option(..., "--host", help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80."),
+    host: str = typer.Option(
+        ..., "--host", help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80."
+    ),
     package: Path = PACKAGE_OPT,
     experiment: str = typer.Option("dfdetect", "--experiment", help="KFP experiment (created if missing)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run name; default dfdetect-<timestamp>."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user clusters)."),
-    dvc_repo: str = typer.Option("", "--dvc-repo", help="Git URL the cluster clones for data.dvc (data from the DVC remote)."),
+    namespace: Optional[str] = typer.Option(
+        None, "--namespace", help="Kubeflow profile namespace (multi-user clusters)."
+    ),
+    dvc_repo: str = typer.Option(
+        "", "--dvc-repo", help="Git URL the cluster clones for data.dvc (data from the DVC remote)."
+    ),
     dvc_rev: str = typer.Option("HEAD", "--dvc-rev", help="Git revision of the data version."),
     data_source: str = typer.Option("dvc", "--data-source", help="'dvc' or a folder the cluster's pods can read."),
     tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI reachable from the cluster."),
@@ -500,8 +645,9 @@ def pipeline_submit(
 
     if not package.exists():
         _fail(f"{package}: no compiled pipeline; run `dfdetect pipeline compile` first")
-    args = _pipeline_args(params_path, overrides, data_source=data_source, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
-                          tracking_uri=tracking_uri)
+    args = _pipeline_args(
+        params_path, overrides, data_source=data_source, dvc_repo=dvc_repo, dvc_rev=dvc_rev, tracking_uri=tracking_uri
+    )
     try:
         typer.echo(json.dumps(submit(host, package, args, experiment, run_name, namespace)))
     except PipelineError as exc:
@@ -512,8 +658,9 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-server_app = typer.Typer(help="Run the servers a team uses, on 127.0.0.1 (foreground; Ctrl-C stops them all).",
-                         no_args_is_help=True)
+server_app = typer.Typer(
+    help="Run the servers a team uses, on 127.0.0.1 (foreground; Ctrl-C stops them all).", no_args_is_help=True
+)
 app.add_typer(server_app, name="server")
 
 
@@ -521,9 +668,17 @@ app.add_typer(server_app, name="server")
 def server_mlflow(
     root: Path = typer.Option(Path(".servers"), "--root", help="Folder for the server's data, S3 buckets and logs."),
     port: int = typer.Option(5000, "--port", help="MLflow server port."),
-    postgres: bool = typer.Option(False, "--postgres", help="Back the tracking server with PostgreSQL (started here) instead of SQLite."),
-    s3: bool = typer.Option(True, "--s3/--no-s3", help="Store artifacts in S3: starts `rclone serve s3` over ROOT/s3 unless --s3-endpoint is given."),
-    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help="An existing S3 endpoint (MinIO, AWS); credentials from AWS_* variables."),
+    postgres: bool = typer.Option(
+        False, "--postgres", help="Back the tracking server with PostgreSQL (started here) instead of SQLite."
+    ),
+    s3: bool = typer.Option(
+        True,
+        "--s3/--no-s3",
+        help="Store artifacts in S3: starts `rclone serve s3` over ROOT/s3 unless --s3-endpoint is given.",
+    ),
+    s3_endpoint: Optional[str] = typer.Option(
+        None, "--s3-endpoint", help="An existing S3 endpoint (MinIO, AWS); credentials from AWS_* variables."
+    ),
     s3_port: int = typer.Option(9000, "--s3-port", help="Port of the local S3 endpoint."),
     bucket: str = typer.Option("mlflow", "--bucket", help="Artifact bucket."),
 ):
@@ -541,7 +696,9 @@ def server_mlflow(
         if s3 and not s3_endpoint:
             key = os.environ.get("AWS_ACCESS_KEY_ID", "dfdetect")
             secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "dfdetect-secret")
-            started.append(servers.start_s3(root / "s3", key, secret, port=s3_port, buckets=(bucket, "dvc"), log_dir=root))
+            started.append(
+                servers.start_s3(root / "s3", key, secret, port=s3_port, buckets=(bucket, "dvc"), log_dir=root)
+            )
             env = started[-1].env
             typer.echo(f"S3 endpoint {started[-1].url} over {root / 's3'} (buckets: {bucket}, dvc)")
         elif s3_endpoint:
@@ -555,7 +712,9 @@ def server_mlflow(
             backend = f"sqlite:///{root / 'mlflow.db'}"
         artifacts = f"s3://{bucket}/artifacts" if s3 else str(root / "artifacts")
         started.append(servers.start_mlflow(backend, artifacts, port=port, env=env, log_dir=root))
-        typer.echo(f"MLflow tracking server: {started[-1].url}  (export MLFLOW_TRACKING_URI={started[-1].url}); logs in {root}")
+        typer.echo(
+            f"MLflow tracking server: {started[-1].url}  (export MLFLOW_TRACKING_URI={started[-1].url}); logs in {root}"
+        )
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the servers as Ctrl-C does
         while all(s.proc.poll() is None for s in started):
             time.sleep(1)

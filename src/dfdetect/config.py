@@ -24,11 +24,15 @@ class FacesParams(Section):
     frames_per_video: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from each video")
     detector: str = Field("haar", description="face detector from the registry (dfdetect.faces)")
     margin: Union[float, Literal["auto"]] = Field(
-        1.3, description="the face box is enlarged this much (the common protocol: 1.3); auto: as much as the faces "
-                         "of --data's own stills are framed (measured by prepare and stored with the model, so every "
-                         "crop of evaluation and serving frames faces as training saw them)")
-    align: bool = Field(False, description="turn each face so its eyes are level before cropping (a detector with "
-                                           "landmarks: retinaface)")
+        1.3,
+        description="the face box is enlarged this much (the common protocol: 1.3); auto: as much as the faces "
+        "of --data's own stills are framed (measured by prepare and stored with the model, so every "
+        "crop of evaluation and serving frames faces as training saw them)",
+    )
+    align: bool = Field(
+        False,
+        description="turn each face so its eyes are level before cropping (a detector with landmarks: retinaface)",
+    )
     crop_size: int = Field(256, ge=16, le=1024, description="side of the saved square face crops")
     min_face: int = Field(40, ge=8, description="smallest face side searched, in pixels of the frame")
     crop_images: bool = Field(False, description="also crop the largest face of still images (not for tight crops)")
@@ -80,15 +84,21 @@ class _NamedGroups(Section):
         return _check_name(value)
 
 
-
 class NamedSet(_NamedGroups):
     """A data set folder with a name for reports and metrics, and how its files group into videos."""
+
     path: str = Field(description="folder in the seed layout: {train,val,test}/{real,fake}/, or {real,fake}/ alone")
     name: str | None = Field(None, description="names the set in reports and metrics (default: the folder name)")
-    face_crop: bool = Field(False, description="crop the largest face of its stills (whole photos, portraits) as "
-                                               "prepare.faces says; videos are always face-cropped")
-    group_pattern: str | None = Field(None, description="as prepare.group_pattern, for this set's file names: frames "
-                                                        "of one video stay together (one split; video metrics)")
+    face_crop: bool = Field(
+        False,
+        description="crop the largest face of its stills (whole photos, portraits) as "
+        "prepare.faces says; videos are always face-cropped",
+    )
+    group_pattern: str | None = Field(
+        None,
+        description="as prepare.group_pattern, for this set's file names: frames "
+        "of one video stay together (one split; video metrics)",
+    )
 
     @property
     def label(self) -> str:
@@ -97,11 +107,17 @@ class NamedSet(_NamedGroups):
 
 class SourceParams(NamedSet):
     """One more data set of a training mixture (beside --data): DVC-versioned, validated by prepare."""
-    max_per_class: int | None = Field(None, ge=1, description="at most this many files per class and split (a video "
-                                                              "counts once), whole groups chosen by a stable hash")
+
+    max_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many files per class and split (a video "
+        "counts once), whole groups chosen by a stable hash",
+    )
     split: dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15},  # as mixture.DEFAULT_SPLIT
-        description="for a source without split folders: the share of its groups in each split")
+        description="for a source without split folders: the share of its groups in each split",
+    )
 
     @field_validator("split")
     @classmethod
@@ -118,18 +134,30 @@ class PrepareParams(_NamedGroups):
         0.05, ge=0.0, le=1.0, description="fatal when more than this fraction of files is unreadable"
     )
     allow_leakage: bool = Field(False, description="allow the same content in two splits (not advised)")
-    drop_leaks: bool = Field(False, description="the same image content in two splits (e.g. one photo under two names "
-                                                "in a public set): keep it in the earliest split, drop and list the rest, "
-                                                "instead of stopping")
+    drop_leaks: bool = Field(
+        False,
+        description="the same image content in two splits (e.g. one photo under two names "
+        "in a public set): keep it in the earliest split, drop and list the rest, "
+        "instead of stopping",
+    )
     group_pattern: str | None = Field(
-        None, description="regex on image file names with named groups video (and identity): frames of one video "
-                          "or identity may not be in two splits; e.g. '^(?P<video>[a-z]+_\\d+)_\\d+$'")
+        None,
+        description="regex on image file names with named groups video (and identity): frames of one video "
+        "or identity may not be in two splits; e.g. '^(?P<video>[a-z]+_\\d+)_\\d+$'",
+    )
     faces: FacesParams = FacesParams()
     name: str = Field("data", description="names the --data set in reports and metrics (a mixture's first source)")
-    max_per_class: int | None = Field(None, ge=1, description="at most this many files of --data per class and split "
-                                                              "(whole videos or identities, chosen by a stable hash)")
-    sources: list[SourceParams] = Field(default_factory=list, description="more data sets mixed into the same "
-                                        "splits (a training mixture); train.source_weights sets their shares")
+    max_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many files of --data per class and split "
+        "(whole videos or identities, chosen by a stable hash)",
+    )
+    sources: list[SourceParams] = Field(
+        default_factory=list,
+        description="more data sets mixed into the same "
+        "splits (a training mixture); train.source_weights sets their shares",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -146,8 +174,10 @@ class ModelParams(Section):
     pretrained: bool = Field(False, description="start from ImageNet weights (local file or torch cache)")
     weights_path: str | None = Field(None, description="file of ImageNet weights; default: torch hub cache")
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    residual_branch: bool = Field(False, description="add a small CNN on fixed high-pass residuals of the image, "
-                                                     "whose logit is added to the backbone's")
+    residual_branch: bool = Field(
+        False,
+        description="add a small CNN on fixed high-pass residuals of the image, whose logit is added to the backbone's",
+    )
 
 
 class AugmentParams(Section):
@@ -159,11 +189,16 @@ class AugmentParams(Section):
     jpeg_quality: tuple[int, int] = Field((50, 95), description="JPEG quality range [low, high]")
     blur_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images Gaussian-blurred")
     blur_sigma: float = Field(1.5, gt=0.0, le=5.0, description="largest blur sigma, pixels")
-    sharpen_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images sharpened (unsharp mask; never one also blurred)")
+    sharpen_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of images sharpened (unsharp mask; never one also blurred)"
+    )
     sharpen_amount: float = Field(1.0, gt=0.0, le=5.0, description="largest unsharp-mask amount (1: detail doubled)")
     sharpness_match_prob: float = Field(
-        0.0, ge=0.0, le=1.0,
-        description="share of images blurred or sharpened to the sharpness of another image of the batch (sharpness then carries no label)")
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of images blurred or sharpened to the sharpness of another image of the batch (sharpness then carries no label)",
+    )
     noise_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images with Gaussian noise")
     noise_std: float = Field(0.03, gt=0.0, le=0.5, description="largest noise standard deviation (images in [0, 1])")
     downscale_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images downscaled and scaled back up")
@@ -191,11 +226,17 @@ class AugmentParams(Section):
 
 class SbiParams(Section):
     mode: Literal["none", "add", "only"] = Field(
-        "none", description="self-blended fakes from real faces: add (beside the known fakes) or only (real faces alone)")
-    prob: float = Field(0.5, ge=0.0, le=1.0, description="share of the real faces of a batch turned into self-blended fakes")
+        "none",
+        description="self-blended fakes from real faces: add (beside the known fakes) or only (real faces alone)",
+    )
+    prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of the real faces of a batch turned into self-blended fakes"
+    )
     mask: Literal["landmarks", "ellipse"] = Field(
-        "ellipse", description="landmarks: the convex hull of the face mesh (MediaPipe's 468 points, as the paper), an "
-                               "ellipse where no face mesh is found; ellipse: always an ellipse around the crop's centre")
+        "ellipse",
+        description="landmarks: the convex hull of the face mesh (MediaPipe's 468 points, as the paper), an "
+        "ellipse where no face mesh is found; ellipse: always an ellipse around the crop's centre",
+    )
 
 
 class TrainParams(Section):
@@ -209,25 +250,38 @@ class TrainParams(Section):
     step_size: int = Field(5, ge=1, description="StepLR only: epochs between decays")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="StepLR only: decay factor")
     early_stopping_patience: int = Field(5, ge=0, description="epochs without val AUC gain; 0 disables")
-    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="exponential moving average of the weights, validated "
-                             "and shipped instead of the last step's (0 disables; 0.998 averages about 500 steps)")
-    freeze: str = Field("", description="regular expression: parameters whose names match keep their initial "
-                        "(ImageNet) values, e.g. '^net\\.(_conv_stem|_bn0|_blocks\\.[0-2]\\.)' for Lite0's first "
-                        "layers; their gradients are then not computed (batch-norm statistics still adapt). "
-                        "Empty: train every parameter")
+    ema_decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="exponential moving average of the weights, validated "
+        "and shipped instead of the last step's (0 disables; 0.998 averages about 500 steps)",
+    )
+    freeze: str = Field(
+        "",
+        description="regular expression: parameters whose names match keep their initial "
+        "(ImageNet) values, e.g. '^net\\.(_conv_stem|_bn0|_blocks\\.[0-2]\\.)' for Lite0's first "
+        "layers; their gradients are then not computed (batch-norm statistics still adapt). "
+        "Empty: train every parameter",
+    )
     augment: AugmentParams = AugmentParams()
     sbi: SbiParams = SbiParams()
     source_weights: dict[str, float] = Field(
-        default_factory=dict, description="a mixture's share of training draws per source name (prepare.name and "
-        "prepare.sources); an unlisted source weighs 1. Empty: every image once per epoch")
+        default_factory=dict,
+        description="a mixture's share of training draws per source name (prepare.name and "
+        "prepare.sources); an unlisted source weighs 1. Empty: every image once per epoch",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 AMP on CUDA, bf16 autocast on a CPU that has native bf16, else fp32"
     )
     channels_last: Union[Literal["auto"], bool] = Field("auto", description="auto, true or false")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: int = Field(0, ge=0, le=64)
-    calibrate: bool = Field(True, description="fit a temperature on validation after training (served probabilities "
-                                              "then mean what they say); the threshold moves with it")
+    calibrate: bool = Field(
+        True,
+        description="fit a temperature on validation after training (served probabilities "
+        "then mean what they say); the threshold moves with it",
+    )
 
     @field_validator("freeze")
     @classmethod
@@ -242,10 +296,15 @@ class TrainParams(Section):
 class SuiteSet(NamedSet):
     """A data set the model is scored on, beside its own test split: the generalisation suite. Its test split
     if it has one, else all of it; either class may be missing (a set of fakes or of reals only)."""
-    attributes: str | None = Field(None, description="regex with named groups on file names, e.g. "
-                                   "'^(?P<age>\\d+)_(?P<gender>\\d)_(?P<race>\\d)_': error rates per group value")
+
+    attributes: str | None = Field(
+        None,
+        description="regex with named groups on file names, e.g. "
+        "'^(?P<age>\\d+)_(?P<gender>\\d)_(?P<race>\\d)_': error rates per group value",
+    )
     attribute_names: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="readable names of attribute values, e.g. {gender: {'0': male}}")
+        default_factory=dict, description="readable names of attribute values, e.g. {gender: {'0': male}}"
+    )
 
     @field_validator("attributes")
     @classmethod
@@ -265,10 +324,14 @@ class EvaluateParams(Section):
     threshold: Union[float, Literal["val"]] = Field(
         "val", description="decision threshold, or 'val': the EER threshold found on validation"
     )
-    robustness: bool = Field(True, description="also score the split re-compressed (JPEG 90/70/50), blurred, downscaled")
+    robustness: bool = Field(
+        True, description="also score the split re-compressed (JPEG 90/70/50), blurred, downscaled"
+    )
     datasets: list[Union[str, SuiteSet]] = Field(
-        default_factory=list, description="the generalisation suite: more data sets to score, one table (a path, or "
-                                          "{path, name, face_crop, group_pattern, attributes, attribute_names})")
+        default_factory=list,
+        description="the generalisation suite: more data sets to score, one table (a path, or "
+        "{path, name, face_crop, group_pattern, attributes, attribute_names})",
+    )
 
     @field_validator("datasets")
     @classmethod
@@ -306,14 +369,29 @@ class SampleDataParams(Section):
 # The metrics of dfdetect.metrics, by name (tests keep the two in step; config stays free of heavy imports).
 MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer", "ece"]
 # What a suite row (dfdetect.suite) holds; real_fpr_ratio is the highest group's over the lowest's.
-SuiteMetricName = Literal["roc_auc", "average_precision", "eer", "accuracy", "fake_recall", "real_fpr", "video_roc_auc",
-                          "video_average_precision", "video_fake_recall", "video_real_fpr", "real_fpr_ratio"]
+SuiteMetricName = Literal[
+    "roc_auc",
+    "average_precision",
+    "eer",
+    "accuracy",
+    "fake_recall",
+    "real_fpr",
+    "video_roc_auc",
+    "video_average_precision",
+    "video_fake_recall",
+    "video_real_fpr",
+    "real_fpr_ratio",
+]
 LOWER_IS_BETTER = frozenset({"eer", "ece", "real_fpr", "video_real_fpr", "real_fpr_ratio"})
 
 
 class RegistryParams(Section):
-    model_name: str = Field("dfdetect-detector", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                            description="registered model name in the MLflow model registry")
+    model_name: str = Field(
+        "dfdetect-detector",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="registered model name in the MLflow model registry",
+    )
 
 
 class PromotionParams(Section):
@@ -324,55 +402,88 @@ class PromotionParams(Section):
         description="every one must hold for the challenger (for eer: a ceiling); alone decide with no champion",
     )
     dataset_floors: dict[str, dict[SuiteMetricName, float]] = Field(
-        default_factory=dict, description="floors per suite set (evaluate.datasets, by name), e.g. {lfw_faceswap: "
+        default_factory=dict,
+        description="floors per suite set (evaluate.datasets, by name), e.g. {lfw_faceswap: "
         "{roc_auc: 0.8}, utkface_real: {real_fpr: 0.1}}: a challenger that wins in-dataset but loses there is refused "
-        "(eer, real_fpr, video_real_fpr and real_fpr_ratio are ceilings); the challenger is re-scored on those sets")
+        "(eer, real_fpr, video_real_fpr and real_fpr_ratio are ceilings); the challenger is re-scored on those sets",
+    )
     lock_timeout_s: float = Field(120.0, gt=0, description="how long to wait for another promotion to finish")
-    lock_lease_s: float = Field(900.0, gt=0, description="a promotion lock older than this is taken over (a holder "
-                                                         "on this host whose process is gone: at once)")
+    lock_lease_s: float = Field(
+        900.0,
+        gt=0,
+        description="a promotion lock older than this is taken over (a holder "
+        "on this host whose process is gone: at once)",
+    )
 
 
 class ServingParams(Section):
     alias: str = Field("champion", min_length=1, description="registry alias (or version) the service answers with")
-    workers: int = Field(1, ge=1, le=64, description="BentoML worker processes; each loads the models and runs its own batcher")
+    workers: int = Field(
+        1, ge=1, le=64, description="BentoML worker processes; each loads the models and runs its own batcher"
+    )
     runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
-        "auto", description="auto: torch on CUDA, onnx on the CPU (measured fastest there); torch: bf16 autocast + "
-                            "channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU); onnx-int8: dynamically quantised")
+        "auto",
+        description="auto: torch on CUDA, onnx on the CPU (measured fastest there); torch: bf16 autocast + "
+        "channels_last on CPU, fp16 on CUDA; onnx: ONNX Runtime fp32 (CPU); onnx-int8: dynamically quantised",
+    )
     ensemble: list[str] = Field(
-        default_factory=list, description="serve the mean of these versions/aliases instead of `alias` (the guide's ensemble)")
+        default_factory=list,
+        description="serve the mean of these versions/aliases instead of `alias` (the guide's ensemble)",
+    )
     # "none", not "off": YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare off as false.
     challenger_mode: Literal["none", "ab", "shadow"] = Field(
-        "none", description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers")
+        "none",
+        description="ab: the challenger answers challenger_fraction of requests; shadow: it scores, the champion answers",
+    )
     challenger_fraction: float = Field(0.1, ge=0.0, le=1.0)
     poll_interval_s: float = Field(10.0, ge=0.5, description="how often the service checks the registry for promotions")
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_latency_ms: int = Field(1000, ge=1, le=60_000, description="adaptive batching: longest a request may queue (503 after)")
+    max_latency_ms: int = Field(
+        1000, ge=1, le=60_000, description="adaptive batching: longest a request may queue (503 after)"
+    )
     max_upload_mb: float = Field(10.0, gt=0, le=1024, description="largest image upload")
     max_video_mb: float = Field(200.0, gt=0, le=10_240, description="largest video upload")
     video_frames: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from a video")
     max_score_mb: float = Field(16.0, gt=0, le=1024, description="largest POST /score JSON body")
     # POST /inference/analyze-frames: bounds on one batch request, so that it costs no more than its images
     # would as single requests (each image also keeps the single-image limits above and below)
-    max_batch_images: int = Field(32, ge=1, le=1024, description="most images in one analyze-frames request (400 above)")
-    max_batch_mb: float = Field(16.0, gt=0, le=1024, description="largest analyze-frames body, all its images together (413 above)")
+    max_batch_images: int = Field(
+        32, ge=1, le=1024, description="most images in one analyze-frames request (400 above)"
+    )
+    max_batch_mb: float = Field(
+        16.0, gt=0, le=1024, description="largest analyze-frames body, all its images together (413 above)"
+    )
     max_batch_megapixels: float = Field(
-        100.0, gt=0, le=10_000, description="most pixels (width x height summed over its images) one analyze-frames "
-                                            "request may decode; 400 above, decided from the headers before decoding")
+        100.0,
+        gt=0,
+        le=10_000,
+        description="most pixels (width x height summed over its images) one analyze-frames "
+        "request may decode; 400 above, decided from the headers before decoding",
+    )
     max_image_megapixels: float = Field(40.0, gt=0, le=64, description="largest decoded image (width x height)")
     max_image_side: int = Field(8192, ge=64, le=16_384, description="longest side of an image, in pixels")
     max_aspect_ratio: float = Field(10.0, ge=1, le=20, description="longest side over shortest side of an image")
     max_video_megapixels: float = Field(8.3, gt=0, le=40, description="largest video frame (4K UHD is 8.3)")
-    decode_threads: int = Field(2, ge=1, le=64, description="threads that decode and resize uploads, off the event loop")
+    decode_threads: int = Field(
+        2, ge=1, le=64, description="threads that decode and resize uploads, off the event loop"
+    )
     header_timeout_s: float = Field(10.0, gt=0, le=300, description="time a connection has to send a request's headers")
-    body_timeout_s: float = Field(30.0, gt=0, le=600, description="longest pause while a request body is read (408 after)")
-    face_crop: bool = Field(False, description="score the largest face (prepare.faces: detector, margin, crop_size), "
-                                                "as models trained on face crops expect; a frame without one is a 422")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="longest pause while a request body is read (408 after)"
+    )
+    face_crop: bool = Field(
+        False,
+        description="score the largest face (prepare.faces: detector, margin, crop_size), "
+        "as models trained on face crops expect; a frame without one is a 422",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class MlflowParams(Section):
     experiment: str = Field("dfdetect", min_length=1)
-    tracking_uri: str | None = Field(None, description="used when $MLFLOW_TRACKING_URI is unset; default sqlite:///mlflow.db")
+    tracking_uri: str | None = Field(
+        None, description="used when $MLFLOW_TRACKING_URI is unset; default sqlite:///mlflow.db"
+    )
     log_model: bool = True
 
 

@@ -65,13 +65,18 @@ def discover(root: str | Path) -> tuple[list[ImageFile], list[str]]:
             if not class_dir.is_dir():
                 raise DatasetError(f"{class_dir}: missing class folder (each split needs real/ and fake/)")
             try:  # not p.is_file(): FIFOs and broken links are listed too, to be reported unreadable, not skipped
-                found = sorted(p for p in class_dir.rglob("*")
-                               if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir())
+                found = sorted(
+                    p
+                    for p in class_dir.rglob("*")
+                    if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir()
+                )
             except OSError as exc:
                 raise DatasetError(f"{class_dir}: cannot list the folder ({exc.strerror or exc})") from None
             if not found:
-                raise DatasetError(f"{class_dir}: empty class, no images ({sorted(IMAGE_EXTENSIONS)}) "
-                                   f"or videos ({sorted(VIDEO_EXTENSIONS)})")
+                raise DatasetError(
+                    f"{class_dir}: empty class, no images ({sorted(IMAGE_EXTENSIONS)}) "
+                    f"or videos ({sorted(VIDEO_EXTENSIONS)})"
+                )
             files += [ImageFile(p, p.relative_to(root).as_posix(), split, class_name) for p in found]
         extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in CLASS_NAMES)
         if extra:
@@ -160,9 +165,16 @@ class CachedBatches(torch.utils.data.Dataset):
         return images, torch.from_numpy(self.split.labels[idx][order])
 
 
-def batch_loader(split: PreparedSplit, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                 num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
-                 sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
+def batch_loader(
+    split: PreparedSplit,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
+) -> torch.utils.data.DataLoader:
     """Batches in a seeded order; `pin_memory` (for CUDA) lets the host-to-device copy run asynchronously.
     `sampler` replaces the order (a DistributedSampler gives each process its share)."""
     dataset = CachedBatches(split)
@@ -173,5 +185,11 @@ def batch_loader(split: PreparedSplit, batch_size: int, shuffle: bool, generator
     else:
         base = torch.utils.data.SequentialSampler(dataset)
     sampler = torch.utils.data.BatchSampler(base, batch_size, drop_last=drop_last)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )

@@ -67,6 +67,14 @@ def gather(d: Dist, value) -> list:
 
 def launch(nproc: int, args: list[str]) -> int:
     """Run `python -m dfdetect.cli ARGS` in `nproc` processes with torchrun on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dfdetect.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dfdetect.cli",
+        *args,
+    ]
     return subprocess.run(cmd).returncode

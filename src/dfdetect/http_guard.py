@@ -150,7 +150,10 @@ class _FormChecker:
 
         def on_part_begin():
             if len(self.parts) >= self.route.max_parts:
-                raise Refused(400, f"more than {self.route.max_parts} multipart parts; this endpoint takes {self.route.describe()}")
+                raise Refused(
+                    400,
+                    f"more than {self.route.max_parts} multipart parts; this endpoint takes {self.route.describe()}",
+                )
             self._headers, self._size, self._chunks = {}, 0, []
 
         def on_headers_finished():
@@ -160,8 +163,11 @@ class _FormChecker:
             self._size += end - start
             name, filename, _ = self.parts[-1]
             if filename is None and self._size > MAX_TEXT_FIELD_BYTES:
-                raise Refused(400, f"field {name!r}: over {MAX_TEXT_FIELD_BYTES} bytes "
-                                   f"(only {self.route.file_field!r} may be large, and it must be a file)")
+                raise Refused(
+                    400,
+                    f"field {name!r}: over {MAX_TEXT_FIELD_BYTES} bytes "
+                    f"(only {self.route.file_field!r} may be large, and it must be a file)",
+                )
             if self.keep:
                 self._chunks.append(data[start:end])
 
@@ -174,10 +180,16 @@ class _FormChecker:
         def on_end():
             self.ended = True
 
-        return {"on_header_field": on_header_field, "on_header_value": on_header_value,
-                "on_header_end": on_header_end, "on_part_begin": on_part_begin,
-                "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-                "on_part_end": on_part_end, "on_end": on_end}
+        return {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_begin": on_part_begin,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_end": on_end,
+        }
 
     def _check_part_headers(self) -> tuple[str, str | None, int]:
         disposition = self._headers.get(b"content-disposition")
@@ -196,8 +208,11 @@ class _FormChecker:
         given = sum(p[0] == name for p in self.parts)
         if name == self.route.file_field and self.route.max_files > 1:
             if given >= self.route.max_files:
-                raise Refused(400, f"field {name!r}: more than {self.route.max_files} files; this endpoint takes "
-                                   f"at most {self.route.max_files} per request")
+                raise Refused(
+                    400,
+                    f"field {name!r}: more than {self.route.max_files} files; this endpoint takes "
+                    f"at most {self.route.max_files} per request",
+                )
         elif given:
             raise Refused(400, f"field {name!r} given twice")
         if name == self.route.file_field and filename is None:
@@ -224,8 +239,11 @@ def check_multipart(route: Route, content_type: str | None, body: bytes, keep: b
     except Refused:
         raise
     except Exception as exc:  # python-multipart's parse errors: the body does not follow the boundary
-        raise Refused(400, f"malformed multipart body ({type(exc).__name__}: lines must end in CRLF and parts "
-                           "must be separated by the boundary of the Content-Type header)") from None
+        raise Refused(
+            400,
+            f"malformed multipart body ({type(exc).__name__}: lines must end in CRLF and parts "
+            "must be separated by the boundary of the Content-Type header)",
+        ) from None
     if not checker.ended:
         raise Refused(400, "malformed multipart body: no closing boundary (does it match the Content-Type header?)")
     if not any(name == route.file_field for name, _, _ in checker.parts):
@@ -243,8 +261,13 @@ def check_content_type(route: Route, content_type: str | None) -> None:
 class RequestGuard:
     """ASGI middleware: `routes` maps a POST path to what it accepts; other POSTs get a small body limit."""
 
-    def __init__(self, app, routes: dict[str, Route], body_timeout_s: float = 30.0,
-                 on_refused: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        app,
+        routes: dict[str, Route],
+        body_timeout_s: float = 30.0,
+        on_refused: Callable[[int], None] | None = None,
+    ):
         self.app, self.routes, self.body_timeout_s = app, routes, body_timeout_s
         self.on_refused = on_refused or (lambda status: None)
 
@@ -282,8 +305,9 @@ class RequestGuard:
             if int(length) > limit:
                 if int(length) <= limit + DRAIN_BYTES:  # read it away first: the client then sees the answer
                     await drain(receive, DRAIN_BYTES, self.body_timeout_s)
-                raise Refused(413, f"request body of {length} bytes is over the limit of {limit} bytes",
-                              {"Connection": "close"})
+                raise Refused(
+                    413, f"request body of {length} bytes is over the limit of {limit} bytes", {"Connection": "close"}
+                )
         content_type = _header(scope, b"content-type")
         if route is not None and route.kind != "multipart":
             check_content_type(route, content_type)

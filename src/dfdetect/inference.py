@@ -17,13 +17,17 @@ from .labels import CLASS_NAMES, FAKE, check_label_map
 from .preprocessing import PreprocessConfig, normalize, to_model_input
 
 
-def predict_scores(model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+def predict_scores(
+    model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.Runtime
+) -> tuple[np.ndarray, np.ndarray, float]:
     """P(fake) for every batch of a loader of uint8 images, with the labels and the mean loss."""
     logits, labels, loss = predict_logits(model, loader, pre, rt)
     return 1 / (1 + np.exp(-logits.astype(np.float64))), labels, loss
 
 
-def predict_logits(model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+def predict_logits(
+    model: nn.Module, loader, pre: PreprocessConfig, rt: runtime.Runtime
+) -> tuple[np.ndarray, np.ndarray, float]:
     """The model's logits (temperature applied) for every batch of uint8 images, the labels, the mean loss."""
     model.eval()
     scores, labels, loss_sum = [], [], 0.0
@@ -53,8 +57,15 @@ class Verdict:
 class Predictor:
     """A model with its preprocessing and threshold; `score` takes PIL images and returns P(fake)."""
 
-    def __init__(self, model: nn.Module, pre: PreprocessConfig, threshold: float, source: str,
-                 probabilities: bool = False, rt: runtime.Runtime | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        pre: PreprocessConfig,
+        threshold: float,
+        source: str,
+        probabilities: bool = False,
+        rt: runtime.Runtime | None = None,
+    ):
         self.rt = rt or runtime.resolve("cpu", "fp32", False)
         self.model = model.to(self.rt.device)
         if not probabilities:
@@ -64,7 +75,9 @@ class Predictor:
 
     @classmethod
     def from_trained(cls, trained: TrainedModel, source: str, device: str = "cpu") -> "Predictor":
-        return cls(trained.module, trained.preprocess, trained.threshold, source, rt=runtime.resolve(device, "fp32", False))
+        return cls(
+            trained.module, trained.preprocess, trained.threshold, source, rt=runtime.resolve(device, "fp32", False)
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Predictor":
@@ -83,8 +96,13 @@ class Predictor:
         check_label_map(meta["label_map"])
         if isinstance(model, torch.export.ExportedProgram):
             model = model.module()
-        return cls(model, PreprocessConfig.from_dict(meta["preprocess"]), meta.get("threshold", 0.5), model_uri,
-                   probabilities=True)
+        return cls(
+            model,
+            PreprocessConfig.from_dict(meta["preprocess"]),
+            meta.get("threshold", 0.5),
+            model_uri,
+            probabilities=True,
+        )
 
     def score(self, images: list[Image.Image]) -> np.ndarray:
         x = to_model_input(images, self.pre).to(self.rt.device)

@@ -88,8 +88,16 @@ def extract_one(file: ImageFile, out_root: Path, params: FacesParams) -> SourceR
         crop = crop_face(rgb, box, params.margin, params.crop_size, align=params.align)
         Image.fromarray(crop).save(target, quality=JPEG_QUALITY)
         video = file.video or (f"{file.class_name}/{Path(file.relpath).stem}" if file.is_video else file.relpath)
-        result.crops.append(replace(file, path=target, relpath=rel, video=video,
-                                    frame=index if file.is_video else file.frame, source=file.relpath))
+        result.crops.append(
+            replace(
+                file,
+                path=target,
+                relpath=rel,
+                video=video,
+                frame=index if file.is_video else file.frame,
+                source=file.relpath,
+            )
+        )
     return result
 
 
@@ -106,8 +114,14 @@ def extract_faces(files: list[ImageFile], out_root: Path, params: FacesParams, w
         raise ValueError("extract_faces needs a number for prepare.faces.margin (resolve 'auto' first)")
     build_detector(params.detector, params.min_face)  # a bad setting fails here, before any work
     # spawn, not fork: OpenCV's thread pool in a forked child can deadlock
-    results = map_chunks(_extract_chunk, [([f], out_root, params) for f in files], "cropping faces", len(files),
-                         min(workers, os.cpu_count() or 1), multiprocessing.get_context("spawn"))
+    results = map_chunks(
+        _extract_chunk,
+        [([f], out_root, params) for f in files],
+        "cropping faces",
+        len(files),
+        min(workers, os.cpu_count() or 1),
+        multiprocessing.get_context("spawn"),
+    )
     for r in results:
         if r.error:
             log.warning("skipped: %s", r.error)

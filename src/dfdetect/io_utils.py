@@ -20,8 +20,13 @@ class UnreadableFile(OSError):
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return kind
     return "not a file"
@@ -29,7 +34,9 @@ def _kind(mode: int) -> str:
 
 def _cannot_read(name: str, path, exc: OSError) -> UnreadableFile:
     missing = isinstance(exc, FileNotFoundError)
-    why = ("a broken symbolic link" if os.path.islink(path) else "no such file") if missing else exc.strerror or str(exc)
+    why = (
+        ("a broken symbolic link" if os.path.islink(path) else "no such file") if missing else exc.strerror or str(exc)
+    )
     return UnreadableFile(f"{name}: cannot be read ({why})")
 
 

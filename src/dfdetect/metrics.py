@@ -89,8 +89,16 @@ def reliability(labels, scores, bins: int = 10) -> list[dict]:
     """Per probability bin: mean predicted P(fake), observed fake rate, count (the reliability diagram)."""
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     which = np.minimum((scores * bins).astype(int), bins - 1)
-    return [{"bin": b, "predicted": float(scores[which == b].mean()), "observed": float(labels[which == b].mean()),
-             "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+    return [
+        {
+            "bin": b,
+            "predicted": float(scores[which == b].mean()),
+            "observed": float(labels[which == b].mean()),
+            "count": int((which == b).sum()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
 
 
 def compute_all(labels, scores, threshold: float = 0.5, names: list[str] | None = None) -> dict[str, float]:

@@ -57,8 +57,11 @@ def list_unsplit(root: Path) -> list[ImageFile]:
         if not folder.is_dir():
             continue
         try:
-            found = sorted(p for p in folder.rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir())
+            found = sorted(
+                p
+                for p in folder.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir()
+            )
         except OSError as exc:
             raise DatasetError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
         files += [ImageFile(p, p.relative_to(root).as_posix(), "", class_name) for p in found]
@@ -89,7 +92,7 @@ def assign_splits(files: list[ImageFile], fractions: dict[str, float], salt: str
                 size = n if i == 0 else 0
             else:
                 size = n - start if not left else min(n - start - left, max(1, round(n * fractions[split])))
-            for key in keys[start:start + size]:
+            for key in keys[start : start + size]:
                 split_of[key] = split
             start += size
     return [replace(f, split=split_of[f.identity or f.video or f.relpath]) for f in files]
@@ -129,9 +132,16 @@ def discover_source(source: SourceParams, assign_groups) -> tuple[list[ImageFile
     files, dropped = cap_per_class(files, source.max_per_class, SPLIT_SALT)
     if dropped:
         notes.append(f"source '{name}': {dropped} files left out by max_per_class={source.max_per_class}")
-    named = [replace(f, relpath=source_relpath(name, f.relpath), dataset=name,
-                     video=f"{name}/{f.video}" if f.video else "",
-                     identity=f"{name}/{f.identity}" if f.identity else "") for f in files]
+    named = [
+        replace(
+            f,
+            relpath=source_relpath(name, f.relpath),
+            dataset=name,
+            video=f"{name}/{f.video}" if f.video else "",
+            identity=f"{name}/{f.identity}" if f.identity else "",
+        )
+        for f in files
+    ]
     return named, notes + [f"source '{name}': {n}" for n in group_notes]
 
 
@@ -151,6 +161,7 @@ def dvc_version(path: str | Path) -> str:
 
 # --- training draws ---------------------------------------------------------------------------------------
 
+
 class MixtureSampler(torch.utils.data.Sampler):
     """Indices of one epoch where each source gets its weight's share of the draws (with replacement within a
     source only when its share exceeds its size). The order comes from the seed and the epoch alone, so a
@@ -160,7 +171,9 @@ class MixtureSampler(torch.utils.data.Sampler):
         self.names = sorted(set(datasets))
         unknown = set(weights) - set(self.names)
         if unknown:
-            raise DatasetError(f"train.source_weights names {sorted(unknown)}, but the prepared data has only {self.names}")
+            raise DatasetError(
+                f"train.source_weights names {sorted(unknown)}, but the prepared data has only {self.names}"
+            )
         self.members = {n: np.flatnonzero(np.asarray(datasets) == n) for n in self.names}
         self.weights = {n: float(weights.get(n, 1.0)) for n in self.names}
         if sum(self.weights.values()) <= 0:
@@ -188,7 +201,7 @@ class MixtureSampler(torch.utils.data.Sampler):
             parts.append(draws)
         indices = rng.permutation(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
         usable = len(indices) - len(indices) % self.world
-        return indices[:usable][self.rank::self.world]
+        return indices[:usable][self.rank :: self.world]
 
     def __iter__(self):
         return iter(self._epoch_indices().tolist())

@@ -37,12 +37,19 @@ def log_model(mlflow, trained: TrainedModel) -> None:
         signature=infer_signature(example, output),
         input_example=example,
         pip_requirements=_requirements(),
-        metadata={"label_map": trained.label_map, "preprocess": pre.to_dict(), "threshold": trained.threshold,
-                  "output": "probability that the image is fake (label 1)", "architecture": trained.architecture},
+        metadata={
+            "label_map": trained.label_map,
+            "preprocess": pre.to_dict(),
+            "threshold": trained.threshold,
+            "output": "probability that the image is fake (label 1)",
+            "architecture": trained.architecture,
+        },
     )
 
 
-def log_training_outputs(mlflow, params: Params, trained: TrainedModel, best_ckpt: Path, history_path, best: dict) -> None:
+def log_training_outputs(
+    mlflow, params: Params, trained: TrainedModel, best_ckpt: Path, history_path, best: dict
+) -> None:
     """The run's best metrics, its checkpoint file (what the registry loads), training curves and the model."""
     mlflow.log_metrics({f"best_{k}": float(v) for k, v in best.items()})
     mlflow.log_artifact(str(best_ckpt), artifact_path="checkpoint")

@@ -46,14 +46,23 @@ def apply_overrides(params: Params, overrides: list[str]) -> Params:
         node, parts = raw, key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ParamsError(f"--param {key}: unknown parameter (no section {part!r}); sections are {list(SECTIONS)}")
+                raise ParamsError(
+                    f"--param {key}: unknown parameter (no section {part!r}); sections are {list(SECTIONS)}"
+                )
             node = node[part]
         node[parts[-1]] = yaml.safe_load(value)
     return parse_params(raw, "--param overrides")
 
 
-def fetch_data(source: str, dvc_repo: str, dvc_rev: str, dest: str | Path, path_in_repo: str = "data",
-               remote_url: str = "", endpoint_url: str = "") -> None:
+def fetch_data(
+    source: str,
+    dvc_repo: str,
+    dvc_rev: str,
+    dest: str | Path,
+    path_in_repo: str = "data",
+    remote_url: str = "",
+    endpoint_url: str = "",
+) -> None:
     """The data set: from the DVC remote at a git revision of `dvc_repo` (source 'dvc'), or from a folder.
 
     `remote_url` (and `endpoint_url`, for S3 servers such as MinIO) replace the repository's default remote,
@@ -75,7 +84,9 @@ def fetch_data(source: str, dvc_repo: str, dvc_rev: str, dest: str | Path, path_
             fs.get(path_in_repo, str(dest), recursive=True)
         except FileNotFoundError as exc:
             where = remote_url or "the repository's default remote"
-            raise FileNotFoundError(f"{path_in_repo!r} of {dvc_repo}@{dvc_rev or 'HEAD'} is not in {where}: {exc}") from None
+            raise FileNotFoundError(
+                f"{path_in_repo!r} of {dvc_repo}@{dvc_rev or 'HEAD'} is not in {where}: {exc}"
+            ) from None
     else:
         if not Path(source).is_dir():
             raise ValueError(f"data_source {source!r}: not 'dvc' and not a folder")
@@ -98,10 +109,13 @@ def log_kfp_evaluation(result: dict, evaluation_dir: str | Path, metrics, roc, r
             metrics.log_metric(key, float(value))
     with open(evaluation_dir / "plots" / "roc.csv") as f:
         points = _sample(list(csv.DictReader(f)), 200)
-    roc.log_roc_curve([float(p["fpr"]) for p in points], [float(p["tpr"]) for p in points],
-                      [float(p["threshold"]) for p in points])
+    roc.log_roc_curve(
+        [float(p["fpr"]) for p in points], [float(p["tpr"]) for p in points], [float(p["threshold"]) for p in points]
+    )
     with open(evaluation_dir / "plots" / "confusion.csv") as f:
         pairs = [(r["actual"], r["predicted"]) for r in csv.DictReader(f)]
     classes = ["real", "fake"]
-    roc.log_confusion_matrix(classes, [[sum(1 for a, p in pairs if a == x and p == y) for y in classes] for x in classes])
+    roc.log_confusion_matrix(
+        classes, [[sum(1 for a, p in pairs if a == x and p == y) for y in classes] for x in classes]
+    )
     shutil.copy(evaluation_dir / "report.md", report.path)

@@ -16,15 +16,37 @@ from .config import DEFAULT_MARGIN, FacesParams, PrepareParams
 from .data import CACHE_META, SPLITS, DatasetError, ImageFile, cache_paths, discover
 from .faces import build_detector, framing
 from .ingest import extract_faces, faces_report
-from .mixture import DEFAULT_SPLIT, SPLIT_SALT, assign_splits, cap_per_class, discover_source, dvc_version, has_splits, list_unsplit
 from .io_utils import UnreadableFile, atomic_dir, atomic_write_csv, read_regular_file
 from .labels import CLASS_NAMES, LABEL_MAP
+from .mixture import (
+    DEFAULT_SPLIT,
+    SPLIT_SALT,
+    assign_splits,
+    cap_per_class,
+    discover_source,
+    dvc_version,
+    has_splits,
+    list_unsplit,
+)
 from .preprocessing import ImageError, PreprocessConfig, decode_image, resize_square
 from .progress import map_chunks
 
 log = logging.getLogger(__name__)
-MANIFEST_FIELDS = ["dataset", "path", "split", "label", "class", "sha256", "width", "height", "status", "video", "frame",
-                   "identity", "source"]
+MANIFEST_FIELDS = [
+    "dataset",
+    "path",
+    "split",
+    "label",
+    "class",
+    "sha256",
+    "width",
+    "height",
+    "status",
+    "video",
+    "frame",
+    "identity",
+    "source",
+]
 
 
 @dataclass
@@ -67,8 +89,9 @@ def _check_chunk(args) -> list[Checked]:
 
 def check_all(files: list[ImageFile], params: PrepareParams, workers: int) -> list[Checked]:
     chunks = [files[i : i + 256] for i in range(0, len(files), 256)]
-    return map_chunks(_check_chunk, [(c, params.image_size, params.min_size) for c in chunks], "decoding images",
-                      len(files), workers)
+    return map_chunks(
+        _check_chunk, [(c, params.image_size, params.min_size) for c in chunks], "decoding images", len(files), workers
+    )
 
 
 def find_leaks(checked: list[Checked]) -> list[dict]:
@@ -114,7 +137,11 @@ def assign_groups(files: list[ImageFile], pattern: str | None) -> tuple[list[Ima
         video = (m.group("video") if m else stem) if f.is_video or m else ""
         identity = (m.groupdict().get("identity") or "") if m else ""
         out.append(replace(f, video=f"{f.class_name}/{video}" if video else "", identity=identity))
-    notes = [f"prepare.group_pattern matched no video in {unmatched} image names: each is its own group"] if unmatched else []
+    notes = (
+        [f"prepare.group_pattern matched no video in {unmatched} image names: each is its own group"]
+        if unmatched
+        else []
+    )
     return out, notes
 
 
@@ -126,8 +153,11 @@ def find_group_leaks(files: list[ImageFile]) -> list[str]:
         for f in files:
             if getattr(f, attr):
                 splits[getattr(f, attr)].add(f.split)
-        problems += [f"{what} {key!r} is in {sorted(s, key=['train', 'val', 'test'].index)}"
-                     for key, s in sorted(splits.items()) if len(s) > 1]
+        problems += [
+            f"{what} {key!r} is in {sorted(s, key=['train', 'val', 'test'].index)}"
+            for key, s in sorted(splits.items())
+            if len(s) > 1
+        ]
     return problems
 
 
@@ -144,21 +174,31 @@ def mark_duplicates(checked: list[Checked]) -> int:
     return n
 
 
-def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], params: PrepareParams,
-                 faces: dict | None = None) -> dict:
+def build_report(
+    checked: list[Checked], leaks: list[dict], notes: list[str], params: PrepareParams, faces: dict | None = None
+) -> dict:
     counts = Counter((c.file.split, c.file.class_name) for c in checked if c.status == "ok")
     splits = sorted({c.file.split for c in checked}, key=["train", "val", "test"].index)
     per_split = {}
     for s in splits:
         real, fake = counts[(s, "real")], counts[(s, "fake")]
         videos = len({c.file.video for c in checked if c.status == "ok" and c.file.split == s and c.file.video})
-        per_split[s] = {"real": real, "fake": fake, "total": real + fake, "fake_fraction": round(fake / max(1, real + fake), 4),
-                        "videos": videos}
-    problems = {status: [c.problem for c in checked if c.status == status]
-                for status in ("unreadable", "too_small", "duplicate", "leaked")}
+        per_split[s] = {
+            "real": real,
+            "fake": fake,
+            "total": real + fake,
+            "fake_fraction": round(fake / max(1, real + fake), 4),
+            "videos": videos,
+        }
+    problems = {
+        status: [c.problem for c in checked if c.status == status]
+        for status in ("unreadable", "too_small", "duplicate", "leaked")
+    }
     by_source = Counter((c.file.dataset, c.file.split, c.file.class_name) for c in checked if c.status == "ok")
-    sources = {name: {s: {k: by_source[(name, s, k)] for k in CLASS_NAMES} for s in splits}
-               for name in sorted({c.file.dataset for c in checked})}
+    sources = {
+        name: {s: {k: by_source[(name, s, k)] for k in CLASS_NAMES} for s in splits}
+        for name in sorted({c.file.dataset for c in checked})
+    }
     return {
         "label_map": LABEL_MAP,
         "image_size": params.image_size,
@@ -177,27 +217,50 @@ def build_report(checked: list[Checked], leaks: list[dict], notes: list[str], pa
 
 
 def report_markdown(report: dict) -> str:
-    lines = ["# Data report", "", f"Files found: {report['files_found']}, used: {report['files_used']}, "
-             f"images resized to {report['image_size']}px. Labels: {report['label_map']}.", "",
-             "| split | real | fake | total | fake fraction | videos |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Data report",
+        "",
+        f"Files found: {report['files_found']}, used: {report['files_used']}, "
+        f"images resized to {report['image_size']}px. Labels: {report['label_map']}.",
+        "",
+        "| split | real | fake | total | fake fraction | videos |",
+        "|---|---|---|---|---|---|",
+    ]
     for s, c in report["splits"].items():
         lines.append(f"| {s} | {c['real']} | {c['fake']} | {c['total']} | {c['fake_fraction']:.2f} | {c['videos']} |")
     if len(report.get("sources", {})) > 1:  # a mixture: what each source contributes
-        lines += ["", "## Sources (real / fake per split)", "", "| source | version | " + " | ".join(report["splits"]) + " |",
-                  "|---|---|" + "---|" * len(report["splits"])]
+        lines += [
+            "",
+            "## Sources (real / fake per split)",
+            "",
+            "| source | version | " + " | ".join(report["splits"]) + " |",
+            "|---|---|" + "---|" * len(report["splits"]),
+        ]
         for name, per in report["sources"].items():
             version = report.get("source_versions", {}).get(name, "")
-            lines.append(f"| {name} | {version} | " + " | ".join(f"{per[s]['real']} / {per[s]['fake']}" for s in report["splits"]) + " |")
+            lines.append(
+                f"| {name} | {version} | "
+                + " | ".join(f"{per[s]['real']} / {per[s]['fake']}" for s in report["splits"])
+                + " |"
+            )
     if report.get("faces"):
         f = report["faces"]
-        lines += ["", f"## Face crops: {f['crops']} from {f['sources']} sources ({f['videos']} videos)", "",
-                  f"Frames sampled: {f['frames_sampled']}; without a face: {f['frames_without_face']}.", ""]
+        lines += [
+            "",
+            f"## Face crops: {f['crops']} from {f['sources']} sources ({f['videos']} videos)",
+            "",
+            f"Frames sampled: {f['frames_sampled']}; without a face: {f['frames_without_face']}.",
+            "",
+        ]
         lines += [f"- unreadable, skipped: {e}" for e in f["unreadable"]]
         lines += [f"- no face in any sampled frame: {v}" for v in f["no_face_at_all"]]
         lines += [f"- {v}: no face in frames {frames}" for v, frames in list(f["without_face"].items())[:200]]
-    for title, key in [("Unreadable or truncated (excluded)", "unreadable"), ("Under the minimum size (excluded)", "too_small"),
-                       ("Duplicates within a split (excluded)", "duplicates_within_split"),
-                       ("In two splits, dropped from the later one (prepare.drop_leaks)", "leaked_dropped")]:
+    for title, key in [
+        ("Unreadable or truncated (excluded)", "unreadable"),
+        ("Under the minimum size (excluded)", "too_small"),
+        ("Duplicates within a split (excluded)", "duplicates_within_split"),
+        ("In two splits, dropped from the later one (prepare.drop_leaks)", "leaked_dropped"),
+    ]:
         lines += ["", f"## {title}: {len(report[key])}"] + [f"- {p}" for p in report[key][:200]]
     lines += ["", f"## Same content in two splits (leakage): {len(report['leaks_across_splits'])}"]
     lines += [f"- {', '.join(leak['files'])}" for leak in report["leaks_across_splits"][:200]]
@@ -207,10 +270,28 @@ def report_markdown(report: dict) -> str:
 
 
 def write_manifest(path: Path, checked: list[Checked]) -> None:
-    atomic_write_csv(path, ({"dataset": c.file.dataset, "path": c.file.relpath, "split": c.file.split, "label": c.file.label, "class": c.file.class_name,
-                         "sha256": c.sha256, "width": c.width, "height": c.height, "status": c.status,
-                         "video": c.file.video, "frame": c.file.frame, "identity": c.file.identity, "source": c.file.source}
-                            for c in checked), MANIFEST_FIELDS)
+    atomic_write_csv(
+        path,
+        (
+            {
+                "dataset": c.file.dataset,
+                "path": c.file.relpath,
+                "split": c.file.split,
+                "label": c.file.label,
+                "class": c.file.class_name,
+                "sha256": c.sha256,
+                "width": c.width,
+                "height": c.height,
+                "status": c.status,
+                "video": c.file.video,
+                "frame": c.file.frame,
+                "identity": c.file.identity,
+                "source": c.file.source,
+            }
+            for c in checked
+        ),
+        MANIFEST_FIELDS,
+    )
 
 
 def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int = 1) -> dict:
@@ -225,7 +306,9 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
         notes = [f"{data_dir}: no split folders; split by group {DEFAULT_SPLIT}"]
     files = [replace(f, dataset=params.name) for f in files]
     files, dropped = cap_per_class(files, params.max_per_class, SPLIT_SALT)
-    notes += group_notes + ([f"{dropped} files left out by prepare.max_per_class={params.max_per_class}"] if dropped else [])
+    notes += group_notes + (
+        [f"{dropped} files left out by prepare.max_per_class={params.max_per_class}"] if dropped else []
+    )
     crop_stills = {params.name} if params.faces.crop_images else set()
     for source in params.sources:  # a mixture: every source into the same splits, each file remembering its source
         source_files, source_notes = discover_source(source, assign_groups)
@@ -236,15 +319,21 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
     group_leaks = find_group_leaks(files)
     if group_leaks and not params.allow_leakage:
         listing = "\n  ".join(group_leaks[:20])
-        raise DatasetError(f"{len(group_leaks)} videos or identities are in more than one split; frames of one video "
-                           f"(or one person) must stay in one split (set prepare.allow_leakage to override):\n  {listing}")
+        raise DatasetError(
+            f"{len(group_leaks)} videos or identities are in more than one split; frames of one video "
+            f"(or one person) must stay in one split (set prepare.allow_leakage to override):\n  {listing}"
+        )
     to_crop = [f for f in files if f.is_video or f.dataset in crop_stills]
     faces_params = params.faces
     if faces_params.margin == "auto":  # frame every crop as --data's own stills are framed
         faces_params, note = resolve_margin(files, params, crop_stills)
         notes.append(note)
-    log.info("found %d images and %d videos under %s", len(files) - sum(f.is_video for f in files),
-             sum(f.is_video for f in files), data_dir)
+    log.info(
+        "found %d images and %d videos under %s",
+        len(files) - sum(f.is_video for f in files),
+        sum(f.is_video for f in files),
+        data_dir,
+    )
     with atomic_dir(out_dir) as tmp:
         crops = extract_faces(to_crop, tmp, faces_params, workers)
         faces = faces_report(crops) if to_crop else None
@@ -252,8 +341,10 @@ def prepare(data_dir: str | Path, out_dir: str | Path, params: PrepareParams, wo
         files = [f for f in files if f not in cropped] + [c for r in crops for c in r.crops]
         checked = check_all(files, params, workers)
         report = _validate(checked, notes, params, data_dir, faces)
-        report["source_versions"] = {params.name: dvc_version(data_dir),
-                                     **{s.label: dvc_version(s.path) for s in params.sources}}
+        report["source_versions"] = {
+            params.name: dvc_version(data_dir),
+            **{s.label: dvc_version(s.path) for s in params.sources},
+        }
         report["face_margin"] = faces_params.margin
         _write_cache(tmp, checked, report, params, data_dir, faces_params.margin)
     return report
@@ -266,8 +357,11 @@ def resolve_margin(files: list[ImageFile], params: PrepareParams, crop_stills: s
     """prepare.faces.margin auto: the median framing (crop side / face box side) of up to FRAMING_SAMPLE of
     --data's training stills that are not face-cropped here; the common 1.3 when there are none (all crops
     are then made by prepare) or no face is found in them."""
-    stills = [f for f in files if f.dataset == params.name and f.split == "train" and not f.is_video
-              and f.dataset not in crop_stills]
+    stills = [
+        f
+        for f in files
+        if f.dataset == params.name and f.split == "train" and not f.is_video and f.dataset not in crop_stills
+    ]
     sample = stills[:: max(1, len(stills) // FRAMING_SAMPLE)][:FRAMING_SAMPLE]
     crops = []
     for f in sample:
@@ -278,11 +372,13 @@ def resolve_margin(files: list[ImageFile], params: PrepareParams, crop_stills: s
     ratios = framing(crops, build_detector(params.faces.detector, params.faces.min_face)) if crops else []
     if not ratios:
         return params.faces.with_margin(DEFAULT_MARGIN), (
-            f"prepare.faces.margin auto: no face measured in {len(crops)} stills of '{params.name}'; margin {DEFAULT_MARGIN}")
+            f"prepare.faces.margin auto: no face measured in {len(crops)} stills of '{params.name}'; margin {DEFAULT_MARGIN}"
+        )
     margin = round(float(np.clip(np.median(ratios), 0.5, 3.0)), 3)
     return params.faces.with_margin(margin), (
         f"prepare.faces.margin auto: '{params.name}' frames faces at {margin} x the face box (median of {len(ratios)} "
-        f"of {len(crops)} stills): every face crop here, in evaluation and in serving uses that margin")
+        f"of {len(crops)} stills): every face crop here, in evaluation and in serving uses that margin"
+    )
 
 
 def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, data_dir, faces: dict | None) -> dict:
@@ -310,23 +406,35 @@ def _validate(checked: list[Checked], notes: list[str], params: PrepareParams, d
     for split, counts in report["splits"].items():
         for class_name in CLASS_NAMES:
             if counts[class_name] == 0:
-                raise DatasetError(f"{Path(data_dir) / split / class_name}: no usable images left after validation"
-                                   + (" (no face found in its videos?)" if faces else ""))
+                raise DatasetError(
+                    f"{Path(data_dir) / split / class_name}: no usable images left after validation"
+                    + (" (no face found in its videos?)" if faces else "")
+                )
     return report
 
 
-def _write_cache(tmp: Path, checked: list[Checked], report: dict, params: PrepareParams, data_dir,
-                 face_margin: float) -> None:
+def _write_cache(
+    tmp: Path, checked: list[Checked], report: dict, params: PrepareParams, data_dir, face_margin: float
+) -> None:
     preprocess = PreprocessConfig(image_size=params.image_size, face_margin=face_margin)
-    meta = {"preprocess": preprocess.to_dict(), "label_map": LABEL_MAP, "data_dir": str(data_dir), "splits": {},
-            "sources": {s.label: {"path": str(s.path)} for s in params.sources}}
+    meta = {
+        "preprocess": preprocess.to_dict(),
+        "label_map": LABEL_MAP,
+        "data_dir": str(data_dir),
+        "splits": {},
+        "sources": {s.label: {"path": str(s.path)} for s in params.sources},
+    }
     for split in report["splits"]:
         used = [c for c in checked if c.file.split == split and c.status == "ok"]
         img_path, lab_path = cache_paths(tmp, split)
         np.save(img_path, np.stack([c.array for c in used]))
         np.save(lab_path, np.array([c.file.label for c in used], dtype=np.int64))
-        meta["splits"][split] = {"count": len(used), "relpaths": [c.file.relpath for c in used],
-                                 "videos": [c.file.group for c in used], "datasets": [c.file.dataset for c in used]}
+        meta["splits"][split] = {
+            "count": len(used),
+            "relpaths": [c.file.relpath for c in used],
+            "videos": [c.file.group for c in used],
+            "datasets": [c.file.dataset for c in used],
+        }
     write_manifest(tmp / "manifest.csv", checked)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "report.md").write_text(report_markdown(report))

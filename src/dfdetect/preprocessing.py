@@ -67,8 +67,14 @@ class PreprocessConfig:
         )
 
 
-def check_dimensions(w: int, h: int, name: str, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
-                     max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+def check_dimensions(
+    w: int,
+    h: int,
+    name: str,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = MAX_SIDE,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+) -> None:
     """Refuse sizes that would cost far more to decode or resize than any face image needs."""
     if w < 1 or h < 1:
         raise ImageError(f"{name}: {w}x{h} has no pixels")
@@ -80,8 +86,13 @@ def check_dimensions(w: int, h: int, name: str, max_pixels: int = MAX_PIXELS, ma
         raise ImageError(f"{name}: {w}x{h} exceeds the limit of {max_aspect_ratio:g}:1 on the aspect ratio")
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE,
-                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+def decode_image(
+    data: bytes,
+    name: str = "image",
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = MAX_SIDE,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+) -> Image.Image:
     """Decode fully (so truncation is caught here, not later), turn it upright as its EXIF orientation says
     (a phone photo is stored sideways with a tag; training and serving both read it through here), and convert
     to RGB. Sizes are checked from the header, before any pixel is decoded."""

@@ -23,7 +23,9 @@ def map_chunks(fn, jobs: list, description: str, total: int, workers: int = 1, m
     results: list = []
     with progress() as bar:
         task = bar.add_task(description, total=total, info="")
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp_context) if workers > 1 and len(jobs) > 1 else None
+        pool = (
+            ProcessPoolExecutor(max_workers=workers, mp_context=mp_context) if workers > 1 and len(jobs) > 1 else None
+        )
         try:
             for out in (pool.map if pool else map)(fn, jobs):
                 results += out

@@ -11,8 +11,19 @@ from pathlib import Path
 
 from .config import LOWER_IS_BETTER, Params
 from .io_utils import atomic_write_json, atomic_write_text
-from .registry import (CHALLENGER, CHAMPION, PREVIOUS_TAG, LoadedModel, RegistryError, alias_version, client_for,
-                       load_version, now_iso, record_alias, registry_lock)
+from .registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_TAG,
+    LoadedModel,
+    RegistryError,
+    alias_version,
+    client_for,
+    load_version,
+    now_iso,
+    record_alias,
+    registry_lock,
+)
 from .suite import table_markdown as suite_markdown
 
 log = logging.getLogger(__name__)
@@ -45,8 +56,9 @@ def floor_sets(params: Params) -> list:
     sets = {s.label: s for s in suite_sets(params)}
     unknown = sorted(set(floors) - set(sets))
     if unknown:
-        raise RegistryError(f"promotion.dataset_floors names {unknown}, which evaluate.datasets does not list "
-                            f"(it has {sorted(sets)})")
+        raise RegistryError(
+            f"promotion.dataset_floors names {unknown}, which evaluate.datasets does not list (it has {sorted(sets)})"
+        )
     missing = [f"{n}: {sets[n].path}" for n in floors if not Path(sets[n].path).is_dir()]
     if missing:
         raise RegistryError(f"promotion.dataset_floors: data set folders not found: {missing}")
@@ -58,9 +70,13 @@ def _suite_rows(loaded: LoadedModel, params: Params, sets: list) -> dict[str, di
     from .evaluate import score_model
     from .suite import score_suite
 
-    return score_suite(sets, lambda data: score_model(loaded.model, loaded.preprocess, data)[0],
-                       loaded.preprocess.image_size, params.prepare.faces.with_margin(loaded.preprocess.face_margin),
-                       loaded.threshold)
+    return score_suite(
+        sets,
+        lambda data: score_model(loaded.model, loaded.preprocess, data)[0],
+        loaded.preprocess.image_size,
+        params.prepare.faces.with_margin(loaded.preprocess.face_margin),
+        loaded.threshold,
+    )
 
 
 def _suite_value(row: dict, metric: str) -> float | None:
@@ -70,8 +86,9 @@ def _suite_value(row: dict, metric: str) -> float | None:
     return row.get(metric)
 
 
-def decide(params: Params, challenger: dict, champion: dict | None,
-           challenger_suite: dict[str, dict] | None = None) -> tuple[str, list[str]]:
+def decide(
+    params: Params, challenger: dict, champion: dict | None, challenger_suite: dict[str, dict] | None = None
+) -> tuple[str, list[str]]:
     """The gate: 'promoted' or 'rejected', with one line per check."""
     rule = params.promotion
     checks, ok = [], True
@@ -82,40 +99,56 @@ def decide(params: Params, challenger: dict, champion: dict | None,
             holds = value is not None and _floor_holds(metric, value, floor)
             ok &= holds
             shown = "not measured" if value is None else f"{value:.4f}"
-            checks.append(f"floor {set_name} {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
-                          f"{shown} {'holds' if holds else 'FAILS'}")
+            checks.append(
+                f"floor {set_name} {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
+                f"{shown} {'holds' if holds else 'FAILS'}"
+            )
     for metric, floor in rule.floors.items():
         holds = _floor_holds(metric, challenger[metric], floor)
         ok &= holds
-        checks.append(f"floor {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
-                      f"{challenger[metric]:.4f} {'holds' if holds else 'FAILS'}")
+        checks.append(
+            f"floor {metric} {'<=' if metric in LOWER_IS_BETTER else '>='} {floor}: "
+            f"{challenger[metric]:.4f} {'holds' if holds else 'FAILS'}"
+        )
     if champion is not None:
         beats = _better(rule.metric, challenger[rule.metric], champion[rule.metric], rule.min_improvement)
         ok &= beats
-        checks.append(f"{rule.metric}: challenger {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f}, "
-                      f"needs an improvement of at least {rule.min_improvement}: {'yes' if beats else 'NO'}")
+        checks.append(
+            f"{rule.metric}: challenger {challenger[rule.metric]:.4f} vs champion {champion[rule.metric]:.4f}, "
+            f"needs an improvement of at least {rule.min_improvement}: {'yes' if beats else 'NO'}"
+        )
     else:
         checks.append("no champion yet: the floors alone decide")
     return ("promoted" if ok else "rejected"), checks
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"# Promotion of {report['name']} version {report['challenger']['version']}: **{report['verdict']}**", "",
-             f"At {report['at']}, on the '{report['split']}' split of {report['prepared_dir']}.", "",
-             f"Rule: beat the champion on `{report['rule']['metric']}` by at least {report['rule']['min_improvement']}, "
-             f"and hold every floor {report['rule']['floors']}.", "", "| metric | challenger | champion |", "|---|---|---|"]
+    lines = [
+        f"# Promotion of {report['name']} version {report['challenger']['version']}: **{report['verdict']}**",
+        "",
+        f"At {report['at']}, on the '{report['split']}' split of {report['prepared_dir']}.",
+        "",
+        f"Rule: beat the champion on `{report['rule']['metric']}` by at least {report['rule']['min_improvement']}, "
+        f"and hold every floor {report['rule']['floors']}.",
+        "",
+        "| metric | challenger | champion |",
+        "|---|---|---|",
+    ]
     champ = report["champion"]["metrics"] if report["champion"] else {}
     for k, v in report["challenger"]["metrics"].items():
         lines.append(f"| {k} | {v:.4f} | {champ[k]:.4f} |" if k in champ else f"| {k} | {v:.4f} | - |")
     if report.get("challenger_suite"):
-        lines += ["", suite_markdown("The challenger on the suite sets of promotion.dataset_floors",
-                                     report["challenger_suite"])]
+        lines += [
+            "",
+            suite_markdown("The challenger on the suite sets of promotion.dataset_floors", report["challenger_suite"]),
+        ]
     lines += ["", "## Checks"] + [f"- {c}" for c in report["checks"]]
     return "\n".join(lines) + "\n"
 
 
-def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None = None,
-            expected_challenger: str | None = None) -> dict:
+def promote(
+    params: Params, prepared_dir: str | Path, out_dir: str | Path | None = None, expected_challenger: str | None = None
+) -> dict:
     """Move `champion` to the `challenger` if it wins on the same data and holds every floor.
 
     `expected_challenger` (a pipeline's own registration) refuses to promote a challenger registered since.
@@ -138,45 +171,84 @@ def promote(params: Params, prepared_dir: str | Path, out_dir: str | Path | None
         if challenger_mv is None:
             raise RegistryError(f"registered model '{name}' has no '{CHALLENGER}'; run `dfdetect register` first")
         if expected_challenger is not None and str(challenger_mv.version) != str(expected_challenger):
-            raise RegistryError(f"'{CHALLENGER}' of '{name}' is version {challenger_mv.version}, not {expected_challenger}: "
-                                "another registration came in between; promote it deliberately")
+            raise RegistryError(
+                f"'{CHALLENGER}' of '{name}' is version {challenger_mv.version}, not {expected_challenger}: "
+                "another registration came in between; promote it deliberately"
+            )
         if gate_sets and suite_version != str(challenger_mv.version):
-            raise RegistryError(f"'{CHALLENGER}' of '{name}' moved to version {challenger_mv.version} while version "
-                                f"{suite_version} was scored on the suite; promote again")
+            raise RegistryError(
+                f"'{CHALLENGER}' of '{name}' moved to version {challenger_mv.version} while version "
+                f"{suite_version} was scored on the suite; promote again"
+            )
         champion_mv = alias_version(client, name, CHAMPION)
-        report = {"name": name, "at": now_iso(), "split": split, "notes": notes, "prepared_dir": str(prepared_dir),
-                  "rule": params.promotion.model_dump(exclude={"lock_timeout_s", "lock_lease_s"})}
+        report = {
+            "name": name,
+            "at": now_iso(),
+            "split": split,
+            "notes": notes,
+            "prepared_dir": str(prepared_dir),
+            "rule": params.promotion.model_dump(exclude={"lock_timeout_s", "lock_lease_s"}),
+        }
         if champion_mv is not None and str(champion_mv.version) == str(challenger_mv.version):
-            report.update(verdict="already champion", checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
-                          challenger={"version": str(challenger_mv.version), "metrics": {}}, champion=None)
+            report.update(
+                verdict="already champion",
+                checks=[f"version {challenger_mv.version} is already '{CHAMPION}'"],
+                challenger={"version": str(challenger_mv.version), "metrics": {}},
+                champion=None,
+            )
             return _write_report(report, out_dir)
         challenger = _evaluate_version(load_version(client, name, str(challenger_mv.version)), prepared_dir, split)
-        champion = (_evaluate_version(load_version(client, name, str(champion_mv.version)), prepared_dir, split)
-                    if champion_mv is not None else None)
+        champion = (
+            _evaluate_version(load_version(client, name, str(champion_mv.version)), prepared_dir, split)
+            if champion_mv is not None
+            else None
+        )
         verdict, checks = decide(params, challenger, champion, suite)
         if suite:
             report["challenger_suite"] = suite
-        report.update(verdict=verdict, checks=checks,
-                      challenger={"version": str(challenger_mv.version), "metrics": challenger},
-                      champion={"version": str(champion_mv.version), "metrics": champion} if champion_mv else None)
+        report.update(
+            verdict=verdict,
+            checks=checks,
+            challenger={"version": str(challenger_mv.version), "metrics": challenger},
+            champion={"version": str(champion_mv.version), "metrics": champion} if champion_mv else None,
+        )
 
         prefix = "dfdetect.promotion."
-        common = {prefix + "at": report["at"], prefix + "verdict": verdict,
-                  prefix + "rule": json.dumps(report["rule"], sort_keys=True)}
-        for key, value in {**common, prefix + "compared_with": str(champion_mv.version) if champion_mv else "none",
-                           prefix + params.promotion.metric: str(challenger[params.promotion.metric])}.items():
+        common = {
+            prefix + "at": report["at"],
+            prefix + "verdict": verdict,
+            prefix + "rule": json.dumps(report["rule"], sort_keys=True),
+        }
+        for key, value in {
+            **common,
+            prefix + "compared_with": str(champion_mv.version) if champion_mv else "none",
+            prefix + params.promotion.metric: str(challenger[params.promotion.metric]),
+        }.items():
             client.set_model_version_tag(name, str(challenger_mv.version), key, value)
         if champion_mv is not None:
-            for key, value in {**common, prefix + "challenged_by": str(challenger_mv.version),
-                               prefix + params.promotion.metric: str(champion[params.promotion.metric])}.items():
+            for key, value in {
+                **common,
+                prefix + "challenged_by": str(challenger_mv.version),
+                prefix + params.promotion.metric: str(champion[params.promotion.metric]),
+            }.items():
                 client.set_model_version_tag(name, str(champion_mv.version), key, value)
         if verdict == "promoted":
-            client.set_model_version_tag(name, str(challenger_mv.version), PREVIOUS_TAG,
-                                         str(champion_mv.version) if champion_mv else "")
+            client.set_model_version_tag(
+                name, str(challenger_mv.version), PREVIOUS_TAG, str(champion_mv.version) if champion_mv else ""
+            )
             client.set_registered_model_alias(name, CHAMPION, str(challenger_mv.version))
-            record_alias(client, name, {"alias": CHAMPION, "version": str(challenger_mv.version),
-                                   "from": str(champion_mv.version) if champion_mv else None, "at": report["at"],
-                                   "by": "promote", "reason": "; ".join(checks)})
+            record_alias(
+                client,
+                name,
+                {
+                    "alias": CHAMPION,
+                    "version": str(challenger_mv.version),
+                    "from": str(champion_mv.version) if champion_mv else None,
+                    "at": report["at"],
+                    "by": "promote",
+                    "reason": "; ".join(checks),
+                },
+            )
         client.log_text(challenger_mv.run_id, json.dumps(report, indent=2), f"promotion/report-{report['at']}.json")
         client.log_text(challenger_mv.run_id, report_markdown(report), f"promotion/report-{report['at']}.md")
     log.info("promotion of %s v%s: %s", name, challenger_mv.version, verdict)

@@ -84,6 +84,7 @@ def alias_version(client, name: str, alias: str):
 
 # --- history ----------------------------------------------------------------------------------------------
 
+
 def alias_history(client, name: str) -> list[dict]:
     raw = client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")
     try:
@@ -139,8 +140,9 @@ def registry_lock(client, name: str, timeout_s: float, lease_s: float):
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client.create_registered_model(lock, tags=mine,
-                                           description=f"Held by a dfdetect promotion or rollback of '{name}'.")
+            client.create_registered_model(
+                lock, tags=mine, description=f"Held by a dfdetect promotion or rollback of '{name}'."
+            )
             break
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -160,8 +162,10 @@ def registry_lock(client, name: str, timeout_s: float, lease_s: float):
                     pass
             continue
         if time.monotonic() > deadline:
-            raise RegistryError(f"another promotion or rollback of '{name}' holds the lock ({tags.get('holder')}); "
-                                f"waited {timeout_s:.0f}s")
+            raise RegistryError(
+                f"another promotion or rollback of '{name}' holds the lock ({tags.get('holder')}); "
+                f"waited {timeout_s:.0f}s"
+            )
         time.sleep(0.5)
     try:
         yield
@@ -173,6 +177,7 @@ def registry_lock(client, name: str, timeout_s: float, lease_s: float):
 
 
 # --- loading ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadedModel:
@@ -209,8 +214,10 @@ def load_version(client, name: str, ref: str) -> LoadedModel:
         try:
             path = client.download_artifacts(mv.run_id, CHECKPOINT_ARTIFACT, tmp)
         except (MlflowException, OSError) as exc:
-            raise RegistryError(f"version {mv.version} of '{name}' has no dfdetect checkpoint ({CHECKPOINT_ARTIFACT}) "
-                                f"with its label map and preprocessing: {type(exc).__name__}") from None
+            raise RegistryError(
+                f"version {mv.version} of '{name}' has no dfdetect checkpoint ({CHECKPOINT_ARTIFACT}) "
+                f"with its label map and preprocessing: {type(exc).__name__}"
+            ) from None
         try:
             trained = TrainedModel.load(path)
         except (checkpoint.CheckpointError, ValueError) as exc:
@@ -227,14 +234,16 @@ def load(alias_or_version: str = CHAMPION, name: str | None = None, params: Para
 
 # --- register ---------------------------------------------------------------------------------------------
 
+
 def _register_version(mlflow, client, name: str, run, tags: dict):
     """MLflow 3 registers a logged model (`models:/m-...`), not a run path: the model this run logged; with
     `mlflow.log_model` off, the run's checkpoint folder (what `load_version` reads) as the version's source."""
     from mlflow.exceptions import MlflowException
 
     run_id = run.info.run_id
-    logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                         max_results=1)
+    logged = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1
+    )
     if logged:
         return mlflow.register_model(f"models:/{logged[0].model_id}", name, tags=tags)
     try:
@@ -247,19 +256,24 @@ def _register_version(mlflow, client, name: str, run, tags: dict):
 
 def model_card(name: str, version: str, run, metrics: dict, data_report: dict | None) -> str:
     p = run.data.params
-    lines = [f"# Model card: {name} version {version}", "",
-             "## Intended use",
-             "Flags face images (face crops) that were likely manipulated by face swapping, as a signal for human",
-             "review in trust-and-safety workflows. The output is P(fake); the verdict uses the stored threshold.", "",
-             "## Known limits",
-             "- Measured only on the data sets below: expect lower accuracy on other generators, compression levels",
-             "  and cameras (deepfake detectors typically lose 0.1-0.2 ROC-AUC across data sets); see Generalisation.",
-             "- Not a proof of authenticity or of manipulation; do not use as the sole basis of a decision.",
-             "- Scores whole images at the trained size; faces should be cropped as in training.", "",
-             "## Data",
-             f"- data version (DVC md5): `{run.data.tags.get('dfdetect.data_version', 'unknown')}`",
-             f"- git commit: `{run.data.tags.get('dfdetect.git_commit', 'unknown')}`",
-             f"- label map: {LABEL_MAP}"]
+    lines = [
+        f"# Model card: {name} version {version}",
+        "",
+        "## Intended use",
+        "Flags face images (face crops) that were likely manipulated by face swapping, as a signal for human",
+        "review in trust-and-safety workflows. The output is P(fake); the verdict uses the stored threshold.",
+        "",
+        "## Known limits",
+        "- Measured only on the data sets below: expect lower accuracy on other generators, compression levels",
+        "  and cameras (deepfake detectors typically lose 0.1-0.2 ROC-AUC across data sets); see Generalisation.",
+        "- Not a proof of authenticity or of manipulation; do not use as the sole basis of a decision.",
+        "- Scores whole images at the trained size; faces should be cropped as in training.",
+        "",
+        "## Data",
+        f"- data version (DVC md5): `{run.data.tags.get('dfdetect.data_version', 'unknown')}`",
+        f"- git commit: `{run.data.tags.get('dfdetect.git_commit', 'unknown')}`",
+        f"- label map: {LABEL_MAP}",
+    ]
     if data_report:
         for split, c in data_report.get("splits", {}).items():
             lines.append(f"- {split}: {c['real']} real, {c['fake']} fake")
@@ -269,11 +283,19 @@ def model_card(name: str, version: str, run, metrics: dict, data_report: dict | 
     if metrics.get("sources"):
         lines += ["", suite_markdown("The same split by training source", metrics["sources"])]
     if metrics.get("datasets"):
-        lines += ["", suite_markdown("Generalisation: data sets it was not trained on (validation threshold)",
-                                     metrics["datasets"])]
+        lines += [
+            "",
+            suite_markdown(
+                "Generalisation: data sets it was not trained on (validation threshold)", metrics["datasets"]
+            ),
+        ]
     else:
-        lines += ["", "## Generalisation", "", "Not measured: evaluate.datasets was empty, so nothing says how this "
-                  "model does on data of other sources."]
+        lines += [
+            "",
+            "## Generalisation",
+            "",
+            "Not measured: evaluate.datasets was empty, so nothing says how this model does on data of other sources.",
+        ]
     lines += ["", "## Training parameters", ""]
     lines += [f"- `{k}`: {p[k]}" for k in sorted(p) if k.startswith(("model.", "train.", "prepare.", "seed"))]
     lines += ["", f"Training run: `{run.info.run_id}`"]
@@ -286,7 +308,7 @@ def card_description(card: str, artifact_path: str, limit: int = DESCRIPTION_LIM
     if len(card) <= limit:
         return card
     note = f"\n\n(cut here: the full card is `{artifact_path}` in the training run's artifacts)\n"
-    return card[:card.rfind("\n", 0, limit - len(note))] + note
+    return card[: card.rfind("\n", 0, limit - len(note))] + note
 
 
 def training_sources_lines(tag: str | None) -> list[str]:
@@ -297,15 +319,26 @@ def training_sources_lines(tag: str | None) -> list[str]:
         sources = {}
     if not sources:
         return []
-    lines = ["", "## Training sources", "", "| source | DVC version | train real / fake | val real / fake |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "## Training sources",
+        "",
+        "| source | DVC version | train real / fake | val real / fake |",
+        "|---|---|---|---|",
+    ]
     for name, s in sources.items():
         cells = [f"{s[k]['real']} / {s[k]['fake']}" if k in s else "-" for k in ("train", "val")]
         lines.append(f"| {name} | `{s.get('version', 'unknown')}` | {cells[0]} | {cells[1]} |")
     return lines
 
 
-def register(params: Params, model_dir: str | Path, metrics_path: str | Path, prepared_dir: str | Path | None = None,
-             out_path: str | Path | None = None) -> dict:
+def register(
+    params: Params,
+    model_dir: str | Path,
+    metrics_path: str | Path,
+    prepared_dir: str | Path | None = None,
+    out_path: str | Path | None = None,
+) -> dict:
     """Register the evaluated training run's model as a new version and make it the `challenger`."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -315,7 +348,9 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
         raise RegistryError(f"{summary_path}: no training summary; run `dfdetect train` first")
     run_id = json.loads(summary_path.read_text()).get("run_id")
     if not run_id:
-        raise RegistryError(f"{summary_path}: the training run was not tracked in MLflow (--no-mlflow); nothing to register")
+        raise RegistryError(
+            f"{summary_path}: the training run was not tracked in MLflow (--no-mlflow); nothing to register"
+        )
     if not metrics_path.exists():
         raise RegistryError(f"{metrics_path}: the run has no evaluation metrics; run `dfdetect evaluate` first")
     metrics = json.loads(metrics_path.read_text())
@@ -327,17 +362,27 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise RegistryError(f"run {run_id} not found at {tracking.redact(tracking.tracking_uri(params))}; "
-                            "was it trained against another tracking server?") from None
+        raise RegistryError(
+            f"run {run_id} not found at {tracking.redact(tracking.tracking_uri(params))}; "
+            "was it trained against another tracking server?"
+        ) from None
     artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
     if CHECKPOINT_ARTIFACT not in artifacts:
-        raise RegistryError(f"run {run_id} has no {CHECKPOINT_ARTIFACT}; only completed dfdetect training runs can be registered")
+        raise RegistryError(
+            f"run {run_id} has no {CHECKPOINT_ARTIFACT}; only completed dfdetect training runs can be registered"
+        )
 
     tags = {f"metric.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    tags.update({"eval_split": str(metrics.get("split")), "data_version": run.data.tags.get("dfdetect.data_version", "unknown"),
-                 "git_commit": run.data.tags.get("dfdetect.git_commit", "unknown"),
-                 "params_hash": run.data.tags.get("dfdetect.params_hash", tracking.params_hash(params)),
-                 "label_map": json.dumps(LABEL_MAP), "checkpoint": CHECKPOINT_ARTIFACT})
+    tags.update(
+        {
+            "eval_split": str(metrics.get("split")),
+            "data_version": run.data.tags.get("dfdetect.data_version", "unknown"),
+            "git_commit": run.data.tags.get("dfdetect.git_commit", "unknown"),
+            "params_hash": run.data.tags.get("dfdetect.params_hash", tracking.params_hash(params)),
+            "label_map": json.dumps(LABEL_MAP),
+            "checkpoint": CHECKPOINT_ARTIFACT,
+        }
+    )
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
     mv = _register_version(mlflow, client, name, run, tags)
     card = model_card(name, str(mv.version), run, metrics, data_report)
@@ -346,10 +391,25 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
     client.log_text(run_id, card, card_path)
     previous = alias_version(client, name, CHALLENGER)
     client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
-    record_alias(client, name, {"alias": CHALLENGER, "version": str(mv.version), "from": str(previous.version) if previous else None,
-                           "at": now_iso(), "by": "register", "reason": f"registered from run {run_id}"})
-    result = {"name": name, "version": str(mv.version), "run_id": run_id, "alias": CHALLENGER,
-              "tracking_uri": tracking.redact(tracking.tracking_uri(params))}
+    record_alias(
+        client,
+        name,
+        {
+            "alias": CHALLENGER,
+            "version": str(mv.version),
+            "from": str(previous.version) if previous else None,
+            "at": now_iso(),
+            "by": "register",
+            "reason": f"registered from run {run_id}",
+        },
+    )
+    result = {
+        "name": name,
+        "version": str(mv.version),
+        "run_id": run_id,
+        "alias": CHALLENGER,
+        "tracking_uri": tracking.redact(tracking.tracking_uri(params)),
+    }
     if out_path:
         atomic_write_json(out_path, result)
     log.info("registered %s version %s as %s", name, mv.version, CHALLENGER)
@@ -357,6 +417,7 @@ def register(params: Params, model_dir: str | Path, metrics_path: str | Path, pr
 
 
 # --- promote ----------------------------------------------------------------------------------------------
+
 
 def rollback(params: Params, reason: str) -> dict:
     """Move `champion` back to the version it replaced."""
@@ -368,15 +429,34 @@ def rollback(params: Params, reason: str) -> dict:
             raise RegistryError(f"registered model '{name}' has no '{CHAMPION}' to roll back")
         previous = current.tags.get(PREVIOUS_TAG)
         if not previous:
-            raise RegistryError(f"version {current.version} of '{name}' replaced no earlier champion; nothing to roll back to")
+            raise RegistryError(
+                f"version {current.version} of '{name}' replaced no earlier champion; nothing to roll back to"
+            )
         get_version(client, name, previous)  # still there?
         at = now_iso()
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_model_version_tag(name, str(current.version), "dfdetect.rolled_back", f"{at}: {reason}")
-        record_alias(client, name, {"alias": CHAMPION, "version": previous, "from": str(current.version), "at": at,
-                               "by": "rollback", "reason": reason})
+        record_alias(
+            client,
+            name,
+            {
+                "alias": CHAMPION,
+                "version": previous,
+                "from": str(current.version),
+                "at": at,
+                "by": "rollback",
+                "reason": reason,
+            },
+        )
     log.info("rolled %s '%s' back from v%s to v%s", name, CHAMPION, current.version, previous)
-    return {"name": name, "alias": CHAMPION, "version": previous, "from": str(current.version), "at": at, "reason": reason}
+    return {
+        "name": name,
+        "alias": CHAMPION,
+        "version": previous,
+        "from": str(current.version),
+        "at": at,
+        "reason": reason,
+    }
 
 
 def list_versions(params: Params) -> dict:
@@ -388,7 +468,9 @@ def list_versions(params: Params) -> dict:
         model = client.get_registered_model(name)
     except MlflowException as exc:
         if _not_found(exc):
-            raise RegistryError(f"no registered model '{name}' at {tracking.redact(tracking.tracking_uri(params))}") from None
+            raise RegistryError(
+                f"no registered model '{name}' at {tracking.redact(tracking.tracking_uri(params))}"
+            ) from None
         raise
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
@@ -397,15 +479,20 @@ def list_versions(params: Params) -> dict:
     all_versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version))
     versions = []
     for mv in all_versions:
-        versions.append({
-            "version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
-            "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
-            "run_id": mv.run_id,
-            "metrics": {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")},
-            "status": _status(mv, str((model.aliases or {}).get(CHAMPION)), history, all_versions),
-            "promotion": mv.tags.get("dfdetect.promotion.verdict"),  # of the last promotion it took part in
-            "rolled_back": mv.tags.get("dfdetect.rolled_back"),
-        })
+        versions.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(aliases.get(str(mv.version), [])),
+                "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "run_id": mv.run_id,
+                "metrics": {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")},
+                "status": _status(mv, str((model.aliases or {}).get(CHAMPION)), history, all_versions),
+                "promotion": mv.tags.get("dfdetect.promotion.verdict"),  # of the last promotion it took part in
+                "rolled_back": mv.tags.get("dfdetect.rolled_back"),
+            }
+        )
     return {"name": name, "versions": versions, "history": history}
 
 
@@ -427,7 +514,9 @@ def _status(mv, champion: str, history: list[dict], all_versions) -> str:
             return f"former champion (rolled back {mv.tags['dfdetect.rolled_back']})"
         after = [m for m in all_versions if m.tags.get(PREVIOUS_TAG) == version]
         if after:
-            return (f"former champion (replaced by v{after[-1].version} on "
-                    f"{after[-1].tags.get('dfdetect.promotion.at', '?')})")
+            return (
+                f"former champion (replaced by v{after[-1].version} on "
+                f"{after[-1].tags.get('dfdetect.promotion.at', '?')})"
+            )
         return "former champion"
     return mv.tags.get("dfdetect.promotion.verdict") or "-"

@@ -18,6 +18,7 @@ def _jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=quality)
         return Image.open(buf).convert("RGB")
+
     return apply
 
 
@@ -29,12 +30,17 @@ def _downscale(factor: float) -> Callable[[Image.Image], Image.Image]:
     def apply(img: Image.Image) -> Image.Image:
         small = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BILINEAR)
         return small.resize(img.size, Image.BILINEAR)
+
     return apply
 
 
 CONDITIONS: dict[str, Callable[[Image.Image], Image.Image] | None] = {
-    "clean": None, "jpeg_90": _jpeg(90), "jpeg_70": _jpeg(70), "jpeg_50": _jpeg(50),
-    "blur_1.5": _blur(1.5), "downscale_0.5": _downscale(0.5),
+    "clean": None,
+    "jpeg_90": _jpeg(90),
+    "jpeg_70": _jpeg(70),
+    "jpeg_50": _jpeg(50),
+    "blur_1.5": _blur(1.5),
+    "downscale_0.5": _downscale(0.5),
 }
 TABLE_METRICS = ["roc_auc", "average_precision", "eer", "accuracy"]
 
@@ -52,7 +58,9 @@ def robustness_table(score: Callable[[PreparedSplit], np.ndarray], data: Prepare
     table = {}
     for condition in CONDITIONS:
         scores = score(corrupted(data, condition))
-        table[condition] = {k: round(v, 6) for k, v in compute_all(data.labels, scores, threshold, TABLE_METRICS).items()}
+        table[condition] = {
+            k: round(v, 6) for k, v in compute_all(data.labels, scores, threshold, TABLE_METRICS).items()
+        }
     return table
 
 

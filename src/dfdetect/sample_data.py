@@ -90,7 +90,9 @@ def _inner_face_mask(spec: FaceSpec, size: int, feather: float) -> np.ndarray:
     m = Image.new("L", (s, s), 0)
     cx, cy = spec.cx * s, spec.cy * s
     d = ImageDraw.Draw(m)
-    d.ellipse([cx - spec.rx * s * 0.78, cy - spec.ry * s * 0.55, cx + spec.rx * s * 0.78, cy + spec.ry * s * 0.75], fill=255)
+    d.ellipse(
+        [cx - spec.rx * s * 0.78, cy - spec.ry * s * 0.55, cx + spec.rx * s * 0.78, cy + spec.ry * s * 0.75], fill=255
+    )
     m = m.filter(ImageFilter.GaussianBlur(feather * s))
     return np.asarray(m, dtype=np.float32)[..., None] / 255.0
 
@@ -101,8 +103,16 @@ def swap_face(target: FaceSpec, source: FaceSpec, size: int, rng: np.random.Gene
     # The swapped face keeps the target's geometry (the swap aligns it) but the source's identity.
     # Swaps pair similar skin tones, so the donor's skin is near the target's.
     donor_spec = FaceSpec(
-        **{**source.__dict__, "cx": target.cx, "cy": target.cy, "rx": target.rx, "ry": target.ry,
-           "skin": _jitter(rng, target.skin, 10), "background": target.background, "light": target.light}
+        **{
+            **source.__dict__,
+            "cx": target.cx,
+            "cy": target.cy,
+            "rx": target.rx,
+            "ry": target.ry,
+            "skin": _jitter(rng, target.skin, 10),
+            "background": target.background,
+            "light": target.light,
+        }
     )
     low = max(16, int(size * rng.uniform(0.35, 0.6)))  # generator output resolution
     donor = render_face(donor_spec, low)

@@ -23,7 +23,9 @@ def _wobble(angle: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _feather(inside: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A hard mask with a blurred edge of random width; values in [0, 1]."""
     w = inside.shape[1]
-    mask = Image.fromarray((inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.03, 0.09) * w))
+    mask = Image.fromarray((inside * 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(rng.uniform(0.03, 0.09) * w)
+    )
     return np.asarray(mask, dtype=np.float32) / 255
 
 
@@ -65,11 +67,13 @@ def _altered_copy(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # centre the rescaled copy, then shift it by a few pixels (crop or edge-pad to the original size)
     dy, dx = (sh - h) // 2 + int(rng.integers(-2, 3)), (sw - w) // 2 + int(rng.integers(-2, 3))
     padded = np.pad(img, ((max(0, -dy), max(0, h + dy - sh)), (max(0, -dx), max(0, w + dx - sw)), (0, 0)), mode="edge")
-    out[:] = padded[max(0, dy):max(0, dy) + h, max(0, dx):max(0, dx) + w]
+    out[:] = padded[max(0, dy) : max(0, dy) + h, max(0, dx) : max(0, dx) + w]
     return out
 
 
-def self_blend(face: np.ndarray, rng: np.random.Generator, points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def self_blend(
+    face: np.ndarray, rng: np.random.Generator, points: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1]). With
     `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse."""
     h, w = face.shape[:2]
@@ -80,8 +84,9 @@ def self_blend(face: np.ndarray, rng: np.random.Generator, points: np.ndarray | 
     return blended.round().clip(0, 255).astype(np.uint8), mask
 
 
-def sbi_batch(images: torch.Tensor, labels: torch.Tensor, prob: float, gen: torch.Generator,
-              landmarker=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sbi_batch(
+    images: torch.Tensor, labels: torch.Tensor, prob: float, gen: torch.Generator, landmarker=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
     fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
     ellipse. Seeded from `gen`, so a resumed run makes the same ones."""

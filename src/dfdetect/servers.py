@@ -63,15 +63,28 @@ class Server:
         self.stop()
 
 
-def _spawn(name: str, cmd: list[str], log_dir: Path, env: dict | None = None, user: str | None = None,
-           cwd: str | Path | None = None) -> tuple[subprocess.Popen, Path]:
+def _spawn(
+    name: str,
+    cmd: list[str],
+    log_dir: Path,
+    env: dict | None = None,
+    user: str | None = None,
+    cwd: str | Path | None = None,
+) -> tuple[subprocess.Popen, Path]:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     if user:
         cmd = ["runuser", "-u", user, "--", *cmd]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=cwd,
+        )
     return proc, log_path
 
 
@@ -103,8 +116,16 @@ def _http_ok(url: str) -> bool:
 
 # --- S3 -------------------------------------------------------------------------------------------------
 
-def start_s3(root: str | Path, access_key: str, secret_key: str, port: int | None = None,
-             buckets: tuple[str, ...] = (), log_dir: str | Path | None = None, timeout: float = 30) -> Server:
+
+def start_s3(
+    root: str | Path,
+    access_key: str,
+    secret_key: str,
+    port: int | None = None,
+    buckets: tuple[str, ...] = (),
+    log_dir: str | Path | None = None,
+    timeout: float = 30,
+) -> Server:
     """`rclone serve s3` over a directory: each top-level folder is a bucket, data persists on disk."""
     rclone = shutil.which("rclone")
     if not rclone:
@@ -113,27 +134,55 @@ def start_s3(root: str | Path, access_key: str, secret_key: str, port: int | Non
     for bucket in buckets:
         (root / bucket).mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    proc, log = _spawn("s3", [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
-                              f"{access_key},{secret_key}", "--etag-hash", "MD5", str(root)],
-                       Path(log_dir or root.parent))
+    proc, log = _spawn(
+        "s3",
+        [
+            rclone,
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{access_key},{secret_key}",
+            "--etag-hash",
+            "MD5",
+            str(root),
+        ],
+        Path(log_dir or root.parent),
+    )
     url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": "us-east-1",
-           "MLFLOW_S3_ENDPOINT_URL": url, "AWS_ENDPOINT_URL": url}
+    env = {
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": url,
+        "AWS_ENDPOINT_URL": url,
+    }
     return _wait(Server("s3", proc, url, log, env), lambda: _port_open(port), timeout)
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------------------
 
+
 def postgres_bin(program: str) -> str:
-    found = shutil.which(program) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"), reverse=True)), None)
+    found = shutil.which(program) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"), reverse=True)), None
+    )
     if not found:
-        raise ServerError(f"PostgreSQL's {program} not found: install the Debian package `postgresql` "
-                          "(`apt-get install -y postgresql`)")
+        raise ServerError(
+            f"PostgreSQL's {program} not found: install the Debian package `postgresql` "
+            "(`apt-get install -y postgresql`)"
+        )
     return found
 
 
-def start_postgres(data_dir: str | Path, port: int | None = None, database: str = "mlflow",
-                   log_dir: str | Path | None = None, timeout: float = 60) -> Server:
+def start_postgres(
+    data_dir: str | Path,
+    port: int | None = None,
+    database: str = "mlflow",
+    log_dir: str | Path | None = None,
+    timeout: float = 60,
+) -> Server:
     """A throw-away cluster in `data_dir` on a loopback port, trust auth, with one database."""
     data_dir = Path(data_dir)
     user = "postgres" if os.geteuid() == 0 else None  # initdb refuses to run as root
@@ -141,17 +190,32 @@ def start_postgres(data_dir: str | Path, port: int | None = None, database: str 
     if user:
         shutil.chown(data_dir, user, user)
         if subprocess.run(["runuser", "-u", user, "--", "test", "-w", str(data_dir)]).returncode != 0:
-            raise ServerError(f"{data_dir}: the postgres user cannot reach this folder (a parent is private); "
-                              "use one under a world-traversable folder such as /tmp")
+            raise ServerError(
+                f"{data_dir}: the postgres user cannot reach this folder (a parent is private); "
+                "use one under a world-traversable folder such as /tmp"
+            )
     if not (data_dir / "PG_VERSION").exists():
         cmd = [postgres_bin("initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
         out = subprocess.run(["runuser", "-u", user, "--", *cmd] if user else cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise ServerError(f"initdb failed:\n{out.stdout}\n{out.stderr}")
     port = port or free_port()
-    proc, log = _spawn("postgres", [postgres_bin("postgres"), "-D", str(data_dir), "-p", str(port), "-c",
-                                    "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data_dir}"],
-                       Path(log_dir or data_dir.parent), user=user)
+    proc, log = _spawn(
+        "postgres",
+        [
+            postgres_bin("postgres"),
+            "-D",
+            str(data_dir),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={data_dir}",
+        ],
+        Path(log_dir or data_dir.parent),
+        user=user,
+    )
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
     # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients to leave.
     server = Server("postgres", proc, url, log, stop_signal=signal.SIGINT)
@@ -161,8 +225,11 @@ def start_postgres(data_dir: str | Path, port: int | None = None, database: str 
         return probe.returncode == 0
 
     _wait(server, ready, timeout)
-    created = subprocess.run([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
-                             capture_output=True, text=True)
+    created = subprocess.run(
+        [postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database],
+        capture_output=True,
+        text=True,
+    )
     if created.returncode != 0 and "already exists" not in created.stderr:
         server.stop()
         raise ServerError(f"createdb {database} failed: {created.stderr}")
@@ -171,30 +238,67 @@ def start_postgres(data_dir: str | Path, port: int | None = None, database: str 
 
 # --- MLflow ---------------------------------------------------------------------------------------------
 
-def start_mlflow(backend_uri: str, artifacts_destination: str, port: int | None = None, env: dict | None = None,
-                 log_dir: str | Path = ".", workers: int = 1, timeout: float = 90) -> Server:
+
+def start_mlflow(
+    backend_uri: str,
+    artifacts_destination: str,
+    port: int | None = None,
+    env: dict | None = None,
+    log_dir: str | Path = ".",
+    workers: int = 1,
+    timeout: float = 90,
+) -> Server:
     """`mlflow server` that proxies artifacts (clients need no S3 credentials; the server holds them)."""
     port = port or free_port()
-    cmd = [shutil.which("mlflow") or "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", artifacts_destination, "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    cmd = [
+        shutil.which("mlflow") or "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     server_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     proc, log = _spawn("mlflow", cmd, Path(log_dir), env=server_env)
     url = f"http://127.0.0.1:{port}"
-    return _wait(Server("mlflow", proc, url, log, {"MLFLOW_TRACKING_URI": url}), lambda: _http_ok(f"{url}/health"), timeout)
+    return _wait(
+        Server("mlflow", proc, url, log, {"MLFLOW_TRACKING_URI": url}), lambda: _http_ok(f"{url}/health"), timeout
+    )
 
 
 # --- the dfdetect BentoML service -------------------------------------------------------------------------
 
-def start_bento(project_dir: str | Path, params_file: str | Path, tracking_uri: str, bentoml_home: str | Path,
-                port: int | None = None, log_dir: str | Path | None = None, timeout: float = 180,
-                ready: bool = True) -> Server:
+
+def start_bento(
+    project_dir: str | Path,
+    params_file: str | Path,
+    tracking_uri: str,
+    bentoml_home: str | Path,
+    port: int | None = None,
+    log_dir: str | Path | None = None,
+    timeout: float = 180,
+    ready: bool = True,
+) -> Server:
     """`bentoml serve serving.service:Detector` of the project in `project_dir`; waits for /readyz (a model
     loaded) when `ready`, else for /livez."""
     bentoml = shutil.which("bentoml") or str(Path(os.sys.executable).parent / "bentoml")
     port = port or free_port()
     env = {"DFDETECT_PARAMS": str(params_file), "MLFLOW_TRACKING_URI": tracking_uri, "BENTOML_HOME": str(bentoml_home)}
-    proc, log = _spawn("bentoml", [bentoml, "serve", "serving.service:Detector", "--host", "127.0.0.1", "--port", str(port)],
-                       Path(log_dir or bentoml_home), env, cwd=project_dir)
+    proc, log = _spawn(
+        "bentoml",
+        [bentoml, "serve", "serving.service:Detector", "--host", "127.0.0.1", "--port", str(port)],
+        Path(log_dir or bentoml_home),
+        env,
+        cwd=project_dir,
+    )
     url = f"http://127.0.0.1:{port}"
-    return _wait(Server("bentoml", proc, url, log), lambda: _http_ok(f"{url}/{'readyz' if ready else 'livez'}"), timeout)
+    return _wait(
+        Server("bentoml", proc, url, log), lambda: _http_ok(f"{url}/{'readyz' if ready else 'livez'}"), timeout
+    )

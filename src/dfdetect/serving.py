@@ -77,7 +77,12 @@ class Ensemble:
     def __init__(self, members: list[ServedModel]):
         self.members = members
         first = members[0]
-        self.name, self.preprocess, self.rt, self.runtime_name = first.name, first.preprocess, first.rt, first.runtime_name
+        self.name, self.preprocess, self.rt, self.runtime_name = (
+            first.name,
+            first.preprocess,
+            first.rt,
+            first.runtime_name,
+        )
         self.version = "+".join(m.version for m in members)
         self.threshold = float(np.mean([m.threshold for m in members]))
 
@@ -140,7 +145,9 @@ class ModelSet:
                 for ref in self.params.serving.ensemble:
                     version = self.loader.resolve(ref)
                     members.append(old.get(version) or self._fresh(ref, None))
-                if not isinstance(self.primary, Ensemble) or [m.version for m in members] != [m.version for m in self.primary.members]:
+                if not isinstance(self.primary, Ensemble) or [m.version for m in members] != [
+                    m.version for m in self.primary.members
+                ]:
                     self.primary = Ensemble(members)
             else:
                 self.primary = self._fresh(self.params.serving.alias, self.primary)
@@ -199,15 +206,27 @@ class ModelSet:
         x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], model.preprocess)
         with self._lock:  # one backward pass at a time through the shared module
             heat, p = grad_cam(model.torch_model, x)
-        return {"heatmap": png_base64(overlay(image, heat)), "explainedBy": model.label, "fake_probability": round(p, 6)}
+        return {
+            "heatmap": png_base64(overlay(image, heat)),
+            "explainedBy": model.label,
+            "fake_probability": round(p, 6),
+        }
 
     def info(self) -> dict:
         primary, challenger = self.primary, self.challenger
-        return {"ready": primary is not None, "model": primary and primary.name, "version": primary and primary.version,
-                "alias": self.params.serving.alias, "device": primary and str(primary.rt.device),
-                "precision": primary and primary.rt.precision, "runtime": primary and primary.runtime_name, "image_size": primary and primary.preprocess.image_size,
-                "face_margin": primary and primary.preprocess.face_margin,
-                "challenger": challenger and challenger.version, "challenger_mode": self.params.serving.challenger_mode}
+        return {
+            "ready": primary is not None,
+            "model": primary and primary.name,
+            "version": primary and primary.version,
+            "alias": self.params.serving.alias,
+            "device": primary and str(primary.rt.device),
+            "precision": primary and primary.rt.precision,
+            "runtime": primary and primary.runtime_name,
+            "image_size": primary and primary.preprocess.image_size,
+            "face_margin": primary and primary.preprocess.face_margin,
+            "challenger": challenger and challenger.version,
+            "challenger_mode": self.params.serving.challenger_mode,
+        }
 
 
 def pick_arm(serving, has_challenger: bool, rng: np.random.Generator) -> str:
@@ -254,8 +273,9 @@ def face_json(box: FaceBox) -> dict:
     return {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
 
 
-def video_response(clip, scored: list[Scored], started: float, indices: list[int] | None = None,
-                   without_face: list[int] | None = None) -> dict:
+def video_response(
+    clip, scored: list[Scored], started: float, indices: list[int] | None = None, without_face: list[int] | None = None
+) -> dict:
     """Per-frame verdicts and the video's: the mean frame score (the benchmarks' video-level protocol).
     `indices`: the frames scored, when some were skipped (no face)."""
     mean = float(np.mean([s.fake_probability for s in scored]))
@@ -263,12 +283,21 @@ def video_response(clip, scored: list[Scored], started: float, indices: list[int
     extra = {"framesWithoutFace": without_face} if without_face is not None else {}
     return {
         **extra,
-        "frames": [{"frameNumber": i, "fake_probability": round(s.fake_probability, 6), "is_fake": s.is_fake,
-                    "modelVersion": s.version} for i, s in zip(indices or clip.indices, scored)],
+        "frames": [
+            {
+                "frameNumber": i,
+                "fake_probability": round(s.fake_probability, 6),
+                "is_fake": s.is_fake,
+                "modelVersion": s.version,
+            }
+            for i, s in zip(indices or clip.indices, scored)
+        ],
         "fake_probability": round(mean, 6),
         "is_fake": mean >= threshold,
         "confidence": round(mean if mean >= threshold else 1 - mean, 6),
-        "duration": round(clip.duration_s, 3), "fps": round(clip.fps, 3), "total_frames": clip.total_frames,
+        "duration": round(clip.duration_s, 3),
+        "fps": round(clip.fps, 3),
+        "total_frames": clip.total_frames,
         "resolution": {"width": clip.width, "height": clip.height},
         "processingTime": round((time.perf_counter() - started) * 1000, 2),
         "modelVersion": version,

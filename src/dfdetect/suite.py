@@ -51,8 +51,11 @@ def list_files(root: Path) -> list[tuple[Path, str]]:
         for class_name in CLASS_NAMES:
             folder = top / class_name
             if folder.is_dir():
-                found += [(p, class_name) for p in sorted(folder.rglob("*"))
-                          if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir()]
+                found += [
+                    (p, class_name)
+                    for p in sorted(folder.rglob("*"))
+                    if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and not p.is_dir()
+                ]
     if not found:
         raise DatasetError(f"{root}: no images or videos under {[str(t) for t in tops]}/{{real,fake}}/")
     return found
@@ -135,14 +138,24 @@ def score_row(labels: np.ndarray, scores: np.ndarray, threshold: float, groups: 
         v_labels, v_scores = video_level(groups, labels, scores)
         row["n_videos"] = len(v_labels)
         if (v_labels == 0).any() and (v_labels == 1).any():
-            row.update({f"video_{k}": round(v, 6) for k, v in
-                        compute_all(v_labels, v_scores, threshold, ["roc_auc", "average_precision"]).items()})
+            row.update(
+                {
+                    f"video_{k}": round(v, 6)
+                    for k, v in compute_all(v_labels, v_scores, threshold, ["roc_auc", "average_precision"]).items()
+                }
+            )
         row.update({f"video_{k}": v for k, v in rates(v_labels, v_scores, threshold).items()})
     return row
 
 
-def group_rates(files: list[str], labels: np.ndarray, scores: np.ndarray, threshold: float, pattern: str,
-                names: dict[str, dict[str, str]]) -> dict:
+def group_rates(
+    files: list[str],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    pattern: str,
+    names: dict[str, dict[str, str]],
+) -> dict:
     """Per attribute of the file names (regex named groups), per value: images and the error rate of its class
     (real false positives, fake misses), and the highest rate over the lowest among groups of >= MIN_GROUP."""
     regex = re.compile(pattern)
@@ -158,7 +171,11 @@ def group_rates(files: list[str], labels: np.ndarray, scores: np.ndarray, thresh
         rows = {}
         for value, idx in sorted(by_value.items()):
             idx = np.asarray(idx)
-            rows[value] = {"n": len(idx), "n_real": int((labels[idx] == 0).sum()), **rates(labels[idx], scores[idx], threshold)}
+            rows[value] = {
+                "n": len(idx),
+                "n_real": int((labels[idx] == 0).sum()),
+                **rates(labels[idx], scores[idx], threshold),
+            }
         out[attr] = {"groups": rows, **_spread(rows)}
     return out
 
@@ -170,8 +187,11 @@ def _spread(rows: dict[str, dict]) -> dict:
     if len(fprs) < 2:
         return {}
     low, high = min(fprs), max(fprs)
-    return {"real_fpr_min": low, "real_fpr_max": high,
-            "real_fpr_ratio": round(high / low, 4) if low > 0 else (1.0 if high == 0 else None)}
+    return {
+        "real_fpr_min": low,
+        "real_fpr_max": high,
+        "real_fpr_ratio": round(high / low, 4) if low > 0 else (1.0 if high == 0 else None),
+    }
 
 
 def suite_row(spec: SuiteSet, data: SuiteData, scores: np.ndarray, threshold: float) -> dict:
@@ -185,8 +205,14 @@ def suite_row(spec: SuiteSet, data: SuiteData, scores: np.ndarray, threshold: fl
     return row
 
 
-def score_suite(sets: list[SuiteSet], score: Callable[[PreparedSplit], np.ndarray], image_size: int,
-                faces: FacesParams, threshold: float, workers: int = 1) -> dict[str, dict]:
+def score_suite(
+    sets: list[SuiteSet],
+    score: Callable[[PreparedSplit], np.ndarray],
+    image_size: int,
+    faces: FacesParams,
+    threshold: float,
+    workers: int = 1,
+) -> dict[str, dict]:
     """Every set's row, in the order given."""
     rows = {}
     for spec in sets:
@@ -196,8 +222,18 @@ def score_suite(sets: list[SuiteSet], score: Callable[[PreparedSplit], np.ndarra
     return rows
 
 
-TABLE_COLUMNS = ["n_real", "n_fake", "n_videos", *FRAME_METRICS, "fake_recall", "real_fpr", "video_roc_auc",
-                 "video_fake_recall", "video_real_fpr", "no_face"]
+TABLE_COLUMNS = [
+    "n_real",
+    "n_fake",
+    "n_videos",
+    *FRAME_METRICS,
+    "fake_recall",
+    "real_fpr",
+    "video_roc_auc",
+    "video_fake_recall",
+    "video_real_fpr",
+    "no_face",
+]
 
 
 def table_markdown(title: str, rows: dict[str, dict]) -> str:
@@ -209,10 +245,17 @@ def table_markdown(title: str, rows: dict[str, dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, row in rows.items():
         for attr, g in row.get("groups", {}).items():
-            lines += ["", f"### {name}: by {attr}", "", "| group | images | real false-positive rate | fake recall |",
-                      "|---|---|---|---|"]
-            lines += [f"| {value} | {r['n']} | {r.get('real_fpr', '')} | {r.get('fake_recall', '')} |"
-                      for value, r in g["groups"].items()]
+            lines += [
+                "",
+                f"### {name}: by {attr}",
+                "",
+                "| group | images | real false-positive rate | fake recall |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {value} | {r['n']} | {r.get('real_fpr', '')} | {r.get('fake_recall', '')} |"
+                for value, r in g["groups"].items()
+            ]
             if "real_fpr_ratio" in g:
                 lines.append(f"\nHighest / lowest real false-positive rate: {g['real_fpr_ratio']}")
     return "\n".join(lines) + "\n"

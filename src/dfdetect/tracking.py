@@ -101,7 +101,8 @@ def check_store(uri: str, client, experiment: str) -> None:
         f"MLflow experiment '{experiment}' in {db} keeps its artifacts in {location}, outside {db.parent}: this "
         f"store was copied from another checkout (MLflow records absolute paths), and runs would write into that "
         f"one. Start a fresh store here (move {db.name} and mlruns/ aside), or repoint the copied store's paths "
-        "as the README says (Registry: 'Moving or copying an MLflow store').")
+        "as the README says (Registry: 'Moving or copying an MLflow store')."
+    )
 
 
 def setup_mlflow(params: Params):
@@ -169,12 +170,16 @@ def _pipeline_outputs(root: Path) -> set[str]:
 
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD, with '-dirty' when tracked source differs from it; the pipeline's own outputs do not count."""
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
 
     try:
-        head, top, status = git("rev-parse", "HEAD"), git("rev-parse", "--show-toplevel"), \
-            git("status", "--porcelain", "-z", "--untracked-files=no")
+        head, top, status = (
+            git("rev-parse", "HEAD"),
+            git("rev-parse", "--show-toplevel"),
+            git("status", "--porcelain", "-z", "--untracked-files=no"),
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if head.returncode != 0:

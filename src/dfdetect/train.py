@@ -14,21 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, distributed, runtime
+from . import checkpoint, distributed, runtime, tracking
 from .artifact import TrainedModel
 from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
-from .mixture import MixtureSampler
-from .sbi import sbi_batch
+from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporaries
 from .metrics import eer_and_threshold, roc_auc
+from .mixture import MixtureSampler
 from .models import count_parameters, create_model
-from .inference import predict_scores
 from .preprocessing import PreprocessConfig, standardize
 from .progress import progress
-from . import tracking
+from .sbi import sbi_batch
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "seconds"]
@@ -56,8 +55,9 @@ def freeze_parameters(model: nn.Module, pattern: str) -> int:
     names = [name for name, _ in model.named_parameters()]
     frozen = [name for name in names if re.search(pattern, name)]
     if not frozen:
-        raise TrainError(f"train.freeze={pattern!r} matches no parameter of this model; its names start with "
-                         + ", ".join(names[:4]))
+        raise TrainError(
+            f"train.freeze={pattern!r} matches no parameter of this model; its names start with " + ", ".join(names[:4])
+        )
     if len(frozen) == len(names):
         raise TrainError(f"train.freeze={pattern!r} matches every parameter: nothing would be trained")
     for name, param in model.named_parameters():
@@ -83,8 +83,9 @@ def make_scheduler(optimizer, params: Params):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def training_batch(images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, pre: PreprocessConfig,
-                   rt: runtime.Runtime) -> torch.Tensor:
+def training_batch(
+    images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, pre: PreprocessConfig, rt: runtime.Runtime
+) -> torch.Tensor:
     """uint8 batch from the cache -> augmented, normalised model input on the device."""
     x = recompress(images, augment, gen).to(rt.device, non_blocking=True).float().div_(255)
     x = standardize(augment_batch(x, augment, gen), pre, inplace=True)
@@ -104,7 +105,11 @@ def train_step(model: nn.Module, optimizer, scaler, rt: runtime.Runtime, x: torc
 
 def _comparable(params: Params) -> dict:
     """What must not change between a run and its resumption."""
-    return {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump(exclude={"device", "num_workers"})}
+    return {
+        "seed": params.seed,
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(exclude={"device", "num_workers"}),
+    }
 
 
 def _diff(a: dict, b: dict, prefix="") -> list[str]:
@@ -125,8 +130,10 @@ def training_sources(prepared_dir: str | Path) -> dict[str, dict]:
         return {}
     report = json.loads(report_path.read_text())
     versions = report.get("source_versions", {})
-    return {name: {"version": versions.get(name, "unknown"), **{s: per[s] for s in per if s in ("train", "val")}}
-            for name, per in report.get("sources", {}).items()}
+    return {
+        name: {"version": versions.get(name, "unknown"), **{s: per[s] for s in per if s in ("train", "val")}}
+        for name, per in report.get("sources", {}).items()
+    }
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -146,7 +153,12 @@ class Trainer:
 
     def __init__(self, params: Params, prepared_dir: str | Path, model_dir: str | Path, track: bool = True):
         """Devices and processes, data, model, optimizer, generators and loaders; nothing is trained yet."""
-        self.params, self.t, self.prepared_dir, self.model_dir = params, params.train, Path(prepared_dir), Path(model_dir)
+        self.params, self.t, self.prepared_dir, self.model_dir = (
+            params,
+            params.train,
+            Path(prepared_dir),
+            Path(model_dir),
+        )
         t = self.t
         self.d = d = distributed.setup()
         if d.is_main:  # a kill during a checkpoint write leaves its temporary behind
@@ -159,7 +171,9 @@ class Trainer:
         self.rt = rt = runtime.resolve(device, t.precision, t.channels_last)
         runtime.flush_denormals(rt.device)
         if t.batch_size % d.world:
-            raise TrainError(f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes")
+            raise TrainError(
+                f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes"
+            )
         self.track = track and d.is_main  # one MLflow run, one set of checkpoints
         runtime.seed_everything(params.seed)
         self.pre = preprocess_config(prepared_dir)
@@ -174,34 +188,70 @@ class Trainer:
         self.model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
         self.frozen = freeze_parameters(self.model, t.freeze)
         self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
-        self.shipped = self.ema.module if self.ema else self.model  # what is validated, checkpointed as best and registered
+        self.shipped = (
+            self.ema.module if self.ema else self.model
+        )  # what is validated, checkpointed as best and registered
         self.optimizer = make_optimizer(self.model, params)
         self.scheduler = make_scheduler(self.optimizer, params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
         self.shuffle_gen = torch.Generator().manual_seed(params.seed)
         self.augment_gen = torch.Generator().manual_seed(params.seed + 1 + d.rank)
-        self.state = {"epoch": 0, "best_val_auc": -1.0, "best_epoch": 0, "stale_epochs": 0, "history": [], "run_id": None,
-                      "threshold": 0.5}
+        self.state = {
+            "epoch": 0,
+            "best_val_auc": -1.0,
+            "best_epoch": 0,
+            "stale_epochs": 0,
+            "history": [],
+            "run_id": None,
+            "threshold": 0.5,
+        }
         self.sampler = None
         if t.source_weights:  # a mixture: each source its share of the draws, in an order fixed by the seed and epoch
-            self.sampler = MixtureSampler(self.train_split.datasets or [params.prepare.name] * len(self.train_split.labels),
-                                          t.source_weights, params.seed, d.rank, d.world)
+            self.sampler = MixtureSampler(
+                self.train_split.datasets or [params.prepare.name] * len(self.train_split.labels),
+                t.source_weights,
+                params.seed,
+                d.rank,
+                d.world,
+            )
             log.info("mixture draws per epoch: %s", self.sampler.counts())
         elif d.enabled:  # each process trains on its share, in an order fixed by the seed and the epoch
             self.sampler = torch.utils.data.distributed.DistributedSampler(
-                self.train_split.labels, num_replicas=d.world, rank=d.rank, shuffle=True, seed=params.seed, drop_last=True)
-        self.train_loader = batch_loader(self.train_split, t.batch_size // d.world, shuffle=True, generator=self.shuffle_gen,
-                                         num_workers=t.num_workers, drop_last=len(self.train_split.labels) > t.batch_size,
-                                         pin_memory=rt.device.type == "cuda", sampler=self.sampler)
+                self.train_split.labels,
+                num_replicas=d.world,
+                rank=d.rank,
+                shuffle=True,
+                seed=params.seed,
+                drop_last=True,
+            )
+        self.train_loader = batch_loader(
+            self.train_split,
+            t.batch_size // d.world,
+            shuffle=True,
+            generator=self.shuffle_gen,
+            num_workers=t.num_workers,
+            drop_last=len(self.train_split.labels) > t.batch_size,
+            pin_memory=rt.device.type == "cuda",
+            sampler=self.sampler,
+        )
         self.net = self.model
         if d.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+            )
         self.val_loader = batch_loader(self.val_split, max(t.batch_size, 64), shuffle=False)
         self.mlflow, self.sink, self.logged = None, _NoTracking(), {}
-        log.info("model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
-                 params.model.name, count_parameters(self.model), self.frozen, rt.device, rt.precision, rt.channels_last,
-                 len(self.train_split.labels), len(self.val_split.labels))
+        log.info(
+            "model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
+            params.model.name,
+            count_parameters(self.model),
+            self.frozen,
+            rt.device,
+            rt.precision,
+            rt.channels_last,
+            len(self.train_split.labels),
+            len(self.val_split.labels),
+        )
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by this recipe: weights, optimizer, schedules, RNGs and history."""
@@ -212,7 +262,9 @@ class Trainer:
             changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
         if changed:
             raise TrainError(f"{path}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
-        self.model.load_state_dict(ckpt["state_dict"] if ckpt.get("train_state_dict") is None else ckpt["train_state_dict"])
+        self.model.load_state_dict(
+            ckpt["state_dict"] if ckpt.get("train_state_dict") is None else ckpt["train_state_dict"]
+        )
         if self.ema:
             self.ema.load_state_dict({"module": ckpt["state_dict"], "updates": ckpt["ema_updates"]})
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -238,16 +290,26 @@ class Trainer:
         self.sink = mlflow
         if not resumed:
             mlflow.log_params(tracking.flat_params(params))
-            mlflow.set_tags({"dfdetect.data_version": tracking.data_version(), "dfdetect.git_commit": tracking.git_commit(),
-                             "dfdetect.params_hash": tracking.params_hash(params), "dfdetect.label_map": "real=0,fake=1",
-                             "dfdetect.device": str(self.rt.device), "dfdetect.precision": self.rt.precision,
-                             "dfdetect.training_sources": json.dumps(training_sources(self.prepared_dir))})
+            mlflow.set_tags(
+                {
+                    "dfdetect.data_version": tracking.data_version(),
+                    "dfdetect.git_commit": tracking.git_commit(),
+                    "dfdetect.params_hash": tracking.params_hash(params),
+                    "dfdetect.label_map": "real=0,fake=1",
+                    "dfdetect.device": str(self.rt.device),
+                    "dfdetect.precision": self.rt.precision,
+                    "dfdetect.training_sources": json.dumps(training_sources(self.prepared_dir)),
+                }
+            )
         else:
             # Killed between an epoch's metrics and its checkpoint, the run has that epoch and the resumed loop
             # repeats it: skip what the run has; log the checkpoint's epochs the run lacks.
             client = mlflow.MlflowClient()
-            self.logged = {k: {m.step for m in client.get_metric_history(state["run_id"], k)}
-                           for k in HISTORY_FIELDS if k != "epoch"}
+            self.logged = {
+                k: {m.step for m in client.get_metric_history(state["run_id"], k)}
+                for k in HISTORY_FIELDS
+                if k != "epoch"
+            }
             for row in state["history"]:
                 self.log_epoch(row)
 
@@ -289,14 +351,25 @@ class Trainer:
     def _checkpoint_state(self, epoch: int, ranks: list) -> dict:
         d, rt = self.d, self.rt
         return {
-            "model": self.params.model.model_dump(), "state_dict": self.shipped.state_dict(), "preprocess": self.pre.to_dict(),
+            "model": self.params.model.model_dump(),
+            "state_dict": self.shipped.state_dict(),
+            "preprocess": self.pre.to_dict(),
             # with weight averaging, the weights being trained differ from the shipped average
-            "train_state_dict": self.model.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": {"shuffle": self.shuffle_gen.get_state(), "augment": self.augment_gen.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
-                    "ranks": ranks if d.enabled else None},
-            "params": _comparable(self.params), "world": d.world, **{**self.state, "epoch": epoch},
+            "train_state_dict": self.model.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "shuffle": self.shuffle_gen.get_state(),
+                "augment": self.augment_gen.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+                "ranks": ranks if d.enabled else None,
+            },
+            "params": _comparable(self.params),
+            "world": d.world,
+            **{**self.state, "epoch": epoch},
         }
 
     def validate_and_checkpoint(self, epoch: int, stats: dict, started: float, bar) -> bool:
@@ -307,14 +380,23 @@ class Trainer:
             return bool(distributed.broadcast(self.d, None))
         scores, labels, val_loss = predict_scores(self.shipped, self.val_loader, self.pre, self.rt)
         val_auc = roc_auc(labels, scores, 0.5)
-        row = {"epoch": epoch, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-               "val_loss": val_loss, "val_acc": float(((scores >= 0.5) == labels).mean()), "val_auc": val_auc,
-               "seconds": round(time.time() - started, 2)}
+        row = {
+            "epoch": epoch,
+            "lr": stats["lr"],
+            "train_loss": stats["train_loss"],
+            "train_acc": stats["train_acc"],
+            "val_loss": val_loss,
+            "val_acc": float(((scores >= 0.5) == labels).mean()),
+            "val_auc": val_auc,
+            "seconds": round(time.time() - started, 2),
+        }
         state["history"].append(row)
         bar.update(stats["task"], info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
         self.log_epoch(row)
         if val_auc > state["best_val_auc"] + 1e-6:
-            state.update(best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0, threshold=eer_and_threshold(labels, scores)[1])
+            state.update(
+                best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0, threshold=eer_and_threshold(labels, scores)[1]
+            )
             checkpoint.save(self.model_dir / "best.pt", self._checkpoint_state(epoch, stats["ranks"]))
         else:
             state["stale_epochs"] += 1
@@ -343,22 +425,47 @@ class Trainer:
                 trained.save(model_dir / "best.pt", training_state=best_state)
                 calibration = trained.calibration
                 state["threshold"] = trained.threshold
-                log.info("calibrated: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
-                         calibration["val_ece_before"], calibration["val_ece_after"])
-        result = TrainResult(state["run_id"], state["best_epoch"], state["best_val_auc"], state["threshold"],
-                             state["epoch"], completed, stopped_early)
+                log.info(
+                    "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
+                    calibration["temperature"],
+                    calibration["val_ece_before"],
+                    calibration["val_ece_after"],
+                )
+        result = TrainResult(
+            state["run_id"],
+            state["best_epoch"],
+            state["best_val_auc"],
+            state["threshold"],
+            state["epoch"],
+            completed,
+            stopped_early,
+        )
         if history_path:
             write_history(Path(history_path), state["history"])
         if completed:
-            best = {"best_epoch": result.best_epoch, "val_auc": result.best_val_auc, "threshold": result.threshold,
-                    "epochs_run": result.epochs_run, **({"temperature": calibration["temperature"],
-                                                        "val_ece": calibration["val_ece_after"]} if calibration else {})}
+            best = {
+                "best_epoch": result.best_epoch,
+                "val_auc": result.best_val_auc,
+                "threshold": result.threshold,
+                "epochs_run": result.epochs_run,
+                **(
+                    {"temperature": calibration["temperature"], "val_ece": calibration["val_ece_after"]}
+                    if calibration
+                    else {}
+                ),
+            }
             if metrics_path:
                 atomic_write_json(metrics_path, best)
-            atomic_write_json(model_dir / "summary.json", {
-                **asdict(result), "model": self.params.model.name,
-                "tracking_uri": tracking.redact(tracking.tracking_uri(self.params)) if self.track else None,
-                "data_version": tracking.data_version(), "params_hash": tracking.params_hash(self.params)})
+            atomic_write_json(
+                model_dir / "summary.json",
+                {
+                    **asdict(result),
+                    "model": self.params.model.name,
+                    "tracking_uri": tracking.redact(tracking.tracking_uri(self.params)) if self.track else None,
+                    "data_version": tracking.data_version(),
+                    "params_hash": tracking.params_hash(self.params),
+                },
+            )
             if self.mlflow:
                 from .model_logging import log_training_outputs
 
@@ -370,8 +477,12 @@ class Trainer:
 
 def _reals_only(split: PreparedSplit) -> PreparedSplit:
     reals = np.flatnonzero(split.labels == 0)
-    return PreparedSplit(np.asarray(split.images[reals]), split.labels[reals], [split.relpaths[i] for i in reals],
-                         datasets=[split.datasets[i] for i in reals] if split.datasets else None)
+    return PreparedSplit(
+        np.asarray(split.images[reals]),
+        split.labels[reals],
+        [split.relpaths[i] for i in reals],
+        datasets=[split.datasets[i] for i in reals] if split.datasets else None,
+    )
 
 
 def train(

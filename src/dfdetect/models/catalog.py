@@ -64,7 +64,9 @@ def imagenet_weights_file(spec: ModelSpec, weights_path: str | None) -> Path:
         try:
             path = spec.packaged_weights()
         except FileNotFoundError as exc:
-            raise ModelError(f"ImageNet weights for {spec.name!r}: {exc}; set model.weights_path or install it") from None
+            raise ModelError(
+                f"ImageNet weights for {spec.name!r}: {exc}; set model.weights_path or install it"
+            ) from None
     else:
         filename = spec.imagenet_weights.url.rsplit("/", 1)[-1]
         path = Path(torch.hub.get_dir()) / "checkpoints" / filename
