@@ -241,11 +241,8 @@ def measure_layout(layout: str, args, tmp: Path, env: dict, jpegs: list[bytes]) 
                         drive(url, load, 4, args.warmup, timeout_s=args.timeout)  # warm-up, not recorded
                         levels = [drive(url, load, c, args.seconds, pid, args.timeout) for c in args.clients]
                         for level in levels:
-                            cpu = level["server_cpu_ms_per_request"]
                             level["http_path_cpu_ms_per_request"] = (
-                                round(cpu - model_ms * load.images_per_request, 3)
-                                if cpu is not None and name != BASELINE
-                                else None
+                                None if name == BASELINE else http_path_cpu(level, model_ms)
                             )
                         out["servers"][name] = levels
                         print(json.dumps({"layout": layout, "server": name, "levels": levels}), flush=True)
@@ -259,6 +256,17 @@ def measure_layout(layout: str, args, tmp: Path, env: dict, jpegs: list[bytes]) 
 
 def at(levels: list[dict], clients: int) -> dict | None:
     return next((lv for lv in levels if lv["clients"] == clients), None)
+
+
+def http_path_cpu(level: dict, model_ms: float) -> float | None:
+    """Server CPU per answered request beyond the model's: the window's CPU less the in-process cost of the
+    images actually scored (the 200s), over every answered request (a 503 costs HTTP work, and no model)."""
+    cpu = level["server_cpu_ms_per_request"]
+    answered = level["requests"] + sum(n for kind, n in level["errors_by_kind"].items() if kind.startswith("HTTP"))
+    if cpu is None or not answered:
+        return None
+    scored = level["requests"] * level["images_per_request"]
+    return round((cpu * answered - model_ms * scored) / answered, 3)
 
 
 def pinned_targets(pinned: dict, max_latency_ms: int, clients: int = 32) -> dict:
@@ -279,9 +287,10 @@ def pinned_targets(pinned: dict, max_latency_ms: int, clients: int = 32) -> dict
             "vs_peers": {n: round(level["images_per_s"] / v, 2) if v else None for n, v in peers.items()},
             "at_least_each_peer": all(level["images_per_s"] >= v for v in peers.values()),
             "http_path_cpu_ms_per_request": level["http_path_cpu_ms_per_request"],
-            "http_path_at_most_1ms": (level["http_path_cpu_ms_per_request"] or 0) <= 1.0,
+            "http_path_at_most_1ms": level["http_path_cpu_ms_per_request"] is not None
+            and level["http_path_cpu_ms_per_request"] <= 1.0,
             "p99_ms": level["p99_ms"],
-            "p99_within_max_latency_ms": (level["p99_ms"] or 0) <= max_latency_ms,
+            "p99_within_max_latency_ms": level["p99_ms"] is not None and level["p99_ms"] <= max_latency_ms,
             "errors_at_fewer_clients": sum(lv["errors"] for lv in levels if lv["clients"] < clients),
             "errors_other_than_503": non_503,
         }
