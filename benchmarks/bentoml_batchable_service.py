@@ -1,6 +1,6 @@
 """A peer for benchmarks/serving.py: BentoML's own adaptive batching instead of dfdetect's batcher.
 
-The same model (the registry alias, through dfdetect.serving.ModelSet), the same runtime (serving.runtime)
+The same model (the registry alias, through dfdetect.model_set.ModelSet), the same runtime (serving.runtime)
 and the same preprocessing as serving/service.py, written the way BentoML's documentation writes batching:
 one `@bentoml.api(batchable=True)` endpoint whose argument is the batch. A request sends one image in the
 multipart field `image` (the body serving/service.py's /inference/analyze-frame takes); BentoML's
@@ -22,8 +22,9 @@ import bentoml
 import numpy as np
 
 from dfdetect.config import load_params
+from dfdetect.model_set import ModelSet, RegistryLoader
 from dfdetect.preprocessing import decode_image, resize_square
-from dfdetect.serving import ModelSet, RegistryLoader, frame_response
+from dfdetect.responses import frame_response
 
 PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
 SERVING = PARAMS.serving

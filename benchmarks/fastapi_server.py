@@ -1,6 +1,6 @@
 """A peer for benchmarks/serving.py: the server a team would write by hand with FastAPI and uvicorn.
 
-The same model (the registry alias, through dfdetect.serving.ModelSet), the same runtime (serving.runtime),
+The same model (the registry alias, through dfdetect.model_set.ModelSet), the same runtime (serving.runtime),
 the same preprocessing and the same adaptive batcher (dfdetect.batching) as serving/service.py, behind a
 plain FastAPI endpoint: UploadFile for the multipart form, decoding in a bounded thread pool. None of
 BentoML, and none of the service's request guard, limits, metrics or hot swaps: only what measures the
@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse
 
 from dfdetect.batching import MicroBatcher, Overloaded
 from dfdetect.config import load_params
+from dfdetect.model_set import ModelSet, RegistryLoader
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
-from dfdetect.serving import ModelSet, RegistryLoader, frame_response
+from dfdetect.responses import frame_response
 
 
 def build(params_file: str) -> FastAPI:

@@ -29,7 +29,7 @@ from dfdetect.config import Params, load_params, parse_params
 from dfdetect.data import preprocess_config
 from dfdetect.evaluate import evaluate
 from dfdetect.io_utils import atomic_write_json
-from dfdetect.orchestration import apply_overrides
+from dfdetect.overrides import apply_overrides
 from dfdetect.prepare import prepare
 from dfdetect.train import train
 

@@ -46,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dfdetect.config import load_params
-    from dfdetect.serving import RegistryLoader, ServedModel
+    from dfdetect.model_set import RegistryLoader, ServedModel
 
     params = load_params(args.params)
     jpegs = [p.read_bytes() for p in sorted(args.images.rglob("*.jpg"))]

@@ -21,7 +21,7 @@ from error_analysis import analyse  # beside this script
 
 from dfdetect.config import load_params
 from dfdetect.evaluate import evaluate
-from dfdetect.orchestration import apply_overrides
+from dfdetect.overrides import apply_overrides
 from dfdetect.prepare import prepare
 from dfdetect.train import train
 

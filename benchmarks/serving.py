@@ -388,9 +388,9 @@ def main():
     from dfdetect.data import load_split
     from dfdetect.evaluate import evaluate
     from dfdetect.metrics import roc_auc
+    from dfdetect.model_set import ServedModel
     from dfdetect.prepare import prepare
     from dfdetect.sample_data import generate
-    from dfdetect.serving import ServedModel
     from dfdetect.train import train
 
     tmp = Path(tempfile.mkdtemp(prefix="dfdetect-bench-"))

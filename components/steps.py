@@ -6,7 +6,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, M
 
 def fetch_data(data_source: str, dvc_repo: str, dvc_rev: str, data: Output[Dataset]):
     """The data set from the DVC remote at a git revision (data_source 'dvc') or from a folder."""
-    from dfdetect.orchestration import fetch_data as fetch
+    from dfdetect.data_fetch import fetch_data as fetch
 
     fetch(data_source, dvc_repo, dvc_rev, data.path)
 
@@ -15,7 +15,7 @@ def prepare(data: Input[Dataset], prepare: dict, prepared: Output[Dataset], repo
     """`dfdetect prepare`: validate, manifest, report, image cache."""
     import shutil
 
-    from dfdetect.orchestration import params_from
+    from dfdetect.overrides import params_from
     from dfdetect.prepare import prepare as run_prepare
 
     run_prepare(data.path, prepared.path, params_from({"prepare": prepare}).prepare, workers=2)
@@ -33,10 +33,11 @@ def train(
     history: Output[Artifact],
 ) -> str:
     """`dfdetect train`; returns the MLflow run id."""
-    from dfdetect.orchestration import params_from, use_tracking
+    from dfdetect.overrides import params_from
+    from dfdetect.tracking import use_tracking_uri
     from dfdetect.train import train as run_train
 
-    use_tracking(tracking_uri)
+    use_tracking_uri(tracking_uri)
     params = params_from({"seed": seed, "model": model, "train": train, "mlflow": mlflow})
     result = run_train(params, prepared.path, model_dir.path, history.path)
     model_dir.metadata.update(
@@ -58,9 +59,11 @@ def evaluate(
 ) -> float:
     """`dfdetect evaluate`; returns the test ROC-AUC that gates registration."""
     from dfdetect.evaluate import evaluate as run_evaluate
-    from dfdetect.orchestration import log_kfp_evaluation, params_from, use_tracking
+    from dfdetect.kfp_outputs import log_kfp_evaluation
+    from dfdetect.overrides import params_from
+    from dfdetect.tracking import use_tracking_uri
 
-    use_tracking(tracking_uri)
+    use_tracking_uri(tracking_uri)
     params = params_from({"evaluate": evaluate, "mlflow": mlflow})
     out = evaluation.path
     result = run_evaluate(params, prepared.path, model_dir.path, out, f"{out}/metrics.json", f"{out}/plots")
@@ -77,10 +80,11 @@ def register(
     tracking_uri: str,
 ) -> str:
     """`dfdetect register`: a new model version with alias challenger; returns the version."""
-    from dfdetect.orchestration import params_from, use_tracking
+    from dfdetect.overrides import params_from
     from dfdetect.registry import register as run_register
+    from dfdetect.tracking import use_tracking_uri
 
-    use_tracking(tracking_uri)
+    use_tracking_uri(tracking_uri)
     params = params_from({"registry": registry, "mlflow": mlflow})
     return run_register(params, model_dir.path, f"{evaluation.path}/metrics.json", prepared.path)["version"]
 
@@ -98,10 +102,11 @@ def promote(
     import shutil
     import tempfile
 
-    from dfdetect.orchestration import params_from, use_tracking
+    from dfdetect.overrides import params_from
     from dfdetect.promotion import promote as run_promote
+    from dfdetect.tracking import use_tracking_uri
 
-    use_tracking(tracking_uri)
+    use_tracking_uri(tracking_uri)
     params = params_from({"registry": registry, "promotion": promotion, "mlflow": mlflow})
     with tempfile.TemporaryDirectory() as tmp:
         result = run_promote(params, prepared.path, tmp, expected_challenger=version)

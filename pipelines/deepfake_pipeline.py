@@ -8,7 +8,7 @@ from kfp import dsl
 
 from components import make_components
 from dfdetect.config import Params
-from dfdetect.orchestration import pipeline_sections
+from dfdetect.overrides import pipeline_sections
 
 DEFAULT_IMAGE = "ghcr.io/dfdetect/dfdetect:0.1.0"  # built from infra/; override with --image
 PIPELINE_NAME = "dfdetect-deepfake-detector"

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dfdetect.config import Params
-from dfdetect.orchestration import pipeline_sections
+from dfdetect.overrides import pipeline_sections
 
 from .deepfake_pipeline import DEFAULT_IMAGE, build_pipeline, min_roc_auc_to_register
 

@@ -31,19 +31,12 @@ from starlette.responses import JSONResponse
 from dfdetect import allocator
 from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 from dfdetect.config import load_params
+from dfdetect.faces import FaceCropper
 from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, check_multipart
 from dfdetect.http_timeouts import install_header_timeout
+from dfdetect.model_set import ModelSet, RegistryLoader, Scored, pick_arm
 from dfdetect.preprocessing import ImageError, check_dimensions, decode_image, resize_square
-from dfdetect.serving import (
-    FaceCropper,
-    ModelSet,
-    RegistryLoader,
-    Scored,
-    face_json,
-    frame_response,
-    pick_arm,
-    video_response,
-)
+from dfdetect.responses import face_json, frame_response, video_response
 from dfdetect.video import VideoError, read_frames
 
 log = logging.getLogger("dfdetect.serving")

@@ -11,9 +11,9 @@ from dfdetect import checkpoint
 from dfdetect.artifact import TrainedModel
 from dfdetect.data import load_split
 from dfdetect.export import FakeProbability, OnnxModel, export
+from dfdetect.model_set import ServedModel
 from dfdetect.preprocessing import normalize
 from dfdetect.registry import LoadedModel
-from dfdetect.serving import ServedModel
 from dfdetect.train import train
 
 

@@ -239,8 +239,9 @@ def test_crop_images_crops_faces_of_photos_too(tmp_path):
 
 def test_serving_crops_faces_with_the_training_code():
     """serving.face_crop uses prepare's settings and code: the same crop as a training face, or None."""
+    from dfdetect.faces import FaceCropper
     from dfdetect.ingest import _get_detector
-    from dfdetect.serving import FaceCropper, face_json
+    from dfdetect.responses import face_json
 
     faces = FacesParams(crop_size=64)
     cropper = FaceCropper(faces)

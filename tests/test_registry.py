@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dfdetect import promotion, registry, tracking
+from dfdetect import model_card, promotion, registry, tracking
 from dfdetect.config import ParamsError, parse_params
 from dfdetect.registry import CHALLENGER, CHAMPION, RegistryError
 
@@ -402,6 +402,6 @@ def test_the_model_card_lists_training_sources_and_the_generalisation_table(env)
 
 def test_a_long_card_is_cut_at_a_line_for_the_registry():
     card = "# Model card\n" + "".join(f"| line {i} | {'x' * 80} |\n" for i in range(200))
-    cut = registry.card_description(card, "model_card/m-v1.md")
-    assert len(cut) <= registry.DESCRIPTION_LIMIT and "model_card/m-v1.md" in cut
-    assert cut.split("\n\n(cut here")[0] in card and registry.card_description("short", "x") == "short"
+    cut = model_card.card_description(card, "model_card/m-v1.md")
+    assert len(cut) <= model_card.DESCRIPTION_LIMIT and "model_card/m-v1.md" in cut
+    assert cut.split("\n\n(cut here")[0] in card and model_card.card_description("short", "x") == "short"

@@ -9,9 +9,10 @@ from torch import nn
 
 from dfdetect.artifact import TrainedModel
 from dfdetect.config import parse_params
+from dfdetect.model_set import ModelSet, Scored
 from dfdetect.preprocessing import PreprocessConfig
 from dfdetect.registry import LoadedModel
-from dfdetect.serving import ModelSet, Scored, frame_response
+from dfdetect.responses import frame_response
 
 
 class Constant(nn.Module):
@@ -128,7 +129,7 @@ def test_ensemble_serves_the_mean_of_its_versions_and_follows_aliases():
 
 
 def test_ab_routing_per_request_keeps_a_videos_frames_on_one_version():
-    from dfdetect.serving import pick_arm
+    from dfdetect.model_set import pick_arm
 
     ms, _ = model_set("ab", fraction=0.25)
     for arm, version in (("challenger", "det/2"), ("primary", "det/1")):

@@ -12,13 +12,17 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .config import FacesParams
 
 _DETECTORS: dict[str, Callable[..., "FaceDetector"]] = {}
 
@@ -323,3 +327,20 @@ def framing(crops: list[np.ndarray], detector: FaceDetector) -> list[float]:
         if box is not None:
             found.append(max(h, w) / max(box.w, box.h))
     return found
+
+
+class FaceCropper:
+    """The largest face of a frame, cropped as `prepare` crops training faces (same code, same settings)."""
+
+    def __init__(self, faces: FacesParams, model_margin=lambda: None):
+        self.faces, self.model_margin = faces, model_margin  # margin auto: the served model's own framing
+        self.detector = build_detector(faces.detector, faces.min_face)
+        self._lock = threading.Lock()  # one detector, used from several request threads
+
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, FaceBox] | None:
+        with self._lock:
+            box = self.detector.largest(rgb)
+        if box is None:
+            return None
+        faces = self.faces.with_margin(self.model_margin())
+        return crop_face(rgb, box, faces.margin, faces.crop_size, align=faces.align), box

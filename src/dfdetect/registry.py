@@ -25,8 +25,8 @@ from .artifact import TrainedModel
 from .config import Params
 from .io_utils import atomic_write_json
 from .labels import LABEL_MAP
+from .model_card import card_description, model_card
 from .preprocessing import PreprocessConfig
-from .suite import table_markdown as suite_markdown
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ HISTORY_TAG = "dfdetect.alias_history"
 PREVIOUS_TAG = "dfdetect.previous_champion"
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 TAG_VALUE_LIMIT = 5000  # MLflow's limit on a tag value
-DESCRIPTION_LIMIT = 5000  # a version description's column (PostgreSQL enforces it)
 
 
 class RegistryError(RuntimeError):
@@ -252,84 +251,6 @@ def _register_version(mlflow, client, name: str, run, tags: dict):
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return client.create_model_version(name, f"runs:/{run_id}/checkpoint", run_id=run_id, tags=tags)
-
-
-def model_card(name: str, version: str, run, metrics: dict, data_report: dict | None) -> str:
-    p = run.data.params
-    lines = [
-        f"# Model card: {name} version {version}",
-        "",
-        "## Intended use",
-        "Flags face images (face crops) that were likely manipulated by face swapping, as a signal for human",
-        "review in trust-and-safety workflows. The output is P(fake); the verdict uses the stored threshold.",
-        "",
-        "## Known limits",
-        "- Measured only on the data sets below: expect lower accuracy on other generators, compression levels",
-        "  and cameras (deepfake detectors typically lose 0.1-0.2 ROC-AUC across data sets); see Generalisation.",
-        "- Not a proof of authenticity or of manipulation; do not use as the sole basis of a decision.",
-        "- Scores whole images at the trained size; faces should be cropped as in training.",
-        "",
-        "## Data",
-        f"- data version (DVC md5): `{run.data.tags.get('dfdetect.data_version', 'unknown')}`",
-        f"- git commit: `{run.data.tags.get('dfdetect.git_commit', 'unknown')}`",
-        f"- label map: {LABEL_MAP}",
-    ]
-    if data_report:
-        for split, c in data_report.get("splits", {}).items():
-            lines.append(f"- {split}: {c['real']} real, {c['fake']} fake")
-    lines += training_sources_lines(run.data.tags.get("dfdetect.training_sources"))
-    lines += ["", f"## Metrics ({metrics.get('split', '?')} split)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
-    if metrics.get("sources"):
-        lines += ["", suite_markdown("The same split by training source", metrics["sources"])]
-    if metrics.get("datasets"):
-        lines += [
-            "",
-            suite_markdown(
-                "Generalisation: data sets it was not trained on (validation threshold)", metrics["datasets"]
-            ),
-        ]
-    else:
-        lines += [
-            "",
-            "## Generalisation",
-            "",
-            "Not measured: evaluate.datasets was empty, so nothing says how this model does on data of other sources.",
-        ]
-    lines += ["", "## Training parameters", ""]
-    lines += [f"- `{k}`: {p[k]}" for k in sorted(p) if k.startswith(("model.", "train.", "prepare.", "seed"))]
-    lines += ["", f"Training run: `{run.info.run_id}`"]
-    return "\n".join(lines) + "\n"
-
-
-def card_description(card: str, artifact_path: str, limit: int = DESCRIPTION_LIMIT) -> str:
-    """The card as a version description, cut at a line before the registry's length limit (the full card is
-    logged with the run)."""
-    if len(card) <= limit:
-        return card
-    note = f"\n\n(cut here: the full card is `{artifact_path}` in the training run's artifacts)\n"
-    return card[: card.rfind("\n", 0, limit - len(note))] + note
-
-
-def training_sources_lines(tag: str | None) -> list[str]:
-    """The model card's list of training sources, from the run's dfdetect.training_sources tag."""
-    try:
-        sources = json.loads(tag) if tag else {}
-    except json.JSONDecodeError:
-        sources = {}
-    if not sources:
-        return []
-    lines = [
-        "",
-        "## Training sources",
-        "",
-        "| source | DVC version | train real / fake | val real / fake |",
-        "|---|---|---|---|",
-    ]
-    for name, s in sources.items():
-        cells = [f"{s[k]['real']} / {s[k]['fake']}" if k in s else "-" for k in ("train", "val")]
-        lines.append(f"| {name} | `{s.get('version', 'unknown')}` | {cells[0]} | {cells[1]} |")
-    return lines
 
 
 def register(

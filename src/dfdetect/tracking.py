@@ -25,6 +25,12 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri or DEFAULT_TRACKING_URI
 
 
+def use_tracking_uri(uri: str) -> None:
+    """A pipeline step's tracking server, for this process: `tracking_uri` reads the environment first."""
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
 class TrackingError(RuntimeError):
     """The tracking server cannot be used."""
 

@@ -1,12 +1,11 @@
-"""What the BentoML service (serving/service.py) runs: registered models on a fast runtime, the champion/
-challenger routing, hot swaps when an alias moves, and the response format of the original service."""
+"""The models the BentoML service (serving/service.py) answers with: registered versions on a fast runtime,
+the champion/challenger routing, and hot swaps when an alias moves. Its JSON is in responses.py."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .config import FacesParams, Params
-from .faces import FaceBox, build_detector, crop_face
-from .labels import CLASS_NAMES, FAKE, REAL
+from .config import Params
 from .preprocessing import PreprocessConfig, normalize
 from .registry import LoadedModel
 
@@ -234,74 +231,6 @@ def pick_arm(serving, has_challenger: bool, rng: np.random.Generator) -> str:
     if serving.challenger_mode == "ab" and has_challenger and rng.random() < serving.challenger_fraction:
         return "challenger"
     return "primary"
-
-
-def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
-    """The original service's JSON for one frame, with the verdict the right way round (fake = label 1)."""
-    p, is_fake = scored.fake_probability, scored.is_fake
-    body = {
-        "frameNumber": frame_number,
-        "confidence": round(p if is_fake else 1 - p, 6),
-        "distribution": {CLASS_NAMES[REAL]: round(1 - p, 6), CLASS_NAMES[FAKE]: round(p, 6)},
-        "is_fake": bool(is_fake),
-        "processingTime": round((time.perf_counter() - started) * 1000, 2),
-        "modelVersion": scored.version,
-    }
-    if scored.shadow:
-        body["shadow"] = scored.shadow
-    return body
-
-
-class FaceCropper:
-    """The largest face of a frame, cropped as `prepare` crops training faces (same code, same settings)."""
-
-    def __init__(self, faces: FacesParams, model_margin=lambda: None):
-        self.faces, self.model_margin = faces, model_margin  # margin auto: the served model's own framing
-        self.detector = build_detector(faces.detector, faces.min_face)
-        self._lock = threading.Lock()  # one detector, used from several request threads
-
-    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, FaceBox] | None:
-        with self._lock:
-            box = self.detector.largest(rgb)
-        if box is None:
-            return None
-        faces = self.faces.with_margin(self.model_margin())
-        return crop_face(rgb, box, faces.margin, faces.crop_size, align=faces.align), box
-
-
-def face_json(box: FaceBox) -> dict:
-    return {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
-
-
-def video_response(
-    clip, scored: list[Scored], started: float, indices: list[int] | None = None, without_face: list[int] | None = None
-) -> dict:
-    """Per-frame verdicts and the video's: the mean frame score (the benchmarks' video-level protocol).
-    `indices`: the frames scored, when some were skipped (no face)."""
-    mean = float(np.mean([s.fake_probability for s in scored]))
-    threshold, version = scored[0].threshold, scored[0].version
-    extra = {"framesWithoutFace": without_face} if without_face is not None else {}
-    return {
-        **extra,
-        "frames": [
-            {
-                "frameNumber": i,
-                "fake_probability": round(s.fake_probability, 6),
-                "is_fake": s.is_fake,
-                "modelVersion": s.version,
-            }
-            for i, s in zip(indices or clip.indices, scored)
-        ],
-        "fake_probability": round(mean, 6),
-        "is_fake": mean >= threshold,
-        "confidence": round(mean if mean >= threshold else 1 - mean, 6),
-        "duration": round(clip.duration_s, 3),
-        "fps": round(clip.fps, 3),
-        "total_frames": clip.total_frames,
-        "resolution": {"width": clip.width, "height": clip.height},
-        "processingTime": round((time.perf_counter() - started) * 1000, 2),
-        "modelVersion": version,
-    }
 
 
 class RegistryLoader:
