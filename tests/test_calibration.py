@@ -53,6 +53,24 @@ def test_training_stores_the_temperature_in_the_weights(prepared_small, tmp_path
     assert torch.allclose(model(x), model.net(x).reshape(-1) / t, atol=1e-5)  # every loader serves it
 
 
+def test_calibrating_leaves_the_callers_model_as_it_was(prepared_small, tmp_path):
+    from conftest import small_params
+
+    from dfdetect.artifact import TrainedModel
+    from dfdetect.calibration import calibrate
+    from dfdetect.data import load_split
+    from dfdetect.train import train
+
+    train(small_params(), prepared_small, tmp_path / "models", track=False)
+    trained = TrainedModel.load(tmp_path / "models" / "best.pt")
+    trained.module.train()  # as the trainer hands it over
+    before = {k: v.clone() for k, v in trained.module.state_dict().items()}
+    calibrated = calibrate(trained, load_split(prepared_small, "val"), "cpu")
+    assert trained.module.training and calibrated.module is not trained.module
+    assert all(torch.equal(before[k], v) for k, v in trained.module.state_dict().items())
+    assert all(p.device.type == "cpu" for p in trained.module.parameters())
+
+
 def test_grad_cam_highlights_where_the_evidence_is():
     """A bright patch is the model's only evidence: the heatmap must be hot there and cold elsewhere."""
     from torch import nn

@@ -4,6 +4,8 @@ recomputed on the calibrated scores."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from . import runtime
@@ -35,10 +37,9 @@ def calibrate(trained: TrainedModel, val: PreparedSplit, device: str = "auto") -
     calibrated scores and the calibration summary (temperature, validation ECE before and after)."""
     rt = runtime.resolve(device, "fp32", False)
     current = float(trained.module.temperature)
-    logits, labels, _ = predict_logits(
-        trained.module.to(rt.device), batch_loader(val, 128, shuffle=False), trained.preprocess, rt
-    )
-    trained.module.cpu()
+    scorer = copy.deepcopy(trained.module).to(rt.device)  # scoring sets eval mode and a device: never the caller's
+    logits, labels, _ = predict_logits(scorer, batch_loader(val, 128, shuffle=False), trained.preprocess, rt)
+    del scorer
     raw = logits.astype(np.float64) * current  # undo a temperature fitted before: refitting starts from scratch
     t = fit_temperature(raw, labels)
     before, after = sigmoid(raw), sigmoid(raw / t)
