@@ -159,43 +159,10 @@ class Trainer:
             Path(prepared_dir),
             Path(model_dir),
         )
-        t = self.t
-        self.d = d = distributed.setup()
-        if d.is_main:  # a kill during a checkpoint write leaves its temporary behind
-            stale = remove_stale_temporaries(self.model_dir, ("best.pt", "last.pt", "summary.json"))
-            if stale:
-                log.info("removed temporaries of an interrupted write: %s", ", ".join(p.name for p in stale))
-        device = t.device
-        if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
-            device = f"cuda:{d.local_rank}"  # one GPU per process
-        self.rt = rt = runtime.resolve(device, t.precision, t.channels_last)
-        runtime.flush_denormals(rt.device)
-        if t.batch_size % d.world:
-            raise TrainError(
-                f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes"
-            )
-        self.track = track and d.is_main  # one MLflow run, one set of checkpoints
-        runtime.seed_everything(params.seed)
-        self.pre = preprocess_config(prepared_dir)
-        self.train_split, self.val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-        if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
-            self.train_split = _reals_only(self.train_split)
-        self.landmarker = None
-        if t.sbi.mode != "none" and t.sbi.mask == "landmarks":  # loaded before any work: a missing model fails now
-            from .landmarks import FaceLandmarker
-
-            self.landmarker = FaceLandmarker.load()
-        self.model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
-        self.frozen = freeze_parameters(self.model, t.freeze)
-        self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
-        self.shipped = (
-            self.ema.module if self.ema else self.model
-        )  # what is validated, checkpointed as best and registered
-        self.optimizer = make_optimizer(self.model, params)
-        self.scheduler = make_scheduler(self.optimizer, params)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
-        self.shuffle_gen = torch.Generator().manual_seed(params.seed)
-        self.augment_gen = torch.Generator().manual_seed(params.seed + 1 + d.rank)
+        self._set_up_processes(track)
+        self._set_up_data()
+        self._set_up_model()
+        self._set_up_loaders()
         self.state = {
             "epoch": 0,
             "best_val_auc": -1.0,
@@ -205,6 +172,75 @@ class Trainer:
             "run_id": None,
             "threshold": 0.5,
         }
+        self.mlflow, self.sink, self.logged = None, _NoTracking(), {}
+        log.info(
+            "model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
+            params.model.name,
+            count_parameters(self.model),
+            self.frozen,
+            self.rt.device,
+            self.rt.precision,
+            self.rt.channels_last,
+            len(self.train_split.labels),
+            len(self.val_split.labels),
+        )
+
+    def _set_up_processes(self, track: bool) -> None:
+        """The process group, this process's device and runtime, the seeds; stale checkpoint temporaries go."""
+        t = self.t
+        self.d = d = distributed.setup()
+        if d.is_main:  # a kill during a checkpoint write leaves its temporary behind
+            stale = remove_stale_temporaries(self.model_dir, ("best.pt", "last.pt", "summary.json"))
+            if stale:
+                log.info("removed temporaries of an interrupted write: %s", ", ".join(p.name for p in stale))
+        device = t.device
+        if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{d.local_rank}"  # one GPU per process
+        self.rt = runtime.resolve(device, t.precision, t.channels_last)
+        runtime.flush_denormals(self.rt.device)
+        if t.batch_size % d.world:
+            raise TrainError(
+                f"train.batch_size={t.batch_size} is the global batch: it must divide among {d.world} processes"
+            )
+        self.track = track and d.is_main  # one MLflow run, one set of checkpoints
+        runtime.seed_everything(self.params.seed)
+
+    def _set_up_data(self) -> None:
+        """The prepared splits, their preprocessing and, for landmark SBI masks, the landmark model."""
+        t = self.t
+        self.pre = preprocess_config(self.prepared_dir)
+        self.train_split = load_split(self.prepared_dir, "train")
+        self.val_split = load_split(self.prepared_dir, "val")
+        if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
+            self.train_split = _reals_only(self.train_split)
+        self.landmarker = None
+        if t.sbi.mode != "none" and t.sbi.mask == "landmarks":  # loaded before any work: a missing model fails now
+            from .landmarks import FaceLandmarker
+
+            self.landmarker = FaceLandmarker.load()
+
+    def _set_up_model(self) -> None:
+        """The network, its frozen part, the weight average that ships, the optimizer, schedule and scaler."""
+        params, t, rt = self.params, self.t, self.rt
+        self.model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
+        self.frozen = freeze_parameters(self.model, t.freeze)
+        self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
+        self.shipped = self.ema.module if self.ema else self.model  # what is validated, checkpointed and registered
+        self.optimizer = make_optimizer(self.model, params)
+        self.scheduler = make_scheduler(self.optimizer, params)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
+        self.net = self.model
+        if self.d.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+            )
+
+    def _set_up_loaders(self) -> None:
+        """The generators (fixed by the seed), the sampler (a mixture's shares, or this process's share) and
+        the train and validation loaders."""
+        params, t, d = self.params, self.t, self.d
+        self.shuffle_gen = torch.Generator().manual_seed(params.seed)
+        self.augment_gen = torch.Generator().manual_seed(params.seed + 1 + d.rank)
         self.sampler = None
         if t.source_weights:  # a mixture: each source its share of the draws, in an order fixed by the seed and epoch
             self.sampler = MixtureSampler(
@@ -231,27 +267,10 @@ class Trainer:
             generator=self.shuffle_gen,
             num_workers=t.num_workers,
             drop_last=len(self.train_split.labels) > t.batch_size,
-            pin_memory=rt.device.type == "cuda",
+            pin_memory=self.rt.device.type == "cuda",
             sampler=self.sampler,
         )
-        self.net = self.model
-        if d.enabled:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-            )
         self.val_loader = batch_loader(self.val_split, max(t.batch_size, 64), shuffle=False)
-        self.mlflow, self.sink, self.logged = None, _NoTracking(), {}
-        log.info(
-            "model %s (%d parameters, %d tensors frozen) on %s, precision %s, channels_last %s; %d train / %d val images",
-            params.model.name,
-            count_parameters(self.model),
-            self.frozen,
-            rt.device,
-            rt.precision,
-            rt.channels_last,
-            len(self.train_split.labels),
-            len(self.val_split.labels),
-        )
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by this recipe: weights, optimizer, schedules, RNGs and history."""
