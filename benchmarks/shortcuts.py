@@ -17,8 +17,10 @@ import random
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from dfdetect import augment
 from dfdetect.io_utils import atomic_write_json
 from dfdetect.metrics import roc_auc
 
@@ -31,13 +33,10 @@ SETS = {  # name -> (real folder, fake folder) inside --datasets
 
 
 def sharpness(image: Image.Image) -> float:
-    """log(1 + variance of the 4-neighbour Laplacian) of the grey centre half, at the file's own resolution (a
-    resize would remove the fine detail where the classes differ)."""
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
-    h, w = grey.shape
-    grey = grey[h // 4 : h - h // 4, w // 4 : w - w // 4]
-    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
-    return float(np.log1p(lap.var()))
+    """The library's measure (`augment.sharpness`, what sharpness matching equalises) of one file, at its own
+    resolution (a resize would remove the fine detail where the classes differ)."""
+    rgb = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    return float(augment.sharpness(rgb[None])[0])
 
 
 def jpeg_step(image: Image.Image) -> float | None:
