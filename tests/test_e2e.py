@@ -177,9 +177,16 @@ def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 128, 128]
 
 
-def test_dvc_experiment_with_a_changed_param(project):
-    dst, env, _ = project
-    out = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=0.00031", "-S", "train.epochs=2"], dst, env)
+def test_dvc_experiment_with_a_changed_param(project, tmp_path):
+    """`dvc exp run -S` as the README shows it, in the workspace: only the stages the param reaches run again.
+
+    In a copy of the clone, so the experiment's outputs do not replace the ones the parity test compares. Not
+    `--temp`/`--queue`: their workspaces hold only cached outputs, and `prepared` is uncached so that a plain
+    `dvc pull` on a fresh clone fetches the data alone (those runs prepare again)."""
+    src, env, _ = project
+    dst = tmp_path / "experiment-project"
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlruns", ".kfp"))
+    out = run(["dvc", "exp", "run", "-S", "train.lr=0.00031", "-S", "train.epochs=2"], dst, env)
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], dst, env))
     flat = json.dumps(shown)
