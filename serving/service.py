@@ -127,6 +127,9 @@ def answers_errors(api):
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
 PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version and label", ["version", "label"])
+# The review band's share of traffic: rate(dfdetect_verdicts_total{verdict="review"}[5m])
+# / rate(dfdetect_verdicts_total[5m]) (a ratio of counters stays right across worker processes).
+VERDICTS = Counter("dfdetect_verdicts", "Verdicts served: fake, real or review (serving.review_band)", ["verdict"])
 BATCH_SIZE = Histogram(
     "dfdetect_batch_size", "Images per model call (adaptive batching)", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
@@ -289,8 +292,8 @@ class Detector:
         scored = await self._score(np.stack([array for array, _ in decoded]))
         answers = []
         for i, (s, (_, face)) in enumerate(zip(scored, decoded)):
-            PREDICTIONS.labels(s.version, "fake" if s.is_fake else "real").inc()
-            body = {"index": i, **frame_response(first_frame + i, s, started)}
+            body = {"index": i, **frame_response(first_frame + i, s, started, SERVING.review_band)}
+            count_verdict(body)
             if face:
                 body["face"] = face_json(face)
             answers.append(body)
@@ -324,8 +327,8 @@ class Detector:
         except ImageError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         scored = (await self._score(array[None]))[0]
-        PREDICTIONS.labels(scored.version, "fake" if scored.is_fake else "real").inc()
-        body = frame_response(frame_number, scored, started)
+        body = frame_response(frame_number, scored, started, SERVING.review_band)
+        count_verdict(body)
         if face:
             body["face"] = face_json(face)
         if explain:
@@ -368,9 +371,14 @@ class Detector:
             lambda: np.stack([resize_square(Image.fromarray(f), size) for f in frames]), limiter=self._decoders
         )
         scored = await self._score(resized)
-        body = video_response(clip, scored, started, indices, without_face)
-        PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
+        body = video_response(clip, scored, started, indices, without_face, SERVING.review_band)
+        count_verdict(body)
         return body
+
+
+def count_verdict(body: dict) -> None:
+    PREDICTIONS.labels(body["modelVersion"], "fake" if body["is_fake"] else "real").inc()
+    VERDICTS.labels(body["verdict"]).inc()
 
 
 def batch_fields(parts: list[Part]) -> tuple[list[bytes], int]:

@@ -221,6 +221,7 @@ def serving_params(tracked_run) -> dict:
     raw["serving"].update(
         poll_interval_s=1, max_upload_mb=0.1, max_batch_mb=0.5, device="cpu", header_timeout_s=3, body_timeout_s=3
     )
+    raw["serving"]["review_band"] = [0.0, 1.0]  # every answer is "review": is_fake must not change with it
     return raw
 
 

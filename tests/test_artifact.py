@@ -38,7 +38,8 @@ def test_save_then_load_gives_the_same_artifact(tmp_path):
 
 def test_calibration_returns_a_copy_and_travels_in_the_weights(tmp_path):
     trained = small()
-    calibrated = trained.with_calibration(2.0, 0.3, {"temperature": 2.0})
+    point = {"policy": "fpr", "target": 0.05, "threshold": 0.3, "val_fpr": 0.05, "val_recall": 0.8}
+    calibrated = trained.with_calibration(2.0, {"temperature": 2.0}, point)
     assert float(trained.module.temperature) == 1.0  # the original is untouched
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -46,6 +47,7 @@ def test_calibration_returns_a_copy_and_travels_in_the_weights(tmp_path):
     calibrated.save(tmp_path / "c.pt")
     back = TrainedModel.load(tmp_path / "c.pt")
     assert float(back.module.temperature) == 2.0 and back.threshold == 0.3 and back.calibration == {"temperature": 2.0}
+    assert back.operating_point == point  # the policy and its validation rates travel with the weights
 
 
 def test_bad_artifacts_fail_clearly(tmp_path):

@@ -1,6 +1,7 @@
 """Calibration: temperature scaling recovers a known over-confidence, lowers ECE, and lives in the weights."""
 
 import numpy as np
+import pytest
 import torch
 
 from dfdetect import checkpoint
@@ -146,3 +147,24 @@ def test_explain_cli_writes_an_overlay(tracked_run, sample_root, tmp_path):
         app, ["explain", str(tmp_path / "none.jpg"), "-c", str(tracked_run["models"] / "best.pt")]
     )
     assert missing.exit_code != 0 and "none.jpg" in missing.output
+
+
+def test_the_trained_model_decides_at_the_operating_point_its_params_chose(prepared_small, tmp_path):
+    """train.operating_point: recall 0.75 -> the stored threshold catches >= 75 % of the validation fakes, on the
+    calibrated scores the model serves, and the policy travels with the checkpoint."""
+    from conftest import small_params
+
+    from dfdetect.artifact import TrainedModel
+    from dfdetect.data import load_split
+    from dfdetect.evaluate import score_model
+    from dfdetect.train import train
+
+    point = {"policy": "recall", "target": 0.75}
+    train(small_params(train={"operating_point": point}), prepared_small, tmp_path / "models", track=False)
+    trained = TrainedModel.load(tmp_path / "models" / "best.pt")
+    assert trained.operating_point["policy"] == "recall" and trained.operating_point["target"] == 0.75
+    val = load_split(prepared_small, "val")
+    scores = score_model(trained.module, trained.preprocess, val)[0]
+    caught = (scores[val.labels == 1] >= trained.threshold).mean()
+    assert caught >= 0.75 and caught == pytest.approx(trained.operating_point["val_recall"], abs=1e-6)
+    assert trained.operating_point["val_fpr"] == pytest.approx((scores[val.labels == 0] >= trained.threshold).mean())

@@ -398,6 +398,9 @@ def test_the_model_card_lists_training_sources_and_the_generalisation_table(env)
     card = registry.client_for(env["params"]).get_model_version(result["name"], result["version"]).description
     assert "## Training sources" in card and "| data |" in card  # the prepared data's one source, with its version
     assert "| elsewhere | 10 | 10 |" in card and "0.6100" in card
+    # what a verdict means: the policy and its rates on validation, and on the evaluated split
+    assert "## Operating point" in card and "equal error rate on validation: threshold" in card
+    assert f"on the {metrics['split']} split at that threshold:" in card and "of real faces flagged" in card
 
 
 def test_a_long_card_is_cut_at_a_line_for_the_registry():

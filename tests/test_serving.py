@@ -27,6 +27,11 @@ def test_health_reports_model_version_alias_and_device(service):
     assert body["status"] == "ok" and body["ready"] is True
     assert body["model"] == service["params"].registry.model_name and body["version"] == "1"
     assert body["alias"] == "champion" and body["device"] == "cpu"
+    loaded = registry.load("champion", params=service["params"])
+    point = body["operating_point"]  # what a verdict means: the policy chosen on validation and its rates
+    assert body["threshold"] == pytest.approx(loaded.threshold) == pytest.approx(point["threshold"])
+    assert point["policy"] == "eer" and 0 <= point["val_fpr"] <= 1 and 0 <= point["val_recall"] <= 1
+    assert body["review_band"] == [0.0, 1.0]
 
 
 def test_analyze_frame_answers_the_original_json(service, sample_root):
@@ -288,6 +293,24 @@ def test_metrics_count_requests_per_endpoint_and_predictions_per_version_and_lab
     text = requests.get(f"{service['url']}/metrics", timeout=10).text
     assert 'endpoint="/inference/analyze-frame"' in text and "bentoml_service_request_duration_seconds" in text
     assert "dfdetect_predictions_total{" in text and f'version="{service["params"].registry.model_name}/' in text
+
+
+def _review_count(url: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith('dfdetect_verdicts_total{verdict="review"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_review_band_answers_review_keeps_is_fake_and_counts_on_metrics(service, sample_root):
+    """The fixture's band is [0, 1]: every answer is 'review', is_fake still says which side of the threshold."""
+    before = _review_count(service["url"])
+    paths = [next((sample_root / "test" / label).iterdir()) for label in ("fake", "real")]
+    bodies = [post_frame(service["url"], jpeg(p)).json() for p in paths]
+    threshold = requests.get(f"{service['url']}/health", timeout=5).json()["threshold"]
+    for body in bodies:
+        assert body["verdict"] == "review" and body["is_fake"] == (body["distribution"]["fake"] >= threshold)
+    assert _review_count(service["url"]) == before + len(bodies)
 
 
 def test_package_builds_a_bento_with_the_wheel_and_the_endpoints(tmp_path):

@@ -111,6 +111,16 @@ def test_response_keeps_the_original_format_with_fake_as_label_one():
     assert body["confidence"] == pytest.approx(0.9) and body["processingTime"] >= 0
     real = frame_response(0, Scored(0.2, 0.5, "det/4"), time.perf_counter())
     assert real["is_fake"] is False and real["confidence"] == pytest.approx(0.8)
+    assert body["verdict"] == "fake" and real["verdict"] == "real" and body["threshold"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "p, verdict", [(0.2, "real"), (0.35, "review"), (0.55, "review"), (0.65, "review"), (0.66, "fake")]
+)
+def test_review_band_answers_review_between_its_bounds_and_keeps_is_fake(p, verdict):
+    body = frame_response(0, Scored(p, 0.5, "det/4"), time.perf_counter(), review_band=(0.35, 0.65))
+    assert body["verdict"] == verdict and body["is_fake"] is (p >= 0.5)  # the original field is unchanged
+    assert frame_response(0, Scored(p, 0.5, "det/4"), time.perf_counter())["verdict"] != "review"
 
 
 def test_ensemble_serves_the_mean_of_its_versions_and_follows_aliases():

@@ -34,6 +34,7 @@ class TrainedModel:
     spec: ModelParams | None = None  # the architecture; None only for a module built in memory (tests)
     calibration: dict | None = None  # temperature and validation ECE before / after, when calibrated
     provenance: dict = field(default_factory=dict)  # e.g. best_epoch, val_auc of the run that trained it
+    operating_point: dict | None = None  # the threshold's policy and its validation rates (operating_point.choose)
 
     @property
     def architecture(self) -> str:
@@ -53,6 +54,7 @@ class TrainedModel:
             spec,
             state.get("calibration"),
             provenance,
+            state.get("operating_point"),
         )
 
     @classmethod
@@ -70,6 +72,7 @@ class TrainedModel:
             "preprocess": self.preprocess.to_dict(),
             "threshold": float(self.threshold),
             "calibration": self.calibration,
+            "operating_point": self.operating_point,
             **self.provenance,
         }
 
@@ -78,11 +81,16 @@ class TrainedModel:
         a checkpoint written at the end of training can still resume."""
         checkpoint.save(path, {**(training_state or {}), **self.to_state()})
 
-    def with_calibration(self, temperature: float, threshold: float, summary: dict) -> "TrainedModel":
-        """A copy whose module divides its logits by `temperature`, deciding at `threshold`."""
+    def with_calibration(self, temperature: float, summary: dict, operating_point: dict) -> "TrainedModel":
+        """A copy whose module divides its logits by `temperature`, deciding at the operating point's
+        threshold (chosen on the calibrated scores)."""
         import copy
 
         module = copy.deepcopy(self.module)
         with torch.no_grad():
             module.temperature.fill_(float(temperature))
-        return replace(self, module=module, threshold=float(threshold), calibration=summary)
+        return replace(self, module=module, calibration=summary).with_operating_point(operating_point)
+
+    def with_operating_point(self, point: dict) -> "TrainedModel":
+        """A copy deciding at `point['threshold']` (see operating_point.choose)."""
+        return replace(self, threshold=float(point["threshold"]), operating_point=dict(point))

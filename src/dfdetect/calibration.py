@@ -10,9 +10,11 @@ import numpy as np
 
 from . import runtime
 from .artifact import TrainedModel
+from .config import OperatingPointParams
 from .data import PreparedSplit, batch_loader
 from .inference import predict_logits
-from .metrics import eer_and_threshold, expected_calibration_error
+from .metrics import expected_calibration_error
+from .operating_point import choose
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -32,9 +34,14 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
-def calibrate(trained: TrainedModel, val: PreparedSplit, device: str = "auto") -> TrainedModel:
-    """Fit T on `val` for `trained`, in memory: a copy with T in its module, the threshold recomputed on the
-    calibrated scores and the calibration summary (temperature, validation ECE before and after)."""
+def calibrate(
+    trained: TrainedModel,
+    val: PreparedSplit,
+    device: str = "auto",
+    point: OperatingPointParams = OperatingPointParams(),
+) -> TrainedModel:
+    """Fit T on `val` for `trained`, in memory: a copy with T in its module, the operating point chosen again
+    on the calibrated scores and the calibration summary (temperature, validation ECE before and after)."""
     rt = runtime.resolve(device, "fp32", False)
     current = float(trained.module.temperature)
     scorer = copy.deepcopy(trained.module).to(rt.device)  # scoring sets eval mode and a device: never the caller's
@@ -43,11 +50,11 @@ def calibrate(trained: TrainedModel, val: PreparedSplit, device: str = "auto") -
     raw = logits.astype(np.float64) * current  # undo a temperature fitted before: refitting starts from scratch
     t = fit_temperature(raw, labels)
     before, after = sigmoid(raw), sigmoid(raw / t)
-    threshold = eer_and_threshold(labels, after)[1]
+    chosen = choose(labels, after, point)
     summary = {
         "temperature": round(t, 6),
         "val_ece_before": round(expected_calibration_error(labels, before), 6),
         "val_ece_after": round(expected_calibration_error(labels, after), 6),
-        "threshold": threshold,
+        "threshold": chosen["threshold"],
     }
-    return trained.with_calibration(t, threshold, summary)
+    return trained.with_calibration(t, summary, chosen)

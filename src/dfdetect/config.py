@@ -239,6 +239,27 @@ class SbiParams(Section):
     )
 
 
+class OperatingPointParams(Section):
+    """How the decision threshold is chosen on validation (dfdetect.operating_point)."""
+
+    policy: Literal["eer", "fpr", "recall"] = Field(
+        "eer",
+        description="eer: where false positives and misses balance; fpr: flag at most `target` of real faces; "
+        "recall: catch at least `target` of fakes",
+    )
+    target: float | None = Field(
+        None, gt=0.0, lt=1.0, description="the false-positive rate (policy fpr) or recall (policy recall) to reach"
+    )
+
+    @model_validator(mode="after")
+    def _target_fits_policy(self):
+        if self.policy != "eer" and self.target is None:
+            raise ValueError(f"policy '{self.policy}' needs a target, e.g. 0.01")
+        if self.policy == "eer" and self.target is not None:
+            raise ValueError("policy 'eer' takes no target (set policy: fpr or recall to use one)")
+        return self
+
+
 class TrainParams(Section):
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -281,6 +302,10 @@ class TrainParams(Section):
         True,
         description="fit a temperature on validation after training (served probabilities "
         "then mean what they say); the threshold moves with it",
+    )
+    operating_point: OperatingPointParams = Field(
+        OperatingPointParams(),
+        description="the decision threshold's policy, chosen on validation and stored with the model",
     )
 
     @field_validator("freeze")
@@ -477,6 +502,21 @@ class ServingParams(Section):
         "as models trained on face crops expect; a frame without one is a 422",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    review_band: tuple[float, float] | None = Field(
+        None,
+        description="[low, high]: a P(fake) within it answers verdict 'review' (a person should look) "
+        "instead of fake or real; null: every answer is fake or real",
+    )
+    content_credentials: bool = Field(
+        True, description="check each upload for a C2PA manifest and answer what it declares (`provenance`)"
+    )
+
+    @field_validator("review_band")
+    @classmethod
+    def _band_is_an_interval(cls, value):
+        if value is not None and not 0.0 <= value[0] < value[1] <= 1.0:
+            raise ValueError(f"review_band must be [low, high] with 0 <= low < high <= 1, got {list(value)}")
+        return value
 
 
 class MlflowParams(Section):

@@ -99,6 +99,7 @@ def evaluate(
             "loss": loss,
             "threshold": threshold,
             "eer_threshold": eer_and_threshold(labels, scores)[1],
+            "fpr": float((scores[labels == 0] >= threshold).mean()) if (labels == 0).any() else float("nan"),
             "n_real": int((labels == 0).sum()),
             "n_fake": int((labels == 1).sum()),
         }
@@ -109,6 +110,12 @@ def evaluate(
         results.update({f"video_{k}": v for k, v in video.items()})
         results["n_videos"] = len(v_labels)
     metrics = {"split": split, **{k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}}
+    # what the threshold is: the policy chosen on validation (its rates there), or the fixed evaluate.threshold
+    metrics["operating_point"] = (
+        trained.operating_point
+        if params.evaluate.threshold == "val"
+        else {"policy": "fixed (evaluate.threshold)", "threshold": threshold}
+    )
     if notes:
         metrics["note"] = " ".join(notes)
 

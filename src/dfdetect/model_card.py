@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from .labels import LABEL_MAP
+from .operating_point import describe
 from .suite import table_markdown as suite_markdown
 
 DESCRIPTION_LIMIT = 5000  # a version description's column (PostgreSQL enforces it)
@@ -35,6 +36,7 @@ def model_card(name: str, version: str, run, metrics: dict, data_report: dict | 
         for split, c in data_report.get("splits", {}).items():
             lines.append(f"- {split}: {c['real']} real, {c['fake']} fake")
     lines += training_sources_lines(run.data.tags.get("dfdetect.training_sources"))
+    lines += operating_point_lines(metrics)
     lines += ["", f"## Metrics ({metrics.get('split', '?')} split)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
     if metrics.get("sources"):
@@ -86,4 +88,18 @@ def training_sources_lines(tag: str | None) -> list[str]:
     for name, s in sources.items():
         cells = [f"{s[k]['real']} / {s[k]['fake']}" if k in s else "-" for k in ("train", "val")]
         lines.append(f"| {name} | `{s.get('version', 'unknown')}` | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def operating_point_lines(metrics: dict) -> list[str]:
+    """What a verdict means: the threshold's policy, its rates on validation and on the evaluated split."""
+    point = metrics.get("operating_point")
+    lines = ["", "## Operating point", "", f"- {describe(point)}" if point else "- not recorded"]
+    if point and "val_fpr" not in point:  # a fixed threshold: nothing measured on validation
+        lines[-1] = f"- {point['policy']}: threshold {point['threshold']:.4f}"
+    if "fpr" in metrics and "recall" in metrics:
+        lines.append(
+            f"- on the {metrics.get('split', '?')} split at that threshold: {metrics['fpr']:.2%} of real faces "
+            f"flagged, {metrics['recall']:.2%} of fakes caught"
+        )
     return lines

@@ -28,6 +28,7 @@ class ServedModel:
 
     def __init__(self, loaded: LoadedModel, device: str = "auto", runtime_name: str = "auto", precision: str = "auto"):
         self.name, self.version, self.threshold = loaded.name, loaded.version, loaded.threshold
+        self.operating_point = loaded.trained.operating_point  # the threshold's policy and validation rates
         self.preprocess: PreprocessConfig = loaded.preprocess
         if runtime_name == "auto":  # ONNX Runtime is 3-4x eager PyTorch on these CPUs (benchmarks/serving.py)
             runtime_name = "torch" if runtime.resolve(device).device.type == "cuda" else "onnx"
@@ -82,6 +83,7 @@ class Ensemble:
         )
         self.version = "+".join(m.version for m in members)
         self.threshold = float(np.mean([m.threshold for m in members]))
+        self.operating_point = {"policy": "mean of the members' thresholds", "threshold": self.threshold}
 
     @property
     def label(self) -> str:
@@ -221,6 +223,9 @@ class ModelSet:
             "runtime": primary and primary.runtime_name,
             "image_size": primary and primary.preprocess.image_size,
             "face_margin": primary and primary.preprocess.face_margin,
+            "threshold": primary and primary.threshold,
+            "operating_point": primary and primary.operating_point,
+            "review_band": self.params.serving.review_band,
             "challenger": challenger and challenger.version,
             "challenger_mode": self.params.serving.challenger_mode,
         }

@@ -15,7 +15,20 @@ if TYPE_CHECKING:
     from .model_set import Scored
 
 
-def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
+REVIEW = "review"
+
+
+def verdict(p: float, threshold: float, review_band: tuple[float, float] | None = None) -> str:
+    """fake, real, or review when P(fake) lies within serving.review_band (inclusive): too close to call
+    for the model alone. `is_fake` keeps the threshold's answer either way, as the original service's field."""
+    if review_band is not None and review_band[0] <= p <= review_band[1]:
+        return REVIEW
+    return CLASS_NAMES[FAKE] if p >= threshold else CLASS_NAMES[REAL]
+
+
+def frame_response(
+    frame_number: int, scored: Scored, started: float, review_band: tuple[float, float] | None = None
+) -> dict:
     """The original service's JSON for one frame, with the verdict the right way round (fake = label 1)."""
     p, is_fake = scored.fake_probability, scored.is_fake
     body = {
@@ -23,6 +36,8 @@ def frame_response(frame_number: int, scored: Scored, started: float) -> dict:
         "confidence": round(p if is_fake else 1 - p, 6),
         "distribution": {CLASS_NAMES[REAL]: round(1 - p, 6), CLASS_NAMES[FAKE]: round(p, 6)},
         "is_fake": bool(is_fake),
+        "verdict": verdict(p, scored.threshold, review_band),
+        "threshold": round(scored.threshold, 6),
         "processingTime": round((time.perf_counter() - started) * 1000, 2),
         "modelVersion": scored.version,
     }
@@ -36,7 +51,12 @@ def face_json(box: FaceBox) -> dict:
 
 
 def video_response(
-    clip, scored: list[Scored], started: float, indices: list[int] | None = None, without_face: list[int] | None = None
+    clip,
+    scored: list[Scored],
+    started: float,
+    indices: list[int] | None = None,
+    without_face: list[int] | None = None,
+    review_band: tuple[float, float] | None = None,
 ) -> dict:
     """Per-frame verdicts and the video's: the mean frame score (the benchmarks' video-level protocol).
     `indices`: the frames scored, when some were skipped (no face)."""
@@ -56,6 +76,8 @@ def video_response(
         ],
         "fake_probability": round(mean, 6),
         "is_fake": mean >= threshold,
+        "verdict": verdict(mean, threshold, review_band),
+        "threshold": round(threshold, 6),
         "confidence": round(mean if mean >= threshold else 1 - mean, 6),
         "duration": round(clip.duration_s, 3),
         "fps": round(clip.fps, 3),

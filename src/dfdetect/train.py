@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, distributed, runtime, tracking
+from . import checkpoint, distributed, operating_point, runtime, tracking
 from .artifact import TrainedModel
 from .augment import augment_batch, recompress
 from .config import AugmentParams, Params
@@ -22,7 +22,7 @@ from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
 from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporaries
-from .metrics import eer_and_threshold, roc_auc
+from .metrics import roc_auc
 from .mixture import MixtureSampler
 from .models import count_parameters, create_model
 from .preprocessing import PreprocessConfig, standardize
@@ -171,6 +171,7 @@ class Trainer:
             "history": [],
             "run_id": None,
             "threshold": 0.5,
+            "operating_point": None,
         }
         self.mlflow, self.sink, self.logged = None, _NoTracking(), {}
         log.info(
@@ -295,7 +296,7 @@ class Trainer:
         torch.set_rng_state(own["torch"])
         if rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], rt.device)
-        self.state.update({k: ckpt[k] for k in self.state})
+        self.state.update({k: ckpt[k] for k in self.state if k in ckpt})  # older checkpoints lack newer keys
         log.info("resuming from %s after epoch %d", path, self.state["epoch"])
 
     def start_tracking(self, resumed: bool) -> None:
@@ -413,8 +414,13 @@ class Trainer:
         bar.update(stats["task"], info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
         self.log_epoch(row)
         if val_auc > state["best_val_auc"] + 1e-6:
+            point = operating_point.choose(labels, scores, t.operating_point)
             state.update(
-                best_val_auc=val_auc, best_epoch=epoch, stale_epochs=0, threshold=eer_and_threshold(labels, scores)[1]
+                best_val_auc=val_auc,
+                best_epoch=epoch,
+                stale_epochs=0,
+                threshold=point["threshold"],
+                operating_point=point,
             )
             checkpoint.save(self.model_dir / "best.pt", self._checkpoint_state(epoch, stats["ranks"]))
         else:
@@ -440,10 +446,10 @@ class Trainer:
             if t.calibrate:
                 from .calibration import calibrate
 
-                trained = calibrate(trained, self.val_split, t.device)
+                trained = calibrate(trained, self.val_split, t.device, t.operating_point)
                 trained.save(model_dir / "best.pt", training_state=best_state)
                 calibration = trained.calibration
-                state["threshold"] = trained.threshold
+                state["threshold"], state["operating_point"] = trained.threshold, trained.operating_point
                 log.info(
                     "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
                     calibration["temperature"],
@@ -466,6 +472,11 @@ class Trainer:
                 "best_epoch": result.best_epoch,
                 "val_auc": result.best_val_auc,
                 "threshold": result.threshold,
+                **{
+                    f"threshold_{k}": state["operating_point"][k]
+                    for k in ("val_fpr", "val_recall")
+                    if state["operating_point"]
+                },
                 "epochs_run": result.epochs_run,
                 **(
                     {"temperature": calibration["temperature"], "val_ece": calibration["val_ece_after"]}
