@@ -80,3 +80,32 @@ def test_evaluate_scores_robustness_and_other_data_sets(tracked_run, sample_root
     )
     assert missing.exit_code != 0 and "nowhere" in missing.output
     assert not e2.exists()  # refused before writing anything
+
+
+def test_a_set_whose_file_names_carry_groups_gets_per_group_rates_and_a_plot(tracked_run, sample_root, tmp_path):
+    """Fairness: group attributes from file names -> per-group real FPR and fake recall, the spread, a figure."""
+    import yaml
+
+    grouped = tmp_path / "people"
+    for label in ("real", "fake"):
+        (grouped / label).mkdir(parents=True)
+        for i, path in enumerate(sorted((sample_root / "test" / label).iterdir())):
+            shutil.copy(path, grouped / label / f"{i % 2}_{i}.jpg")  # group 0 or 1 in the name
+    raw = tracked_run["params"].model_dump(mode="json")
+    raw["evaluate"]["datasets"] = [
+        {"path": str(grouped), "attributes": r"^(?P<group>\d)_", "attribute_names": {"group": {"0": "a", "1": "b"}}}
+    ]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "eval"
+    args = ["evaluate", "--prepared", str(tracked_run["prepared"]), "--models", str(tracked_run["models"])]
+    args += ["--out", str(out), "--metrics", str(out / "m.json"), "--plots", str(out / "plots"), "--no-mlflow"]
+    result = CliRunner().invoke(app, [*args, "-p", str(params_file)])
+    assert result.exit_code == 0, result.output
+    groups = json.loads((out / "m.json").read_text())["datasets"]["people"]["groups"]["group"]["groups"]
+    assert set(groups) == {"a", "b"} and all(
+        {"real_fpr", "fake_recall", "n_real", "n_fake"} <= set(r) for r in groups.values()
+    )
+    assert sum(r["n"] for r in groups.values()) == len(list(grouped.rglob("*.jpg")))
+    assert (out / "figures" / "groups_people.png").stat().st_size > 0
+    assert "### people: by group" in (out / "report.md").read_text()

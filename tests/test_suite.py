@@ -48,14 +48,38 @@ def test_group_rates_per_attribute_and_the_spread():
         {"gender": {"0": "male", "1": "female"}},
     )
     gender = out["gender"]
-    assert gender["groups"]["male"] == {"n": 20, "n_real": 20, "real_fpr": 0.1}
-    assert gender["groups"]["female"] == {"n": 25, "n_real": 25, "real_fpr": 13 / 25}
+    assert gender["groups"]["male"] == {"n": 20, "n_real": 20, "n_fake": 0, "real_fpr": 0.1}
+    assert gender["groups"]["female"] == {"n": 25, "n_real": 25, "n_fake": 0, "real_fpr": 13 / 25}
     assert gender["real_fpr_ratio"] == round((13 / 25) / 0.1, 4)
     race = out["race"]
     assert race["groups"]["2"]["n"] == 5 and race["real_fpr_max"] == 0.4  # 5 images: listed, not in the spread
     assert flat_metrics({"utk": {"n_real": 45, "groups": out}})["dataset/utk/gender/female/real_fpr"] == 13 / 25
     zero = group_rates(files[:40], labels[:40], np.array([0.1] * 20 + [0.9] * 20), 0.5, r"^\d+_(?P<g>\d)", {})
     assert zero["g"]["real_fpr_ratio"] is None  # no finite ratio when one group has no false positive
+
+
+def test_group_rates_spread_fake_recall_where_fakes_carry_groups_and_the_gate_bounds_the_worst_group():
+    from dfdetect.promotion import decide
+
+    files = [f"{g}_{i}.jpg" for g in (0, 1) for i in range(40)]
+    labels = np.array(([0] * 20 + [1] * 20) * 2)
+    # group 0: 2 of 20 reals flagged, 18 of 20 fakes caught; group 1: 8 of 20 flagged, 9 of 20 caught
+    scores = np.array([0.9] * 2 + [0.1] * 18 + [0.9] * 18 + [0.1] * 2 + [0.9] * 8 + [0.1] * 12 + [0.9] * 9 + [0.1] * 11)
+    groups = group_rates(files, labels, scores, 0.5, r"^(?P<g>\d)_", {"g": {"0": "a", "1": "b"}})["g"]
+    assert groups["real_fpr_max"] == 0.4 and groups["real_fpr_ratio"] == 4.0
+    assert groups["fake_recall_min"] == 0.45 and groups["fake_recall_ratio"] == 2.0
+    row = {"n_real": 40, "n_fake": 40, "roc_auc": 0.8, "groups": {"g": groups}}
+    metrics = {"roc_auc": 0.9}
+
+    def gate(floors):
+        params = parse_params({"promotion": {"floors": {}, "dataset_floors": {"utk": floors}}})
+        return decide(params, metrics, None, {"utk": row})
+
+    assert gate({"worst_group_real_fpr": 0.5, "real_fpr_ratio": 4.0})[0] == "promoted"
+    verdict, checks = gate({"worst_group_real_fpr": 0.3})
+    assert verdict == "rejected" and "floor utk worst_group_real_fpr <= 0.3: 0.4000 FAILS" in checks
+    assert gate({"fake_recall_ratio": 1.5})[0] == "rejected" and gate({"worst_group_fake_recall": 0.5})[0] == "rejected"
+    assert gate({"worst_group_fake_recall": 0.45})[0] == "promoted"
 
 
 def test_suite_params_accept_paths_and_specs_and_refuse_bad_ones():

@@ -393,7 +393,9 @@ class SampleDataParams(Section):
 
 # The metrics of dfdetect.metrics, by name (tests keep the two in step; config stays free of heavy imports).
 MetricName = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer", "ece"]
-# What a suite row (dfdetect.suite) holds; real_fpr_ratio is the highest group's over the lowest's.
+# What a suite row (dfdetect.suite) holds. Across the groups of a file-name attribute (the worst attribute counts):
+# real_fpr_ratio / fake_recall_ratio are the highest group's rate over the lowest's, worst_group_real_fpr the
+# highest group's false-positive rate, worst_group_fake_recall the lowest group's recall.
 SuiteMetricName = Literal[
     "roc_auc",
     "average_precision",
@@ -406,8 +408,13 @@ SuiteMetricName = Literal[
     "video_fake_recall",
     "video_real_fpr",
     "real_fpr_ratio",
+    "worst_group_real_fpr",
+    "fake_recall_ratio",
+    "worst_group_fake_recall",
 ]
-LOWER_IS_BETTER = frozenset({"eer", "ece", "real_fpr", "video_real_fpr", "real_fpr_ratio"})
+LOWER_IS_BETTER = frozenset(
+    {"eer", "ece", "real_fpr", "video_real_fpr", "real_fpr_ratio", "worst_group_real_fpr", "fake_recall_ratio"}
+)
 
 
 class RegistryParams(Section):

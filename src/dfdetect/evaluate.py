@@ -17,7 +17,7 @@ from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
 from .metrics import compute_all, eer_and_threshold, reliability, video_level
-from .plots import confusion_png, pr_png, reliability_png, robustness_png, roc_png
+from .plots import confusion_png, group_rates_png, pr_png, reliability_png, robustness_png, roc_png
 from .preprocessing import PreprocessConfig, decode_image
 from .robustness import robustness_table
 from .robustness import table_markdown as robustness_markdown
@@ -187,6 +187,9 @@ def evaluate(
         extra += "\n" + table_markdown(f"'{split}' split by source (threshold {threshold:.4f})", metrics["sources"])
     if suite:
         metrics["datasets"] = suite
+        for name, row in suite.items():  # the fairness view of sets whose file names carry groups
+            if row.get("groups"):
+                group_rates_png(name, row["groups"], figures / f"groups_{name}.png")
         atomic_write_json(out_dir / "datasets.json", suite)
         extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", suite)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, trained) + extra)

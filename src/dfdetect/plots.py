@@ -77,3 +77,21 @@ def confusion_png(matrix: np.ndarray, class_names, path: Path) -> None:
     ax.set_xticks(range(len(class_names)), class_names), ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted"), ax.set_ylabel("actual")
     _save(fig, path)
+
+
+def group_rates_png(set_name: str, groups: dict, path: Path) -> None:
+    """Per attribute (one panel each), per group: the real false-positive rate and the fake recall at the
+    served threshold, the fairness view of a suite set whose file names carry group attributes."""
+    attrs = list(groups)
+    fig, axes = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 4), squeeze=False)
+    for ax, attr in zip(axes[0], attrs):
+        rows = groups[attr]["groups"]
+        names = list(rows)
+        x = np.arange(len(names))
+        for offset, (rate, label) in zip((-0.2, 0.2), (("real_fpr", "real FPR"), ("fake_recall", "fake recall"))):
+            values = [rows[n].get(rate, np.nan) for n in names]
+            if not np.all(np.isnan(values)):
+                ax.bar(x + offset, values, width=0.4, label=label)
+        ax.set_xticks(x, [f"{n}\n({rows[n]['n']})" for n in names], fontsize=8)
+        ax.set_ylim(0, 1.02), ax.set_title(f"{set_name}: by {attr}"), ax.legend(fontsize=8)
+    _save(fig, path)

@@ -79,10 +79,22 @@ def _suite_rows(loaded: LoadedModel, params: Params, sets: list) -> dict[str, di
     )
 
 
+# group metrics: (the key of each attribute's spread in suite.group_rates, which attribute's value counts)
+_GROUP_METRICS = {
+    "real_fpr_ratio": ("real_fpr_ratio", max),
+    "worst_group_real_fpr": ("real_fpr_max", max),
+    "fake_recall_ratio": ("fake_recall_ratio", max),
+    "worst_group_fake_recall": ("fake_recall_min", min),
+}
+
+
 def _suite_value(row: dict, metric: str) -> float | None:
-    if metric == "real_fpr_ratio":  # the worst attribute's spread between groups
-        ratios = [g["real_fpr_ratio"] for g in row.get("groups", {}).values() if "real_fpr_ratio" in g]
-        return max(ratios) if ratios else None
+    """A suite row's value of `metric`; for the group metrics, the worst attribute's (None: not measured, e.g.
+    no attribute groups, or a ratio with no finite value, which fails its floor)."""
+    if metric in _GROUP_METRICS:
+        key, worst = _GROUP_METRICS[metric]
+        values = [g.get(key) for g in row.get("groups", {}).values() if key in g]
+        return None if not values or None in values else worst(values)
     return row.get(metric)
 
 

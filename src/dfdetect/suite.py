@@ -174,6 +174,7 @@ def group_rates(
             rows[value] = {
                 "n": len(idx),
                 "n_real": int((labels[idx] == 0).sum()),
+                "n_fake": int((labels[idx] == 1).sum()),
                 **rates(labels[idx], scores[idx], threshold),
             }
         out[attr] = {"groups": rows, **_spread(rows)}
@@ -181,17 +182,18 @@ def group_rates(
 
 
 def _spread(rows: dict[str, dict]) -> dict:
-    """Highest over lowest real false-positive rate (the fairness check) among groups with enough reals to judge;
-    the ratio is None when the lowest rate is 0 and another is not (no finite ratio: JSON has no infinity)."""
-    fprs = [r["real_fpr"] for r in rows.values() if "real_fpr" in r and r["n_real"] >= MIN_GROUP]
-    if len(fprs) < 2:
-        return {}
-    low, high = min(fprs), max(fprs)
-    return {
-        "real_fpr_min": low,
-        "real_fpr_max": high,
-        "real_fpr_ratio": round(high / low, 4) if low > 0 else (1.0 if high == 0 else None),
-    }
+    """The fairness check among groups with enough images of the class to judge (MIN_GROUP): the real
+    false-positive rate's lowest, highest (the worst group's) and highest over lowest, and fake recall's lowest,
+    highest and highest over lowest (the best-served group's over the worst's). A ratio is None when its lowest
+    rate is 0 and another is not (no finite ratio: JSON has no infinity)."""
+    out = {}
+    for rate, count in (("real_fpr", "n_real"), ("fake_recall", "n_fake")):
+        values = [r[rate] for r in rows.values() if rate in r and r[count] >= MIN_GROUP]
+        if len(values) >= 2:
+            low, high = min(values), max(values)
+            out[f"{rate}_min"], out[f"{rate}_max"] = low, high
+            out[f"{rate}_ratio"] = round(high / low, 4) if low > 0 else (1.0 if high == 0 else None)
+    return out
 
 
 def suite_row(spec: SuiteSet, data: SuiteData, scores: np.ndarray, threshold: float) -> dict:
@@ -257,7 +259,13 @@ def table_markdown(title: str, rows: dict[str, dict]) -> str:
                 for value, r in g["groups"].items()
             ]
             if "real_fpr_ratio" in g:
-                lines.append(f"\nHighest / lowest real false-positive rate: {g['real_fpr_ratio']}")
+                lines.append(
+                    f"\nReal false-positive rate: worst group {g['real_fpr_max']}, highest / lowest {g['real_fpr_ratio']}"
+                )
+            if "fake_recall_ratio" in g:
+                lines.append(
+                    f"\nFake recall: worst group {g['fake_recall_min']}, highest / lowest {g['fake_recall_ratio']}"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +280,7 @@ def flat_metrics(rows: dict[str, dict], prefix: str = "dataset") -> dict[str, fl
             for value, r in g["groups"].items():  # MLflow names allow letters, digits, _ - . / : and space
                 safe = re.sub(r"[^\w.\- ]", "_", value)
                 out.update({f"{prefix}/{name}/{attr}/{safe}/{k}": float(v) for k, v in r.items()})
-            if g.get("real_fpr_ratio") is not None:
-                out[f"{prefix}/{name}/{attr}/real_fpr_ratio"] = float(g["real_fpr_ratio"])
+            for key in ("real_fpr_max", "real_fpr_ratio", "fake_recall_min", "fake_recall_ratio"):
+                if g.get(key) is not None:
+                    out[f"{prefix}/{name}/{attr}/{key}"] = float(g[key])
     return out
