@@ -36,6 +36,7 @@ from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, c
 from dfdetect.http_timeouts import install_header_timeout
 from dfdetect.model_set import ModelSet, RegistryLoader, Scored, pick_arm
 from dfdetect.preprocessing import ImageError, check_dimensions, decode_image, resize_square
+from dfdetect.provenance import check_content_credentials
 from dfdetect.responses import face_json, frame_response, video_response
 from dfdetect.video import VideoError, read_frames
 
@@ -232,9 +233,13 @@ class Detector:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable: no model loaded yet", retry_after_s=5)
         return int(info["image_size"])
 
-    def _decode_and_crop(self, data: bytes, size: int, name: str = "image") -> tuple[np.ndarray, object | None]:
-        """Bytes -> the model's S x S x 3 input (and the face box with serving.face_crop); in a thread."""
+    def _decode_and_crop(
+        self, data: bytes, size: int, name: str = "image"
+    ) -> tuple[np.ndarray, object | None, dict | None]:
+        """Bytes -> the model's S x S x 3 input, the face box with serving.face_crop, and the file's content
+        credentials with serving.content_credentials (C2PA, checked offline); in a thread."""
         img = decode_image(data, name, **IMAGE_LIMITS)
+        credentials = check_content_credentials(data) if SERVING.content_credentials else None
         face = None
         if self.faces:
             found = self.faces(np.asarray(img))
@@ -244,7 +249,7 @@ class Detector:
                     f"{name}: no face found (serving.face_crop is on: the model scores face crops)",
                 )
             img, face = Image.fromarray(found[0]), found[1]
-        return resize_square(img, size), face
+        return resize_square(img, size), face, credentials
 
     async def _score(self, images: np.ndarray) -> list[Scored]:
         """One request's images, all answered by one version (drawn per request in A/B mode); more than
@@ -289,13 +294,15 @@ class Detector:
                 raise ApiError(result.status, result.message, index=i)
             if isinstance(result, BaseException):
                 raise result
-        scored = await self._score(np.stack([array for array, _ in decoded]))
+        scored = await self._score(np.stack([array for array, _, _ in decoded]))
         answers = []
-        for i, (s, (_, face)) in enumerate(zip(scored, decoded)):
+        for i, (s, (_, face, credentials)) in enumerate(zip(scored, decoded)):
             body = {"index": i, **frame_response(first_frame + i, s, started, SERVING.review_band)}
             count_verdict(body)
             if face:
                 body["face"] = face_json(face)
+            if credentials is not None:
+                body["provenance"] = credentials
             answers.append(body)
         return answers
 
@@ -323,7 +330,9 @@ class Detector:
         """Image bytes -> the verdict JSON (both frame endpoints): decoded in a thread, scored in a shared batch."""
         size = self._image_size()
         try:
-            array, face = await anyio.to_thread.run_sync(self._decode_and_crop, data, size, limiter=self._decoders)
+            array, face, credentials = await anyio.to_thread.run_sync(
+                self._decode_and_crop, data, size, limiter=self._decoders
+            )
         except ImageError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         scored = (await self._score(array[None]))[0]
@@ -331,6 +340,8 @@ class Detector:
         count_verdict(body)
         if face:
             body["face"] = face_json(face)
+        if credentials is not None:  # what the file declares, beside the model's P(fake), never instead of it
+            body["provenance"] = credentials
         if explain:
             body.update(await anyio.to_thread.run_sync(self.models.explain, array))
         return body
@@ -373,6 +384,10 @@ class Detector:
         scored = await self._score(resized)
         body = video_response(clip, scored, started, indices, without_face, SERVING.review_band)
         count_verdict(body)
+        if SERVING.content_credentials:
+            body["provenance"] = await anyio.to_thread.run_sync(
+                lambda: check_content_credentials(video.read_bytes()), limiter=self._decoders
+            )
         return body
 
 

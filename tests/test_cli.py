@@ -167,3 +167,29 @@ def test_predict_fails_when_inputs_fail_and_never_opens_a_fifo(one_epoch_checkpo
     assert json.loads(some.stdout.splitlines()[0])["label"] in ("real", "fake")
     ok = runner.invoke(app, ["predict", str(good), "--checkpoint", str(one_epoch_checkpoint)])
     assert ok.exit_code == 0 and ok.stderr == ""
+
+
+def test_predict_prints_content_credentials_beside_the_score(one_epoch_checkpoint, tmp_path, sample_root):
+    """`dfdetect predict` shows what a file declares (C2PA) and the model's P(fake), both, for each file."""
+    from c2pa_signing import sign_image, tamper
+
+    plain = next((sample_root / "test" / "real").iterdir())
+    declared = tmp_path / "declared.jpg"
+    declared.write_bytes(sign_image(plain.read_bytes(), ai_generated=True))
+    noisy = tmp_path / "noisy.jpg"
+    from PIL import Image
+
+    Image.effect_noise((96, 96), 80).convert("RGB").save(noisy, "JPEG")
+    tampered = tmp_path / "tampered.jpg"
+    tampered.write_bytes(tamper(sign_image(noisy.read_bytes())))
+    result = runner.invoke(
+        app, ["predict", str(plain), str(declared), str(tampered), "--checkpoint", str(one_epoch_checkpoint)]
+    )
+    assert result.exit_code == 0, result.output
+    plain_line, declared_line, tampered_line = [json.loads(line) for line in result.stdout.splitlines()]
+    assert plain_line["provenance"]["present"] is False
+    assert declared_line["provenance"]["ai_generated"] is True and declared_line["provenance"]["valid"] is True
+    assert declared_line["fake_probability"] == pytest.approx(plain_line["fake_probability"], abs=1e-6)
+    assert tampered_line["provenance"]["valid"] is False and "label" in tampered_line
+    off = runner.invoke(app, ["predict", str(declared), "--no-content-credentials", "-c", str(one_epoch_checkpoint)])
+    assert off.exit_code == 0 and "provenance" not in json.loads(off.stdout)

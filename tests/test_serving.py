@@ -346,3 +346,32 @@ def test_face_crop_mode_scores_the_face_and_refuses_a_frame_without_one(service,
         assert iou((face["x"], face["y"], face["width"], face["height"]), ASTRONAUT_FACE) > 0.6
         none = post_frame(url, blank.getvalue(), name="wall.jpg")
         assert none.status_code == 422 and "no face found" in none.text
+
+
+def test_content_credentials_are_reported_beside_the_models_score(service, sample_root):
+    """C2PA over HTTP: a valid manifest, an AI-generation declaration, a tampered image (hash mismatch) and no
+    manifest at all; the model's P(fake) is answered in every case (signing leaves the pixels as they were)."""
+    from c2pa_signing import CLAIM_GENERATOR, sign_image, tamper
+
+    plain = jpeg(next((sample_root / "test" / "real").iterdir()))
+    unsigned = post_frame(service["url"], plain).json()
+    assert unsigned["provenance"]["present"] is False and unsigned["provenance"]["valid"] is None
+    signed = post_frame(service["url"], sign_image(plain)).json()
+    credentials = signed["provenance"]
+    assert (
+        credentials["present"] and credentials["valid"] and credentials["claim_generator"].startswith(CLAIM_GENERATOR)
+    )
+    assert credentials["ai_generated"] is False and credentials["trusted"] is False  # no trust anchors configured
+    assert signed["distribution"]["fake"] == pytest.approx(unsigned["distribution"]["fake"], abs=1e-6)
+    declared = post_frame(service["url"], sign_image(plain, ai_generated=True)).json()
+    assert declared["provenance"]["ai_generated"] is True and "trainedAlgorithmicMedia" in str(
+        declared["provenance"]["digital_source_type"]
+    )
+    assert "fake" in declared["distribution"] and declared["verdict"] in ("fake", "real", "review")
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noisy, "JPEG")
+    tampered = post_frame(service["url"], tamper(sign_image(noisy.getvalue()))).json()
+    assert tampered["provenance"]["present"] and tampered["provenance"]["valid"] is False
+    assert "assertion.dataHash.mismatch" in [e["code"] for e in tampered["provenance"]["errors"]]
+    batch = post_frames(service["url"], [plain, sign_image(plain, ai_generated=True)])
+    assert [b["provenance"]["ai_generated"] for b in batch.json()] == [False, True]

@@ -242,12 +242,19 @@ def predict(
     model_uri: Optional[str] = typer.Option(
         None, "--model-uri", help="An MLflow model URI (runs:/ID/model, models:/NAME@alias); overrides --checkpoint."
     ),
+    content_credentials: bool = typer.Option(
+        True,
+        "--content-credentials/--no-content-credentials",
+        help="Also check each file for a C2PA manifest and print what it declares (`provenance`: signature "
+        "valid or not, signer, AI generation declared or not), beside the model's P(fake), never instead of it.",
+    ),
 ):
     """Classify images as real or fake; prints one JSON line per image. Exits 1 if any input failed
     (each is named on stderr)."""
     from .inference import Predictor
     from .io_utils import read_regular_file
     from .preprocessing import ImageError, decode_image
+    from .provenance import check_content_credentials
 
     try:
         predictor = Predictor.from_mlflow(model_uri) if model_uri else Predictor.from_checkpoint(checkpoint)
@@ -256,7 +263,8 @@ def predict(
     failed = 0
     for path in images:
         try:  # a FIFO, device or folder is refused before it is opened: reading a FIFO would hang
-            img = decode_image(read_regular_file(path), str(path))
+            data = read_regular_file(path)
+            img = decode_image(data, str(path))
         except (ImageError, OSError) as exc:
             failed += 1
             typer.echo(json.dumps({"path": str(path), "error": str(exc)}))
@@ -270,6 +278,7 @@ def predict(
                     "label": v.label,
                     "fake_probability": round(v.fake_probability, 6),
                     "threshold": round(v.threshold, 6),
+                    **({"provenance": check_content_credentials(data)} if content_credentials else {}),
                 }
             )
         )
