@@ -277,6 +277,9 @@ def test_analyze_video_scores_sampled_frames_and_their_mean(service, clip):
     assert body["fake_probability"] == pytest.approx(np.mean([f["fake_probability"] for f in body["frames"]]), abs=1e-5)
     assert body["resolution"] == {"width": 64, "height": 64} and body["fps"] == pytest.approx(10)
     assert body["duration"] == pytest.approx(3.0, abs=0.2) and body["total_frames"] == 30
+    # the video file's own content credentials (none here) and the verdict with the fixture's [0, 1] review band
+    assert body["provenance"]["checked"] is True and body["provenance"]["present"] is False
+    assert body["verdict"] == "review" and body["is_fake"] == (body["fake_probability"] >= body["threshold"])
 
 
 def test_unsupported_video_is_a_400(service):
