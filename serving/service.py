@@ -9,6 +9,8 @@ from params.yaml (`DFDETECT_PARAMS`), the tracking server from `MLFLOW_TRACKING_
 import asyncio
 import dataclasses
 import functools
+import hashlib
+import hmac
 import io
 import logging
 import os
@@ -35,8 +37,11 @@ from dfdetect.faces import FaceCropper
 from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, check_multipart
 from dfdetect.http_timeouts import install_header_timeout
 from dfdetect.model_set import ModelSet, RegistryLoader, Scored, pick_arm
+from dfdetect.prediction_log import PredictionLog, now_iso, open_store, write_feedback
 from dfdetect.preprocessing import ImageError, check_dimensions, decode_image, resize_square
-from dfdetect.provenance import check_content_credentials
+from dfdetect.provenance import check_content_credentials, guess_mime_type
+from dfdetect.request_ids import RequestIds
+from dfdetect.request_ids import current as current_request_id
 from dfdetect.responses import face_json, frame_response, video_response
 from dfdetect.video import VideoError, read_frames
 
@@ -93,6 +98,28 @@ BATCH_OPENAPI = {
 install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker builds its uvicorn server
 allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
 TRIM_EVERY_S = 30
+FEEDBACK_ROUTE = "/feedback"
+FEEDBACK_TOKEN_ENV = "DFDETECT_FEEDBACK_TOKEN"  # the bearer token reviewers send; unset: /feedback is off
+EXTENSIONS = {
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/tiff": ".tif",
+}
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One upload, ready to score: the model's input, and what the answer and the log say about the file."""
+
+    array: np.ndarray
+    face: object | None
+    credentials: dict | None  # C2PA, with serving.content_credentials
+    sha256: str
+    size: int
+    ext: str  # for the kept copy (serving.log_inputs)
+    data: bytes | None = None  # the upload itself, kept only with serving.log_inputs
 
 
 class ApiError(Exception):
@@ -131,6 +158,9 @@ PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version
 # The review band's share of traffic: rate(dfdetect_verdicts_total{verdict="review"}[5m])
 # / rate(dfdetect_verdicts_total[5m]) (a ratio of counters stays right across worker processes).
 VERDICTS = Counter("dfdetect_verdicts", "Verdicts served: fake, real or review (serving.review_band)", ["verdict"])
+LOG_DROPPED = Counter(
+    "dfdetect_prediction_log_dropped", "Verdicts not logged because the log's queue was full (never a slow request)"
+)
 BATCH_SIZE = Histogram(
     "dfdetect_batch_size", "Images per model call (adaptive batching)", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
@@ -161,6 +191,18 @@ class Detector:
             if SERVING.face_crop
             else None
         )
+        self.log_store = open_store(SERVING.prediction_log) if SERVING.prediction_log else None
+        self.audit = (
+            PredictionLog(
+                self.log_store,
+                SERVING.prediction_log_queue,
+                SERVING.prediction_log_flush_lines,
+                SERVING.prediction_log_flush_s,
+                on_drop=LOG_DROPPED.inc,
+            )
+            if self.log_store
+            else None
+        )
 
         @health_app.get("/health")
         async def health():
@@ -176,7 +218,9 @@ class Detector:
             request: Request, frameNumber: int = Query(0, ge=0, le=2**31 - 1), explain: bool = False
         ):
             """The same verdict JSON as /inference/analyze-frame, for an image POSTed as the body."""
-            return await self._analyze_frame(await request.body(), frameNumber, explain, time.perf_counter())
+            return await self._analyze_frame(
+                await request.body(), frameNumber, explain, time.perf_counter(), RAW_FRAME_ROUTE
+            )
 
         # Also a plain route: the guard has parsed the form already (scope[PARTS_KEY]), and BentoML would write
         # each image to a temporary file.
@@ -200,10 +244,46 @@ class Detector:
             images, first_frame = batch_fields(parts)
             return await self._analyze_frames(images, first_frame, started)
 
+        @health_app.post(FEEDBACK_ROUTE, summary="A reviewer's label for a logged verdict (bearer token)")
+        @answers_errors
+        async def feedback(request: Request):
+            """{"request_id": the answer's requestId, "label": "real" | "fake", "note"?, "reviewer"?}, with
+            `Authorization: Bearer <DFDETECT_FEEDBACK_TOKEN>`; stored beside the prediction log."""
+            check_feedback_token(request.headers.get("authorization"))
+            if self.log_store is None:
+                raise ApiError(
+                    HTTPStatus.CONFLICT, "no prediction log to store feedback beside (serving.prediction_log)"
+                )
+            review = feedback_fields(await request.body())
+            return await anyio.to_thread.run_sync(lambda: write_feedback(self.log_store, **review))
+
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self._stop.set()  # the registry poll
         self.batcher.close()
+        if self.audit:
+            self.audit.close()  # writes what is still queued
+
+    def _log(self, body: dict, endpoint: str, decoded: Decoded) -> None:
+        """The answer, for the audit trail (off the request path: a full queue drops and counts)."""
+        if self.audit is None:
+            return
+        entry = {
+            "request_id": body["requestId"],
+            "time": now_iso(),
+            "endpoint": endpoint,
+            "model_version": body["modelVersion"],
+            "fake_probability": body.get("fake_probability", body.get("distribution", {}).get("fake")),
+            "threshold": body["threshold"],
+            "verdict": body["verdict"],
+            "latency_ms": body["processingTime"],
+            "sha256": decoded.sha256,
+            "size": decoded.size,
+            "face": body.get("face"),
+            "shadow": body.get("shadow"),
+        }
+        keep = (decoded.data, decoded.ext) if decoded.data is not None else None
+        self.audit.record(entry, keep)
 
     def _trim_memory(self) -> None:
         """Give freed heap memory back to the OS now and then (dfdetect.allocator says why)."""
@@ -233,11 +313,9 @@ class Detector:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable: no model loaded yet", retry_after_s=5)
         return int(info["image_size"])
 
-    def _decode_and_crop(
-        self, data: bytes, size: int, name: str = "image"
-    ) -> tuple[np.ndarray, object | None, dict | None]:
-        """Bytes -> the model's S x S x 3 input, the face box with serving.face_crop, and the file's content
-        credentials with serving.content_credentials (C2PA, checked offline); in a thread."""
+    def _decode_and_crop(self, data: bytes, size: int, name: str = "image") -> Decoded:
+        """Bytes -> the model's S x S x 3 input, the face box with serving.face_crop, the file's content
+        credentials with serving.content_credentials (C2PA, checked offline) and its hash; in a thread."""
         img = decode_image(data, name, **IMAGE_LIMITS)
         credentials = check_content_credentials(data) if SERVING.content_credentials else None
         face = None
@@ -249,7 +327,16 @@ class Detector:
                     f"{name}: no face found (serving.face_crop is on: the model scores face crops)",
                 )
             img, face = Image.fromarray(found[0]), found[1]
-        return resize_square(img, size), face, credentials
+        decoded = Decoded(
+            resize_square(img, size),
+            face,
+            credentials,
+            hashlib.sha256(data).hexdigest(),
+            len(data),
+            EXTENSIONS.get(guess_mime_type(data) or "", ".bin"),
+            data if SERVING.log_inputs else None,
+        )
+        return decoded
 
     async def _score(self, images: np.ndarray) -> list[Scored]:
         """One request's images, all answered by one version (drawn per request in A/B mode); more than
@@ -294,15 +381,17 @@ class Detector:
                 raise ApiError(result.status, result.message, index=i)
             if isinstance(result, BaseException):
                 raise result
-        scored = await self._score(np.stack([array for array, _, _ in decoded]))
-        answers = []
-        for i, (s, (_, face, credentials)) in enumerate(zip(scored, decoded)):
+        scored = await self._score(np.stack([d.array for d in decoded]))
+        request_id, answers = current_request_id(), []
+        for i, (s, d) in enumerate(zip(scored, decoded)):
             body = {"index": i, **frame_response(first_frame + i, s, started, SERVING.review_band)}
+            body["requestId"] = f"{request_id}-{i}"  # one per image: feedback names the image it reviews
             count_verdict(body)
-            if face:
-                body["face"] = face_json(face)
-            if credentials is not None:
-                body["provenance"] = credentials
+            if d.face:
+                body["face"] = face_json(d.face)
+            if d.credentials is not None:
+                body["provenance"] = d.credentials
+            self._log(body, BATCH_ROUTE, d)
             answers.append(body)
         return answers
 
@@ -326,24 +415,26 @@ class Detector:
         self._check_size(image, "image", SERVING.max_upload_mb, "serving.max_upload_mb")
         return await self._analyze_frame(image.read_bytes(), frameNumber, explain, started)
 
-    async def _analyze_frame(self, data: bytes, frame_number: int, explain: bool, started: float) -> dict:
+    async def _analyze_frame(
+        self, data: bytes, frame_number: int, explain: bool, started: float, endpoint: str = "/inference/analyze-frame"
+    ) -> dict:
         """Image bytes -> the verdict JSON (both frame endpoints): decoded in a thread, scored in a shared batch."""
         size = self._image_size()
         try:
-            array, face, credentials = await anyio.to_thread.run_sync(
-                self._decode_and_crop, data, size, limiter=self._decoders
-            )
+            decoded = await anyio.to_thread.run_sync(self._decode_and_crop, data, size, limiter=self._decoders)
         except ImageError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        scored = (await self._score(array[None]))[0]
+        scored = (await self._score(decoded.array[None]))[0]
         body = frame_response(frame_number, scored, started, SERVING.review_band)
+        body["requestId"] = current_request_id()
         count_verdict(body)
-        if face:
-            body["face"] = face_json(face)
-        if credentials is not None:  # what the file declares, beside the model's P(fake), never instead of it
-            body["provenance"] = credentials
+        if decoded.face:
+            body["face"] = face_json(decoded.face)
+        if decoded.credentials is not None:  # what the file declares, beside the model's P(fake), not instead
+            body["provenance"] = decoded.credentials
+        self._log(body, endpoint, decoded)
         if explain:
-            body.update(await anyio.to_thread.run_sync(self.models.explain, array))
+            body.update(await anyio.to_thread.run_sync(self.models.explain, decoded.array))
         return body
 
     @bentoml.api(route="/inference/analyze-video")
@@ -383,12 +474,71 @@ class Detector:
         )
         scored = await self._score(resized)
         body = video_response(clip, scored, started, indices, without_face, SERVING.review_band)
+        body["requestId"] = current_request_id()
         count_verdict(body)
-        if SERVING.content_credentials:
-            body["provenance"] = await anyio.to_thread.run_sync(
-                lambda: check_content_credentials(video.read_bytes()), limiter=self._decoders
-            )
+        file = await anyio.to_thread.run_sync(video_file, video, resized, limiter=self._decoders)
+        if file.credentials is not None:
+            body["provenance"] = file.credentials
+        self._log(body, "/inference/analyze-video", file)
         return body
+
+
+def video_file(path: Path, frames: np.ndarray) -> Decoded:
+    """What the answer and the log say about an uploaded video file (its hash, C2PA credentials); in a thread."""
+    data = path.read_bytes()
+    return Decoded(
+        frames,
+        None,
+        check_content_credentials(data) if SERVING.content_credentials else None,
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+        Path(path).suffix or ".bin",
+        data if SERVING.log_inputs else None,
+    )
+
+
+def check_feedback_token(header: str | None) -> None:
+    """404 when no token is configured (the endpoint is off), 401 without a bearer token, 403 with a wrong one."""
+    expected = os.environ.get(FEEDBACK_TOKEN_ENV, "")
+    if not expected:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"feedback is off: no token configured ({FEEDBACK_TOKEN_ENV})")
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(HTTPStatus.UNAUTHORIZED, "feedback needs `Authorization: Bearer <token>`")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(HTTPStatus.FORBIDDEN, "feedback: wrong token")
+
+
+REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}(-\d{1,4})?")
+
+
+def feedback_fields(body: bytes) -> dict:
+    """The review JSON, or a 400 naming the field and what was expected."""
+    import json
+
+    try:
+        raw = json.loads(body)
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "body: expected a JSON object") from None
+    if not isinstance(raw, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "body: expected a JSON object")
+    request_id, label = raw.get("request_id"), raw.get("label")
+    if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "request_id: expected the requestId of an answer (32 hex digits[-index])"
+        )
+    if label not in ("real", "fake"):
+        raise ApiError(HTTPStatus.BAD_REQUEST, 'label: expected "real" or "fake"')
+    fields = {"request_id": request_id, "label": label}
+    for name, limit in (("note", 2000), ("reviewer", 200)):
+        value = raw.get(name, "")
+        if not isinstance(value, str) or len(value) > limit:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"{name}: expected text of at most {limit} characters")
+        fields[name] = value
+    unknown = sorted(set(raw) - {"request_id", "label", "note", "reviewer"})
+    if unknown:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {unknown}: expected request_id, label, note, reviewer")
+    return fields
 
 
 def count_verdict(body: dict) -> None:
@@ -463,5 +613,7 @@ Detector.add_asgi_middleware(
         RAW_FRAME_ROUTE: Route("raw", int(SERVING.max_upload_mb * MB), content_types=IMAGE_TYPES),
         BATCH_ROUTE: BATCH_FORM,
         "/score": Route("json", int(SERVING.max_score_mb * MB), content_types=("application/json",)),
+        FEEDBACK_ROUTE: Route("json", 16 * 1024, content_types=("application/json",)),
     },
 )
+Detector.add_asgi_middleware(RequestIds)  # every answer and its log entry carry one id (also X-Request-ID)

@@ -193,6 +193,7 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
             assert time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
 
+    wait_for.process = proc  # for a test that kills the service itself (its process group)
     try:
         yield url, wait_for
     finally:
@@ -212,6 +213,15 @@ def post_frame(url, data: bytes, name="face.jpg", **form):
     return requests.post(
         f"{url}/inference/analyze-frame", files={"image": (name, data, "image/jpeg")}, data=form, timeout=30
     )
+
+
+def require_server(what: str, available: bool):
+    """Skip a test whose server is not installed here; fail instead under .ci/run (DFDETECT_REQUIRE_SERVERS=1)."""
+    if not available:
+        message = f"{what} is not installed (.ci/run installs it)"
+        if os.environ.get("DFDETECT_REQUIRE_SERVERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def serving_params(tracked_run) -> dict:

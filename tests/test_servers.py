@@ -17,6 +17,7 @@ import boto3
 import pytest
 import yaml
 from conftest import REPO
+from conftest import require_server as _require
 
 from dfdetect import servers
 from dfdetect.sample_data import generate
@@ -24,14 +25,6 @@ from dfdetect.sample_data import generate
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 KEY, SECRET = "dfdetect-test", "dfdetect-test-secret"
-
-
-def _require(what: str, available: bool):
-    if not available:
-        message = f"{what} is not installed (.ci/run installs it)"
-        if os.environ.get("DFDETECT_REQUIRE_SERVERS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

@@ -547,6 +547,16 @@ def _add_plugin_commands() -> None:
 _add_plugin_commands()
 
 
+def _add_audit_commands() -> None:
+    from .cli_audit import feedback_app, predictions_app
+
+    app.add_typer(predictions_app, name="predictions")
+    app.add_typer(feedback_app, name="feedback")
+
+
+_add_audit_commands()
+
+
 def _interrupt(*_):
     raise KeyboardInterrupt
 

@@ -517,6 +517,19 @@ class ServingParams(Section):
     content_credentials: bool = Field(
         True, description="check each upload for a C2PA manifest and answer what it declares (`provenance`)"
     )
+    prediction_log: str | None = Field(
+        None,
+        description="where every verdict is logged (a folder or s3://bucket/prefix): rotated, gzip-compressed JSON "
+        "Lines written off the request path; null: no log (and no /feedback)",
+    )
+    log_inputs: bool = Field(False, description="also keep each uploaded image in the log, under its SHA-256")
+    prediction_log_queue: int = Field(
+        10_000, ge=1, le=1_000_000, description="verdicts waiting to be written; beyond it they are dropped and counted"
+    )
+    prediction_log_flush_lines: int = Field(1000, ge=1, le=1_000_000, description="verdicts per log file at most")
+    prediction_log_flush_s: float = Field(
+        30.0, gt=0, le=3600, description="a log file is written at least this often while verdicts come"
+    )
 
     @field_validator("review_band")
     @classmethod

