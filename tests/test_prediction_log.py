@@ -163,3 +163,33 @@ def test_open_store_picks_s3_for_s3_uris(monkeypatch):
     store = open_store("s3://audit/serving/prod")
     assert type(store).__name__ == "S3Store" and (store.bucket, store.prefix) == ("audit", "serving/prod")
     assert isinstance(open_store(Path("/tmp/x")), FolderStore)
+
+
+def test_export_with_dvc_is_pulled_by_a_fresh_clone(tmp_path):
+    """`feedback export --dvc`: the data set is added and pushed, so a fresh clone of the repo pulls it."""
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+
+    def sh(*cmd, cwd=repo):
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    repo.mkdir()
+    dvc = (sys.executable, "-m", "dvc")
+    sh("git", "init", "-q")
+    sh(*dvc, "init", "-q")
+    sh(*dvc, "remote", "add", "-d", "local", str(remote))
+    store = FolderStore(tmp_path / "log")
+    log = PredictionLog(store, flush_lines=10, flush_seconds=60)
+    log.record({**entry(1), "sha256": "cd" * 32}, (b"kept image", ".jpg"))
+    log.close()
+    write_feedback(store, f"{1:032x}", "fake", reviewer="ana")
+    export_feedback(str(tmp_path / "log"), repo / "feedback", dvc=True)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "reviewed data"], cwd=repo, check=True, env={**os.environ, **env})
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    sh(*dvc, "pull", cwd=clone)
+    assert (clone / "feedback" / "fake" / f"{'cd' * 32}.jpg").read_bytes() == b"kept image"
+    assert json.loads((clone / "feedback" / "manifest.json").read_text())["reviewers"] == ["ana"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def _replace(new: Path, out: Path) -> None:
 
 
 def _dvc(command: str, target: Path) -> None:
-    done = subprocess.run(["dvc", command, target.name], cwd=target.parent, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", command, target.name], cwd=target.parent, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise ExportError(f"dvc {command} {target}: {(done.stderr or done.stdout).strip()[-1500:]}")
