@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse
 from dfdetect import allocator
 from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 from dfdetect.config import load_params
+from dfdetect.drift import brightness, jpeg_quality
 from dfdetect.faces import FaceCropper
 from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, check_multipart
 from dfdetect.http_timeouts import install_header_timeout
@@ -120,6 +121,7 @@ class Decoded:
     size: int
     ext: str  # for the kept copy (serving.log_inputs)
     data: bytes | None = None  # the upload itself, kept only with serving.log_inputs
+    stats: dict = dataclasses.field(default_factory=dict)  # width, height, brightness, jpeg_quality: for drift
 
 
 class ApiError(Exception):
@@ -281,6 +283,7 @@ class Detector:
             "size": decoded.size,
             "face": body.get("face"),
             "shadow": body.get("shadow"),
+            **decoded.stats,
         }
         keep = (decoded.data, decoded.ext) if decoded.data is not None else None
         self.audit.record(entry, keep)
@@ -317,6 +320,7 @@ class Detector:
         """Bytes -> the model's S x S x 3 input, the face box with serving.face_crop, the file's content
         credentials with serving.content_credentials (C2PA, checked offline) and its hash; in a thread."""
         img = decode_image(data, name, **IMAGE_LIMITS)
+        stats = {"width": img.width, "height": img.height, "jpeg_quality": header_jpeg_quality(data)}
         credentials = check_content_credentials(data) if SERVING.content_credentials else None
         face = None
         if self.faces:
@@ -335,7 +339,9 @@ class Detector:
             len(data),
             EXTENSIONS.get(guess_mime_type(data) or "", ".bin"),
             data if SERVING.log_inputs else None,
+            stats,
         )
+        decoded.stats["brightness"] = round(float(brightness(decoded.array[None])[0]), 6)
         return decoded
 
     async def _score(self, images: np.ndarray) -> list[Scored]:
@@ -481,6 +487,15 @@ class Detector:
             body["provenance"] = file.credentials
         self._log(body, "/inference/analyze-video", file)
         return body
+
+
+def header_jpeg_quality(data: bytes) -> int | None:
+    """The upload's JPEG quality from its header alone (None for other formats)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return jpeg_quality(img)
+    except Exception:  # it decoded once already: a header that fails here only loses the statistic
+        return None
 
 
 def video_file(path: Path, frames: np.ndarray) -> Decoded:

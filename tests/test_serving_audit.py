@@ -4,6 +4,7 @@ service leaves only whole log files."""
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -13,11 +14,14 @@ import time
 
 import pytest
 import requests
+import yaml
 from conftest import BIN, bentoml_serve, post_frame, require_server, serving_params
+from PIL import Image, ImageEnhance
 
 from dfdetect import promotion, registry, servers
 from dfdetect.config import parse_params
-from dfdetect.prediction_log import open_store, read_entries, read_feedback
+from dfdetect.monitor import monitor
+from dfdetect.prediction_log import now_iso, open_store, read_entries, read_feedback
 
 pytestmark = pytest.mark.slow
 TOKEN = "reviewers-secret-token"
@@ -40,7 +44,7 @@ def audited(tracked_run, tmp_path_factory):
             registry.register(params, tracked_run["models"], tracked_run["metrics"], tracked_run["prepared"])
             promotion.promote(params, tracked_run["prepared"])
             wait_for(ready=True)
-            yield {"url": url, "process": wait_for.process, "root": root}
+            yield {"url": url, "process": wait_for.process, "root": root, "raw": raw}
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -115,6 +119,50 @@ def test_feedback_needs_the_token_and_exports_a_reviewed_data_set(audited, sampl
     manifest = json.loads((out / "manifest.json").read_text())
     item = next(i for i in manifest["items"] if i["request_id"] == answer["requestId"])
     assert (out / item["file"]).read_bytes() == image and item["file"].startswith("real/")
+
+
+def _darker_and_larger(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as img:
+        shifted = ImageEnhance.Brightness(img.convert("RGB")).enhance(0.3).resize((img.width * 4, img.height * 4))
+    out = io.BytesIO()
+    shifted.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_monitor_reports_drift_on_shifted_uploads_and_not_on_the_evaluated_distribution(audited, sample_root, tmp_path):
+    """The served version's reference profile (its evaluated test split) against two windows of the log."""
+    url, raw = audited["url"], audited["raw"]
+    raw = {**raw, "monitor": {"min_items": 10}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    tests = sorted(p for label in ("real", "fake") for p in (sample_root / "test" / label).iterdir())
+
+    def window(images: list[bytes]) -> tuple[str, set[str]]:
+        since = now_iso()
+        ids = {post_frame(url, data).json()["requestId"] for data in images}
+        logged(ids)
+        return since, ids
+
+    since, _ = window([p.read_bytes() for p in tests])  # what the model was evaluated on
+    same = monitor(parse_params(raw), LOG, tmp_path / "same", since=since)
+    assert same["drifted"] is False and same["n_current"] == len(tests), same
+    since, _ = window([_darker_and_larger(p.read_bytes()) for p in tests])
+    shown = subprocess.run(
+        [str(BIN / "dfdetect"), "monitor", "--log", LOG, "--since", since, "--out", str(tmp_path / "shifted")]
+        + ["-p", str(params_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 1, shown.stdout + shown.stderr  # 1: drift, the loop should retrain
+    summary = json.loads(shown.stdout)
+    assert summary["drifted"] and summary["columns"]["brightness"]["drifted"] and summary["columns"]["width"]["drifted"]
+    assert (tmp_path / "shifted" / "drift.html").stat().st_size > 0
+    client = registry.client_for(parse_params(raw))
+    run = client.get_run(summary["mlflow_run_id"])  # logged under the served version
+    assert run.data.tags["dfdetect.model_version"] == summary["version"] and run.data.metrics["drifted"] == 1.0
+    tags = client.get_model_version(raw["registry"]["model_name"], summary["version"]).tags
+    assert tags["monitor.drifted"] == "True" and tags["monitor.run_id"] == run.info.run_id
 
 
 def test_a_killed_service_leaves_only_whole_log_files(audited, sample_root):

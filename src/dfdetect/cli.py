@@ -548,10 +548,11 @@ _add_plugin_commands()
 
 
 def _add_audit_commands() -> None:
-    from .cli_audit import feedback_app, predictions_app
+    from .cli_audit import feedback_app, monitor_command, predictions_app
 
     app.add_typer(predictions_app, name="predictions")
     app.add_typer(feedback_app, name="feedback")
+    app.command("monitor")(monitor_command)
 
 
 _add_audit_commands()

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import fail
+from .cli_common import PARAMS_OPT, fail, params_or_fail
 
 LOG_OPT = typer.Option(
     ..., "--log", help="Where the service writes its log (serving.prediction_log): a folder or s3://bucket/prefix."
@@ -17,6 +17,32 @@ LOG_OPT = typer.Option(
 
 predictions_app = typer.Typer(help="The service's prediction log (audit trail).", no_args_is_help=True)
 feedback_app = typer.Typer(help="Reviewers' labels for logged verdicts.", no_args_is_help=True)
+
+
+def monitor_command(
+    log: str = LOG_OPT,
+    out: Path = typer.Option(Path("monitor"), "--out", help="Folder for summary.json and Evidently's drift.html/json."),
+    version: Optional[str] = typer.Option(None, help="The version (or alias) to check; default serving.alias."),
+    since: Optional[str] = typer.Option(None, help="Window start (ISO 8601); default now - monitor.window_hours."),
+    until: Optional[str] = typer.Option(None, help="Window end (ISO 8601); default now."),
+    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the check to MLflow under the version."),
+    params_file: Path = PARAMS_OPT,
+):
+    """Is the served version's traffic drifting from what it was evaluated on? Compares a window of the prediction
+    log with the reference profile stored with the model (P(fake), verdict rate, image size, brightness; JPEG
+    quality where logged) with Evidently. Prints the summary; exit status 1 when the loop should retrain (drift,
+    or at least monitor.retrain_min_reviews reviewed verdicts), 0 when not, 2 on an error."""
+    from .drift import DriftError
+    from .monitor import monitor
+    from .registry import RegistryError
+
+    params = params_or_fail(params_file)
+    try:
+        summary = monitor(params, log, out, version, since, until, track=mlflow)
+    except (DriftError, RegistryError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(summary, sort_keys=True))
+    raise typer.Exit(code=1 if summary["retrain"] else 0)
 
 
 @predictions_app.command("query")

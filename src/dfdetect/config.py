@@ -547,6 +547,19 @@ class MlflowParams(Section):
     log_model: bool = True
 
 
+class MonitorParams(Section):
+    """The drift monitor and when the loop retrains (dfdetect.monitor)."""
+
+    window_hours: float = Field(24.0, gt=0, le=24 * 366, description="the log window compared, ending now")
+    drift_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="drift when at least this share of the compared columns moved (p < 0.05)"
+    )
+    min_items: int = Field(30, ge=1, description="fewer logged verdicts in the window: too few to judge, no drift")
+    retrain_min_reviews: int = Field(
+        100, ge=1, description="retrain also when at least this many reviewed verdicts came in the window"
+    )
+
+
 class Params(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     sample_data: SampleDataParams = SampleDataParams()
@@ -557,6 +570,7 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     promotion: PromotionParams = PromotionParams()
     serving: ServingParams = ServingParams()
+    monitor: MonitorParams = MonitorParams()
     mlflow: MlflowParams = MlflowParams()
 
 

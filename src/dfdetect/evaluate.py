@@ -13,6 +13,7 @@ from . import runtime, tracking
 from .artifact import TrainedModel
 from .config import EvaluateParams, Params, SuiteSet
 from .data import DatasetError, PreparedSplit, batch_loader, load_meta, load_split, original_path
+from .drift import reference_profile
 from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
@@ -193,6 +194,9 @@ def evaluate(
         atomic_write_json(out_dir / "datasets.json", suite)
         extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", suite)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, trained) + extra)
+    # what the drift monitor compares the service's traffic with, logged with the model's run
+    profile = reference_profile(prepared_dir, data.relpaths, data.images, scores, threshold)
+    atomic_write_json(out_dir / "reference_profile.json", profile)
     atomic_write_json(metrics_path, metrics)
 
     if track:
@@ -244,3 +248,4 @@ def log_to_mlflow(params: Params, model_dir: Path, metrics: dict, out_dir: Path)
         mlflow.set_tag("dfdetect.eval_split", metrics["split"])
         mlflow.log_artifacts(str(out_dir / "figures"), artifact_path="evaluation")
         mlflow.log_artifact(str(out_dir / "report.md"), artifact_path="evaluation")
+        mlflow.log_artifact(str(out_dir / "reference_profile.json"), artifact_path="evaluation")

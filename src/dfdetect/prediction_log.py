@@ -189,7 +189,8 @@ class PredictionLog:
             log.exception("could not write %d prediction log entries to %s", len(batch), name)
 
 
-def _parse_time(value: str) -> datetime:
+def parse_time(value: str) -> datetime:
+    """An ISO 8601 time; UTC when it names no zone."""
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
@@ -199,7 +200,7 @@ def read_entries(
 ) -> Iterator[dict]:
     """The logged verdicts in time order of their files, filtered by time (ISO 8601, UTC when no zone is given)
     and model version (`name/version` or the version alone)."""
-    start, end = (_parse_time(since) if since else None), (_parse_time(until) if until else None)
+    start, end = (parse_time(since) if since else None), (parse_time(until) if until else None)
     for name in store.names(PREDICTIONS):
         if not name.endswith(LOG_SUFFIX):
             continue
@@ -208,7 +209,7 @@ def read_entries(
             continue
         for line in gzip.decompress(store.get(name)).decode().splitlines():
             entry = json.loads(line)
-            t = _parse_time(entry["time"])
+            t = parse_time(entry["time"])
             if (start and t < start) or (end and t > end):
                 continue
             if version and version not in (entry.get("model_version"), str(entry.get("model_version")).split("/")[-1]):

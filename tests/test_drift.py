@@ -1,0 +1,53 @@
+"""Drift against the reference profile stored with a model (Evidently): reported on shifted traffic, not on a
+sample of the reference's own distribution."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dfdetect.drift import DriftError, brightness, check_drift, comparable_columns
+
+
+def rows(n, seed, light=0.5, size=128, fake_rate=0.5):
+    rng = np.random.default_rng(seed)
+    fake = rng.random(n) < fake_rate
+    return [
+        {
+            "fake_probability": float(rng.beta(5, 2) if f else rng.beta(2, 5)),
+            "verdict": "fake" if f else "real",
+            "width": int(rng.normal(size, size / 10)),
+            "height": int(rng.normal(size, size / 10)),
+            "brightness": float(rng.normal(light, 0.08)),
+        }
+        for f in fake
+    ]
+
+
+def test_no_drift_on_a_sample_of_the_reference_distribution(tmp_path):
+    summary = check_drift({"rows": rows(400, 0)}, rows(200, 1), 0.5, tmp_path)
+    assert summary["drifted"] is False and summary["drift_share"] < 0.5
+    assert set(summary["columns"]) == {"fake_probability", "verdict", "width", "height", "brightness"}
+    assert (tmp_path / "drift.html").stat().st_size > 0 and json.loads((tmp_path / "drift.json").read_text())
+
+
+def test_drift_on_darker_larger_images_with_more_fake_verdicts(tmp_path):
+    shifted = rows(200, 1, light=0.25, size=512, fake_rate=0.9)
+    summary = check_drift({"rows": rows(400, 0)}, shifted, 0.5, tmp_path)
+    assert summary["drifted"] is True and summary["drift_share"] >= 0.8
+    assert all(summary["columns"][c]["drifted"] for c in ("width", "height", "brightness", "verdict"))
+    assert summary["current_fake_rate"] > summary["reference_fake_rate"] + 0.2
+
+
+def test_only_columns_both_sides_have_are_compared_and_nothing_to_compare_is_an_error(tmp_path):
+    reference = [{**r, "jpeg_quality": None} for r in rows(50, 0)]
+    current = [{**r, "jpeg_quality": 90} for r in rows(50, 1)]
+    numeric, categorical = comparable_columns(reference, current)
+    assert "jpeg_quality" not in numeric and categorical == ["verdict"]
+    with pytest.raises(DriftError, match="nothing to compare"):
+        check_drift({"rows": []}, current, 0.5, tmp_path)
+
+
+def test_brightness_is_the_mean_pixel_of_each_input():
+    images = np.stack([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)])
+    assert list(brightness(images)) == [0.0, 1.0]
