@@ -10,7 +10,17 @@ from kfp import dsl
 
 from . import steps
 
-STEPS = ("fetch_data", "prepare", "train", "evaluate", "register", "promote")
+STEPS = (
+    "fetch_data",
+    "prepare",
+    "train",
+    "evaluate",
+    "register",
+    "promote",
+    "monitor",
+    "export_feedback",
+    "prepare_with_feedback",
+)
 
 
 def make_components(image: str) -> SimpleNamespace:

@@ -112,3 +112,46 @@ def promote(
         result = run_promote(params, prepared.path, tmp, expected_challenger=version)
         shutil.copy(f"{tmp}/promotion.md", report.path)
     return result["verdict"]
+
+
+def monitor(
+    prediction_log: str,
+    registry: dict,
+    serving: dict,
+    monitor: dict,
+    mlflow: dict,
+    tracking_uri: str,
+    report: Output[Artifact],
+) -> bool:
+    """`dfdetect monitor` of the served version; returns whether the loop should retrain (drift, or enough
+    reviewed verdicts)."""
+    from dfdetect.monitor import monitor as run_monitor
+    from dfdetect.overrides import params_from
+    from dfdetect.tracking import use_tracking_uri
+
+    use_tracking_uri(tracking_uri)
+    params = params_from({"registry": registry, "serving": serving, "monitor": monitor, "mlflow": mlflow})
+    return bool(run_monitor(params, prediction_log, report.path)["retrain"])
+
+
+def export_feedback(prediction_log: str, feedback: Output[Dataset]) -> int:
+    """`dfdetect feedback export`: the reviewed verdicts with kept images as a data set; returns how many
+    (0 and an empty folder when there are none yet)."""
+    from dfdetect.feedback_export import export_feedback_or_nothing
+
+    return export_feedback_or_nothing(prediction_log, feedback.path)
+
+
+def prepare_with_feedback(
+    data: Input[Dataset], feedback: Input[Dataset], prepare: dict, prepared: Output[Dataset], report: Output[Markdown]
+):
+    """`dfdetect prepare` with the reviewed data set as one more source of the mixture (when it has images)."""
+    import shutil
+
+    from dfdetect.feedback_export import with_feedback_source
+    from dfdetect.overrides import params_from
+    from dfdetect.prepare import prepare as run_prepare
+
+    params = with_feedback_source(params_from({"prepare": prepare}).prepare, feedback.path)
+    run_prepare(data.path, prepared.path, params, workers=2)
+    shutil.copy(f"{prepared.path}/report.md", report.path)

@@ -23,35 +23,69 @@ from dfdetect.tracking import tracking_uri as default_uri
 app = typer.Typer(
     help="The same pipeline as a Kubeflow Pipelines (v2) pipeline: compile, run locally, submit.", no_args_is_help=True
 )
-PACKAGE_OPT = typer.Option(Path("pipelines/deepfake_pipeline.yaml"), "--package", help="The compiled pipeline YAML.")
+PACKAGE_OPT = typer.Option(
+    None,
+    "--package",
+    help="The compiled pipeline YAML; default pipelines/deepfake_pipeline.yaml (with --monitor: "
+    "pipelines/monitor_and_retrain.yaml).",
+)
 PARAM_OPT = typer.Option(
     [], "--param", help="Override a params.yaml value for this run, e.g. --param train.lr=0.0005 (repeatable)."
 )
 
 
-def _pipeline_args(params_path: Path, overrides: list[str], **extra) -> dict:
+MONITOR_OPT = typer.Option(
+    False,
+    "--monitor",
+    help="The monitor-and-retrain pipeline (pipelines/monitor_and_retrain.yaml) instead of training.",
+)
+LOG_OPT = typer.Option(
+    None, "--prediction-log", help="With --monitor: the service's prediction log (a folder or s3://bucket/prefix)."
+)
+
+
+def _pipeline_args(params_path: Path, overrides: list[str], monitor: bool = False, **extra) -> dict:
     from .runner import arguments
 
     try:
         params = apply_overrides(_params(params_path), overrides)
     except ParamsError as exc:
         _fail(str(exc))
-    return arguments(params, **extra)
+    if monitor and not extra.get("prediction_log"):
+        _fail("--monitor needs --prediction-log (where the service logs its verdicts: serving.prediction_log)")
+    if not monitor:
+        extra.pop("prediction_log", None)
+    return arguments(params, monitor, **extra)
+
+
+def _package(package: Path | None, monitor: bool) -> Path:
+    package = package or Path("pipelines/monitor_and_retrain.yaml" if monitor else "pipelines/deepfake_pipeline.yaml")
+    if not package.exists():
+        _fail(
+            f"{package}: no compiled pipeline; run `dfdetect pipeline compile{' --monitor' if monitor else ''}` first"
+        )
+    return package
 
 
 @app.command("compile")
 def pipeline_compile(
-    out: Path = typer.Option(
-        Path("pipelines/deepfake_pipeline.yaml"), "--out", "-o", help="Where to write the IR YAML."
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Where to write the IR YAML; default pipelines/deepfake_pipeline.yaml (with --monitor: "
+        "pipelines/monitor_and_retrain.yaml).",
     ),
     image: Optional[str] = typer.Option(None, "--image", help="Container image of the components (built from infra/)."),
+    monitor: bool = MONITOR_OPT,
     params_path: Path = PARAMS_OPT,
 ):
     """Write the pipeline IR YAML that the Kubeflow UI uploads; parameter defaults come from params.yaml."""
     from .deepfake_pipeline import DEFAULT_IMAGE
-    from .runner import compile_pipeline
+    from .runner import COMPILED, COMPILED_MONITOR, compile_pipeline
 
-    typer.echo(str(compile_pipeline(_params(params_path), out, image or DEFAULT_IMAGE)))
+    out = out or (COMPILED_MONITOR if monitor else COMPILED)
+    typer.echo(str(compile_pipeline(_params(params_path), out, image or DEFAULT_IMAGE, monitor)))
 
 
 @app.command("run")
@@ -59,7 +93,7 @@ def pipeline_run(
     local: bool = typer.Option(
         False, "--local", help="Run here with kfp.local's SubprocessRunner (no Docker, no cluster)."
     ),
-    package: Path = PACKAGE_OPT,
+    package: Optional[Path] = PACKAGE_OPT,
     data_source: str = typer.Option(
         "dvc", "--data-source", help="'dvc' (the DVC remote at --dvc-rev) or a data folder."
     ),
@@ -69,6 +103,8 @@ def pipeline_run(
         None, "--tracking-uri", help="MLflow tracking URI for every step (default: as `dfdetect train`)."
     ),
     pipeline_root: Path = typer.Option(Path(".kfp"), "--pipeline-root", help="Where local runs keep their artifacts."),
+    monitor: bool = MONITOR_OPT,
+    prediction_log: Optional[str] = LOG_OPT,
     overrides: list[str] = PARAM_OPT,
     params_path: Path = PARAMS_OPT,
 ):
@@ -77,18 +113,19 @@ def pipeline_run(
 
     if not local:
         _fail("only --local runs here; use `dfdetect pipeline submit --host URL` for a cluster")
-    if not package.exists():
-        _fail(f"{package}: no compiled pipeline; run `dfdetect pipeline compile` first")
+    package = _package(package, monitor)
     uri = tracking_uri or default_uri(_params(params_path))
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # tasks run in other folders
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     args = _pipeline_args(
         params_path,
         overrides,
+        monitor,
         data_source=data_source,
         dvc_repo=str(dvc_repo.resolve()),
         dvc_rev=dvc_rev,
         tracking_uri=uri,
+        prediction_log=prediction_log,
     )
     try:
         run_dir = run_local(package, args, pipeline_root)
@@ -102,7 +139,7 @@ def pipeline_submit(
     host: str = typer.Option(
         ..., "--host", help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80."
     ),
-    package: Path = PACKAGE_OPT,
+    package: Optional[Path] = PACKAGE_OPT,
     experiment: str = typer.Option("dfdetect", "--experiment", help="KFP experiment (created if missing)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run name; default dfdetect-<timestamp>."),
     namespace: Optional[str] = typer.Option(
@@ -114,16 +151,24 @@ def pipeline_submit(
     dvc_rev: str = typer.Option("HEAD", "--dvc-rev", help="Git revision of the data version."),
     data_source: str = typer.Option("dvc", "--data-source", help="'dvc' or a folder the cluster's pods can read."),
     tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI reachable from the cluster."),
+    monitor: bool = MONITOR_OPT,
+    prediction_log: Optional[str] = LOG_OPT,
     overrides: list[str] = PARAM_OPT,
     params_path: Path = PARAMS_OPT,
 ):
     """Upload the compiled pipeline and start a run on a Kubeflow cluster."""
     from .runner import PipelineError, submit
 
-    if not package.exists():
-        _fail(f"{package}: no compiled pipeline; run `dfdetect pipeline compile` first")
+    package = _package(package, monitor)
     args = _pipeline_args(
-        params_path, overrides, data_source=data_source, dvc_repo=dvc_repo, dvc_rev=dvc_rev, tracking_uri=tracking_uri
+        params_path,
+        overrides,
+        monitor,
+        data_source=data_source,
+        dvc_repo=dvc_repo,
+        dvc_rev=dvc_rev,
+        tracking_uri=tracking_uri,
+        prediction_log=prediction_log,
     )
     try:
         typer.echo(json.dumps(submit(host, package, args, experiment, run_name, namespace)))

@@ -43,40 +43,48 @@ def build_pipeline(params: Params, image: str = DEFAULT_IMAGE):
         data = c.fetch_data(data_source=data_source, dvc_repo=dvc_repo, dvc_rev=dvc_rev)
         data.set_caching_options(False)  # the same revision name ("HEAD") can mean new data
         prepared = c.prepare(data=data.outputs["data"], prepare=prepare)
-        trained = c.train(
-            prepared=prepared.outputs["prepared"],
-            seed=seed,
-            model=model,
-            train=train,
-            mlflow=mlflow,
-            tracking_uri=tracking_uri,
+        train_to_promotion(
+            c, prepared, seed, model, train, evaluate, registry, promotion, mlflow, tracking_uri, register_min_roc_auc
         )
-        trained.set_cpu_request("2").set_memory_request("8G")
-        evaluated = c.evaluate(
-            prepared=prepared.outputs["prepared"],
-            model_dir=trained.outputs["model_dir"],
-            evaluate=evaluate,
-            mlflow=mlflow,
-            tracking_uri=tracking_uri,
-        )
-        with dsl.If(evaluated.outputs["Output"] >= register_min_roc_auc, name="good-enough-to-register"):
-            registered = c.register(
-                prepared=prepared.outputs["prepared"],
-                model_dir=trained.outputs["model_dir"],
-                evaluation=evaluated.outputs["evaluation"],
-                registry=registry,
-                mlflow=mlflow,
-                tracking_uri=tracking_uri,
-            )
-            registered.set_caching_options(False)  # registering is a side effect: never skip it
-            promoted = c.promote(
-                prepared=prepared.outputs["prepared"],
-                version=registered.output,
-                registry=registry,
-                promotion=promotion,
-                mlflow=mlflow,
-                tracking_uri=tracking_uri,
-            )
-            promoted.set_caching_options(False)
 
     return deepfake_pipeline
+
+
+def train_to_promotion(c, prepared, seed, model, train, evaluate, registry, promotion, mlflow, tracking_uri, min_auc):
+    """train -> evaluate -> (if the test ROC-AUC clears min_auc) register -> promote: the part every pipeline
+    that trains shares (this one, and monitor-and-retrain)."""
+    trained = c.train(
+        prepared=prepared.outputs["prepared"],
+        seed=seed,
+        model=model,
+        train=train,
+        mlflow=mlflow,
+        tracking_uri=tracking_uri,
+    )
+    trained.set_cpu_request("2").set_memory_request("8G")
+    evaluated = c.evaluate(
+        prepared=prepared.outputs["prepared"],
+        model_dir=trained.outputs["model_dir"],
+        evaluate=evaluate,
+        mlflow=mlflow,
+        tracking_uri=tracking_uri,
+    )
+    with dsl.If(evaluated.outputs["Output"] >= min_auc, name="good-enough-to-register"):
+        registered = c.register(
+            prepared=prepared.outputs["prepared"],
+            model_dir=trained.outputs["model_dir"],
+            evaluation=evaluated.outputs["evaluation"],
+            registry=registry,
+            mlflow=mlflow,
+            tracking_uri=tracking_uri,
+        )
+        registered.set_caching_options(False)  # registering is a side effect: never skip it
+        promoted = c.promote(
+            prepared=prepared.outputs["prepared"],
+            version=registered.output,
+            registry=registry,
+            promotion=promotion,
+            mlflow=mlflow,
+            tracking_uri=tracking_uri,
+        )
+        promoted.set_caching_options(False)

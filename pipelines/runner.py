@@ -15,29 +15,37 @@ from dfdetect.overrides import pipeline_sections
 from .deepfake_pipeline import DEFAULT_IMAGE, build_pipeline, min_roc_auc_to_register
 
 COMPILED = Path(__file__).with_name("deepfake_pipeline.yaml")
+COMPILED_MONITOR = Path(__file__).with_name("monitor_and_retrain.yaml")
 
 
 class PipelineError(RuntimeError):
     pass
 
 
-def compile_pipeline(params: Params, out: str | Path = COMPILED, image: str = DEFAULT_IMAGE) -> Path:
+def compile_pipeline(
+    params: Params, out: str | Path = COMPILED, image: str = DEFAULT_IMAGE, monitor: bool = False
+) -> Path:
+    """The training pipeline, or with `monitor` the monitor-and-retrain one, as the IR YAML the UI uploads."""
     from kfp import compiler
 
     from dfdetect.io_utils import atomic_write_text
 
+    from .monitor_pipeline import build_monitor_pipeline
+
     out = Path(out)
     tmp = out.with_name(f".{out.name}.compiling.yaml")
-    compiler.Compiler().compile(build_pipeline(params, image), str(tmp))
+    build = build_monitor_pipeline if monitor else build_pipeline
+    compiler.Compiler().compile(build(params, image), str(tmp))
     atomic_write_text(out, tmp.read_text())
     tmp.unlink()
     return out
 
 
-def arguments(params: Params, **pipeline_args) -> dict:
-    """Pipeline arguments: every params section, plus the data and tracking settings that are given."""
+def arguments(params: Params, monitor: bool = False, **pipeline_args) -> dict:
+    """Pipeline arguments: every params section the pipeline has, plus the data and tracking settings given."""
     args = pipeline_sections(params)
-    for section in ("sample_data", "serving"):  # not steps of the pipeline
+    # not parameters of the pipeline (monitor-and-retrain also reads the served alias and the monitor rule)
+    for section in ("sample_data",) if monitor else ("sample_data", "serving", "monitor"):
         args.pop(section)
     args["register_min_roc_auc"] = min_roc_auc_to_register(params)
     return {**args, **{k: v for k, v in pipeline_args.items() if v is not None}}
@@ -108,7 +116,7 @@ def run_outputs(run_dir: str | Path) -> dict:
     metrics = run_dir / "evaluate" / "evaluation" / "metrics.json"
     if metrics.exists():
         out["metrics"] = json.loads(metrics.read_text())
-    for task in ("register", "promote"):
+    for task in ("monitor", "export-feedback", "register", "promote"):
         executor = run_dir / task / "executor_output.json"
         if executor.exists():
             out[task] = json.loads(executor.read_text()).get("parameterValues", {}).get("Output")

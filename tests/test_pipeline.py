@@ -17,14 +17,29 @@ from pipelines.runner import PipelineError, check_host, compile_pipeline
 
 runner = CliRunner()
 COMMITTED = REPO / "pipelines" / "deepfake_pipeline.yaml"
+COMMITTED_MONITOR = REPO / "pipelines" / "monitor_and_retrain.yaml"
 
 
-def test_committed_yaml_is_up_to_date(tmp_path):
-    fresh = compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "p.yaml", DEFAULT_IMAGE)
+@pytest.mark.parametrize("monitor, committed", [(False, COMMITTED), (True, COMMITTED_MONITOR)])
+def test_committed_yaml_is_up_to_date(tmp_path, monitor, committed):
+    fresh = compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "p.yaml", DEFAULT_IMAGE, monitor)
     # Parsed, not as text: KFP's comment header lists dict defaults in no fixed order.
-    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(COMMITTED.read_text()), (
-        "stale: run `dfdetect pipeline compile` and commit pipelines/deepfake_pipeline.yaml"
+    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(committed.read_text()), (
+        f"stale: run `dfdetect pipeline compile{' --monitor' if monitor else ''}` and commit {committed.name}"
     )
+
+
+def test_monitor_pipeline_checks_first_and_retrains_only_under_its_condition(tmp_path):
+    spec = yaml.safe_load(
+        compile_pipeline(load_params(REPO / "params.yaml"), tmp_path / "m.yaml", DEFAULT_IMAGE, True).read_text()
+    )
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"monitor", "condition-1"}  # nothing but the check runs unless it says so
+    assert "monitor" in tasks["condition-1"]["dependentTasks"] and "triggerPolicy" in tasks["condition-1"]
+    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert {"export-feedback", "fetch-data", "prepare-with-feedback", "train", "evaluate"} <= set(inner)
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert "prediction_log" in defaults and defaults["monitor"]["defaultValue"]["drift_share"] == 0.5
 
 
 def test_compiled_pipeline_has_typed_steps_condition_and_params_defaults(tmp_path):
@@ -264,3 +279,74 @@ def test_a_failing_step_stops_the_run_names_it_and_registers_nothing(sample_root
     assert result.exit_code == 2
     assert "local pipeline run failed" in result.output and "'prepare'" in result.output
     assert mlflow.MlflowClient(uri).search_registered_models() == []
+
+
+def _log_from_reference(tracking_uri: str, model_name: str, folder, shift: bool) -> str:
+    """A prediction log of the champion's traffic: rows drawn from its own reference profile, or shifted
+    (darker, four times larger images, mostly called fake)."""
+    import mlflow
+    import numpy as np
+
+    from dfdetect.monitor import reference_of
+    from dfdetect.prediction_log import FolderStore, PredictionLog, now_iso
+
+    client = mlflow.MlflowClient(tracking_uri)
+    champion = client.get_model_version_by_alias(model_name, "champion")
+    rows = reference_of(client, champion.run_id)["rows"]
+    rng = np.random.default_rng(0)
+    log = PredictionLog(FolderStore(folder), flush_lines=1000, flush_seconds=60)
+    for i, k in enumerate(rng.integers(0, len(rows), 40)):
+        row = dict(rows[k])
+        if shift:
+            row.update(brightness=row["brightness"] * 0.3, width=row["width"] * 4, height=row["height"] * 4)
+            row.update(verdict="fake", fake_probability=0.97)
+        log.record({**row, "request_id": f"{i:032x}", "time": now_iso(), "model_version": f"{model_name}/1"})
+    log.close()
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_local_monitor_and_retrain_registers_a_challenger_on_drift_and_nothing_without(
+    sample_root, tmp_path, monkeypatch
+):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = _small_params(tmp_path, floors={})
+    base = [
+        "--data-source",
+        str(sample_root),
+        "--tracking-uri",
+        uri,
+        "-p",
+        str(params),
+        "--param",
+        "promotion.floors={}",
+    ]
+    first = runner.invoke(
+        app,
+        ["pipeline", "run", "--local", "--package", str(COMMITTED), "--pipeline-root", str(tmp_path / "root"), *base],
+        catch_exceptions=False,
+    )
+    assert first.exit_code == 0 and last_json(first.output)["promote"] == "promoted", first.output
+    client = mlflow.MlflowClient(uri)
+
+    def monitor_run(log: str) -> dict:
+        result = runner.invoke(
+            app,
+            ["pipeline", "run", "--local", "--monitor", "--package", str(COMMITTED_MONITOR), "--prediction-log", log]
+            + ["--pipeline-root", str(tmp_path / "m")]
+            + [*base, "--param", "monitor.min_items=10"],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        return last_json(result.output)
+
+    quiet = monitor_run(_log_from_reference(uri, "dfdetect-detector", tmp_path / "quiet", shift=False))
+    assert quiet["monitor"] is False and "register" not in quiet
+    assert [str(v.version) for v in client.search_model_versions("name='dfdetect-detector'")] == ["1"]
+    drifted = monitor_run(_log_from_reference(uri, "dfdetect-detector", tmp_path / "drifted", shift=True))
+    assert drifted["monitor"] is True and drifted["export-feedback"] == 0 and drifted["register"] == "2"
+    assert {str(v.version) for v in client.search_model_versions("name='dfdetect-detector'")} == {"1", "2"}
+    assert drifted["promote"] in ("promoted", "rejected")  # the usual gate decided

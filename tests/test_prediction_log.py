@@ -193,3 +193,27 @@ def test_export_with_dvc_is_pulled_by_a_fresh_clone(tmp_path):
     sh(*dvc, "pull", cwd=clone)
     assert (clone / "feedback" / "fake" / f"{'cd' * 32}.jpg").read_bytes() == b"kept image"
     assert json.loads((clone / "feedback" / "manifest.json").read_text())["reviewers"] == ["ana"]
+
+
+def test_reviewed_data_joins_the_training_mixture_only_when_it_has_images(tmp_path, sample_root):
+    from conftest import small_params
+
+    from dfdetect.feedback_export import with_feedback_source
+    from dfdetect.prepare import prepare
+    from dfdetect.sample_data import generate
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = small_params().prepare
+    assert with_feedback_source(base, empty) == base  # nothing reviewed yet: the data alone
+    reviewed = tmp_path / "reviewed"  # as an export lays it out: {real,fake}/, other images than the data's
+    generate(tmp_path / "uploads", {"train": 10}, size=64, seed=99)
+    for label in ("real", "fake"):
+        (reviewed / label).mkdir(parents=True)
+        for path in (tmp_path / "uploads" / "train" / label).iterdir():
+            (reviewed / label / path.name).write_bytes(path.read_bytes())
+    mixed = with_feedback_source(base, reviewed)
+    assert [s.label for s in mixed.sources] == ["feedback"]
+    prepare(sample_root, tmp_path / "prepared", mixed)
+    manifest = (tmp_path / "prepared" / "manifest.csv").read_text()
+    assert manifest.count("feedback,") >= 20  # every reviewed image is in the mixture, named by its source

@@ -5,14 +5,18 @@ with DVC (`dvc add` + `dvc push`)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from .config import PrepareParams, SourceParams
 from .io_utils import atomic_write_bytes, atomic_write_json
 from .prediction_log import now_iso, open_store, read_entries, read_feedback
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
@@ -76,6 +80,25 @@ def export_feedback(log_uri: str, out: str | Path, dvc: bool = False) -> dict:
         _dvc("add", out)
         _dvc("push", out.with_name(out.name + ".dvc"))
     return manifest
+
+
+def export_feedback_or_nothing(log_uri: str, out: str | Path) -> int:
+    """The export for a pipeline step: how many items, or 0 and an empty folder when none was reviewed yet."""
+    try:
+        return export_feedback(log_uri, out)["count"]
+    except ExportError as exc:
+        log.info("no reviewed data set: %s", exc)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return 0
+
+
+def with_feedback_source(prepare: PrepareParams, folder: str | Path) -> PrepareParams:
+    """prepare params with the exported reviews as one more mixture source named `feedback`, when the folder
+    holds any image (a first run, with nothing reviewed yet, trains on the data alone)."""
+    if not any(p.is_file() and p.name != "manifest.json" for p in Path(folder).rglob("*")):
+        return prepare
+    source = SourceParams(path=str(folder), name="feedback")
+    return prepare.model_copy(update={"sources": [*prepare.sources, source]})
 
 
 def _replace(new: Path, out: Path) -> None:
