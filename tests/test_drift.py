@@ -51,3 +51,41 @@ def test_only_columns_both_sides_have_are_compared_and_nothing_to_compare_is_an_
 def test_brightness_is_the_mean_pixel_of_each_input():
     images = np.stack([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)])
     assert list(brightness(images)) == [0.0, 1.0]
+
+
+def test_embedding_drift_is_a_classifier_telling_the_two_apart():
+    from dfdetect.drift import embedding_drift
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, (200, 16))
+    same = embedding_drift(reference, rng.normal(0, 1, (100, 16)))
+    moved = embedding_drift(reference, rng.normal(0.8, 1, (100, 16)))
+    assert same["drifted"] is False and same["classifier_auc"] < 0.65
+    assert moved["drifted"] is True and moved["classifier_auc"] > 0.8
+    assert embedding_drift(reference, reference[:3])["classifier_auc"] is None  # too few to judge
+
+
+def test_embeddings_are_the_models_penultimate_features_projected_and_count_as_a_column(tmp_path):
+    import torch
+
+    from dfdetect.config import ModelParams
+    from dfdetect.drift import EMBEDDING_DIMS, embed
+    from dfdetect.models import create_model
+    from dfdetect.preprocessing import PreprocessConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelParams(name="custom_cnn", pretrained=False))
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    model.train()
+    vectors = embed(model, images, PreprocessConfig(32))
+    assert model.training  # scored in eval mode, handed back as it came
+    assert vectors.shape == (6, EMBEDDING_DIMS) and np.allclose(vectors, embed(model, images, PreprocessConfig(32)))
+    reference = {
+        "rows": [
+            {**r, "embedding": list(v)} for r, v in zip(rows(40, 0), np.random.default_rng(1).normal(0, 1, (40, 16)))
+        ]
+    }
+    summary = check_drift(reference, rows(40, 1), 0.5, tmp_path, np.random.default_rng(2).normal(3, 1, (40, 16)))
+    assert summary["columns"]["embeddings"]["drifted"] is True
+    moved = sum(c["drifted"] for c in summary["columns"].values())
+    assert summary["drift_share"] == pytest.approx(moved / 6, abs=1e-6)  # the embeddings are a sixth column

@@ -146,6 +146,7 @@ def test_monitor_reports_drift_on_shifted_uploads_and_not_on_the_evaluated_distr
     since, _ = window([p.read_bytes() for p in tests])  # what the model was evaluated on
     same = monitor(parse_params(raw), LOG, tmp_path / "same", since=since)
     assert same["drifted"] is False and same["n_current"] == len(tests), same
+    assert same["columns"]["embeddings"]["drifted"] is False  # the kept images, embedded by the served model
     since, _ = window([_darker_and_larger(p.read_bytes()) for p in tests])
     shown = subprocess.run(
         [str(BIN / "dfdetect"), "monitor", "--log", LOG, "--since", since, "--out", str(tmp_path / "shifted")]
@@ -157,6 +158,7 @@ def test_monitor_reports_drift_on_shifted_uploads_and_not_on_the_evaluated_distr
     assert shown.returncode == 1, shown.stdout + shown.stderr  # 1: drift, the loop should retrain
     summary = json.loads(shown.stdout)
     assert summary["drifted"] and summary["columns"]["brightness"]["drifted"] and summary["columns"]["width"]["drifted"]
+    assert summary["columns"]["embeddings"]["drifted"] is True, summary["columns"]["embeddings"]
     assert (tmp_path / "shifted" / "drift.html").stat().st_size > 0
     client = registry.client_for(parse_params(raw))
     run = client.get_run(summary["mlflow_run_id"])  # logged under the served version

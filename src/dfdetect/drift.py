@@ -5,7 +5,10 @@ per image of the evaluated split, P(fake), the verdict at the model's threshold,
 and the brightness of the model's input. The service logs the same columns for every upload
 (dfdetect.prediction_log), plus the JPEG quality where it can be read. `check_drift` compares a window of the
 log with the profile column by column with Evidently (Kolmogorov-Smirnov for numbers, a z-test for the verdict
-rate) and calls it drift when at least `drift_share` of the columns moved."""
+rate) and calls it drift when at least `drift_share` of the columns moved. Where the service kept the images
+(serving.log_inputs), the model's own embeddings count as one more column: a classifier that tells the
+reference's embeddings from the window's (cross-validated ROC-AUC) is the test, as Evidently's model-based
+embedding drift does."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ REFERENCE_ARTIFACT = "evaluation/reference_profile.json"
 NUMERIC = ["fake_probability", "width", "height", "brightness", "jpeg_quality"]
 CATEGORICAL = ["verdict"]
 MAX_REFERENCE_ROWS = 5000
+EMBEDDING_DIMS = 16  # the penultimate features, projected: small enough to store with the profile
+EMBEDDING_AUC = 0.65  # a domain classifier this good at telling the two apart: the embeddings moved
 
 
 class DriftError(RuntimeError):
@@ -47,8 +52,64 @@ def jpeg_quality(img) -> int | None:
     return int(np.clip(round(quality), 1, 100))
 
 
-def reference_profile(prepared_dir: Path, relpaths: list[str], images: np.ndarray, scores, threshold: float) -> dict:
-    """The evaluated split as the drift check's reference (at most MAX_REFERENCE_ROWS images, seeded sample)."""
+def embed(module, images: np.ndarray, preprocess, batch_size: int = 64) -> np.ndarray:
+    """The model's penultimate features (the input of its last linear layer) of N x S x S x 3 uint8 images,
+    projected to EMBEDDING_DIMS by a fixed random matrix (seeded by the feature width, so reference and window
+    are projected alike without storing it)."""
+    import torch
+    from torch import nn
+
+    from .preprocessing import normalize
+
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    captured = []
+    hook = last.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
+    was_training, device = module.training, next(module.parameters()).device
+    module.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+                module(normalize(x.to(device), preprocess))
+    finally:
+        hook.remove()
+        module.train(was_training)
+    features = torch.cat(captured).numpy().astype(np.float64)
+    rng = np.random.default_rng(features.shape[1])
+    projection = rng.normal(size=(features.shape[1], EMBEDDING_DIMS)) / np.sqrt(features.shape[1])
+    return features @ projection
+
+
+def embedding_drift(reference: np.ndarray, current: np.ndarray) -> dict:
+    """Can a classifier tell the window's embeddings from the reference's? Cross-validated ROC-AUC of a logistic
+    regression on equal numbers of each (0.5: indistinguishable); drift at EMBEDDING_AUC or more."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n = min(len(reference), len(current))
+    if n < 5:
+        return {"classifier_auc": None, "drifted": False, "note": f"{n} embedded images: too few to judge"}
+    rng = np.random.default_rng(0)
+    x = np.vstack(
+        [reference[rng.choice(len(reference), n, replace=False)], current[rng.choice(len(current), n, replace=False)]]
+    )
+    y = np.r_[np.zeros(n), np.ones(n)]
+    folds = min(5, n)
+    auc = float(
+        np.mean(
+            cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()), x, y, cv=folds, scoring="roc_auc")
+        )
+    )
+    return {"classifier_auc": round(auc, 6), "drifted": auc >= EMBEDDING_AUC, "n": n}
+
+
+def reference_profile(
+    prepared_dir: Path, relpaths: list[str], images: np.ndarray, scores, threshold: float, embeddings=None
+) -> dict:
+    """The evaluated split as the drift check's reference (at most MAX_REFERENCE_ROWS images, seeded sample);
+    `embeddings(images) -> N x EMBEDDING_DIMS` adds the model's embeddings of the sampled images."""
     sizes = {}
     manifest = Path(prepared_dir) / "manifest.csv"
     if manifest.exists():
@@ -58,6 +119,7 @@ def reference_profile(prepared_dir: Path, relpaths: list[str], images: np.ndarra
     if len(pick) > MAX_REFERENCE_ROWS:
         pick = np.sort(np.random.default_rng(0).choice(pick, MAX_REFERENCE_ROWS, replace=False))
     light = brightness(images[pick])
+    vectors = embeddings(images[pick]) if embeddings else None
     rows = []
     for k, i in enumerate(pick):
         w, h = sizes.get(relpaths[i], (None, None))
@@ -68,6 +130,7 @@ def reference_profile(prepared_dir: Path, relpaths: list[str], images: np.ndarra
                 "width": int(w) if w else None,
                 "height": int(h) if h else None,
                 "brightness": round(float(light[k]), 6),
+                **({"embedding": [round(float(v), 5) for v in vectors[k]]} if vectors is not None else {}),
             }
         )
     return {"threshold": float(threshold), "n": len(relpaths), "rows": rows}
@@ -90,10 +153,17 @@ def comparable_columns(reference: list[dict], current: list[dict]) -> tuple[list
     return numeric, categorical
 
 
-def check_drift(reference: dict, current: list[dict], drift_share: float, out_dir: str | Path) -> dict:
+def check_drift(
+    reference: dict,
+    current: list[dict],
+    drift_share: float,
+    out_dir: str | Path,
+    current_embeddings: np.ndarray | None = None,
+) -> dict:
     """Evidently's drift report of `current` (log entries) against the reference profile: drift.html and
     drift.json in `out_dir`, and the summary returned (drifted or not, the share of drifted columns, each
-    column's p-value)."""
+    column's p-value); with `current_embeddings` (of kept images) and a profile that has them, the embeddings
+    count as one more column."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -125,6 +195,12 @@ def check_drift(reference: dict, current: list[dict], drift_share: float, out_di
             per_column[column] = {"p_value": float(value), "drifted": float(value) < threshold}
     if share is None:
         raise DriftError("Evidently's report has no drifted-columns share (another Evidently version?)")
+    reference_embeddings = [r["embedding"] for r in ref_rows if r.get("embedding")]
+    if current_embeddings is not None and len(current_embeddings) and reference_embeddings:
+        moved = embedding_drift(np.asarray(reference_embeddings), np.asarray(current_embeddings))
+        per_column["embeddings"] = moved
+        if moved["classifier_auc"] is not None:  # one more column in the share
+            share = (share * len(columns) + float(moved["drifted"])) / (len(columns) + 1)
     summary = {
         "drifted": share >= drift_share,
         "drift_share": round(share, 6),

@@ -59,7 +59,9 @@ def monitor(
         summary.update(drifted=False, note=f"{len(current)} verdicts logged: fewer than monitor.min_items")
         summary["n_current"] = len(current)
     else:
-        summary.update(check_drift(reference_of(client, mv.run_id), current, rule.drift_share, out_dir))
+        reference = reference_of(client, mv.run_id)
+        vectors = kept_embeddings(client, name, str(mv.version), store, current)
+        summary.update(check_drift(reference, current, rule.drift_share, out_dir, vectors))
     summary["reviewed"] = len(reviewed)
     summary["retrain"] = bool(summary["drifted"] or len(reviewed) >= rule.retrain_min_reviews)
     atomic_write_json(out_dir / "summary.json", summary)
@@ -67,6 +69,29 @@ def monitor(
         summary["mlflow_run_id"] = _log(params, client, mv, summary, out_dir)
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def kept_embeddings(client, name: str, version: str, store, entries: list[dict]):
+    """The served model's embeddings of the window's kept images (serving.log_inputs), scored as the service
+    saw them; None when no image was kept. Uploads the service face-cropped (a `face` in the entry) are left
+    out: the log keeps the whole upload, not the crop."""
+    import numpy as np
+
+    from .drift import embed
+    from .preprocessing import decode_image, resize_square
+    from .registry import load_version
+
+    kept = [e for e in entries if e.get("input") and not e.get("face")]
+    if not kept:
+        return None
+    loaded = load_version(client, name, version)
+    size, images = loaded.preprocess.image_size, []
+    for entry in kept:
+        try:
+            images.append(resize_square(decode_image(store.get(entry["input"]), entry["input"]), size))
+        except Exception as exc:  # a kept file gone or bad (folder or S3 errors alike): left out, and said
+            log.warning("kept input %s left out of the embeddings: %s", entry["input"], exc)
+    return embed(loaded.model, np.stack(images), loaded.preprocess) if images else None
 
 
 def _log(params: Params, client, mv, summary: dict, out_dir: Path) -> str:
