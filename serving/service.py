@@ -12,6 +12,7 @@ import functools
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
 import re
@@ -529,8 +530,6 @@ REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}(-\d{1,4})?")
 
 def feedback_fields(body: bytes) -> dict:
     """The review JSON, or a 400 naming the field and what was expected."""
-    import json
-
     try:
         raw = json.loads(body)
     except ValueError:

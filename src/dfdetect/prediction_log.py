@@ -72,7 +72,8 @@ class S3Store:
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-        self.client = boto3.client("s3", endpoint_url=endpoint)
+        # a session of its own: boto3's default one keeps the credentials it first found in the environment
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -181,7 +182,8 @@ class PredictionLog:
         day = batch[0]["time"][:10]
         self._files += 1
         name = f"{PREDICTIONS}/{day}/{PREDICTIONS}-{stamp}-{os.getpid()}-{self._files:06d}{LOG_SUFFIX}"
-        data = gzip.compress(("\n".join(json.dumps(e, sort_keys=True) for e in batch) + "\n").encode())
+        lines = "\n".join(json.dumps(e, sort_keys=True) for e in batch) + "\n"
+        data = gzip.compress(lines.encode(), compresslevel=6)  # 9, the default, costs CPU the service shares
         try:
             self.store.put(name, data)
         except Exception:  # the log must never take the service down; the loss is counted and logged
