@@ -321,7 +321,8 @@ class Detector:
         """Bytes -> the model's S x S x 3 input, the face box with serving.face_crop, the file's content
         credentials with serving.content_credentials (C2PA, checked offline) and its hash; in a thread."""
         img = decode_image(data, name, **IMAGE_LIMITS)
-        stats = {"width": img.width, "height": img.height, "jpeg_quality": header_jpeg_quality(data)}
+        logged = SERVING.prediction_log is not None  # the hash and statistics are for the log alone
+        stats = {"width": img.width, "height": img.height, "jpeg_quality": header_jpeg_quality(data)} if logged else {}
         credentials = check_content_credentials(data) if SERVING.content_credentials else None
         face = None
         if self.faces:
@@ -336,13 +337,14 @@ class Detector:
             resize_square(img, size),
             face,
             credentials,
-            hashlib.sha256(data).hexdigest(),
+            hashlib.sha256(data).hexdigest() if logged else "",
             len(data),
             EXTENSIONS.get(guess_mime_type(data) or "", ".bin"),
             data if SERVING.log_inputs else None,
             stats,
         )
-        decoded.stats["brightness"] = round(float(brightness(decoded.array[None])[0]), 6)
+        if logged:
+            decoded.stats["brightness"] = round(float(brightness(decoded.array[None])[0]), 6)
         return decoded
 
     async def _score(self, images: np.ndarray) -> list[Scored]:
