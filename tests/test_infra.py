@@ -24,7 +24,7 @@ from dfdetect.config import load_params
 INFRA = REPO / "infra"
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests promise to work on (autoscaling/v2, policy/v1)
-OVERLAYS = ["base", "overlays/gpu"]
+OVERLAYS = ["base", "overlays/gpu", "overlays/tuning"]
 
 
 def tool(name: str) -> str:
@@ -46,6 +46,8 @@ def pod_specs(objects: list[dict]):
         if obj["kind"] == "PyTorchJob":
             for role, replica in spec["pytorchReplicaSpecs"].items():
                 yield f"PyTorchJob/{obj['metadata']['name']}/{role}", replica["template"]
+        elif obj["kind"] == "Experiment":  # Katib: each trial is the Job of the trial template
+            yield f"Experiment/{obj['metadata']['name']}/trial", spec["trialTemplate"]["trialSpec"]["spec"]["template"]
         elif "template" in spec and obj["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
             yield f"{obj['kind']}/{obj['metadata']['name']}", spec["template"]
 
@@ -84,7 +86,81 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered):
                 }
                 kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
             continue
+        if obj["kind"] == "Experiment":
+            validate_katib_experiment(obj)
+            continue
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _dropped(raw, parsed, path="") -> list[str]:
+    """Keys of `raw` that did not survive parsing into the typed models (misspelt or unknown fields)."""
+    if isinstance(raw, dict):
+        return [
+            p
+            for k, v in raw.items()
+            for p in ([f"{path}.{k}"] if k not in parsed else _dropped(v, parsed[k], f"{path}.{k}"))
+        ]
+    if isinstance(raw, list):
+        return [p for i, (a, b) in enumerate(zip(raw, parsed)) for p in _dropped(a, b, f"{path}[{i}]")]
+    return []
+
+
+def validate_katib_experiment(obj: dict) -> None:
+    """A Katib Experiment against the typed models of Katib's API package (kubeflow-katib-api: strict field
+    types; an unknown or misspelt field is one the round trip drops), and its trial Job against Kubernetes'."""
+    from kubeflow_katib_api.models import V1beta1Experiment
+
+    assert obj["apiVersion"] == "kubeflow.org/v1beta1"
+    spec = {k: v for k, v in obj["spec"].items()}
+    trial_spec = spec["trialTemplate"]["trialSpec"]
+    parsed = V1beta1Experiment.from_dict(obj).to_dict()
+    lost = [p for p in _dropped(obj, parsed) if not p.startswith(".spec.trialTemplate.trialSpec.")]
+    assert not lost, f"fields Katib's API does not have: {lost}"
+    assert spec["objective"]["type"] in ("maximize", "minimize")
+    for p in spec["parameters"]:
+        assert p["parameterType"] in ("double", "int", "categorical", "discrete"), p
+    kubernetes_validate.validate(trial_spec, K8S_VERSION, strict=True)
+
+
+def test_the_experiment_validator_bites():
+    experiment = next(o for o in render("overlays/tuning") if o["kind"] == "Experiment")
+    experiment["spec"]["objective"]["objectiveMetricNmae"] = "val_auc"
+    with pytest.raises(AssertionError, match="objectiveMetricNmae"):
+        validate_katib_experiment(experiment)
+    experiment = next(o for o in render("overlays/tuning") if o["kind"] == "Experiment")
+    experiment["spec"]["maxTrialCount"] = "12"  # a string where Katib takes an integer
+    with pytest.raises(Exception):
+        validate_katib_experiment(experiment)
+
+
+def _camel(key: str) -> str:
+    parts = re.split(r"[._]", key)
+    return parts[0] + "".join(p.capitalize() for p in parts[1:])
+
+
+def test_the_katib_experiment_searches_params_tune_space():
+    """The cluster's search is the one `dfdetect tune` runs: each dimension of the cluster params' tune.space
+    is a Katib parameter with the same range and scale, and the trial passes it to `dfdetect tune-trial --set`."""
+    space = load_params(INFRA / "k8s" / "base" / "params.yaml").tune.space
+    assert space == load_params(REPO / "params.yaml").tune.space, "the cluster searches the default space"
+    experiment = next(o for o in render("overlays/tuning") if o["kind"] == "Experiment")
+    parameters = {p["name"]: p for p in experiment["spec"]["parameters"]}
+    args = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "tune-trial"
+    sets = dict(a.split("=", 1) for a in args if "=${trialParameters." in a)
+    assert set(sets) == set(space)
+    for key, dim in space.items():
+        katib = parameters[_camel(key)]
+        assert sets[key] == f"${{trialParameters.{_camel(key)}}}"
+        kind = {"float": "double", "int": "int", "categorical": "categorical"}[dim.type]
+        assert katib["parameterType"] == kind, key
+        if dim.type == "categorical":
+            assert katib["feasibleSpace"]["list"] == [str(c) for c in dim.choices], key
+        else:
+            assert (float(katib["feasibleSpace"]["min"]), float(katib["feasibleSpace"]["max"])) == (dim.low, dim.high)
+            assert (katib["feasibleSpace"].get("distribution") == "logUniform") == dim.log, key
+    template = {t["name"]: t["reference"] for t in experiment["spec"]["trialTemplate"]["trialParameters"]}
+    assert template == {n: n for n in parameters}
 
 
 def test_a_broken_manifest_fails_validation():
@@ -221,7 +297,7 @@ def _option_exists(argv: list[str]) -> list[str]:
 
 def test_commands_in_the_manifests_and_compose_use_real_options():
     missing = []
-    for owner, argv in _commands(render("base")):
+    for owner, argv in _commands(render("base") + render("overlays/tuning")):
         missing += [(owner, o) for o in _option_exists(argv)]
     compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
     for name, svc in compose["services"].items():

@@ -35,6 +35,7 @@ class TrainedModel:
     calibration: dict | None = None  # temperature and validation ECE before / after, when calibrated
     provenance: dict = field(default_factory=dict)  # e.g. best_epoch, val_auc of the run that trained it
     operating_point: dict | None = None  # the threshold's policy and its validation rates (operating_point.choose)
+    lineage: dict = field(default_factory=dict)  # e.g. {"pruned": {...}, "distilled_from": [...]}
 
     @property
     def architecture(self) -> str:
@@ -55,6 +56,7 @@ class TrainedModel:
             state.get("calibration"),
             provenance,
             state.get("operating_point"),
+            dict(state.get("lineage") or {}),
         )
 
     @classmethod
@@ -73,6 +75,7 @@ class TrainedModel:
             "threshold": float(self.threshold),
             "calibration": self.calibration,
             "operating_point": self.operating_point,
+            "lineage": self.lineage,
             **self.provenance,
         }
 

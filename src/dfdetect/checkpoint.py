@@ -49,6 +49,10 @@ def model_from_state(state: dict) -> tuple[nn.Module, PreprocessConfig]:
     model = create_model(params)
     weights = dict(state["state_dict"])
     weights.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration
+    if (state.get("lineage") or {}).get("pruned"):  # fewer channels than the architecture's: take the file's
+        from .models.resize import resize_to
+
+        resize_to(model, weights)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -351,33 +351,39 @@ def export_cmd(
         None, "--model", help="A registry alias or version instead of --checkpoint (e.g. champion)."
     ),
     out: Path = typer.Option(
-        Path("exports"), "--out", "-o", help="Folder for model.onnx, model.int8.onnx and export.json."
+        Path("exports"),
+        "--out",
+        "-o",
+        help="Folder for model.onnx, model.int8.onnx, model.int8-static.onnx and export.json.",
     ),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write a dynamically quantised int8 model."),
+    int8_static: bool = typer.Option(
+        False,
+        "--int8-static",
+        help="Also write a statically quantised int8 model (activation ranges from --calibration's images).",
+    ),
+    calibration: Path = typer.Option(
+        Path("prepared"), "--calibration", help="Prepared data (`dfdetect prepare`) whose val split calibrates."
+    ),
+    calibration_images: int = typer.Option(
+        256, "--calibration-images", min=1, help="How many of its images (a fixed sample of both classes)."
+    ),
     params_path: Path = PARAMS_OPT,
 ):
-    """Export to ONNX (fp32 and int8) and report the largest probability difference from eager PyTorch."""
+    """Export to ONNX (fp32, int8; static int8 on request) and report each one's largest probability
+    difference from eager PyTorch."""
+    from .data import DatasetError
+    from .export import calibration_images as calibration_batch
     from .export import export
+    from .model_source import load_trained
 
     try:
-        if model_ref:
-            from .registry import load
-
-            loaded = load(model_ref, params=_params(params_path))
-            model, pre, threshold, source = (
-                loaded.model,
-                loaded.preprocess,
-                loaded.threshold,
-                f"{loaded.name}/{loaded.version}",
-            )
-        else:
-            from .artifact import TrainedModel
-
-            trained = TrainedModel.load(checkpoint)
-            model, pre, threshold, source = trained.module, trained.preprocess, trained.threshold, str(checkpoint)
-    except _registry_errors() as exc:
+        trained, source = load_trained(model_ref or checkpoint, _params(params_path))
+        images = calibration_batch(calibration, trained.preprocess, calibration_images) if int8_static else None
+    except (*_registry_errors(), DatasetError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(json.dumps(export(model, pre, threshold, out, int8, source), indent=2))
+    report = export(trained.module, trained.preprocess, trained.threshold, out, int8, source, images)
+    typer.echo(json.dumps(report, indent=2))
 
 
 @app.command("package")
@@ -556,6 +562,18 @@ def _add_audit_commands() -> None:
 
 
 _add_audit_commands()
+
+
+def _add_search_commands() -> None:
+    from .cli_search import distill_command, prune_command, tune_command, tune_trial_command
+
+    app.command("tune")(tune_command)
+    app.command("tune-trial")(tune_trial_command)
+    app.command("distill")(distill_command)
+    app.command("prune")(prune_command)
+
+
+_add_search_commands()
 
 
 def _interrupt(*_):

@@ -178,6 +178,13 @@ class ModelParams(Section):
         False,
         description="add a small CNN on fixed high-pass residuals of the image, whose logit is added to the backbone's",
     )
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        le=1024,
+        description="the model's input side; null: prepare.image_size. Smaller: each image is downscaled from the "
+        "prepared cache (a cheaper model, e.g. a distilled student), and served at this size",
+    )
 
 
 class AugmentParams(Section):
@@ -560,6 +567,90 @@ class MonitorParams(Section):
     )
 
 
+# What `dfdetect tune` may vary: keys of these sections are applied per trial on the same prepared data
+# (prepare.* would need another prepare, seed would compare luck, not recipes).
+TUNABLE_SECTIONS = ("model", "train")
+
+
+class SearchDimension(Section):
+    """One axis of the search space: a float or int range (optionally on a log scale) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float | int | categorical")
+    low: float | None = Field(None, description="smallest value (float, int)")
+    high: float | None = Field(None, description="largest value (float, int)")
+    log: bool = Field(False, description="sample on a log scale (float, int; low > 0)")
+    step: float | None = Field(None, gt=0, description="only multiples of this from low (float, int)")
+    choices: list[Union[str, int, float, bool]] | None = Field(None, description="the values to choose from")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs choices: [a, b, ...]")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical dimension takes choices, not low/high")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} dimension takes low and high, not choices")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: true needs low > 0 and no step")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("an int dimension needs whole low and high")
+        return self
+
+
+class TuneParams(Section):
+    """`dfdetect tune`: an Optuna study over `space` (dfdetect.tune)."""
+
+    space: dict[str, SearchDimension] = Field(
+        default_factory=dict,
+        description="parameter (dotted, in model or train) -> its range or choices; trial 0 is params.yaml's recipe",
+    )
+    objective: Literal["val_auc", "suite_mean"] = Field(
+        "val_auc",
+        description="val_auc: the validation ROC-AUC of the trial's best epoch; suite_mean: its mean with the "
+        "ROC-AUC on each evaluate.datasets set that has both classes",
+    )
+    epochs: int | None = Field(None, ge=1, le=10_000, description="epochs per trial (default: train.epochs)")
+    study: str = Field("dfdetect", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="study name")
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL (postgresql+psycopg2://..., sqlite:///...); default: $DFDETECT_TUNE_STORAGE, "
+        "else beside a database tracking URI (its server, database <name>_optuna), else sqlite:///optuna.db",
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="how trials are proposed")
+    pruner_startup_trials: int = Field(
+        2, ge=0, description="finished trials before the median pruner stops anyone (it needs a median)"
+    )
+    pruner_warmup_epochs: int = Field(1, ge=0, description="epochs every trial runs before it may be stopped")
+
+    @field_validator("space")
+    @classmethod
+    def _tunable_keys(cls, value):
+        for key in value:
+            if key.split(".")[0] not in TUNABLE_SECTIONS or "." not in key:
+                raise ValueError(
+                    f"{key}: only keys of {', '.join(TUNABLE_SECTIONS)} can be tuned on one prepared data set "
+                    "(e.g. train.lr, model.dropout)"
+                )
+        return value
+
+
+class DistillParams(Section):
+    """`dfdetect distill`: the student learns from its labels and from a teacher's soft P(fake)."""
+
+    teachers: list[str] = Field(
+        default_factory=list,
+        description="registry aliases or versions, or checkpoint files; several: the mean of their P(fake)",
+    )
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the teacher's soft targets (1 - alpha: labels)")
+    temperature: float = Field(
+        2.0, gt=0.0, le=20.0, description="both logits are divided by it before the soft loss (Hinton et al.)"
+    )
+
+
 class Params(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     sample_data: SampleDataParams = SampleDataParams()
@@ -571,6 +662,8 @@ class Params(Section):
     promotion: PromotionParams = PromotionParams()
     serving: ServingParams = ServingParams()
     monitor: MonitorParams = MonitorParams()
+    tune: TuneParams = TuneParams()
+    distill: DistillParams = DistillParams()
     mlflow: MlflowParams = MlflowParams()
 
 

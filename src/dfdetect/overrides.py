@@ -7,7 +7,21 @@ import yaml
 
 from .config import Params, ParamsError, parse_params
 
-SECTIONS = ("seed", "sample_data", "prepare", "model", "train", "evaluate", "registry", "promotion", "mlflow")
+SECTIONS = (
+    "seed",
+    "sample_data",
+    "prepare",
+    "model",
+    "train",
+    "evaluate",
+    "registry",
+    "promotion",
+    "serving",
+    "monitor",
+    "tune",
+    "distill",
+    "mlflow",
+)
 
 
 def params_from(sections: dict) -> Params:

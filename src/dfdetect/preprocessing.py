@@ -134,8 +134,18 @@ def standardize(batch01: torch.Tensor, cfg: PreprocessConfig, inplace: bool = Fa
 
 
 def normalize(batch_uint8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 NCHW -> float NCHW normalised with the stored mean and std."""
-    return standardize(batch_uint8.float() / 255.0, cfg)
+    """uint8 NCHW -> float NCHW normalised with the stored mean and std, at the model's size (images cached
+    larger than a model takes, model.image_size, are downscaled here)."""
+    return standardize(to_size(batch_uint8.float() / 255.0, cfg.image_size), cfg)
+
+
+def to_size(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """A float NCHW batch at size x size: unchanged when it is, else resized (antialiased, like PIL's filters)."""
+    if batch.shape[-1] == size and batch.shape[-2] == size:
+        return batch
+    return torch.nn.functional.interpolate(
+        batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def to_model_input(images: list[Image.Image] | list[np.ndarray], cfg: PreprocessConfig) -> torch.Tensor:

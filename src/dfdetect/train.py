@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint, distributed, operating_point, runtime, tracking
 from .artifact import TrainedModel
 from .augment import augment_batch, recompress
-from .config import AugmentParams, Params
+from .config import AugmentParams, DistillParams, Params
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
 from .inference import predict_scores
@@ -25,7 +25,7 @@ from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporar
 from .metrics import roc_auc
 from .mixture import MixtureSampler
 from .models import count_parameters, create_model
-from .preprocessing import PreprocessConfig, standardize
+from .preprocessing import PreprocessConfig, standardize, to_size
 from .progress import progress
 from .sbi import sbi_batch
 
@@ -83,19 +83,45 @@ def make_scheduler(optimizer, params: Params):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+def augmented_batch(
+    images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, rt: runtime.Runtime
+) -> torch.Tensor:
+    """uint8 batch from the cache -> augmented float images in [0, 1] on the device (what a teacher also sees)."""
+    x = recompress(images, augment, gen).to(rt.device, non_blocking=True).float().div_(255)
+    return augment_batch(x, augment, gen)
+
+
+def model_input(x: torch.Tensor, pre: PreprocessConfig, rt: runtime.Runtime) -> torch.Tensor:
+    """Images in [0, 1] -> the normalised input of the model being trained (in place when already at its size)."""
+    return standardize(to_size(x, pre.image_size), pre, inplace=True).contiguous(memory_format=rt.memory_format())
+
+
 def training_batch(
     images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, pre: PreprocessConfig, rt: runtime.Runtime
 ) -> torch.Tensor:
     """uint8 batch from the cache -> augmented, normalised model input on the device."""
-    x = recompress(images, augment, gen).to(rt.device, non_blocking=True).float().div_(255)
-    x = standardize(augment_batch(x, augment, gen), pre, inplace=True)
-    return x.contiguous(memory_format=rt.memory_format())
+    return model_input(augmented_batch(images, augment, gen, rt), pre, rt)
 
 
-def train_step(model: nn.Module, optimizer, scaler, rt: runtime.Runtime, x: torch.Tensor, y: torch.Tensor):
+def train_step(
+    model: nn.Module,
+    optimizer,
+    scaler,
+    rt: runtime.Runtime,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    soft: torch.Tensor | None = None,
+    distill: DistillParams | None = None,
+):
+    """One optimiser step on the labels' loss; with `soft` (a teacher's P(fake) at the distillation
+    temperature), on (1 - alpha) x that loss + alpha x T^2 x the soft loss (Hinton et al.'s scaling)."""
     with rt.autocast():
         logits = model(x).float()
     loss = F.binary_cross_entropy_with_logits(logits, y)
+    if soft is not None:
+        t = distill.temperature
+        soft_loss = F.binary_cross_entropy_with_logits(logits / t, soft) * (t * t)
+        loss = (1 - distill.alpha) * loss + distill.alpha * soft_loss
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -103,12 +129,13 @@ def train_step(model: nn.Module, optimizer, scaler, rt: runtime.Runtime, x: torc
     return loss, logits
 
 
-def _comparable(params: Params) -> dict:
+def _comparable(params: Params, lineage: dict | None = None) -> dict:
     """What must not change between a run and its resumption."""
     return {
         "seed": params.seed,
         "model": params.model.model_dump(),
         "train": params.train.model_dump(exclude={"device", "num_workers"}),
+        **({"lineage": lineage} if lineage else {}),
     }
 
 
@@ -151,14 +178,28 @@ class Trainer:
     """One training run in parts a reader can hold: set-up (`__init__`), `resume`, `run_epoch`,
     `validate_and_checkpoint` and `finish`; `train` below strings them together."""
 
-    def __init__(self, params: Params, prepared_dir: str | Path, model_dir: str | Path, track: bool = True):
-        """Devices and processes, data, model, optimizer, generators and loaders; nothing is trained yet."""
+    def __init__(
+        self,
+        params: Params,
+        prepared_dir: str | Path,
+        model_dir: str | Path,
+        track: bool = True,
+        initial: nn.Module | None = None,
+        teacher=None,
+        lineage: dict | None = None,
+    ):
+        """Devices and processes, data, model, optimizer, generators and loaders; nothing is trained yet.
+
+        `initial`: start from this module instead of `model` params (a pruned network to fine-tune);
+        `teacher`: a `distill.Teacher` whose soft P(fake) the loss also follows; `lineage`: where the model
+        comes from (pruned from, distilled from), stored in every checkpoint and tagged on the run."""
         self.params, self.t, self.prepared_dir, self.model_dir = (
             params,
             params.train,
             Path(prepared_dir),
             Path(model_dir),
         )
+        self.initial, self.teacher, self.lineage = initial, teacher, dict(lineage or {})
         self._set_up_processes(track)
         self._set_up_data()
         self._set_up_model()
@@ -210,6 +251,14 @@ class Trainer:
         """The prepared splits, their preprocessing and, for landmark SBI masks, the landmark model."""
         t = self.t
         self.pre = preprocess_config(self.prepared_dir)
+        size = self.params.model.image_size
+        if size and size != self.pre.image_size:  # a smaller model: downscaled from the cache, served at its size
+            if size > self.pre.image_size:
+                raise TrainError(
+                    f"model.image_size={size} is larger than the prepared images ({self.pre.image_size} px): "
+                    "prepare at that size instead (prepare.image_size)"
+                )
+            self.pre = replace(self.pre, image_size=size)
         self.train_split = load_split(self.prepared_dir, "train")
         self.val_split = load_split(self.prepared_dir, "val")
         if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
@@ -223,7 +272,8 @@ class Trainer:
     def _set_up_model(self) -> None:
         """The network, its frozen part, the weight average that ships, the optimizer, schedule and scaler."""
         params, t, rt = self.params, self.t, self.rt
-        self.model = create_model(params.model).to(rt.device, memory_format=rt.memory_format())
+        self.model = self.initial if self.initial is not None else create_model(params.model)
+        self.model = self.model.to(rt.device, memory_format=rt.memory_format())
         self.frozen = freeze_parameters(self.model, t.freeze)
         self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
         self.shipped = self.ema.module if self.ema else self.model  # what is validated, checkpointed and registered
@@ -277,7 +327,9 @@ class Trainer:
         """Continue from a checkpoint written by this recipe: weights, optimizer, schedules, RNGs and history."""
         d, rt = self.d, self.rt
         ckpt = checkpoint.load(path)
-        changed = _diff(ckpt["params"], _comparable(self.params))
+        if ckpt.get("lineage", {}).get("pruned"):
+            raise TrainError(f"{path}: a pruned network's fine-tune cannot be resumed; run `dfdetect prune` again")
+        changed = _diff(ckpt["params"], _comparable(self.params, self.lineage))
         if ckpt.get("world", 1) != d.world:
             changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
         if changed:
@@ -319,6 +371,7 @@ class Trainer:
                     "dfdetect.device": str(self.rt.device),
                     "dfdetect.precision": self.rt.precision,
                     "dfdetect.training_sources": json.dumps(training_sources(self.prepared_dir)),
+                    **({"dfdetect.lineage": json.dumps(self.lineage)} if self.lineage else {}),
                 }
             )
         else:
@@ -353,9 +406,11 @@ class Trainer:
         for images, y in self.train_loader:
             if t.sbi.mode != "none":
                 images, y = sbi_batch(images, y, t.sbi.prob, self.augment_gen, self.landmarker)
-            x = training_batch(images, t.augment, self.augment_gen, self.pre, rt)
+            x = augmented_batch(images, t.augment, self.augment_gen, rt)
+            soft = self.teacher.soft_targets(x) if self.teacher else None  # before x is normalised in place
+            x = model_input(x, self.pre, rt)
             y = y.to(rt.device).float()
-            loss, logits = train_step(self.net, self.optimizer, self.scaler, rt, x, y)
+            loss, logits = train_step(self.net, self.optimizer, self.scaler, rt, x, y, soft, self.params.distill)
             if self.ema:
                 self.ema.update(self.model)
             loss_sum += loss.item() * len(y)
@@ -387,7 +442,8 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
                 "ranks": ranks if d.enabled else None,
             },
-            "params": _comparable(self.params),
+            "params": _comparable(self.params, self.lineage),
+            "lineage": self.lineage,
             "world": d.world,
             **{**self.state, "epoch": epoch},
         }
@@ -524,9 +580,14 @@ def train(
     resume: str | Path | None = None,
     stop_after_epochs: int | None = None,
     track: bool = True,
+    trainer: Trainer | None = None,
+    on_epoch=None,
 ) -> TrainResult:
-    """Train; `stop_after_epochs` ends this invocation early (a preemptible job), `resume` continues it."""
-    trainer = Trainer(params, prepared_dir, model_dir, track)
+    """Train; `stop_after_epochs` ends this invocation early (a preemptible job), `resume` continues it.
+    `trainer`: one built by the caller (fine-tuning a pruned network, distilling); `on_epoch(epoch, row)` is
+    called after each validated epoch with its history row (a search reports it, and may stop the run by
+    raising)."""
+    trainer = trainer or Trainer(params, prepared_dir, model_dir, track)
     if resume:
         trainer.resume(resume)
     trainer.start_tracking(resumed=bool(resume))
@@ -539,7 +600,10 @@ def train(
                 started = time.time()
                 stats = trainer.run_epoch(epoch, bar)
                 epochs_this_run += 1
-                if trainer.validate_and_checkpoint(epoch, stats, started, bar):
+                stop = trainer.validate_and_checkpoint(epoch, stats, started, bar)
+                if on_epoch and trainer.d.is_main:
+                    on_epoch(epoch, trainer.state["history"][-1])
+                if stop:
                     stopped_early = True
                     break
     except BaseException:
