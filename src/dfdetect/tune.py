@@ -88,7 +88,7 @@ def open_study(params: Params, storage: str):
         storage,
         heartbeat_interval=60,
         grace_period=180,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
     sampler = (
         optuna.samplers.TPESampler(seed=params.seed)
@@ -402,6 +402,8 @@ def write_best_params(params_path: Path, values: dict) -> None:
     from ruamel.yaml import YAML
 
     yaml = YAML()  # round-trip mode
+    yaml.preserve_quotes, yaml.width = True, 4096  # quotes and long lines as the user wrote them
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(params_path.read_text())
     for key, value in values.items():
         node, parts = doc, key.split(".")

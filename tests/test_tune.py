@@ -1,0 +1,185 @@
+"""`dfdetect tune`: the search space's schema, where the study lives, a two-trial study in PostgreSQL with
+nested MLflow runs that resumes, the pruner's stop, `tune-trial` for Katib, and writing the best values back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, require_server, small_params
+from typer.testing import CliRunner
+
+from dfdetect import servers, tune
+from dfdetect.cli import app
+from dfdetect.config import ParamsError, load_params, parse_params
+
+SPACE = {
+    "train.lr": {"type": "float", "low": 0.0005, "high": 0.005, "log": True},
+    "model.dropout": {"type": "categorical", "choices": [0.1, 0.3]},
+}
+
+
+def tune_params(tmp_path: Path, **tune_section):
+    return small_params(
+        train={"epochs": 2},
+        model={"dropout": 0.3},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        tune={"space": SPACE, **tune_section},
+    )
+
+
+@pytest.mark.parametrize(
+    "dim, message",
+    [
+        ({"type": "categorical"}, "needs choices"),
+        ({"type": "float", "low": 1.0, "high": 0.5}, "low < high"),
+        ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "low > 0"),
+        ({"type": "int", "low": 1.5, "high": 4}, "whole"),
+        ({"type": "float", "low": 0.1, "high": 0.2, "choices": [1]}, "not choices"),
+    ],
+)
+def test_a_malformed_dimension_is_refused_by_the_schema(dim, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params({"tune": {"space": {"train.lr": dim}}})
+
+
+def test_only_model_and_train_keys_can_be_searched():
+    with pytest.raises(ParamsError, match="prepare.image_size: only keys of model, train"):
+        parse_params({"tune": {"space": {"prepare.image_size": {"type": "int", "low": 64, "high": 128}}}})
+
+
+def test_values_the_recipe_schema_refuses_are_named_before_any_training(tmp_path):
+    params = tune_params(tmp_path)
+    bad = parse_params(
+        {
+            **params.model_dump(mode="json"),
+            "tune": {"space": {"model.dropout": {"type": "float", "low": 0.1, "high": 1.5}}},
+        }
+    )
+    with pytest.raises(tune.TuneError, match=r"tune.space.model.dropout: 1.5 is not a valid value"):
+        tune.check_space(bad)
+    with pytest.raises(tune.TuneError, match="tune.space is empty"):
+        tune.check_space(small_params())
+
+
+def test_the_study_never_shares_the_tracking_database(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tune.STORAGE_ENV, raising=False)
+    sqlite = tune_params(tmp_path)
+    assert tune.storage_url(sqlite) == f"sqlite:///{tmp_path / 'mlflow_optuna.db'}"
+    pg = small_params(mlflow={"tracking_uri": "postgresql+psycopg2://u@db:5432/mlflow"})
+    assert tune.storage_url(pg) == "postgresql+psycopg2://u@db:5432/mlflow_optuna"
+    http = small_params(mlflow={"tracking_uri": "http://mlflow:5000"})
+    assert tune.storage_url(http) == tune.DEFAULT_STORAGE
+    monkeypatch.setenv(tune.STORAGE_ENV, "sqlite:///from-env.db")
+    assert tune.storage_url(http) == "sqlite:///from-env.db"
+    assert tune.storage_url(http, "sqlite:///explicit.db") == "sqlite:///explicit.db"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    try:
+        servers.postgres_bin("initdb")
+        available = True
+    except servers.ServerError:
+        available = False
+    require_server("PostgreSQL (Debian package postgresql)", available)
+    root = Path(tempfile.mkdtemp(prefix="dfdetect-pg-"))  # under /tmp: the postgres user must reach it
+    os.chmod(root, 0o755)
+    server = servers.start_postgres(root / "data", log_dir=root)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_two_trial_study_in_postgres_nests_its_runs_and_resumes(prepared_small, postgres, tmp_path, monkeypatch):
+    import mlflow
+    import optuna
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    storage = postgres.url.rsplit("/", 1)[0] + "/study_db"  # a database of its own: created by the tune
+    params = tune_params(tmp_path)
+    summary = tune.tune(params, prepared_small, tmp_path / "tune", trials=2, storage=storage)
+
+    study = optuna.load_study(study_name="dfdetect", storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 2
+    baseline = study.trials[0]
+    assert baseline.params == {"train.lr": 0.002, "model.dropout": 0.3}, "trial 0 is params.yaml's recipe"
+    assert summary["baseline"]["number"] == 0 and summary["best"]["value"] >= summary["baseline"]["value"]
+    for t in finished:  # the pruner's intermediate value: validation ROC-AUC after each epoch
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+        assert 1 <= len(t.intermediate_values) <= 2
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 2
+    for child in children:
+        number = int(child.data.tags["optuna.trial"])
+        history = client.get_metric_history(child.info.run_id, "val_auc")
+        assert [m.step for m in history] == sorted(study.trials[number].intermediate_values)
+        assert child.data.params["train.lr"] == str(study.trials[number].params["train.lr"])
+
+    rows = (tmp_path / "tune" / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,value,epochs") and len(rows) == 3
+    assert json.loads((tmp_path / "tune" / "study.json").read_text())["study"] == "dfdetect"
+
+    # Interrupted or not, the same command resumes: only the missing trial runs, under the same parent run.
+    tune.tune(params, prepared_small, tmp_path / "tune", trials=3, storage=storage)
+    study = optuna.load_study(study_name="dfdetect", storage=storage)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 3
+    assert study.user_attrs["mlflow_parent_run_id"] == parent
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 3
+
+
+def test_a_trial_the_pruner_stops_ends_after_its_epoch_as_pruned(prepared_small, tmp_path, monkeypatch):
+    """A pruner that stops everything below ROC-AUC 1.01: the trial ends after epoch 1, pruned, and its MLflow
+    run says so."""
+    import mlflow
+    import optuna
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tune_params(tmp_path)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.01))
+    runs = tune.StudyRuns(params, study)
+    study.optimize(tune.make_objective(params, prepared_small, runs, None), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1], "stopped after its first epoch, not trained to the end"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    child = client.search_runs([client.get_run(runs.parent).info.experiment_id], "tags.`optuna.state` = 'PRUNED'")
+    assert len(child) == 1 and child[0].info.status == "KILLED"
+
+
+def test_tune_trial_prints_what_katibs_collector_reads(prepared_small, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps(tune_params(tmp_path).model_dump(mode="json")))
+    result = CliRunner().invoke(
+        app,
+        ["tune-trial", "--prepared", str(prepared_small), "-p", str(params_file), "--set", "train.lr=0.001"],
+    )
+    assert result.exit_code == 0, result.output
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch=")]
+    assert len(epochs) == 2 and all("val_auc=" in line for line in epochs)
+    objective = float(result.stdout.strip().splitlines()[-1].removeprefix("objective="))
+    assert objective == max(float(line.split("val_auc=")[1].split()[0]) for line in epochs)
+
+
+def test_write_params_keeps_comments_and_changes_only_the_values(tmp_path):
+    target = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", target)
+    before = target.read_text()
+    tune.write_best_params(target, {"train.lr": 0.00123, "model.dropout": 0.4})
+    after = target.read_text()
+    assert "# the default recipe: see README" in after, "comments survive"
+    params = load_params(target)
+    assert params.train.lr == 0.00123 and params.model.dropout == 0.4
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(changed) == 2, changed
