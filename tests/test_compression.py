@@ -101,6 +101,8 @@ def test_a_one_epoch_student_is_tracked_evaluated_registered_and_gated(tracked_r
         params, tmp_path / "student", tmp_path / "eval" / "m.json", tracked_run["prepared"], tmp_path / "reg.json"
     )
     assert registered["alias"] == "challenger"
+    card = registry.client_for(params).get_model_version(params.registry.model_name, registered["version"]).description
+    assert "## Lineage" in card and "distilled from" in card
     refused = promotion.promote(
         parse_params({**raw, "promotion": {**raw["promotion"], "floors": {"roc_auc": 1.01}}}),
         tracked_run["prepared"],
@@ -164,7 +166,9 @@ def test_a_pruned_tiny_model_fine_tunes_reloads_exports_and_serves(tracked_run, 
         tmp_path / "eval" / "m.json",
         tmp_path / "plots",
     )
-    registry.register(params, tmp_path / "pruned", tmp_path / "eval" / "m.json", tracked_run["prepared"])
+    registered = registry.register(params, tmp_path / "pruned", tmp_path / "eval" / "m.json", tracked_run["prepared"])
+    card = registry.client_for(params).get_model_version(params.registry.model_name, registered["version"]).description
+    assert "pruned from `parent`" in card
     served = ServedModel(RegistryLoader(params)("challenger"), "cpu", "onnx")  # what the service loads
     images = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
     scores = np.asarray(served.predict(images))

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, require_server, small_params
 from typer.testing import CliRunner
 
-from dfdetect import servers, tune
+from dfdetect import servers, tracking, tune
 from dfdetect.cli import app
 from dfdetect.config import ParamsError, load_params, parse_params
 
@@ -183,3 +183,45 @@ def test_write_params_keeps_comments_and_changes_only_the_values(tmp_path):
     assert params.train.lr == 0.00123 and params.model.dropout == 0.4
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
     assert len(changed) == 2, changed
+
+
+def test_two_workers_share_one_study(prepared_small, postgres, tmp_path, monkeypatch):
+    """Two processes started together on one storage: the study gets its trials from both, one baseline,
+    and every trial nests under one parent run."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import optuna
+
+    storage = postgres.url.rsplit("/", 1)[0] + "/shared_study"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps(tune_params(tmp_path).model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # the MLflow store exists before the workers start, as a tracking server's does (two processes creating
+    # one SQLite store race in MLflow's own migrations)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.setup_mlflow(tune_params(tmp_path))
+    cmd = [str(Path(sys.executable).parent / "dfdetect"), "tune", "--trials", "3", "--prepared", str(prepared_small)]
+    workers = [
+        subprocess.Popen(
+            [*cmd, "-p", str(params_file), "--storage", storage, "--out", str(tmp_path / f"w{i}")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    study = optuna.load_study(study_name="dfdetect", storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 3 <= len(finished) <= 4  # a worker already in a trial when the third finished completes it
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dfdetect").experiment_id
+    parents = client.search_runs([experiment], "tags.`dfdetect.kind` = 'tune'")
+    assert [p.info.run_id for p in parents] == [study.user_attrs["mlflow_parent_run_id"]]
+    children = client.search_runs([experiment], "tags.`dfdetect.kind` = 'tune-trial'")
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}

@@ -36,6 +36,7 @@ def model_card(name: str, version: str, run, metrics: dict, data_report: dict | 
         for split, c in data_report.get("splits", {}).items():
             lines.append(f"- {split}: {c['real']} real, {c['fake']} fake")
     lines += training_sources_lines(run.data.tags.get("dfdetect.training_sources"))
+    lines += lineage_lines(run.data.tags.get("dfdetect.lineage"))
     lines += operating_point_lines(metrics)
     lines += ["", f"## Metrics ({metrics.get('split', '?')} split)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
@@ -88,6 +89,27 @@ def training_sources_lines(tag: str | None) -> list[str]:
     for name, s in sources.items():
         cells = [f"{s[k]['real']} / {s[k]['fake']}" if k in s else "-" for k in ("train", "val")]
         lines.append(f"| {name} | `{s.get('version', 'unknown')}` | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def lineage_lines(tag: str | None) -> list[str]:
+    """Where a compressed model comes from (`dfdetect distill`, `dfdetect prune`), from the run's tag."""
+    if not tag:
+        return []
+    lineage = json.loads(tag)
+    lines = ["", "## Lineage", ""]
+    if lineage.get("distilled_from"):
+        lines.append(
+            f"- distilled from {', '.join(f'`{t}`' for t in lineage['distilled_from'])} (soft-target weight "
+            f"{lineage.get('alpha')}, temperature {lineage.get('temperature')})"
+        )
+    if lineage.get("pruned"):
+        info = lineage["pruned"]
+        lines.append(
+            f"- pruned from `{lineage.get('pruned_from')}`: multiply-accumulates {info['macs_before']:,} -> "
+            f"{info['macs_after']:,} ({info['mac_speedup']}x), parameters {info['params_before']:,} -> "
+            f"{info['params_after']:,}; then fine-tuned"
+        )
     return lines
 
 

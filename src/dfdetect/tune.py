@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -70,7 +71,7 @@ def ensure_database(url: str) -> None:
             if not found:
                 conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
                 log.info("created the study database %s", name)
-    except sqlalchemy.exc.ProgrammingError as exc:
+    except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError) as exc:
         if "already exists" not in str(exc):  # another worker created it first: fine
             raise
     finally:
@@ -81,15 +82,24 @@ def open_study(params: Params, storage: str):
     """The study (created, or loaded to resume), with heartbeats: a worker killed mid-trial leaves a trial
     that another worker marks failed and retries once."""
     import optuna
+    import sqlalchemy
 
     t = params.tune
     ensure_database(storage)
-    rdb = optuna.storages.RDBStorage(
-        storage,
-        heartbeat_interval=60,
-        grace_period=180,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    for attempt in range(5):
+        try:
+            rdb = optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+            break
+        except sqlalchemy.exc.DBAPIError:
+            # workers starting together race to create Optuna's tables: the loser finds them on a retry
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
     sampler = (
         optuna.samplers.TPESampler(seed=params.seed)
         if t.sampler == "tpe"
@@ -238,22 +248,35 @@ class StudyRuns:
         mlflow = tracking.setup_mlflow(params)
         self.client = mlflow.MlflowClient()
         self.experiment_id = mlflow.get_experiment_by_name(params.mlflow.experiment).experiment_id
-        parent = study.user_attrs.get("mlflow_parent_run_id")
-        if parent is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"tune-{study.study_name}",
-                tags={
-                    "dfdetect.kind": "tune",
-                    "optuna.study": study.study_name,
-                    "dfdetect.git_commit": tracking.git_commit(),
-                    "dfdetect.data_version": tracking.data_version(),
-                },
-            )
-            parent = run.info.run_id
-            study.set_user_attr("mlflow_parent_run_id", parent)
+        self.parent = study.user_attrs.get("mlflow_parent_run_id") or self._converge_on_parent(params, study)
+
+    def _converge_on_parent(self, params: Params, study) -> str:
+        """Workers that start together may each create a parent run: all of them then keep the oldest one
+        (by start time, then id), the others delete their own, and the study records it."""
+        # the storage's id of the study: a study deleted and created again under its name gets a new parent
+        tags = {"dfdetect.kind": "tune", "optuna.study": study.study_name, "optuna.study_id": str(study._study_id)}
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"tune-{study.study_name}",
+            tags={
+                **tags,
+                "dfdetect.git_commit": tracking.git_commit(),
+                "dfdetect.data_version": tracking.data_version(),
+            },
+        )
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`dfdetect.kind` = 'tune' and tags.`optuna.study` = '{study.study_name}' and "
+            f"tags.`optuna.study_id` = '{tags['optuna.study_id']}'",
+            order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
+        )
+        parent = found[0].info.run_id
+        if parent != run.info.run_id:
+            self.client.delete_run(run.info.run_id)
+        else:
             self.client.log_dict(parent, params.tune.model_dump(mode="json"), "tune.json")
-        self.parent = parent
+        study.set_user_attr("mlflow_parent_run_id", parent)
+        return parent
 
     def start_trial(self, number: int, values: dict, params: Params) -> str:
         run = self.client.create_run(
@@ -435,8 +458,8 @@ def tune(
     study = open_study(params, url)
     if not study.trials:
         base = baseline(params)
-        if base:
-            study.enqueue_trial(base, user_attrs={"baseline": True})
+        if base:  # workers starting together: the first one's baseline stands, the others skip theirs
+            study.enqueue_trial(base, user_attrs={"baseline": True}, skip_if_exists=True)
     done = finished(study)
     log.info("study %s in %s: %d of %d trials finished", study.study_name, tracking.redact(url), done, trials)
     runs = StudyRuns(params, study) if track else None
