@@ -225,3 +225,16 @@ def test_two_workers_share_one_study(prepared_small, postgres, tmp_path, monkeyp
     assert [p.info.run_id for p in parents] == [study.user_attrs["mlflow_parent_run_id"]]
     children = client.search_runs([experiment], "tags.`dfdetect.kind` = 'tune-trial'")
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+def test_suite_mean_averages_validation_with_each_suite_set(prepared_small, sample_root, tmp_path):
+    raw = tune_params(tmp_path).model_dump(mode="json")
+    raw["train"]["epochs"] = 1
+    raw["evaluate"]["datasets"] = [{"path": str(sample_root), "name": "again"}]
+    raw["tune"]["objective"] = "suite_mean"
+    params = parse_params(raw)
+    suite = tune.load_suite(params)
+    assert [name for name, _ in suite] == ["again"]
+    result = tune.run_trial(params, prepared_small, suite=suite)
+    assert set(result.suite) == {"again"}
+    assert result.value == pytest.approx((result.val_auc + result.suite["again"]) / 2)
