@@ -75,8 +75,11 @@ def test_the_study_never_shares_the_tracking_database(tmp_path, monkeypatch):
     assert tune.storage_url(pg) == "postgresql+psycopg2://u@db:5432/mlflow_optuna"
     http = small_params(mlflow={"tracking_uri": "http://mlflow:5000"})
     assert tune.storage_url(http) == tune.DEFAULT_STORAGE
+    in_params = small_params(tune={"storage": "sqlite:///from-params.db"})
+    assert tune.storage_url(in_params) == "sqlite:///from-params.db"
     monkeypatch.setenv(tune.STORAGE_ENV, "sqlite:///from-env.db")
     assert tune.storage_url(http) == "sqlite:///from-env.db"
+    assert tune.storage_url(in_params) == "sqlite:///from-env.db", "the environment wins over params.yaml"
     assert tune.storage_url(http, "sqlite:///explicit.db") == "sqlite:///explicit.db"
 
 

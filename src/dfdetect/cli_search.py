@@ -63,8 +63,8 @@ def tune_command(
         None,
         "--storage",
         envvar="DFDETECT_TUNE_STORAGE",
-        help="Optuna storage URL (postgresql+psycopg2://user@host/db or sqlite:///file); default: tune.storage, "
-        "else beside a database tracking URI, else sqlite:///optuna.db.",
+        help="Optuna storage URL (postgresql+psycopg2://user@host/db or sqlite:///file); default: tune.storage "
+        "(null: beside a database tracking URI, else sqlite:///optuna.db).",
     ),
     write_params: bool = typer.Option(
         False, "--write-params", help="Write the best trial's values into --params (comments kept); then `dvc exp run`."

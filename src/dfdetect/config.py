@@ -617,8 +617,8 @@ class TuneParams(Section):
     study: str = Field("dfdetect", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="study name")
     storage: str | None = Field(
         None,
-        description="Optuna storage URL (postgresql+psycopg2://..., sqlite:///...); default: $DFDETECT_TUNE_STORAGE, "
-        "else beside a database tracking URI (its server, database <name>_optuna), else sqlite:///optuna.db",
+        description="Optuna storage URL (postgresql+psycopg2://..., sqlite:///...); $DFDETECT_TUNE_STORAGE wins over "
+        "it; null: beside a database tracking URI (its server, database <name>_optuna), else sqlite:///optuna.db",
     )
     sampler: Literal["tpe", "random"] = Field("tpe", description="how trials are proposed")
     pruner_startup_trials: int = Field(

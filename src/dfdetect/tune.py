@@ -40,10 +40,10 @@ class TuneError(ValueError):
 
 
 def storage_url(params: Params, explicit: str | None = None) -> str:
-    """--storage, else tune.storage, else $DFDETECT_TUNE_STORAGE, else beside a database tracking URI, else
-    sqlite:///optuna.db. Never the tracking database itself: MLflow and Optuna both keep an alembic_version
-    table, so they cannot share one database."""
-    chosen = explicit or params.tune.storage or os.environ.get(STORAGE_ENV)
+    """--storage, else $DFDETECT_TUNE_STORAGE (the environment wins over params.yaml, as for MLflow's URI),
+    else tune.storage, else beside a database tracking URI, else sqlite:///optuna.db. Never the tracking
+    database itself: MLflow and Optuna both keep an alembic_version table, so they cannot share one database."""
+    chosen = explicit or os.environ.get(STORAGE_ENV) or params.tune.storage
     if chosen:
         return chosen
     uri = tracking.tracking_uri(params)
