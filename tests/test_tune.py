@@ -241,3 +241,9 @@ def test_suite_mean_averages_validation_with_each_suite_set(prepared_small, samp
     result = tune.run_trial(params, prepared_small, suite=suite)
     assert set(result.suite) == {"again"}
     assert result.value == pytest.approx((result.val_auc + result.suite["again"]) / 2)
+
+
+def test_a_sqlite_study_gets_its_folder(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies' / 'deep' / 'optuna.db'}"
+    tune.ensure_database(url)
+    assert (tmp_path / "studies" / "deep").is_dir()

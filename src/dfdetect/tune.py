@@ -57,7 +57,10 @@ def storage_url(params: Params, explicit: str | None = None) -> str:
 
 
 def ensure_database(url: str) -> None:
-    """Create a PostgreSQL database named by `url` when the server lacks it (SQLite creates its file)."""
+    """Create a PostgreSQL database named by `url` when the server lacks it; a SQLite file's folder."""
+    db = tracking.sqlite_file(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     if not url.startswith("postgresql"):
         return
     import sqlalchemy
