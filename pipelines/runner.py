@@ -44,8 +44,11 @@ def compile_pipeline(
 def arguments(params: Params, monitor: bool = False, **pipeline_args) -> dict:
     """Pipeline arguments: every params section the pipeline has, plus the data and tracking settings given."""
     args = pipeline_sections(params)
-    # not parameters of the pipeline (monitor-and-retrain also reads the served alias and the monitor rule)
-    for section in ("sample_data",) if monitor else ("sample_data", "serving", "monitor"):
+    # not parameters of the pipeline (monitor-and-retrain also reads the served alias and the monitor rule;
+    # neither pipeline searches or compresses: tune and distill are dfdetect commands of their own)
+    for section in (
+        ("sample_data", "tune", "distill") if monitor else ("sample_data", "serving", "monitor", "tune", "distill")
+    ):
         args.pop(section)
     args["register_min_roc_auc"] = min_roc_auc_to_register(params)
     return {**args, **{k: v for k, v in pipeline_args.items() if v is not None}}

@@ -51,7 +51,9 @@ def test_model_input_is_normalised_with_stored_stats():
     x = to_model_input([Image.new("RGB", (40, 40), (255, 0, 255))], cfg)
     assert x.shape == (1, 3, 16, 16)
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
-    assert torch.equal(normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), cfg), torch.ones(1, 3, 2, 2))
+    assert torch.equal(normalize(torch.full((1, 3, 16, 16), 255, dtype=torch.uint8), cfg), torch.ones(1, 3, 16, 16))
+    # images cached larger (or smaller) than the model takes come out at its size
+    assert torch.equal(normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), cfg), torch.ones(1, 3, 16, 16))
 
 
 def test_config_round_trips():
