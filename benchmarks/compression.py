@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from generalisation import VIDEO_FRAMES  # faceswap128's <label>_<video>_<frame> names
 
 from dfdetect.artifact import TrainedModel
 from dfdetect.config import load_params, parse_params
@@ -37,7 +38,6 @@ from dfdetect.pruning import prune
 from dfdetect.train import train
 
 BATCH = 32
-VIDEO_FRAMES = r"^(?P<video>[a-z]+_\d+)_\d+$"  # faceswap128: <label>_<video>_<frame> (as benchmarks/generalisation.py)
 
 
 def test_batches(prepared: Path, trained: TrainedModel) -> tuple[list[np.ndarray], np.ndarray]:

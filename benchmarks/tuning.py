@@ -18,13 +18,13 @@ import platform
 import time
 from pathlib import Path
 
+from generalisation import VIDEO_FRAMES  # faceswap128's <label>_<video>_<frame> names
+
 from dfdetect.config import load_params, parse_params
 from dfdetect.io_utils import atomic_write_json
 from dfdetect.overrides import apply_overrides
 from dfdetect.prepare import prepare
 from dfdetect.tune import tune
-
-VIDEO_FRAMES = r"^(?P<video>[a-z]+_\d+)_\d+$"  # faceswap128: <label>_<video>_<frame>
 
 
 def main() -> None:

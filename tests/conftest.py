@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -259,3 +260,22 @@ def service(tracked_run, sample_root, tmp_path_factory):
         wait_for(ready=True)  # the poll picks the champion up, no restart
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
         yield {"url": url, "params": params, "run": tracked_run, "log": root / "serve.log", "raw": raw}
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL cluster on a loopback port (dfdetect.servers), stopped when the module ends."""
+    from dfdetect import servers
+
+    try:
+        servers.postgres_bin("initdb")
+        available = True
+    except servers.ServerError:
+        available = False
+    require_server("PostgreSQL (Debian package postgresql)", available)
+    root = Path(tempfile.mkdtemp(prefix="dfdetect-pg-"))  # under /tmp: the postgres user must reach it
+    os.chmod(root, 0o755)
+    server = servers.start_postgres(root / "data", log_dir=root)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)

@@ -51,7 +51,6 @@ def test_soft_targets_are_the_teachers_mean_at_the_temperature_and_leave_the_bat
 
 
 def test_the_distillation_loss_mixes_labels_and_soft_targets():
-    model = create_model(ModelParams(name="custom_cnn"))
     x, y, soft = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,)).float(), torch.rand(8)
     rt = runtime.resolve("cpu", "fp32", False)
     losses = {}
@@ -66,7 +65,6 @@ def test_the_distillation_loss_mixes_labels_and_soft_targets():
     assert losses[0.0][0] == pytest.approx(F.binary_cross_entropy_with_logits(logits, y).item(), rel=1e-5)
     expected_soft = F.binary_cross_entropy_with_logits(logits / 2.0, soft).item() * 4.0
     assert losses[1.0][0] == pytest.approx(expected_soft, rel=1e-5)
-    del model
 
 
 def test_a_one_epoch_student_is_tracked_evaluated_registered_and_gated(tracked_run, tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import boto3
@@ -34,22 +33,6 @@ def s3(tmp_path_factory):
     server = servers.start_s3(root / "buckets", KEY, SECRET, buckets=("mlflow", "dvc"), log_dir=root)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    try:
-        servers.postgres_bin("initdb")
-        available = True
-    except servers.ServerError:
-        available = False
-    _require("PostgreSQL (Debian package postgresql)", available)
-    root = Path(tempfile.mkdtemp(prefix="dfdetect-pg-"))  # under /tmp: the postgres user must reach it
-    os.chmod(root, 0o755)
-    server = servers.start_postgres(root / "data", log_dir=root)
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

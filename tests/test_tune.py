@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require_server, small_params
+from conftest import REPO, small_params
 from typer.testing import CliRunner
 
-from dfdetect import servers, tracking, tune
+from dfdetect import tracking, tune
 from dfdetect.cli import app
 from dfdetect.config import ParamsError, load_params, parse_params
 
@@ -81,22 +80,6 @@ def test_the_study_never_shares_the_tracking_database(tmp_path, monkeypatch):
     assert tune.storage_url(http) == "sqlite:///from-env.db"
     assert tune.storage_url(in_params) == "sqlite:///from-env.db", "the environment wins over params.yaml"
     assert tune.storage_url(http, "sqlite:///explicit.db") == "sqlite:///explicit.db"
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    try:
-        servers.postgres_bin("initdb")
-        available = True
-    except servers.ServerError:
-        available = False
-    require_server("PostgreSQL (Debian package postgresql)", available)
-    root = Path(tempfile.mkdtemp(prefix="dfdetect-pg-"))  # under /tmp: the postgres user must reach it
-    os.chmod(root, 0o755)
-    server = servers.start_postgres(root / "data", log_dir=root)
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_two_trial_study_in_postgres_nests_its_runs_and_resumes(prepared_small, postgres, tmp_path, monkeypatch):
