@@ -18,6 +18,8 @@ SET_OPT = typer.Option(
     [], "--set", "-S", help="KEY=VALUE over params.yaml for this run, e.g. model.name=custom_cnn (repeatable)."
 )
 NO_MLFLOW_OPT = typer.Option(False, "--no-mlflow", help="Do not track the run in MLflow.")
+HISTORY_OPT = typer.Option(None, "--history", help="Per-epoch curves of the run (CSV).")
+METRICS_OPT = typer.Option(None, "--metrics", help="Validation metrics of the best epoch (JSON).")
 
 
 def _params(path: Path, overrides: list[str]):
@@ -127,8 +129,8 @@ def distill_command(
     ),
     prepared: Path = PREPARED_OPT,
     models: Path = typer.Option(Path("models"), "--models", help="Where the student's best.pt and summary.json go."),
-    history: Optional[Path] = typer.Option(None, "--history", help="Per-epoch curves (CSV)."),
-    metrics: Optional[Path] = typer.Option(None, "--metrics", help="Validation metrics of the best epoch (JSON)."),
+    history: Optional[Path] = HISTORY_OPT,
+    metrics: Optional[Path] = METRICS_OPT,
     no_mlflow: bool = NO_MLFLOW_OPT,
     overrides: list[str] = SET_OPT,
     params_path: Path = PARAMS_OPT,
@@ -161,8 +163,8 @@ def prune_command(
     epochs: int = typer.Option(1, "--epochs", min=1, help="Fine-tuning epochs after pruning."),
     prepared: Path = PREPARED_OPT,
     models: Path = typer.Option(Path("models_pruned"), "--models", help="Where the pruned best.pt goes."),
-    history: Optional[Path] = typer.Option(None, "--history", help="Per-epoch curves of the fine-tune (CSV)."),
-    metrics: Optional[Path] = typer.Option(None, "--metrics", help="Validation metrics of the best epoch (JSON)."),
+    history: Optional[Path] = HISTORY_OPT,
+    metrics: Optional[Path] = METRICS_OPT,
     no_mlflow: bool = NO_MLFLOW_OPT,
     overrides: list[str] = SET_OPT,
     params_path: Path = PARAMS_OPT,
