@@ -175,3 +175,21 @@ def test_sharpness_matching_off_is_identity_and_draws_nothing():
     chosen = torch.rand(8, generator=torch.Generator().manual_seed(5)) < 0.5
     assert 0 < int(chosen.sum()) < 8
     assert torch.equal(out[~chosen], images[~chosen])
+
+
+def test_grayscale_turns_a_share_grey_and_draws_nothing_when_off():
+    from dfdetect.augment import LUMA, to_grey
+
+    images, gen = _textures(16, 2), torch.Generator().manual_seed(7)
+    state = gen.get_state()
+    assert to_grey(images, 0.0, gen) is images
+    assert torch.equal(gen.get_state(), state)
+    out = to_grey(images, 0.5, torch.Generator().manual_seed(7))
+    chosen = torch.rand(16, generator=torch.Generator().manual_seed(7)) < 0.5
+    assert 0 < int(chosen.sum()) < 16
+    luma = (images * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1)
+    for i in range(16):
+        if chosen[i]:
+            assert all(torch.allclose(out[i, c], luma[i], atol=1e-6) for c in range(3))
+        else:
+            assert torch.equal(out[i], images[i])

@@ -55,7 +55,19 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         out.mul_(c).add_((1 - c) * mean_gray).clamp_(0, 1)  # contrast: towards the mean grey
         gray = (out * luma).sum(1, keepdim=True)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
+    out = to_grey(out, params.grayscale_prob, gen)
     return erase(out, params, gen)
+
+
+def to_grey(images: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """A `prob` share of the batch in grey (luma in all three channels), as torchvision's RandomGrayscale.
+    A model trained on one source's colours reads another source's white balance or chroma compression as a
+    label (README "Generalisation"); grey images make it find evidence in luminance too."""
+    if prob <= 0:
+        return images  # no draws when off: recipes measured before this existed draw the same numbers
+    n = images.shape[0]
+    on = (torch.rand(n, generator=gen) < prob).to(images.device).view(n, 1, 1, 1)
+    return torch.where(on, _grey(images).unsqueeze(1).expand_as(images), images)
 
 
 def erase(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:

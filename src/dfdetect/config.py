@@ -191,6 +191,12 @@ class AugmentParams(Section):
     hflip: bool = True
     rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
     color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
+    grayscale_prob: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of images turned grey (ITU-R 601 luma in all three channels): colour carries less label",
+    )
     # How fakes reach users: re-compressed, blurred, noisy, resized. Each applies to a random share of images.
     jpeg_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images re-compressed as JPEG")
     jpeg_quality: tuple[int, int] = Field((50, 95), description="JPEG quality range [low, high]")
