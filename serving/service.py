@@ -323,7 +323,7 @@ class Detector:
         img = decode_image(data, name, **IMAGE_LIMITS)
         logged = SERVING.prediction_log is not None  # the hash and statistics are for the log alone
         stats = {"width": img.width, "height": img.height, "jpeg_quality": header_jpeg_quality(data)} if logged else {}
-        credentials = check_content_credentials(data) if SERVING.content_credentials else None
+        credentials = check_content_credentials(data, decodes=True) if SERVING.content_credentials else None
         face = None
         if self.faces:
             found = self.faces(np.asarray(img))

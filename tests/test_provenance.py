@@ -61,6 +61,24 @@ def test_an_image_without_a_manifest_has_none(jpeg):
     assert result["ai_generated"] is False and result["actions"] == []
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_a_file_without_a_manifest_marker_is_answered_without_the_sdk_as_the_sdk_answers(monkeypatch, fmt):
+    import c2pa
+
+    data = encode(fmt)
+    by_sdk = check_content_credentials(data)
+    monkeypatch.setattr(c2pa.Reader, "try_create", lambda *a, **k: pytest.fail("the SDK was asked"))
+    assert check_content_credentials(data, decodes=True) == by_sdk
+    with pytest.raises(pytest.fail.Exception):  # a marker (here in trailing bytes) sends it to the SDK
+        check_content_credentials(data + b"c2pa", decodes=True)
+
+
+def test_signed_and_remote_manifests_are_read_by_the_sdk_past_the_shortcut(jpeg, signed):
+    assert check_content_credentials(signed, decodes=True)["valid"] is True
+    remote = check_content_credentials(sign_with_remote_manifest(jpeg, "http://127.0.0.1:9/m.c2pa"), decodes=True)
+    assert remote["remote_manifest"] is True
+
+
 def test_a_signed_image_is_valid_with_its_generator_and_signer(signed):
     result = check_content_credentials(signed, "image/jpeg")
     assert result["present"] is True and result["valid"] is True

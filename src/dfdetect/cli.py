@@ -278,7 +278,7 @@ def predict(
                     "label": v.label,
                     "fake_probability": round(v.fake_probability, 6),
                     "threshold": round(v.threshold, 6),
-                    **({"provenance": check_content_credentials(data)} if content_credentials else {}),
+                    **({"provenance": check_content_credentials(data, decodes=True)} if content_credentials else {}),
                 }
             )
         )

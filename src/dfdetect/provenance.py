@@ -21,6 +21,12 @@ NON_EDITING_ACTIONS = frozenset(
     {"c2pa.created", "c2pa.opened", "c2pa.published", "c2pa.repackaged", "c2pa.transcoded", "c2pa.watermarked"}
 )
 
+# An embedded manifest store is a JUMBF box labelled "c2pa" in every container the SDK reads (JPEG APP11, PNG
+# caBX, RIFF, ISO BMFF), and a remote one is referenced by XMP's dcterms:provenance. An image that decodes and
+# holds neither has nothing to read: answered without starting the SDK (a read costs about as much CPU as the
+# rest of a served request).
+MANIFEST_MARKERS = (b"c2pa", b"provenance")
+
 # Settings of every read: no remote manifest, no OCSP, and an empty allow-list of hosts, which makes the SDK
 # refuse any other HTTP request it might make (a null list would allow all hosts).
 OFFLINE_SETTINGS = {
@@ -73,7 +79,7 @@ def _result(**fields) -> dict:
 
 
 def check_content_credentials(
-    data: bytes, mime_type: str | None = None, *, trust_anchors_pem: str | None = None
+    data: bytes, mime_type: str | None = None, *, trust_anchors_pem: str | None = None, decodes: bool = False
 ) -> dict:
     """The C2PA content credentials of one image as a JSON-ready dict (keys in `_result`). Never raises for bad
     input: an unreadable file comes back with `error` set and `present` False.
@@ -83,11 +89,17 @@ def check_content_credentials(
     signingCredential.untrusted there.
 
     `trust_anchors_pem`: PEM root certificates; `trusted` is True only when the signer chains to one of them
-    (none by default, so by default nothing is trusted, however valid)."""
+    (none by default, so by default nothing is trusted, however valid).
+
+    `decodes`: the caller has decoded `data` as an image (the service has); then a file without a manifest
+    marker is answered as the SDK answers it, without the SDK. A broken file still goes to the SDK, which names
+    what is wrong."""
     try:
         import c2pa
     except ImportError:
         return _result(checked=False, error="c2pa-python is not installed")
+    if decodes and not any(marker in data for marker in MANIFEST_MARKERS):
+        return _result()
     try:
         context = _offline_context(c2pa, trust_anchors_pem)
     except Exception as e:  # a bad trust anchor is a configuration error; the image was never looked at
