@@ -18,9 +18,11 @@ import os
 import re
 import threading
 import time
+from collections.abc import Awaitable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 import anyio
 import bentoml
@@ -36,7 +38,7 @@ from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
 from dfdetect.config import load_params
 from dfdetect.drift import brightness, jpeg_quality
 from dfdetect.faces import FaceCropper
-from dfdetect.http_guard import PARTS_KEY, Part, Refused, RequestGuard, Route, check_multipart
+from dfdetect.http_guard import PARTS_KEY, Answer, Part, Refused, RequestGuard, Route, check_multipart
 from dfdetect.http_timeouts import install_header_timeout
 from dfdetect.model_set import ModelSet, RegistryLoader, Scored, pick_arm
 from dfdetect.prediction_log import PredictionLog, now_iso, open_store, write_feedback
@@ -55,6 +57,7 @@ RAW_FRAME_ROUTE = "/inference/analyze-frame/raw"  # the image is the request bod
 BATCH_ROUTE = "/inference/analyze-frames"  # several images in one multipart request (the field `images`, repeated)
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
 MAX_FRAME_NUMBER = 2**31 - 1
+TRUE_WORDS, FALSE_WORDS = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})  # FastAPI's
 _FORM_SLACK = 64 * 1024  # multipart headers and small fields around the file
 BATCH_FORM = Route(
     "multipart",
@@ -101,6 +104,7 @@ install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker buil
 allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
 TRIM_EVERY_S = 30
 FEEDBACK_ROUTE = "/feedback"
+DIRECT_ROUTES = {}  # POST path -> the handler the guard calls itself (filled by the service instance)
 FEEDBACK_TOKEN_ENV = "DFDETECT_FEEDBACK_TOKEN"  # the bearer token reviewers send; unset: /feedback is off
 EXTENSIONS = {
     "image/jpeg": ".jpg",
@@ -138,22 +142,49 @@ class ApiError(Exception):
         self.extra = {} if index is None else {"index": index}  # which image of a batch request
 
 
+async def answered(call: Awaitable) -> Answer:
+    """The awaited answer, or ApiError (and the batcher's overload and death) as a JSON error with its status."""
+    try:
+        return Answer(HTTPStatus.OK, await call)
+    except Overloaded as exc:
+        error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"overloaded: {exc}", retry_after_s=1)
+    except BatcherDead as exc:
+        error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", retry_after_s=5)
+    except ApiError as exc:
+        error = exc
+    return Answer(error.status, {"error": error.message, **error.extra}, error.headers)
+
+
 def answers_errors(api):
-    """Turn ApiError (and the batcher's overload and death) into a JSON answer with the right status."""
+    """An API function whose ApiError (and the batcher's overload and death) become a JSON answer."""
 
     @functools.wraps(api)
     async def wrapper(*args, **kwargs):
-        try:
-            return await api(*args, **kwargs)
-        except Overloaded as exc:
-            error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"overloaded: {exc}", retry_after_s=1)
-        except BatcherDead as exc:
-            error = ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {exc}", retry_after_s=5)
-        except ApiError as exc:
-            error = exc
-        return JSONResponse({"error": error.message, **error.extra}, error.status, headers=error.headers)
+        answer = await answered(api(*args, **kwargs))
+        if answer.status == HTTPStatus.OK:
+            return answer.body
+        return JSONResponse(answer.body, answer.status, headers=answer.headers)
 
     return wrapper
+
+
+def frame_query(query_string: bytes) -> tuple[int, bool]:
+    """frameNumber and explain of a direct route's query string, as the multipart route reads its fields
+    (422 naming the field otherwise); other parameters are ignored, as FastAPI ignores them."""
+    frame, explain = 0, False
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name == "frameNumber":
+            if not re.fullmatch(r"\d{1,10}", value) or int(value) > MAX_FRAME_NUMBER:
+                raise ApiError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    f"frameNumber: expected an integer from 0 to {MAX_FRAME_NUMBER}; got {value[:20]!r}",
+                )
+            frame = int(value)
+        elif name == "explain":
+            if value.lower() not in TRUE_WORDS | FALSE_WORDS:
+                raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"explain: expected true or false; got {value[:20]!r}")
+            explain = value.lower() in TRUE_WORDS
+    return frame, explain
 
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
@@ -247,6 +278,12 @@ class Detector:
             images, first_frame = batch_fields(parts)
             return await self._analyze_frames(images, first_frame, started)
 
+        # Behind the guard (always, in this service) these two are answered by the guard itself from the checked
+        # body, without BentoML's routing and FastAPI's dependency solving; the FastAPI routes above document
+        # them (OpenAPI) and answer where the app runs without the guard.
+        DIRECT_ROUTES[RAW_FRAME_ROUTE] = self._direct_frame
+        DIRECT_ROUTES[BATCH_ROUTE] = self._direct_frames
+
         @health_app.post(FEEDBACK_ROUTE, summary="A reviewer's label for a logged verdict (bearer token)")
         @answers_errors
         async def feedback(request: Request):
@@ -259,6 +296,26 @@ class Detector:
                 )
             review = feedback_fields(await request.body())
             return await anyio.to_thread.run_sync(lambda: write_feedback(self.log_store, **review))
+
+    async def _direct_frame(self, scope: dict, body: bytes) -> Answer:
+        """/inference/analyze-frame/raw, answered by the guard."""
+        started = time.perf_counter()
+
+        async def analyze():
+            frame, explain = frame_query(scope.get("query_string", b""))
+            return await self._analyze_frame(body, frame, explain, started, RAW_FRAME_ROUTE)
+
+        return await answered(analyze())
+
+    async def _direct_frames(self, scope: dict, parts: list[Part]) -> Answer:
+        """/inference/analyze-frames, answered by the guard from the form it parsed."""
+        started = time.perf_counter()
+
+        async def analyze():
+            images, first_frame = batch_fields(parts)
+            return await self._analyze_frames(images, first_frame, started)
+
+        return await answered(analyze())
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
@@ -617,10 +674,12 @@ def pixels_from_json(images, size: int) -> np.ndarray:
     return array.astype(np.uint8)
 
 
+Detector.add_asgi_middleware(RequestIds)  # outermost of ours: every answer, a refusal too, carries its id
 # Every body is checked before BentoML parses it: a 4xx JSON error says what was wrong (dfdetect.http_guard).
 Detector.add_asgi_middleware(
     RequestGuard,
     body_timeout_s=SERVING.body_timeout_s,
+    direct=DIRECT_ROUTES,
     routes={
         "/inference/analyze-frame": Route(
             "multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image", frozenset({"frameNumber", "explain"})
@@ -632,4 +691,3 @@ Detector.add_asgi_middleware(
         FEEDBACK_ROUTE: Route("json", 16 * 1024, content_types=("application/json",)),
     },
 )
-Detector.add_asgi_middleware(RequestIds)  # every answer and its log entry carry one id (also X-Request-ID)

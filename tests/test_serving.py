@@ -57,11 +57,16 @@ def test_raw_body_endpoint_answers_as_the_multipart_one(service, sample_root):
         body = raw.json()
         assert set(body) == set(form) and body["frameNumber"] == 7 and body["is_fake"] == form["is_fake"]
         assert body["distribution"]["fake"] == pytest.approx(form["distribution"]["fake"], abs=1e-6)
+        assert raw.headers["X-Request-ID"] == body["requestId"] != form["requestId"]
+    for query, field in (({"frameNumber": -1}, "frameNumber"), ({"explain": "maybe"}, "explain")):
+        bad = requests.post(url, data=jpeg(path), params=query, headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert bad.status_code == 422 and bad.json()["error"].startswith(field), bad.text
     # what is not an image is refused with a 4xx that says why, never fetched or parsed as anything else
     url_body = requests.post(url, data=b"http://127.0.0.1:1/secret", headers={"Content-Type": "image/jpeg"}, timeout=30)
     assert url_body.status_code == 400 and "error" in url_body.json()
     wrong_type = requests.post(url, data=jpeg(path), headers={"Content-Type": "text/plain"}, timeout=30)
     assert wrong_type.status_code == 415 and "image/jpeg" in wrong_type.json()["error"]
+    assert len(wrong_type.headers["X-Request-ID"]) == 32  # a refusal carries its id too
     too_big = requests.post(
         url,
         data=b"\xff" * (int(service["params"].serving.max_upload_mb * 2**20) + 1),

@@ -233,3 +233,79 @@ def test_serving_workers_sets_the_bentoml_worker_count(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "3"
+
+
+def _asgi_post(app, path: str, body: bytes, content_type: str, query: bytes = b"") -> tuple[int, dict, dict]:
+    """POST through an ASGI app in one event loop: (status, headers, JSON body)."""
+    import asyncio
+    import json
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "query_string": query,
+        "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(data)
+
+
+def test_the_guard_answers_a_direct_route_itself_from_the_checked_body_and_never_the_app():
+    from dfdetect.http_guard import Answer, RequestGuard, Route
+
+    seen = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app was called for a direct route")
+
+    async def handler(scope, body):
+        seen.append((scope["query_string"], body))
+        return Answer(201, {"bytes": len(body)}, {"X-Seen": "yes"})
+
+    guard = RequestGuard(app, {"/raw": Route("raw", 10, content_types=("image/jpeg",))}, direct={"/raw": handler})
+    status, headers, body = _asgi_post(guard, "/raw", b"12345", "image/jpeg", b"frameNumber=3")
+    assert (status, body, headers[b"x-seen"]) == (201, {"bytes": 5}, b"yes")
+    assert seen == [(b"frameNumber=3", b"12345")]
+    # a body the route refuses never reaches the handler
+    assert _asgi_post(guard, "/raw", b"12345678901", "image/jpeg")[0] == 413
+    assert _asgi_post(guard, "/raw", b"12345", "text/plain")[0] == 415
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "query, answer",
+    [
+        (b"", (0, False)),
+        (b"frameNumber=7&explain=true", (7, True)),
+        (b"explain=0&other=x", (0, False)),
+        (b"frameNumber=2147483647", (2**31 - 1, False)),
+        (b"frameNumber=2147483648", "frameNumber"),
+        (b"frameNumber=-1", "frameNumber"),
+        (b"frameNumber=1e3", "frameNumber"),
+        (b"explain=maybe", "explain"),
+    ],
+)
+def test_direct_frame_query_reads_frame_number_and_explain_as_the_form_does(monkeypatch, query, answer):
+    import importlib
+
+    from conftest import REPO
+
+    monkeypatch.setenv("DFDETECT_PARAMS", str(REPO / "params.yaml"))
+    service = importlib.import_module("serving.service")
+    if isinstance(answer, tuple):
+        assert service.frame_query(query) == answer
+    else:
+        with pytest.raises(service.ApiError) as refused:
+            service.frame_query(query)
+        assert refused.value.status == 422 and refused.value.message.startswith(answer)

@@ -6,6 +6,10 @@ and a generic message. Here each such request gets a 4xx JSON error that says wh
 temporary file is written: the body is read with a size limit and a read timeout, the multipart structure is
 parsed with limits on parts, names and text sizes, and only then is the buffered body handed to BentoML.
 A fault further in still answers JSON, never a traceback or a server path.
+
+A route with a direct handler (`direct`) is answered here, from the checked body: the request never walks
+the app's routers, mounts and FastAPI's dependency solving, which cost more CPU than the rest of a served
+image (benchmarks/serving.py).
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """What a direct handler answers: a status and a JSON body."""
+
+    status: int
+    body: dict | list
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Part:
     """One part of a checked multipart body (data only when the route keeps its parts)."""
 
@@ -72,8 +85,8 @@ class Part:
     data: bytes
 
 
-async def send_json(send: Callable, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body).encode()
+async def send_json(send: Callable, status: int, body: dict | list, headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
@@ -258,8 +271,15 @@ def check_content_type(route: Route, content_type: str | None) -> None:
         raise Refused(415, f"expected Content-Type {route.describe()}; got {media[:80] or 'none'!r}")
 
 
+# A direct handler: the request's scope and its checked body (a multipart route that keeps its parts: the
+# parts) -> the answer.
+DirectHandler = Callable[[dict, "bytes | list[Part]"], Awaitable[Answer]]
+
+
 class RequestGuard:
-    """ASGI middleware: `routes` maps a POST path to what it accepts; other POSTs get a small body limit."""
+    """ASGI middleware: `routes` maps a POST path to what it accepts; other POSTs get a small body limit.
+    `direct` maps a POST path to a handler the guard calls itself (read at each request: the service fills it
+    once its instance exists, after the middleware is built)."""
 
     def __init__(
         self,
@@ -267,9 +287,11 @@ class RequestGuard:
         routes: dict[str, Route],
         body_timeout_s: float = 30.0,
         on_refused: Callable[[int], None] | None = None,
+        direct: dict[str, DirectHandler] | None = None,
     ):
         self.app, self.routes, self.body_timeout_s = app, routes, body_timeout_s
         self.on_refused = on_refused or (lambda status: None)
+        self.direct = direct if direct is not None else {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -284,7 +306,12 @@ class RequestGuard:
 
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._checked(scope, receive)
+                body = await self._checked(scope, receive)
+                handler = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
+                if handler is not None:
+                    answer = await handler(scope, scope.pop(PARTS_KEY, body))
+                    return await send_json(tracked_send, answer.status, answer.body, answer.headers)
+                receive = _replay(body, receive)
             await self.app(scope, receive, tracked_send)
         except Refused as exc:
             self.on_refused(exc.status)
@@ -295,7 +322,9 @@ class RequestGuard:
             if not started:
                 await send_json(send, 500, {"error": "internal error (logged on the server)"})
 
-    async def _checked(self, scope: dict, receive: Callable) -> Callable:
+    async def _checked(self, scope: dict, receive: Callable) -> bytes:
+        """The body, read within its route's limits and checked (a kept form goes to scope[PARTS_KEY], and
+        the body returned is then empty)."""
         route = self.routes.get(scope["path"])
         limit = route.max_body if route else SMALL_BODY
         length = _header(scope, b"content-length")
@@ -316,7 +345,7 @@ class RequestGuard:
             parts = check_multipart(route, content_type, body, keep=route.keep_parts)
             if route.keep_parts:  # the endpoint reads the parts; the body is not held twice
                 scope[PARTS_KEY], body = parts, b""
-        return _replay(body, receive)
+        return body
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:
