@@ -168,6 +168,18 @@ def answers_errors(api):
     return wrapper
 
 
+def timed(endpoint: str, handler):
+    """A direct handler whose latency and status go to DIRECT_SECONDS."""
+
+    async def observed(scope: dict, payload) -> Answer:
+        began = time.perf_counter()
+        answer = await handler(scope, payload)
+        DIRECT_SECONDS.labels(endpoint, str(int(answer.status))).observe(time.perf_counter() - began)
+        return answer
+
+    return observed
+
+
 def frame_query(query_string: bytes) -> tuple[int, bool]:
     """frameNumber and explain of a direct route's query string, as the multipart route reads its fields
     (422 naming the field otherwise); other parameters are ignored, as FastAPI ignores them."""
@@ -199,10 +211,29 @@ BATCH_SIZE = Histogram(
     "dfdetect_batch_size", "Images per model call (adaptive batching)", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
 
+REFUSED = Counter("dfdetect_refused_requests", "Requests the guard refused before any handler, by status", ["status"])
+DIRECT_SECONDS = Histogram(
+    "dfdetect_direct_request_duration_seconds",
+    "Latency of the routes the request guard answers itself (raw body, batch), by endpoint and status",
+    ["endpoint", "http_response_code"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
 health_app = FastAPI(title="dfdetect health")
 
 
-@bentoml.service(workers=SERVING.workers, traffic={"timeout": 60})  # one batcher per worker process
+# The direct routes (answered by the guard) are left out of BentoML's access log, request metrics and tracing,
+# which together cost about as much CPU as the rest of the request: their verdicts are in the prediction log,
+# their counts and latency in dfdetect_direct_request_duration_seconds.
+DIRECT_PATHS = [RAW_FRAME_ROUTE, BATCH_ROUTE]
+
+
+@bentoml.service(
+    workers=SERVING.workers,  # one batcher per worker process
+    traffic={"timeout": 60},
+    logging={"access": {"skip_paths": ["/metrics", "/healthz", "/livez", "/readyz", *DIRECT_PATHS]}},
+    tracing={"excluded_urls": DIRECT_PATHS},
+)
 @bentoml.asgi_app(health_app, path="/")
 class Detector:
     def __init__(self):
@@ -281,8 +312,8 @@ class Detector:
         # Behind the guard (always, in this service) these two are answered by the guard itself from the checked
         # body, without BentoML's routing and FastAPI's dependency solving; the FastAPI routes above document
         # them (OpenAPI) and answer where the app runs without the guard.
-        DIRECT_ROUTES[RAW_FRAME_ROUTE] = self._direct_frame
-        DIRECT_ROUTES[BATCH_ROUTE] = self._direct_frames
+        DIRECT_ROUTES[RAW_FRAME_ROUTE] = timed(RAW_FRAME_ROUTE, self._direct_frame)
+        DIRECT_ROUTES[BATCH_ROUTE] = timed(BATCH_ROUTE, self._direct_frames)
 
         @health_app.post(FEEDBACK_ROUTE, summary="A reviewer's label for a logged verdict (bearer token)")
         @answers_errors
@@ -680,6 +711,7 @@ Detector.add_asgi_middleware(
     RequestGuard,
     body_timeout_s=SERVING.body_timeout_s,
     direct=DIRECT_ROUTES,
+    on_refused=lambda status: REFUSED.labels(str(status)).inc(),
     routes={
         "/inference/analyze-frame": Route(
             "multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image", frozenset({"frameNumber", "explain"})

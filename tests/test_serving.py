@@ -297,9 +297,16 @@ def test_unsupported_video_is_a_400(service):
 
 
 def test_metrics_count_requests_per_endpoint_and_predictions_per_version_and_label(service, sample_root):
-    post_frame(service["url"], jpeg(next((sample_root / "test" / "real").iterdir())))
+    image = jpeg(next((sample_root / "test" / "real").iterdir()))
+    post_frame(service["url"], image)
+    raw = f"{service['url']}/inference/analyze-frame/raw"
+    assert requests.post(raw, data=image, headers={"Content-Type": "image/jpeg"}, timeout=30).status_code == 200
+    assert requests.post(raw, data=image, headers={"Content-Type": "text/plain"}, timeout=30).status_code == 415
     text = requests.get(f"{service['url']}/metrics", timeout=10).text
     assert 'endpoint="/inference/analyze-frame"' in text and "bentoml_service_request_duration_seconds" in text
+    # the routes the guard answers itself have their own latency histogram, and refusals their counter
+    assert 'dfdetect_direct_request_duration_seconds_count{endpoint="/inference/analyze-frame/raw",' in text
+    assert 'dfdetect_refused_requests_total{status="415"}' in text
     assert "dfdetect_predictions_total{" in text and f'version="{service["params"].registry.model_name}/' in text
 
 
