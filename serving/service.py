@@ -53,6 +53,7 @@ log = logging.getLogger("dfdetect.serving")
 PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
 SERVING = PARAMS.serving
 MB = 1024 * 1024
+FRAME_ROUTE = "/inference/analyze-frame"  # the original API: one image in a multipart form (field `image`)
 RAW_FRAME_ROUTE = "/inference/analyze-frame/raw"  # the image is the request body: no multipart, no temporary file
 BATCH_ROUTE = "/inference/analyze-frames"  # several images in one multipart request (the field `images`, repeated)
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
@@ -180,23 +181,28 @@ def timed(endpoint: str, handler):
     return observed
 
 
-def frame_query(query_string: bytes) -> tuple[int, bool]:
-    """frameNumber and explain of a direct route's query string, as the multipart route reads its fields
-    (422 naming the field otherwise); other parameters are ignored, as FastAPI ignores them."""
+def frame_fields(fields) -> tuple[int, bool]:
+    """frameNumber and explain from (name, text) pairs (a direct route's query string or form fields), 400
+    naming the field when one is not what is expected; other names are ignored, as FastAPI ignores them."""
     frame, explain = 0, False
-    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+    for name, value in fields:
         if name == "frameNumber":
             if not re.fullmatch(r"\d{1,10}", value) or int(value) > MAX_FRAME_NUMBER:
                 raise ApiError(
-                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    HTTPStatus.BAD_REQUEST,
                     f"frameNumber: expected an integer from 0 to {MAX_FRAME_NUMBER}; got {value[:20]!r}",
                 )
             frame = int(value)
         elif name == "explain":
             if value.lower() not in TRUE_WORDS | FALSE_WORDS:
-                raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"explain: expected true or false; got {value[:20]!r}")
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"explain: expected true or false; got {value[:20]!r}")
             explain = value.lower() in TRUE_WORDS
     return frame, explain
+
+
+def frame_query(query_string: bytes) -> tuple[int, bool]:
+    """frameNumber and explain of the raw route's query string."""
+    return frame_fields(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
 
 
 # Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
@@ -225,7 +231,7 @@ health_app = FastAPI(title="dfdetect health")
 # The direct routes (answered by the guard) are left out of BentoML's access log, request metrics and tracing,
 # which together cost about as much CPU as the rest of the request: their verdicts are in the prediction log,
 # their counts and latency in dfdetect_direct_request_duration_seconds.
-DIRECT_PATHS = [RAW_FRAME_ROUTE, BATCH_ROUTE]
+DIRECT_PATHS = [FRAME_ROUTE, RAW_FRAME_ROUTE, BATCH_ROUTE]
 
 
 @bentoml.service(
@@ -309,9 +315,11 @@ class Detector:
             images, first_frame = batch_fields(parts)
             return await self._analyze_frames(images, first_frame, started)
 
-        # Behind the guard (always, in this service) these two are answered by the guard itself from the checked
-        # body, without BentoML's routing and FastAPI's dependency solving; the FastAPI routes above document
-        # them (OpenAPI) and answer where the app runs without the guard.
+        # Behind the guard (always, in this service) the image routes are answered by the guard itself from the
+        # checked body or form, without BentoML's routing, temporary files and FastAPI's dependency solving; the
+        # API declarations (analyze_frame below, the FastAPI routes above) document them in OpenAPI and answer
+        # where the app runs without the guard.
+        DIRECT_ROUTES[FRAME_ROUTE] = timed(FRAME_ROUTE, self._direct_form_frame)
         DIRECT_ROUTES[RAW_FRAME_ROUTE] = timed(RAW_FRAME_ROUTE, self._direct_frame)
         DIRECT_ROUTES[BATCH_ROUTE] = timed(BATCH_ROUTE, self._direct_frames)
 
@@ -335,6 +343,25 @@ class Detector:
         async def analyze():
             frame, explain = frame_query(scope.get("query_string", b""))
             return await self._analyze_frame(body, frame, explain, started, RAW_FRAME_ROUTE)
+
+        return await answered(analyze())
+
+    async def _direct_form_frame(self, scope: dict, parts: list[Part]) -> Answer:
+        """/inference/analyze-frame (multipart), answered by the guard from the form it parsed: no temporary
+        file, no second parse."""
+        started = time.perf_counter()
+
+        async def analyze():
+            image = next(p.data for p in parts if p.name == "image")  # the guard made sure it is there
+            limit = int(SERVING.max_upload_mb * MB)
+            if len(image) > limit:
+                raise ApiError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"image: {len(image)} bytes is over the limit of {limit} bytes (serving.max_upload_mb)",
+                )
+            text = ((p.name, p.data.decode("utf-8", "replace")) for p in parts if p.name != "image")
+            frame, explain = frame_fields(text)
+            return await self._analyze_frame(image, frame, explain, started)
 
         return await answered(analyze())
 
@@ -501,7 +528,7 @@ class Detector:
         array = await anyio.to_thread.run_sync(pixels_from_json, images, size, limiter=self._decoders)
         return [dataclasses.asdict(s) for s in await self._score(array)]
 
-    @bentoml.api(route="/inference/analyze-frame")
+    @bentoml.api(route=FRAME_ROUTE)
     @answers_errors
     async def analyze_frame(
         self, image: Path, frameNumber: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0, explain: bool = False
@@ -513,7 +540,7 @@ class Detector:
         return await self._analyze_frame(image.read_bytes(), frameNumber, explain, started)
 
     async def _analyze_frame(
-        self, data: bytes, frame_number: int, explain: bool, started: float, endpoint: str = "/inference/analyze-frame"
+        self, data: bytes, frame_number: int, explain: bool, started: float, endpoint: str = FRAME_ROUTE
     ) -> dict:
         """Image bytes -> the verdict JSON (both frame endpoints): decoded in a thread, scored in a shared batch."""
         size = self._image_size()
@@ -713,8 +740,12 @@ Detector.add_asgi_middleware(
     direct=DIRECT_ROUTES,
     on_refused=lambda status: REFUSED.labels(str(status)).inc(),
     routes={
-        "/inference/analyze-frame": Route(
-            "multipart", int(SERVING.max_upload_mb * MB) + _FORM_SLACK, "image", frozenset({"frameNumber", "explain"})
+        FRAME_ROUTE: Route(
+            "multipart",
+            int(SERVING.max_upload_mb * MB) + _FORM_SLACK,
+            "image",
+            frozenset({"frameNumber", "explain"}),
+            keep_parts=True,
         ),
         "/inference/analyze-video": Route("multipart", int(SERVING.max_video_mb * MB) + _FORM_SLACK, "video"),
         RAW_FRAME_ROUTE: Route("raw", int(SERVING.max_upload_mb * MB), content_types=IMAGE_TYPES),

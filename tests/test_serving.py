@@ -60,7 +60,7 @@ def test_raw_body_endpoint_answers_as_the_multipart_one(service, sample_root):
         assert raw.headers["X-Request-ID"] == body["requestId"] != form["requestId"]
     for query, field in (({"frameNumber": -1}, "frameNumber"), ({"explain": "maybe"}, "explain")):
         bad = requests.post(url, data=jpeg(path), params=query, headers={"Content-Type": "image/jpeg"}, timeout=30)
-        assert bad.status_code == 422 and bad.json()["error"].startswith(field), bad.text
+        assert bad.status_code == 400 and bad.json()["error"].startswith(field), bad.text
     # what is not an image is refused with a 4xx that says why, never fetched or parsed as anything else
     url_body = requests.post(url, data=b"http://127.0.0.1:1/secret", headers={"Content-Type": "image/jpeg"}, timeout=30)
     assert url_body.status_code == 400 and "error" in url_body.json()
@@ -302,10 +302,13 @@ def test_metrics_count_requests_per_endpoint_and_predictions_per_version_and_lab
     raw = f"{service['url']}/inference/analyze-frame/raw"
     assert requests.post(raw, data=image, headers={"Content-Type": "image/jpeg"}, timeout=30).status_code == 200
     assert requests.post(raw, data=image, headers={"Content-Type": "text/plain"}, timeout=30).status_code == 415
+    assert requests.post(f"{service['url']}/score", json={"images": [[[1]]]}, timeout=30).status_code == 400
     text = requests.get(f"{service['url']}/metrics", timeout=10).text
-    assert 'endpoint="/inference/analyze-frame"' in text and "bentoml_service_request_duration_seconds" in text
-    # the routes the guard answers itself have their own latency histogram, and refusals their counter
-    assert 'dfdetect_direct_request_duration_seconds_count{endpoint="/inference/analyze-frame/raw",' in text
+    # BentoML's own request metrics for its APIs; the image routes the guard answers itself have their own
+    # latency histogram (by endpoint and status), and refusals their counter
+    assert 'endpoint="/score"' in text and "bentoml_service_request_duration_seconds" in text
+    for route in ("/inference/analyze-frame", "/inference/analyze-frame/raw"):
+        assert f'dfdetect_direct_request_duration_seconds_count{{endpoint="{route}",http_response_code="200"}}' in text
     assert 'dfdetect_refused_requests_total{status="415"}' in text
     assert "dfdetect_predictions_total{" in text and f'version="{service["params"].registry.model_name}/' in text
 

@@ -308,4 +308,4 @@ def test_direct_frame_query_reads_frame_number_and_explain_as_the_form_does(monk
     else:
         with pytest.raises(service.ApiError) as refused:
             service.frame_query(query)
-        assert refused.value.status == 422 and refused.value.message.startswith(answer)
+        assert refused.value.status == 400 and refused.value.message.startswith(answer)
