@@ -205,7 +205,7 @@ def frame_query(query_string: bytes) -> tuple[int, bool]:
     return frame_fields(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
 
 
-# Request counts and latency per endpoint are BentoML's own (bentoml_service_request_*) on /metrics.
+# Request counts and latency: BentoML's own (bentoml_service_request_*) for its APIs, DIRECT_SECONDS for the image routes.
 PREDICTIONS = Counter("dfdetect_predictions", "Verdicts served, by model version and label", ["version", "label"])
 # The review band's share of traffic: rate(dfdetect_verdicts_total{verdict="review"}[5m])
 # / rate(dfdetect_verdicts_total[5m]) (a ratio of counters stays right across worker processes).
