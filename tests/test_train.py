@@ -241,3 +241,24 @@ def test_steps_missing_from_mlflow_are_logged_on_resume(prepared_small, tmp_path
     torch.save(state, models / "last.pt")
     train(params, prepared_small, models, resume=models / "last.pt")
     assert sorted(m.step for m in client.get_metric_history(fresh, "val_auc")) == [1, 2, 3]
+
+
+def test_a_grey_model_stores_its_colour_and_its_input_is_luma_alone(prepared_small, tmp_path):
+    import numpy as np
+
+    from dfdetect.artifact import TrainedModel
+    from dfdetect.data import load_split
+    from dfdetect.inference import Predictor
+    from dfdetect.preprocessing import LUMA, to_model_input
+
+    train(small_params(model={"colour": "grey"}, train={"epochs": 1}), prepared_small, tmp_path / "m", track=False)
+    trained = TrainedModel.load(tmp_path / "m" / "best.pt")
+    assert trained.preprocess.colour == "grey" and Predictor.from_trained(trained, "m").pre.colour == "grey"
+    images = load_split(prepared_small, "test").images[:8]
+    grey = np.repeat((images.astype(np.float64) @ np.array(LUMA)).round().astype(np.uint8)[..., None], 3, -1)
+    as_grey = to_model_input(list(grey), trained.preprocess)
+    assert torch.allclose(to_model_input(list(images), trained.preprocess), as_grey, atol=0.02)
+    assert torch.allclose(as_grey[:, 0], as_grey[:, 1] * 0.224 / 0.229 + (0.456 - 0.485) / 0.229, atol=1e-4)
+    # an rgb model's input does carry colour (so the check above can fail)
+    rgb = trained.preprocess.__class__(**{**trained.preprocess.to_dict(), "colour": "rgb"})
+    assert not torch.allclose(to_model_input(list(images), rgb), to_model_input(list(grey), rgb), atol=0.02)

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from .config import AugmentParams
 
-# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
-LUMA = (0.2989, 0.587, 0.114)
+from .preprocessing import LUMA
 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:

@@ -185,6 +185,11 @@ class ModelParams(Section):
         description="the model's input side; null: prepare.image_size. Smaller: each image is downscaled from the "
         "prepared cache (a cheaper model, e.g. a distilled student), and served at this size",
     )
+    colour: Literal["rgb", "grey"] = Field(
+        "rgb",
+        description="grey: the model sees luma only (ITU-R 601, in all three channels), in training and serving "
+        "alike; colour statistics and chroma compression differ between sources (README 'Generalisation')",
+    )
 
 
 class AugmentParams(Section):

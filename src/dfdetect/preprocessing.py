@@ -40,8 +40,11 @@ class PreprocessConfig:
     interpolation: str = "bilinear"
     crop: str = "center"
     face_margin: float | None = None  # how training faces were framed (face box x margin); None: not recorded
+    colour: str = "rgb"  # grey: luma in all three channels, before mean and std (model.colour)
 
     def __post_init__(self):
+        if self.colour not in ("rgb", "grey"):
+            raise ValueError(f"preprocess.colour: {self.colour!r} is not one of ['grey', 'rgb']")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"preprocess.interpolation: {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
         if self.crop != "center":
@@ -64,6 +67,7 @@ class PreprocessConfig:
             interpolation=str(d.get("interpolation", "bilinear")),
             crop=str(d.get("crop", "center")),
             face_margin=float(d["face_margin"]) if d.get("face_margin") is not None else None,
+            colour=str(d.get("colour", "rgb")),  # models from before the field saw colour
         )
 
 
@@ -124,8 +128,14 @@ def resize_square(img: Image.Image, size: int, interpolation: str = "bilinear") 
     return np.asarray(img, dtype=np.uint8)
 
 
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+
 def standardize(batch01: torch.Tensor, cfg: PreprocessConfig, inplace: bool = False) -> torch.Tensor:
-    """float NCHW in [0, 1] -> normalised with the stored mean and std."""
+    """float NCHW in [0, 1] -> normalised with the stored mean and std (a grey model's: luma first)."""
+    if cfg.colour == "grey":
+        luma = torch.tensor(LUMA, device=batch01.device, dtype=batch01.dtype).view(1, 3, 1, 1)
+        batch01, inplace = (batch01 * luma).sum(1, keepdim=True).expand_as(batch01), False
     mean = torch.tensor(cfg.mean, device=batch01.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=batch01.device).view(1, 3, 1, 1)
     if inplace:

@@ -259,6 +259,7 @@ class Trainer:
                     "prepare at that size instead (prepare.image_size)"
                 )
             self.pre = replace(self.pre, image_size=size)
+        self.pre = replace(self.pre, colour=self.params.model.colour)  # stored with the model: serving sees as training
         self.train_split = load_split(self.prepared_dir, "train")
         self.val_split = load_split(self.prepared_dir, "val")
         if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
