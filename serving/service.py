@@ -56,6 +56,7 @@ MB = 1024 * 1024
 FRAME_ROUTE = "/inference/analyze-frame"  # the original API: one image in a multipart form (field `image`)
 RAW_FRAME_ROUTE = "/inference/analyze-frame/raw"  # the image is the request body: no multipart, no temporary file
 BATCH_ROUTE = "/inference/analyze-frames"  # several images in one multipart request (the field `images`, repeated)
+DIRECT_ROUTES = {}  # POST path -> the handler the guard calls itself (filled by the service instance)
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
 MAX_FRAME_NUMBER = 2**31 - 1
 TRUE_WORDS, FALSE_WORDS = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})  # FastAPI's
@@ -105,7 +106,6 @@ install_header_timeout(SERVING.header_timeout_s)  # before BentoML's worker buil
 allocator.limit_arenas(2)  # before the request threads start: memory stays flat (benchmarks/soak.py)
 TRIM_EVERY_S = 30
 FEEDBACK_ROUTE = "/feedback"
-DIRECT_ROUTES = {}  # POST path -> the handler the guard calls itself (filled by the service instance)
 FEEDBACK_TOKEN_ENV = "DFDETECT_FEEDBACK_TOKEN"  # the bearer token reviewers send; unset: /feedback is off
 EXTENSIONS = {
     "image/jpeg": ".jpg",
@@ -220,7 +220,7 @@ BATCH_SIZE = Histogram(
 REFUSED = Counter("dfdetect_refused_requests", "Requests the guard refused before any handler, by status", ["status"])
 DIRECT_SECONDS = Histogram(
     "dfdetect_direct_request_duration_seconds",
-    "Latency of the routes the request guard answers itself (raw body, batch), by endpoint and status",
+    "Latency of the image routes the request guard answers itself (multipart, raw body, batch), by endpoint and status",
     ["endpoint", "http_response_code"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import AugmentParams
-
 from .preprocessing import LUMA
 
 
