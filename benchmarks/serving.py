@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 import yaml
 from in_process import limit
@@ -169,7 +170,12 @@ def wait_ready(proc: subprocess.Popen, cmd: list[str], health: str, log: Path, t
 
 
 def stop(proc: subprocess.Popen) -> bool:
-    """SIGTERM to the whole process group, SIGKILL after 20 s; True when no process of the group is left."""
+    """SIGTERM to the whole process group, SIGKILL after 20 s; True when no process of the group, and none of
+    the server's workers (BentoML starts each in a session of its own, outside the group), is left."""
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
     for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
@@ -184,7 +190,12 @@ def stop(proc: subprocess.Popen) -> bool:
             time.sleep(0.2)
         if not group_alive(proc.pid):
             break
-    return not group_alive(proc.pid)
+    _, left = psutil.wait_procs(workers, timeout=10)  # the arbiter stops its workers on SIGTERM
+    for worker in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    _, left = psutil.wait_procs(left, timeout=10)
+    return not group_alive(proc.pid) and not left
 
 
 def group_alive(pgid: int) -> bool:

@@ -195,10 +195,11 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
             assert time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
 
-    wait_for.process = proc  # for a test that kills the service itself (its process group)
+    wait_for.process = proc  # for a test that kills the service itself (kill_service)
     try:
         yield url, wait_for
     finally:
+        workers = descendants(proc.pid)  # read before the arbiter goes: they then belong to init
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(20)
@@ -206,7 +207,44 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # it had already exited (the failure above says why)
+        stop_all(workers)
         log.close()
+
+
+def descendants(pid: int) -> list:
+    """Every process below `pid`. BentoML starts each worker in a session of its own, so a signal to the
+    server's process group does not reach them."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_all(processes: list, timeout_s: float = 10) -> None:
+    """SIGTERM to each process still running, SIGKILL to any left after `timeout_s`."""
+    import psutil
+
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def kill_service(proc: subprocess.Popen) -> None:
+    """SIGKILL to a served service and every one of its workers at once, as a crash of the pod would."""
+    import psutil
+
+    workers = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(20)
 
 
 def post_frame(url, data: bytes, name="face.jpg", **form):

@@ -8,14 +8,13 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 
 import pytest
 import requests
 import yaml
-from conftest import BIN, bentoml_serve, post_frame, require_server, serving_params
+from conftest import BIN, bentoml_serve, kill_service, post_frame, require_server, serving_params
 from PIL import Image, ImageEnhance
 
 from dfdetect import promotion, registry, servers
@@ -173,8 +172,7 @@ def test_a_killed_service_leaves_only_whole_log_files(audited, sample_root):
     for _ in range(10):
         assert post_frame(url, image).status_code == 200
     time.sleep(0.35)  # about one flush interval: some verdicts written, others still queued
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(20)
+    kill_service(proc)
     store = open_store(LOG)
     names = [n for n in store.names("predictions") if n.endswith(".jsonl.gz")]
     assert names
