@@ -169,16 +169,17 @@ def answers_errors(api):
     return wrapper
 
 
-def timed(endpoint: str, handler):
-    """A direct handler whose latency and status go to DIRECT_SECONDS."""
+def direct(endpoint: str, analyze):
+    """The guard's handler for an image route: `analyze(scope, payload, started)` gives the JSON body; its
+    errors become JSON answers (answered), and latency and status go to DIRECT_SECONDS."""
 
-    async def observed(scope: dict, payload) -> Answer:
-        began = time.perf_counter()
-        answer = await handler(scope, payload)
-        DIRECT_SECONDS.labels(endpoint, str(int(answer.status))).observe(time.perf_counter() - began)
+    async def handler(scope: dict, payload) -> Answer:
+        started = time.perf_counter()
+        answer = await answered(analyze(scope, payload, started))
+        DIRECT_SECONDS.labels(endpoint, str(int(answer.status))).observe(time.perf_counter() - started)
         return answer
 
-    return observed
+    return handler
 
 
 def frame_fields(fields) -> tuple[int, bool]:
@@ -319,9 +320,9 @@ class Detector:
         # checked body or form, without BentoML's routing, temporary files and FastAPI's dependency solving; the
         # API declarations (analyze_frame below, the FastAPI routes above) document them in OpenAPI and answer
         # where the app runs without the guard.
-        DIRECT_ROUTES[FRAME_ROUTE] = timed(FRAME_ROUTE, self._direct_form_frame)
-        DIRECT_ROUTES[RAW_FRAME_ROUTE] = timed(RAW_FRAME_ROUTE, self._direct_frame)
-        DIRECT_ROUTES[BATCH_ROUTE] = timed(BATCH_ROUTE, self._direct_frames)
+        DIRECT_ROUTES[FRAME_ROUTE] = direct(FRAME_ROUTE, self._direct_form_frame)
+        DIRECT_ROUTES[RAW_FRAME_ROUTE] = direct(RAW_FRAME_ROUTE, self._direct_frame)
+        DIRECT_ROUTES[BATCH_ROUTE] = direct(BATCH_ROUTE, self._direct_frames)
 
         @health_app.post(FEEDBACK_ROUTE, summary="A reviewer's label for a logged verdict (bearer token)")
         @answers_errors
@@ -336,44 +337,28 @@ class Detector:
             review = feedback_fields(await request.body())
             return await anyio.to_thread.run_sync(lambda: write_feedback(self.log_store, **review))
 
-    async def _direct_frame(self, scope: dict, body: bytes) -> Answer:
+    async def _direct_frame(self, scope: dict, body: bytes, started: float) -> dict:
         """/inference/analyze-frame/raw, answered by the guard."""
-        started = time.perf_counter()
+        frame, explain = frame_query(scope.get("query_string", b""))
+        return await self._analyze_frame(body, frame, explain, started, RAW_FRAME_ROUTE)
 
-        async def analyze():
-            frame, explain = frame_query(scope.get("query_string", b""))
-            return await self._analyze_frame(body, frame, explain, started, RAW_FRAME_ROUTE)
-
-        return await answered(analyze())
-
-    async def _direct_form_frame(self, scope: dict, parts: list[Part]) -> Answer:
+    async def _direct_form_frame(self, scope: dict, parts: list[Part], started: float) -> dict:
         """/inference/analyze-frame (multipart), answered by the guard from the form it parsed: no temporary
         file, no second parse."""
-        started = time.perf_counter()
+        image = next(p.data for p in parts if p.name == "image")  # the guard made sure it is there
+        limit = int(SERVING.max_upload_mb * MB)
+        if len(image) > limit:
+            raise ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"image: {len(image)} bytes is over the limit of {limit} bytes (serving.max_upload_mb)",
+            )
+        frame, explain = frame_fields((p.name, p.data.decode("utf-8", "replace")) for p in parts if p.name != "image")
+        return await self._analyze_frame(image, frame, explain, started)
 
-        async def analyze():
-            image = next(p.data for p in parts if p.name == "image")  # the guard made sure it is there
-            limit = int(SERVING.max_upload_mb * MB)
-            if len(image) > limit:
-                raise ApiError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"image: {len(image)} bytes is over the limit of {limit} bytes (serving.max_upload_mb)",
-                )
-            text = ((p.name, p.data.decode("utf-8", "replace")) for p in parts if p.name != "image")
-            frame, explain = frame_fields(text)
-            return await self._analyze_frame(image, frame, explain, started)
-
-        return await answered(analyze())
-
-    async def _direct_frames(self, scope: dict, parts: list[Part]) -> Answer:
+    async def _direct_frames(self, scope: dict, parts: list[Part], started: float) -> list[dict]:
         """/inference/analyze-frames, answered by the guard from the form it parsed."""
-        started = time.perf_counter()
-
-        async def analyze():
-            images, first_frame = batch_fields(parts)
-            return await self._analyze_frames(images, first_frame, started)
-
-        return await answered(analyze())
+        images, first_frame = batch_fields(parts)
+        return await self._analyze_frames(images, first_frame, started)
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
