@@ -169,6 +169,17 @@ def answers_errors(api):
     return wrapper
 
 
+def check_size(size: int, field: str, limit_mb: float, param: str, index: int | None = None) -> None:
+    """413 naming the field (and a batch image's index) when an upload is over its limit."""
+    limit = int(limit_mb * MB)
+    if size > limit:
+        raise ApiError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"{field}: {size} bytes is over the limit of {limit} bytes ({param})",
+            index=index,
+        )
+
+
 def direct(endpoint: str, analyze):
     """The guard's handler for an image route: `analyze(scope, payload, started)` gives the JSON body; its
     errors become JSON answers (answered), and latency and status go to DIRECT_SECONDS."""
@@ -346,12 +357,7 @@ class Detector:
         """/inference/analyze-frame (multipart), answered by the guard from the form it parsed: no temporary
         file, no second parse."""
         image = next(p.data for p in parts if p.name == "image")  # the guard made sure it is there
-        limit = int(SERVING.max_upload_mb * MB)
-        if len(image) > limit:
-            raise ApiError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"image: {len(image)} bytes is over the limit of {limit} bytes (serving.max_upload_mb)",
-            )
+        check_size(len(image), "image", SERVING.max_upload_mb, "serving.max_upload_mb")
         frame, explain = frame_fields((p.name, p.data.decode("utf-8", "replace")) for p in parts if p.name != "image")
         return await self._analyze_frame(image, frame, explain, started)
 
@@ -404,12 +410,7 @@ class Detector:
 
     @staticmethod
     def _check_size(upload: Path, field: str, limit_mb: float, param: str) -> None:
-        size, limit = upload.stat().st_size, int(limit_mb * MB)
-        if size > limit:
-            raise ApiError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"{field}: {size} bytes is over the limit of {limit} bytes ({param})",
-            )
+        check_size(upload.stat().st_size, field, limit_mb, param)
 
     def _image_size(self) -> int:
         info = self.models.info()
@@ -467,14 +468,8 @@ class Detector:
         single images (so at most serving.decode_threads full-size images are in memory at once), and is
         resized at once; then the whole batch is scored together."""
         size = self._image_size()
-        limit = int(SERVING.max_upload_mb * MB)
         for i, data in enumerate(images):
-            if len(data) > limit:
-                raise ApiError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"images[{i}]: {len(data)} bytes is over the limit of {limit} bytes (serving.max_upload_mb)",
-                    index=i,
-                )
+            check_size(len(data), f"images[{i}]", SERVING.max_upload_mb, "serving.max_upload_mb", index=i)
         await anyio.to_thread.run_sync(check_batch_headers, images, limiter=self._decoders)
         decoded = await asyncio.gather(
             *(
