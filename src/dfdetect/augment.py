@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AugmentParams
-from .preprocessing import LUMA
+from .preprocessing import LUMA, luma
 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
@@ -47,11 +47,11 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         if out is images:
             out = images.clone()  # the colour steps work in place
         b, c, s = (f.view(n, 1, 1, 1) for f in factors)
-        luma = torch.tensor(LUMA, device=device, dtype=out.dtype).view(1, 3, 1, 1)
+        weights = torch.tensor(LUMA, device=device, dtype=out.dtype).view(1, 3, 1, 1)
         out.mul_(b).clamp_(0, 1)  # brightness
-        mean_gray = (out.mean(dim=(2, 3), keepdim=True) * luma).sum(1, keepdim=True)
+        mean_gray = (out.mean(dim=(2, 3), keepdim=True) * weights).sum(1, keepdim=True)
         out.mul_(c).add_((1 - c) * mean_gray).clamp_(0, 1)  # contrast: towards the mean grey
-        gray = (out * luma).sum(1, keepdim=True)
+        gray = (out * weights).sum(1, keepdim=True)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
     out = to_grey(out, params.grayscale_prob, gen)
     return erase(out, params, gen)
@@ -65,7 +65,7 @@ def to_grey(images: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Te
         return images  # no draws when off: recipes measured before this existed draw the same numbers
     n = images.shape[0]
     on = (torch.rand(n, generator=gen) < prob).to(images.device).view(n, 1, 1, 1)
-    return torch.where(on, _grey(images).unsqueeze(1).expand_as(images), images)
+    return torch.where(on, luma(images).unsqueeze(1).expand_as(images), images)
 
 
 def erase(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
@@ -119,14 +119,10 @@ def _grey_sharpness(grey: torch.Tensor) -> torch.Tensor:
     return torch.log1p(lap.flatten(1).var(1))
 
 
-def _grey(images: torch.Tensor) -> torch.Tensor:
-    return (images * torch.tensor(LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)).sum(1)
-
-
 def sharpness(images: torch.Tensor) -> torch.Tensor:
     """Per image of a float N x 3 x H x W batch in [0, 1]: log(1 + variance of the 4-neighbour Laplacian) of
     the grey centre half on the 0-255 scale (the measure of benchmarks/shortcuts.py)."""
-    return _grey_sharpness(_grey(images))
+    return _grey_sharpness(luma(images))
 
 
 # The ladder match_sharpness chooses from: Gaussian blurs (sigma, pixels) and unsharp masks (amount x the
@@ -155,7 +151,7 @@ def match_sharpness(images: torch.Tensor, prob: float, gen: torch.Generator) -> 
         return images
     n, device = images.shape[0], images.device
     on = (torch.rand(n, generator=gen) < prob).to(device)
-    grey = _grey(images)
+    grey = luma(images)
     target = _grey_sharpness(grey)[torch.randperm(n, generator=gen).to(device)]
     smooth = _blur_grey(grey, 1.0)
     ladder = [grey] + [_blur_grey(grey, s) for s in _BLUR_SIGMAS]

@@ -131,11 +131,15 @@ def resize_square(img: Image.Image, size: int, interpolation: str = "bilinear") 
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 
+def luma(batch: torch.Tensor) -> torch.Tensor:
+    """float N x 3 x H x W -> N x H x W grey (the weights above)."""
+    return (batch * torch.tensor(LUMA, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)).sum(1)
+
+
 def standardize(batch01: torch.Tensor, cfg: PreprocessConfig, inplace: bool = False) -> torch.Tensor:
     """float NCHW in [0, 1] -> normalised with the stored mean and std (a grey model's: luma first)."""
     if cfg.colour == "grey":
-        luma = torch.tensor(LUMA, device=batch01.device, dtype=batch01.dtype).view(1, 3, 1, 1)
-        batch01, inplace = (batch01 * luma).sum(1, keepdim=True).expand_as(batch01), False
+        batch01, inplace = luma(batch01).unsqueeze(1).expand_as(batch01), False
     mean = torch.tensor(cfg.mean, device=batch01.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, device=batch01.device).view(1, 3, 1, 1)
     if inplace:
