@@ -17,23 +17,25 @@ from dfdetect.train import train
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    # The mechanics of data-parallel training, not a recipe: the compact CNN keeps three 12-epoch runs short.
+    # The mechanics of data-parallel training, not a recipe: the compact CNN at 64 px keeps three runs short.
+    raw["prepare"]["image_size"] = 64
     raw["model"].update(name="custom_cnn", pretrained=False, dropout=0.3)
     raw["train"].update(
-        epochs=12, batch_size=32, early_stopping_patience=0, lr=0.002, precision="auto", channels_last="auto"
+        epochs=EPOCHS, batch_size=32, early_stopping_patience=0, lr=0.002, precision="auto", channels_last="auto"
     )
     raw["mlflow"]["log_model"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     from dfdetect.config import parse_params
 
     params = parse_params(raw)
-    generate(root / "data", {"train": 300, "val": 100}, size=128, seed=5)
+    generate(root / "data", {"train": 300, "val": 100}, size=64, seed=5)
     prepare(root / "data", root / "prepared", params.prepare)
     return root, params
 
@@ -69,13 +71,13 @@ def test_two_processes_train_one_run_close_to_a_single_process(setup):
     done = ddp(root, env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["completed"] and result["epochs_run"] == 12 and result["run_id"]
+    assert result["completed"] and result["epochs_run"] == EPOCHS and result["run_id"]
 
     runs = mlflow.MlflowClient(uri).search_runs(
         [mlflow.MlflowClient(uri).get_experiment_by_name("dfdetect").experiment_id]
     )
     assert [r.info.run_id for r in runs] == [result["run_id"]]  # exactly one run: rank 0's
-    assert len(mlflow.MlflowClient(uri).get_metric_history(result["run_id"], "val_auc")) == 12
+    assert len(mlflow.MlflowClient(uri).get_metric_history(result["run_id"], "val_auc")) == EPOCHS
     state = checkpoint.load(root / "models-ddp" / "last.pt")
     assert state["world"] == 2 and len(state["rng"]["ranks"]) == 2
     assert abs(result["best_val_auc"] - single.best_val_auc) < 0.1, (result["best_val_auc"], single.best_val_auc)
@@ -84,12 +86,12 @@ def test_two_processes_train_one_run_close_to_a_single_process(setup):
 def test_resume_continues_with_the_same_number_of_processes(setup):
     root, _ = setup
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    first = ddp(root, env, "--no-mlflow", "--stop-after-epochs", "4", "--models", "models-resume")
+    first = ddp(root, env, "--no-mlflow", "--stop-after-epochs", "3", "--models", "models-resume")
     assert first.returncode == 0, first.stderr[-3000:]
     # the later --models wins: typer keeps the last value of a repeated option
     resumed = ddp(root, env, "--no-mlflow", "--models", "models-resume", "--resume", "models-resume/last.pt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["epochs_run"] == 12
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["epochs_run"] == EPOCHS
     single = subprocess.run(
         [
             str(BIN / "dfdetect"),

@@ -177,25 +177,33 @@ def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 128, 128]
 
 
-def test_dvc_experiment_with_a_changed_param(project, tmp_path):
-    """`dvc exp run -S` as the README shows it, in the workspace: only the stages the param reaches run again.
-
-    In a copy of the clone, so the experiment's outputs do not replace the ones the parity test compares. Not
-    `--temp`/`--queue`: their workspaces hold only cached outputs, and `prepared` is uncached so that a plain
-    `dvc pull` on a fresh clone fetches the data alone (those runs prepare again)."""
+@pytest.fixture(scope="module")
+def experiment(project, tmp_path_factory):
+    """`dvc exp run -S` as the README shows it, in the workspace of a copy of the clone: one epoch at another
+    learning rate. In a copy, so its outputs do not replace the clone's. Not `--temp`/`--queue`: their
+    workspaces hold only cached outputs, and `prepared` is uncached so that a plain `dvc pull` on a fresh clone
+    fetches the data alone (those runs prepare again)."""
     src, env, _ = project
-    dst = tmp_path / "experiment-project"
+    dst = tmp_path_factory.mktemp("experiment") / "dfdetect"
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlruns", ".kfp"))
-    out = run(["dvc", "exp", "run", "-S", "train.lr=0.00031", "-S", "train.epochs=2"], dst, env)
+    out = run(["dvc", "exp", "run", "-S", "train.lr=0.00031", "-S", "train.epochs=1"], dst, env)
+    return dst, env, out
+
+
+def test_dvc_experiment_with_a_changed_param(experiment):
+    """Only the stages the param reaches run again."""
+    dst, env, out = experiment
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], dst, env))
     flat = json.dumps(shown)
     assert '"lr": 0.00031' in flat
+    assert len((dst / "train" / "history.csv").read_text().splitlines()) == 2  # one epoch
 
 
-def test_kubeflow_local_run_matches_the_dvc_run(project):
-    """Parity: the same params and seed through kfp.local, data from the DVC remote at HEAD, give the same metrics."""
-    dst, env, _ = project
+def test_kubeflow_local_run_matches_the_dvc_run(experiment):
+    """Parity: the same params and seed through kfp.local, data from the DVC remote at HEAD, give the same
+    metrics as `dvc exp run` gave (the experiment's recipe: one epoch keeps the second training short)."""
+    dst, env, _ = experiment
     out = run(
         [
             "dfdetect",
