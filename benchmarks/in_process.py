@@ -28,9 +28,9 @@ def limit(predict, image_size: int, jpegs: list[bytes], seconds: float, batch: i
 
     done, began, cpu0 = 0, time.perf_counter(), time.process_time()
     while done == 0 or time.perf_counter() - began < seconds:
-        batch = np.stack([resize_square(decode_image(b), image_size) for b in jpegs[done % len(jpegs) :][:batch]])
-        predict(batch)
-        done += len(batch)
+        images = np.stack([resize_square(decode_image(b), image_size) for b in jpegs[done % len(jpegs) :][:batch]])
+        predict(images)
+        done += len(images)
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
     return {"images_per_s": round(done / wall, 1), "cpu_ms_per_image": round(1000 * cpu / done, 3), "images": done}
 
