@@ -42,13 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 import requests
 import yaml
 from in_process import limit
 from loadgen import Load, drive, form_load, raw_load
 
-from dfdetect.servers import free_port
+from dfdetect.servers import descendants, free_port, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -172,10 +171,7 @@ def wait_ready(proc: subprocess.Popen, cmd: list[str], health: str, log: Path, t
 def stop(proc: subprocess.Popen) -> bool:
     """SIGTERM to the whole process group, SIGKILL after 20 s; True when no process of the group, and none of
     the server's workers (BentoML starts each in a session of its own, outside the group), is left."""
-    try:
-        workers = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        workers = []
+    workers = descendants(proc.pid)
     for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
@@ -190,12 +186,8 @@ def stop(proc: subprocess.Popen) -> bool:
             time.sleep(0.2)
         if not group_alive(proc.pid):
             break
-    _, left = psutil.wait_procs(workers, timeout=10)  # the arbiter stops its workers on SIGTERM
-    for worker in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            worker.kill()
-    _, left = psutil.wait_procs(left, timeout=10)
-    return not group_alive(proc.pid) and not left
+    workers_gone = stop_processes(workers)
+    return not group_alive(proc.pid) and workers_gone
 
 
 def group_alive(pgid: int) -> bool:

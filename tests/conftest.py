@@ -148,10 +148,10 @@ def make_face_videos(root, per_class: dict[str, int], frames: int = 6, seed: int
 
 @contextlib.contextmanager
 def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
-    """`bentoml serve` with these params on a free port; yields (url, wait_for_ready); stopped by process group."""
+    """`bentoml serve` with these params on a free port; yields (url, wait_for_ready); stopped with its workers."""
     import yaml
 
-    from dfdetect.servers import free_port
+    from dfdetect import servers
 
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
@@ -164,7 +164,7 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
     }
     log = open(root / "serve.log", "wb")
     for attempt in range(3):  # a free port can be taken by another process before the server binds it
-        port = free_port()
+        port = servers.free_port()
         proc = subprocess.Popen(
             [str(BIN / "bentoml"), "serve", "serving.service:Detector", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO,
@@ -199,45 +199,15 @@ def bentoml_serve(raw: dict, tracking_uri: str, root: Path):
     try:
         yield url, wait_for
     finally:
-        workers = descendants(proc.pid)  # read before the arbiter goes: they then belong to init
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it had already exited (the failure above says why)
-        stop_all(workers)
+        servers.Server("bentoml", proc, url, root / "serve.log").stop()  # its workers too
         log.close()
-
-
-def descendants(pid: int) -> list:
-    """Every process below `pid`. BentoML starts each worker in a session of its own, so a signal to the
-    server's process group does not reach them."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def stop_all(processes: list, timeout_s: float = 10) -> None:
-    """SIGTERM to each process still running, SIGKILL to any left after `timeout_s`."""
-    import psutil
-
-    for p in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
 
 
 def kill_service(proc: subprocess.Popen) -> None:
     """SIGKILL to a served service and every one of its workers at once, as a crash of the pod would."""
     import psutil
+
+    from dfdetect.servers import descendants
 
     workers = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)

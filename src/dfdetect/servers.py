@@ -1,11 +1,13 @@
 """Start the servers a team runs, on this machine: an S3 endpoint, PostgreSQL, an MLflow tracking server.
 
-Each runs in its own process group on 127.0.0.1 and is stopped by that group, so nothing is left behind.
+Each runs in its own process group on 127.0.0.1 and is stopped by that group and by every process below it (a
+child in a session of its own is outside the group), so nothing is left behind.
 `dfdetect server ...` and the integration tests both use these functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -17,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 
 class ServerError(RuntimeError):
@@ -41,6 +45,7 @@ class Server:
     def stop(self, timeout: float = 20) -> None:
         if self.proc.poll() is not None:
             return
+        workers = descendants(self.proc.pid)  # read first: once the parent is gone they belong to init
         try:
             os.killpg(self.proc.pid, self.stop_signal)
             self.proc.wait(timeout)
@@ -49,6 +54,7 @@ class Server:
             self.proc.wait(5)
         except ProcessLookupError:
             pass
+        stop_processes(workers)
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -61,6 +67,27 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below `pid`. A server may start children in sessions of their own (BentoML's workers), out
+    of reach of a signal to its process group."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_processes(processes: list[psutil.Process], timeout_s: float = 10) -> bool:
+    """SIGTERM to each process still running, SIGKILL to any left after `timeout_s`; True when none is left."""
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return not psutil.wait_procs(alive, timeout=timeout_s)[1]
 
 
 def _spawn(
