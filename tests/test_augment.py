@@ -178,7 +178,8 @@ def test_sharpness_matching_off_is_identity_and_draws_nothing():
 
 
 def test_grayscale_turns_a_share_grey_and_draws_nothing_when_off():
-    from dfdetect.augment import LUMA, to_grey
+    from dfdetect.augment import to_grey
+    from dfdetect.preprocessing import LUMA
 
     images, gen = _textures(16, 2), torch.Generator().manual_seed(7)
     state = gen.get_state()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AugmentParams
-from .preprocessing import LUMA, luma
+from .preprocessing import luma
 
 
 def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
@@ -47,11 +47,10 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         if out is images:
             out = images.clone()  # the colour steps work in place
         b, c, s = (f.view(n, 1, 1, 1) for f in factors)
-        weights = torch.tensor(LUMA, device=device, dtype=out.dtype).view(1, 3, 1, 1)
         out.mul_(b).clamp_(0, 1)  # brightness
-        mean_gray = (out.mean(dim=(2, 3), keepdim=True) * weights).sum(1, keepdim=True)
+        mean_gray = luma(out.mean(dim=(2, 3), keepdim=True)).unsqueeze(1)
         out.mul_(c).add_((1 - c) * mean_gray).clamp_(0, 1)  # contrast: towards the mean grey
-        gray = (out * weights).sum(1, keepdim=True)
+        gray = luma(out).unsqueeze(1)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
     out = to_grey(out, params.grayscale_prob, gen)
     return erase(out, params, gen)
