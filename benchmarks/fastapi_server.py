@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 
-from dfdetect.batching import MicroBatcher, Overloaded
+from dfdetect.batching import Demand, MicroBatcher, Overloaded
 from dfdetect.config import load_params
 from dfdetect.model_set import ModelSet, RegistryLoader
 from dfdetect.preprocessing import ImageError, decode_image, resize_square
@@ -33,7 +33,10 @@ def build(params_file: str) -> FastAPI:
     models = ModelSet(params, RegistryLoader(params))
     models.refresh()  # the model must be registered already: this server does not wait for one
     size = models.primary.preprocess.image_size
-    batcher = MicroBatcher(models.score, serving.max_batch_size, serving.max_latency_ms)
+    demand = Demand()  # the same batcher as the service's, holding part-full batches the same way
+    batcher = MicroBatcher(
+        models.score, serving.max_batch_size, serving.max_latency_ms, batch_wait_ms=serving.batch_wait_ms, demand=demand
+    )
     decoders = anyio.CapacityLimiter(serving.decode_threads)
     app = FastAPI()
 
@@ -55,9 +58,10 @@ def build(params_file: str) -> FastAPI:
     @app.post("/inference/analyze-frame")
     async def analyze_frame(image: UploadFile = File(...), frameNumber: int = Form(0)):
         started = time.perf_counter()
-        array = await anyio.to_thread.run_sync(prepare, await image.read(), limiter=decoders)
-        scored = (await batcher.submit(array, "primary"))[0]
-        return frame_response(frameNumber, scored, started)
+        with demand:
+            array = await anyio.to_thread.run_sync(prepare, await image.read(), limiter=decoders)
+            scored = (await batcher.submit(array, "primary"))[0]
+            return frame_response(frameNumber, scored, started)
 
     return app
 

@@ -9,6 +9,7 @@ the window) and errors by kind (HTTP status, timeout, connection). The servers a
   service_raw: the same process, the image as the body of /inference/analyze-frame/raw;
   service_batch: the same process, --batch-images images per request to /inference/analyze-frames;
   service_2_workers: another `bentoml serve` with serving.workers=2 (two worker processes, one batcher each);
+  service_no_hold: another `bentoml serve` with serving.batch_wait_ms=0 (the batcher never holds a batch);
   service_logged: another `bentoml serve` with serving.prediction_log on (every verdict logged to a folder);
 - fastapi: a plain FastAPI + uvicorn server with dfdetect's batcher (benchmarks/fastapi_server.py);
 - bentoml_batchable: BentoML's own `@bentoml.api(batchable=True)` batching (benchmarks/bentoml_batchable_service.py);
@@ -57,12 +58,13 @@ VARIANTS = (
     "service_raw",
     "service_batch",
     "service_2_workers",
+    "service_no_hold",
     "service_logged",
     "fastapi",
     "bentoml_batchable",
     "baseline_one_image_fp32",
 )
-SERVICE_VARIANTS = ("service", "service_raw", "service_batch", "service_2_workers", "service_logged")
+SERVICE_VARIANTS = tuple(name for name in VARIANTS if name.startswith("service"))  # dfdetect's own
 SMALL_BATCHES = (1, 2, 4, 8, 16)  # the in-process cost per image at these too (a server forms smaller batches)
 BASELINE = "baseline_one_image_fp32"  # eager fp32: not the served runtime, so no HTTP-path CPU for it
 
@@ -99,6 +101,14 @@ def servers(tmp: Path, jpegs: list[bytes], batch_images: int) -> list[Server]:
             "/health",
             {"service_2_workers": form_load(frame, jpegs)},
             {"DFDETECT_PARAMS": str(tmp / "params_2_workers.yaml")},
+        ),
+        # serving.batch_wait_ms=0: the batcher never holds a part-full batch (the hold against none, same run)
+        Server(
+            "service_no_hold",
+            [str(BIN / "bentoml"), "serve", "serving.service:Detector", *host],
+            "/health",
+            {"service_no_hold": form_load(frame, jpegs)},
+            {"DFDETECT_PARAMS": str(tmp / "params_no_hold.yaml")},
         ),
         # serving.prediction_log on (a folder): every verdict logged (issue 17: <= 5 % of throughput at 32 clients)
         Server(
@@ -469,6 +479,9 @@ def main():
     params = parse_params(raw)
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp / "params_2_workers.yaml").write_text(yaml.safe_dump({**raw, "serving": {**raw["serving"], "workers": 2}}))
+    (tmp / "params_no_hold.yaml").write_text(
+        yaml.safe_dump({**raw, "serving": {**raw["serving"], "batch_wait_ms": 0.0}})
+    )
     logged = {**raw["serving"], "prediction_log": str(tmp / "prediction_log")}
     (tmp / "params_logged.yaml").write_text(yaml.safe_dump({**raw, "serving": logged}))
     generate(tmp / "data", {"train": 300, "val": 100, "test": 100}, size=128, seed=42)

@@ -34,7 +34,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 
 from dfdetect import allocator
-from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
+from dfdetect.batching import BatcherDead, Demand, MicroBatcher, Overloaded
 from dfdetect.config import load_params
 from dfdetect.drift import brightness, jpeg_quality
 from dfdetect.faces import FaceCropper
@@ -57,6 +57,7 @@ FRAME_ROUTE = "/inference/analyze-frame"  # the original API: one image in a mul
 RAW_FRAME_ROUTE = "/inference/analyze-frame/raw"  # the image is the request body: no multipart, no temporary file
 BATCH_ROUTE = "/inference/analyze-frames"  # several images in one multipart request (the field `images`, repeated)
 DIRECT_ROUTES = {}  # POST path -> the handler the guard calls itself (filled by the service instance)
+DEMAND = Demand()  # image requests held from body to answer: how long the batcher may hold a part-full batch
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "application/octet-stream")
 MAX_FRAME_NUMBER = 2**31 - 1
 TRUE_WORDS, FALSE_WORDS = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})  # FastAPI's
@@ -186,7 +187,8 @@ def direct(endpoint: str, analyze):
 
     async def handler(scope: dict, payload) -> Answer:
         started = time.perf_counter()
-        answer = await answered(analyze(scope, payload, started))
+        with DEMAND:
+            answer = await answered(analyze(scope, payload, started))
         DIRECT_SECONDS.labels(endpoint, str(int(answer.status))).observe(time.perf_counter() - started)
         return answer
 
@@ -264,7 +266,12 @@ class Detector:
         threading.Thread(target=self.models.watch, args=(self._stop,), daemon=True, name="registry-poll").start()
         threading.Thread(target=self._trim_memory, daemon=True, name="malloc-trim").start()
         self.batcher = MicroBatcher(
-            self.models.score, SERVING.max_batch_size, SERVING.max_latency_ms, on_batch=BATCH_SIZE.observe
+            self.models.score,
+            SERVING.max_batch_size,
+            SERVING.max_latency_ms,
+            on_batch=BATCH_SIZE.observe,
+            batch_wait_ms=SERVING.batch_wait_ms,
+            demand=DEMAND,
         )
         # decoding and resizing happen here, never on the event loop (Pillow releases the GIL while decoding)
         self._decoders = anyio.CapacityLimiter(SERVING.decode_threads)

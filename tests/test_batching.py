@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from dfdetect.batching import BatcherDead, MicroBatcher, Overloaded
+from dfdetect.batching import BatcherDead, Demand, MicroBatcher, Overloaded
 
 
 class GatedModel:
@@ -173,3 +173,68 @@ def test_a_full_queue_refuses_at_once_as_overloaded():
     )
     assert rest[0] == [(1, "primary"), (2, "primary")] and rest[1] == [(3, "primary")]
     assert isinstance(rest[2], Overloaded) and "queued" in str(rest[2])
+
+
+async def closed_loop(batcher: MicroBatcher, demand: Demand, clients: int, rounds: int) -> list:
+    """`clients` callers that each send `rounds` requests one after the other, the way a load generator
+    does; the service holds each request from its body to its answer (`with demand`). Client k sends its
+    next request k x 10 ms after its answer, so without a hold the batches would split."""
+
+    async def client(k: int) -> list:
+        answers = []
+        for r in range(rounds):
+            with demand:
+                answers.append(await batcher.submit(images(10 * r + k)))
+            await asyncio.sleep(0.01 * k)
+        return answers
+
+    return await asyncio.gather(*(client(k) for k in range(clients)))
+
+
+@pytest.mark.parametrize("batch_wait_ms, calls", [(0, None), (2000, [4, 4, 4])])
+def test_a_free_model_holds_a_part_full_batch_for_the_clients_it_just_served(batch_wait_ms, calls):
+    model = GatedModel()
+    model.release.set()
+    demand = Demand()
+    batcher = MicroBatcher(model, 32, max_latency_ms=5000, batch_wait_ms=batch_wait_ms, demand=demand)
+    answers = asyncio.run(closed_loop(batcher, demand, clients=4, rounds=3))
+    assert answers == [[[(10 * r + k, "primary")] for r in range(3)] for k in range(4)]
+    sizes = [n for n, _ in model.calls]
+    if calls is None:  # without the hold, the staggered clients are scored apart
+        assert len(sizes) > 3 and sizes[0] == 4
+    else:
+        assert sizes == calls
+    assert demand.now == 0
+
+
+def test_a_lone_client_is_never_held():
+    model = GatedModel()
+    model.release.set()
+    demand = Demand()
+    batcher = MicroBatcher(model, 32, max_latency_ms=5000, batch_wait_ms=4000, demand=demand)
+
+    async def scenario():  # a hold would take 4 s a request: the deadline is far below that
+        return await asyncio.wait_for(closed_loop(batcher, demand, clients=1, rounds=3), timeout=3)
+
+    assert asyncio.run(scenario()) == [[[(r * 10, "primary")] for r in range(3)]]
+    assert model.calls == [(1, "primary")] * 3
+
+
+def test_the_hold_ends_at_batch_wait_ms_when_the_expected_clients_do_not_come():
+    model = GatedModel()
+    model.release.set()
+    demand = Demand()
+    batcher = MicroBatcher(model, 32, max_latency_ms=5000, batch_wait_ms=50, demand=demand)
+
+    async def scenario():
+        with demand, demand:  # two requests held that never reach the model (refused before it, say)
+            with demand:
+                return await asyncio.wait_for(batcher.submit(images(5)), timeout=3)
+
+    assert asyncio.run(scenario()) == [(5, "primary")]
+    assert model.calls == [(1, "primary")] and demand.now == 0
+
+
+def test_a_hold_as_long_as_max_latency_is_refused():
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        MicroBatcher(GatedModel(), 32, max_latency_ms=100, batch_wait_ms=100)

@@ -72,3 +72,9 @@ def test_params_are_immutable():
     params = Params()
     with pytest.raises(Exception):
         params.train.epochs = 3
+
+
+def test_a_batch_hold_as_long_as_the_latency_limit_is_refused_naming_both():
+    with pytest.raises(ParamsError, match=r"batch_wait_ms \(500.0\) must be below max_latency_ms \(500\)"):
+        parse_params({"serving": {"batch_wait_ms": 500, "max_latency_ms": 500}})
+    assert parse_params({"serving": {"batch_wait_ms": 0}}).serving.batch_wait_ms == 0

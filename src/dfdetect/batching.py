@@ -6,6 +6,12 @@ scores one batch, new requests queue; as soon as it is free it takes everything 
 one forms batches as large as its load. A request that waited `max_latency_ms` without reaching the model
 is refused as overloaded (HTTP 503) rather than answered late, which is how BentoML's own batching behaves.
 
+Under load that policy alone splits a steady set of clients into two alternating halves: while one half is
+scored, the other is answered and sends its next requests, so batches hold half the clients and the model runs
+at its cost for half the batch. With `batch_wait_ms`, a free model holds a part-full batch, up to that long,
+for the requests the service held during the last batch (`Demand`, counted by the service from body read to
+answer); a lone client is never held, since the only request the service held is the one waiting.
+
 Scoring in the process that parsed the request, instead of calling a second BentoML service, saves a
 serialisation and an HTTP round trip per request (benchmarks/README.md has what the service measures).
 """
@@ -33,6 +39,31 @@ class BatcherDead(RuntimeError):
     """The batching loop stopped: the service is not live and must be restarted (/livez says so)."""
 
 
+class Demand:
+    """How many requests the service holds now, and the most it held since the batcher last asked.
+
+    The service counts a request from its parsed body to its answer (`with demand:`); the batcher reads the
+    peak when it forms a batch: the clients that were in the service meanwhile are the ones about to send
+    again. Only the event loop touches it, so no lock."""
+
+    def __init__(self):
+        self.now = 0
+        self._peak = 0
+
+    def __enter__(self) -> Demand:
+        self.now += 1
+        self._peak = max(self._peak, self.now)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.now -= 1
+
+    def take_peak(self) -> int:
+        """The most requests held since the last call; the count starts again from those held now."""
+        peak, self._peak = self._peak, self.now
+        return peak
+
+
 @dataclass
 class _Pending:
     images: np.ndarray
@@ -55,9 +86,14 @@ class MicroBatcher:
         max_latency_ms: float,
         on_batch: Callable[[int], None] | None = None,
         max_queued_images: int | None = None,
+        batch_wait_ms: float = 0.0,
+        demand: Demand | None = None,
     ):
         self.score, self.max_batch_size = score, max_batch_size
         self.max_wait_s = max_latency_ms / 1000
+        if batch_wait_ms < 0 or batch_wait_ms >= max_latency_ms:
+            raise ValueError(f"batch_wait_ms: expected 0 <= {batch_wait_ms} < max_latency_ms ({max_latency_ms})")
+        self.batch_wait_s, self.demand = batch_wait_ms / 1000, demand
         self.on_batch = on_batch or (lambda n: None)
         # a bounded queue: beyond it a request is refused at once (503) instead of waiting to time out
         self.max_queued_images = max_queued_images or 8 * max_batch_size
@@ -109,6 +145,7 @@ class MicroBatcher:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                await self._gather()
                 self._current = self._take_batch()
                 await self._run_batch(self._current)
                 self._current = []
@@ -122,6 +159,23 @@ class MicroBatcher:
                     p.future.set_exception(BatcherDead(f"the batcher stopped: {exc!r}"))
             self._waiting.clear()
             self._queued_images = 0
+
+    async def _gather(self) -> None:
+        """Hold a part-full batch, up to batch_wait_ms, while fewer requests wait than the service held during
+        the last batch (those clients are about to send again); a lone request is never held."""
+        if not self.batch_wait_s or self.demand is None:
+            return
+        expected = self.demand.take_peak()
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(self._waiting) < expected and self._queued_images < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except TimeoutError:
+                return
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

@@ -491,6 +491,13 @@ class ServingParams(Section):
     max_latency_ms: int = Field(
         1000, ge=1, le=60_000, description="adaptive batching: longest a request may queue (503 after)"
     )
+    batch_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="adaptive batching: longest a free model holds a part-full batch for the requests the service "
+        "held during the last batch (0: never; a lone request is never held)",
+    )
     max_upload_mb: float = Field(10.0, gt=0, le=1024, description="largest image upload")
     max_video_mb: float = Field(200.0, gt=0, le=10_240, description="largest video upload")
     video_frames: int = Field(16, ge=1, le=1000, description="frames sampled uniformly from a video")
@@ -548,6 +555,15 @@ class ServingParams(Section):
     prediction_log_flush_s: float = Field(
         30.0, gt=0, le=3600, description="a log file is written at least this often while verdicts come"
     )
+
+    @model_validator(mode="after")
+    def _batch_wait_is_below_max_latency(self):
+        if self.batch_wait_ms >= self.max_latency_ms:
+            raise ValueError(
+                f"batch_wait_ms ({self.batch_wait_ms}) must be below max_latency_ms ({self.max_latency_ms}): "
+                "a held request would be refused as overloaded"
+            )
+        return self
 
     @field_validator("review_band")
     @classmethod
