@@ -174,7 +174,8 @@ def test_mlflow_run_has_params_curves_metrics_plots_and_model(project):
     } <= artifacts
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     assert info.metadata["label_map"] == {"real": 0, "fake": 1}
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 128, 128]
+    size = recipe["model"]["image_size"] or recipe["prepare"]["image_size"]  # the model's input, not the cache's
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, size, size]
 
 
 @pytest.fixture(scope="module")
