@@ -107,6 +107,20 @@ def test_grad_cam_explains_the_backbone_beside_a_residual_branch():
     assert heat.shape == (48, 48) and 0 <= p <= 1
 
 
+def test_grad_cam_of_a_model_of_two_scales_maps_the_full_size_pass():
+    from dfdetect.config import ModelParams
+    from dfdetect.explain import grad_cam, last_conv
+    from dfdetect.models import create_model
+
+    model = create_model(ModelParams(name="custom_cnn", scales=[1, 2]))
+    sizes = []
+    handle = last_conv(model).register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+    heat, p = grad_cam(model, torch.rand(1, 3, 64, 64))
+    handle.remove()
+    assert sizes[0] == 2 * sizes[1]  # both passes ran, the full-size one first
+    assert heat.shape == (64, 64) and 0 <= p <= 1
+
+
 def test_grad_cam_frees_its_feature_maps_and_leaves_no_gradients():
     """The service explains on request for days: nothing of one explanation may outlive it (a hook closure
     once kept every feature map alive through the autograd graph: ~0.3 MB per request)."""

@@ -80,6 +80,9 @@ def test_embeddings_are_the_models_penultimate_features_projected_and_count_as_a
     vectors = embed(model, images, PreprocessConfig(32))
     assert model.training  # scored in eval mode, handed back as it came
     assert vectors.shape == (6, EMBEDDING_DIMS) and np.allclose(vectors, embed(model, images, PreprocessConfig(32)))
+    two_scales = create_model(ModelParams(name="custom_cnn", pretrained=False, scales=[1, 2]))
+    two_scales.load_state_dict(model.state_dict())  # one vector per image: the full-size pass's features
+    assert np.allclose(embed(two_scales, images, PreprocessConfig(32)), vectors)
     reference = {
         "rows": [
             {**r, "embedding": list(v)} for r, v in zip(rows(40, 0), np.random.default_rng(1).normal(0, 1, (40, 16)))

@@ -64,6 +64,17 @@ def test_auto_runtime_serves_with_onnx_runtime_on_the_cpu(trained):
     assert np.abs(served.predict(images) - eager(model, pre, images)).max() < 1e-4
 
 
+def test_a_model_of_two_scales_trains_reloads_and_exports(prepared_small, tmp_path):
+    train(small_params(model={"scales": [1, 2]}, train={"epochs": 1}), prepared_small, tmp_path / "m", track=False)
+    model, pre = checkpoint.model_from_state(checkpoint.load(tmp_path / "m" / "best.pt"))
+    assert model.scales == (1, 2)  # stored with the model: serving scores as training did
+    images = load_split(prepared_small, "test").images[:]
+    export(model, pre, 0.5, tmp_path / "onnx", int8=False, source="test")
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), pre).numpy()
+    onnx = OnnxModel((tmp_path / "onnx" / "model.onnx").read_bytes())(x)
+    assert np.abs(onnx - eager(model, pre, images)).max() < 1e-4
+
+
 def test_a_model_with_the_residual_branch_trains_reloads_and_exports(prepared_small, tmp_path):
     train(
         small_params(model={"residual_branch": True}, train={"epochs": 1}), prepared_small, tmp_path / "m", track=False

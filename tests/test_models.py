@@ -159,3 +159,28 @@ def test_residual_branch_starts_silent_keeps_its_filters_fixed_and_learns():
         optimiser.step()
     assert with_branch.branch.fc.weight.abs().sum() > 0
     assert with_branch.branch.features[0][0].weight.grad.abs().sum() > 0
+
+
+def test_a_model_of_two_scales_averages_them_when_scoring_and_trains_on_one_per_batch():
+    torch.manual_seed(0)
+    two = create_model(ModelParams(name="custom_cnn", scales=[1, 2]))
+    one = create_model(ModelParams(name="custom_cnn"))
+    one.load_state_dict(two.state_dict())  # the same weights: scales add no parameter
+    x = torch.randn(4, 3, 64, 64)
+    two.eval(), one.eval()
+    with torch.no_grad():
+        full, half = one(x), one(torch.nn.functional.avg_pool2d(x, 2))
+        assert not torch.allclose(full, half, atol=1e-3)  # the two views disagree: the average is neither
+        assert torch.allclose(two(x), (full + half) / 2, atol=1e-6)
+        two.training = True  # the detector trains (its layers stay in eval mode, so the outputs compare exactly)
+        seen = set()
+        for _ in range(16):
+            out = two(x)
+            seen |= {name for name, ref in (("full", full), ("half", half)) if torch.allclose(out, ref, atol=1e-6)}
+    assert seen == {"full", "half"}  # each batch at one factor, both drawn
+
+
+@pytest.mark.parametrize("scales", [[], [1, 1], [0], [1, 9]])
+def test_bad_scales_are_refused_naming_the_field(scales):
+    with pytest.raises(ValueError, match="scales"):
+        ModelParams(scales=scales)

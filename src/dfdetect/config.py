@@ -190,6 +190,21 @@ class ModelParams(Section):
         description="grey: the model sees luma only (ITU-R 601, in all three channels), in training and serving "
         "alike; colour statistics and chroma compression differ between sources (README 'Generalisation')",
     )
+    scales: list[int] = Field(
+        default_factory=lambda: [1],
+        min_length=1,
+        max_length=4,
+        description="the input seen at these downscaling factors (2: average-pooled to half its side) by the same "
+        "network: training draws one factor per batch, scoring averages the logits of all. [1, 2] keeps the fine "
+        "detail of the full size and the coarser evidence that ranks other sources better (README 'Generalisation')",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _distinct_scales(cls, value: list[int]) -> list[int]:
+        if any(f < 1 or f > 8 for f in value) or len(set(value)) < len(value):
+            raise ValueError(f"model.scales: distinct integer factors from 1 to 8 expected, got {value}")
+        return value
 
 
 class AugmentParams(Section):

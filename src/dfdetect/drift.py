@@ -70,7 +70,9 @@ def embed(module, images: np.ndarray, preprocess, batch_size: int = 64) -> np.nd
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+                before = len(captured)
                 module(normalize(x.to(device), preprocess))
+                del captured[before + 1 :]  # a model of several scales (model.scales): its first scale's features
     finally:
         hook.remove()
         module.train(was_training)

@@ -36,7 +36,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, float]:
     store: dict[str, torch.Tensor] = {}
 
     def keep(_module, _inputs, output):
-        store["maps"] = output
+        store.setdefault("maps", output)  # the full-size pass's maps where the model sees several scales
 
     handle = last_conv(model).register_forward_hook(keep)
     was_training = model.training

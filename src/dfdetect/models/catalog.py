@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import ModelParams
 from .residual import ResidualBranch
@@ -90,19 +91,32 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
 class Detector(nn.Module):
     """Wraps any registered network so that every model returns a flat vector of N logits, divided by the
     temperature fitted on validation (1 until then): calibration travels inside the weights, so every path
-    (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities."""
+    (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities. With several
+    `scales`, scoring averages the logits of the input at each downscaling factor (one forward per factor)."""
 
-    def __init__(self, net: nn.Module, branch: nn.Module | None = None):
+    def __init__(self, net: nn.Module, branch: nn.Module | None = None, scales: tuple[int, ...] = (1,)):
         super().__init__()
         self.net = net
         self.branch = branch  # optional second opinion whose logit is added (model.residual_branch)
+        self.scales = tuple(scales)  # model.scales: downscaling factors of the input, same weights for each
         self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, x):
+        if len(self.scales) == 1:
+            return self._logits(x, self.scales[0]) / self.temperature
+        if self.training:  # one factor per batch: each scale must be decisive alone, at the cost of one pass
+            factor = self.scales[int(torch.randint(len(self.scales), ()))]
+            return self._logits(x, factor) / self.temperature
+        logits = torch.stack([self._logits(x, f) for f in self.scales]).mean(0)
+        return logits / self.temperature
+
+    def _logits(self, x, factor: int):
+        if factor > 1:  # average pooling: an exact box downscale, the same in torch and ONNX
+            x = F.avg_pool2d(x, factor)
         logits = self.net(x).reshape(-1)
         if self.branch is not None:
             logits = logits + self.branch(x)
-        return logits / self.temperature
+        return logits
 
 
 def create_model(params: ModelParams) -> nn.Module:
@@ -111,7 +125,7 @@ def create_model(params: ModelParams) -> nn.Module:
     if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
         path = imagenet_weights_file(spec, params.weights_path)
         load_matching(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
-    return Detector(net, ResidualBranch(params.dropout) if params.residual_branch else None)
+    return Detector(net, ResidualBranch(params.dropout) if params.residual_branch else None, tuple(params.scales))
 
 
 def count_parameters(model: nn.Module) -> int:
