@@ -55,7 +55,7 @@ def project(tmp_path_factory):
     run(["git", "commit", "-qm", "clone"], dst, env)
     pulled = run(["dvc", "pull"], dst, env)  # plain, as on any fresh clone: fetches the data, nothing fails
     assert "ERROR" not in pulled and "WARNING" not in pulled, pulled
-    assert len(list((dst / "data").rglob("*.jpg"))) == 1000
+    assert len(list((dst / "data").rglob("*.jpg"))) == 1600
     out = run(["dvc", "repro"], dst, env)
     return dst, env, out
 
