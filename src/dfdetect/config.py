@@ -195,8 +195,8 @@ class ModelParams(Section):
         min_length=1,
         max_length=4,
         description="the input seen at these downscaling factors (2: average-pooled to half its side) by the same "
-        "network: training draws one factor per batch, scoring averages the logits of all. [1, 2] keeps the fine "
-        "detail of the full size and the coarser evidence that ranks other sources better (README 'Generalisation')",
+        "network: training draws one factor per batch, scoring averages the logits of all ([1, 2] measured in "
+        "README 'Generalisation')",
     )
 
     @field_validator("scales")
