@@ -22,25 +22,38 @@ def _rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[fl
     return float(flagged[labels == 0].mean()), float(flagged[labels == 1].mean())
 
 
+def _between(candidates: np.ndarray, i: int) -> float:
+    """A threshold that flags what cutting at candidates[i] flags, placed midway to the next lower score: a
+    threshold equal to a validation score flips that image on the last bit of float noise when it is scored
+    again (another batch, another runtime), most of all where scores crowd together."""
+    if i == 0:  # flags everything
+        return float(candidates[0] / 2)
+    if i == len(candidates) - 1:  # flags nothing: midway from the highest score to 1
+        highest = candidates[i - 1]
+        return float((highest + 1.0) / 2) if highest < 1.0 else float(candidates[i])
+    return float((candidates[i - 1] + candidates[i]) / 2)
+
+
 def choose(labels, scores, point: OperatingPointParams) -> dict:
     """The threshold the policy picks on these validation scores, with the false-positive rate and recall
     measured there (what the stored operating point reports)."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     if not ((labels == 0).any() and (labels == 1).any()):
         raise ValueError("choosing an operating point needs validation images of both classes")
-    if point.policy == "eer":
-        threshold = eer_and_threshold(labels, scores)[1]
+    # candidate cuts: at every distinct score, plus one above the highest (flags nothing)
+    candidates = np.unique(np.concatenate([scores, [np.nextafter(scores.max(), np.inf)]]))
+    if point.policy == "eer":  # the first cut at or above the EER threshold flags the same images
+        cut = eer_and_threshold(labels, scores)[1]
+        chosen = min(int(np.searchsorted(candidates, cut, side="left")), len(candidates) - 1)
     else:
-        # candidate thresholds: every distinct score, plus one above the highest (flags nothing)
-        candidates = np.unique(np.concatenate([scores, [np.nextafter(scores.max(), np.inf)]]))
         reals, fakes = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
         fpr = 1 - np.searchsorted(reals, candidates, side="left") / len(reals)  # share of reals >= candidate
         recall = 1 - np.searchsorted(fakes, candidates, side="left") / len(fakes)
         if point.policy == "fpr":
-            threshold = float(candidates[np.argmax(fpr <= point.target + 1e-12)])  # lowest that keeps the budget
+            chosen = int(np.argmax(fpr <= point.target + 1e-12))  # lowest that keeps the budget
         else:
-            ok = np.flatnonzero(recall >= point.target - 1e-12)
-            threshold = float(candidates[ok[-1]])  # highest that keeps the recall
+            chosen = int(np.flatnonzero(recall >= point.target - 1e-12)[-1])  # highest that keeps the recall
+    threshold = _between(candidates, chosen)
     val_fpr, val_recall = _rates(labels, scores, threshold)
     return {
         "policy": point.policy,
