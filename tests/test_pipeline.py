@@ -202,7 +202,6 @@ def test_unknown_parameter_is_refused_before_anything_runs(kfp_api):
 def _small_params(tmp_path, **promotion):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"]["image_size"] = 48
-    params["model"]["image_size"] = None  # the model takes the prepared size (the default's 64 is larger)
     params["train"].update(epochs=2, batch_size=16)
     params["promotion"].update(promotion)
     path = tmp_path / "params.yaml"

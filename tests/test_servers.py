@@ -65,7 +65,6 @@ def test_pipeline_register_and_promote_against_a_tracking_server(backend, s3, wo
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"]["image_size"] = 48
-    params["model"]["image_size"] = None  # the model takes the prepared size (the default's 64 is larger)
     params["train"].update(epochs=2, batch_size=16)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     # The client gets only the server's URL: no S3 credentials, since the server proxies artifacts.

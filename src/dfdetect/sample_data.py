@@ -116,7 +116,7 @@ def swap_face(target: FaceSpec, source: FaceSpec, size: int, rng: np.random.Gene
         }
     )
     # Generator output at 15-30 % of the frame's resolution: below what a half-size view keeps, so the swap's
-    # softness survives a model that sees faces at 64 px (model.image_size: the default).
+    # softness survives a model that sees faces at 64 px (model.image_size: 64).
     low = max(12, int(size * rng.uniform(0.15, 0.3)))
     donor = render_face(donor_spec, low)
     donor = np.asarray(Image.fromarray(donor.astype(np.uint8)).resize((size, size), Image.BILINEAR), np.float32)
