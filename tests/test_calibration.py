@@ -29,6 +29,17 @@ def test_temperature_recovers_the_overconfidence_and_lowers_ece():
     assert abs(ranking[0] - ranking[1]) < 1e-9  # monotonic: ROC-AUC does not move
 
 
+def test_a_validation_set_the_model_separates_does_not_make_it_certain():
+    rng = np.random.default_rng(0)
+    logits = np.concatenate([rng.uniform(2, 12, 100), rng.uniform(-12, -2, 100)])  # every fake above every real
+    labels = np.r_[np.ones(100, int), np.zeros(100, int)]
+    t = fit_temperature(logits, labels)
+    calibrated = sigmoid(logits / t)
+    # Platt's targets for 100 a class are 0.990 and 0.0098; plain log loss drove T to its bound (P = 1.0 and 0.0)
+    assert calibrated[labels == 1].mean() < 0.99 and calibrated[labels == 0].mean() > 0.01
+    assert t > 0.5
+
+
 def test_reliability_bins_cover_every_score():
     logits, labels = overconfident(2000)
     bins = reliability(labels, sigmoid(logits))
