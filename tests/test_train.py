@@ -262,3 +262,40 @@ def test_a_grey_model_stores_its_colour_and_its_input_is_luma_alone(prepared_sma
     # an rgb model's input does carry colour (so the check above can fail)
     rgb = trained.preprocess.__class__(**{**trained.preprocess.to_dict(), "colour": "rgb"})
     assert not torch.allclose(to_model_input(list(images), rgb), to_model_input(list(grey), rgb), atol=0.02)
+
+
+def test_balanced_classes_weigh_half_each_whatever_their_counts():
+    """Three fakes to one real (self-blends in mode add): with balance_classes the real's loss weighs as much as
+    the three fakes' together; a batch of one class is left as it is."""
+    import torch.nn.functional as F
+
+    from dfdetect.train import class_balanced_weights
+
+    y = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    w = class_balanced_weights(y)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[y == 0].sum() == pytest.approx(w[y == 1].sum())
+    assert torch.equal(class_balanced_weights(torch.ones(5)), torch.ones(5))
+    logits = torch.tensor([2.0, 1.0, 0.5, 1.5])
+    per_image = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    balanced = F.binary_cross_entropy_with_logits(logits, y, weight=w)
+    assert balanced == pytest.approx((per_image[:3].mean() + per_image[3]) / 2)
+
+
+def test_balance_classes_changes_the_step_only_where_the_classes_are_uneven():
+    """train_step with balance: the same update as without on an even batch, another on an uneven one."""
+    from dfdetect.train import train_step
+
+    rt = runtime.resolve("cpu", "fp32", False)
+
+    def step(y, balance):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1), torch.nn.Flatten(0))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.arange(48, dtype=torch.float32).reshape(4, 3, 2, 2) / 48
+        train_step(model, opt, torch.amp.GradScaler("cuda", enabled=False), rt, x, y, balance=balance)
+        return model[1].weight.detach().clone()
+
+    even, uneven = torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert torch.allclose(step(even, True), step(even, False))
+    assert not torch.allclose(step(uneven, True), step(uneven, False))

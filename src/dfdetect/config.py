@@ -311,6 +311,11 @@ class TrainParams(Section):
         description="exponential moving average of the weights, validated "
         "and shipped instead of the last step's (0 disables; 0.998 averages about 500 steps)",
     )
+    balance_classes: bool = Field(
+        False,
+        description="weigh each batch's real and fake images equally in the loss, whatever their counts "
+        "(self-blends in mode add turn reals into fakes, so fakes outnumber reals about 3 to 1 at prob 0.5)",
+    )
     freeze: str = Field(
         "",
         description="regular expression: parameters whose names match keep their initial "

@@ -103,6 +103,16 @@ def training_batch(
     return model_input(augmented_batch(images, augment, gen, rt), pre, rt)
 
 
+def class_balanced_weights(y: torch.Tensor) -> torch.Tensor:
+    """Per-image loss weights under which a batch's reals and fakes weigh half each (mean weight 1); a batch of
+    one class keeps weight 1 everywhere."""
+    fakes = y.sum()
+    reals = len(y) - fakes
+    if fakes == 0 or reals == 0:
+        return torch.ones_like(y)
+    return torch.where(y > 0.5, len(y) / (2 * fakes), len(y) / (2 * reals))
+
+
 def train_step(
     model: nn.Module,
     optimizer,
@@ -112,12 +122,14 @@ def train_step(
     y: torch.Tensor,
     soft: torch.Tensor | None = None,
     distill: DistillParams | None = None,
+    balance: bool = False,
 ):
-    """One optimiser step on the labels' loss; with `soft` (a teacher's P(fake) at the distillation
-    temperature), on (1 - alpha) x that loss + alpha x T^2 x the soft loss (Hinton et al.'s scaling)."""
+    """One optimiser step on the labels' loss (each class weighing half with `balance`); with `soft` (a
+    teacher's P(fake) at the distillation temperature), on (1 - alpha) x that loss + alpha x T^2 x the soft
+    loss (Hinton et al.'s scaling)."""
     with rt.autocast():
         logits = model(x).float()
-    loss = F.binary_cross_entropy_with_logits(logits, y)
+    loss = F.binary_cross_entropy_with_logits(logits, y, weight=class_balanced_weights(y) if balance else None)
     if soft is not None:
         t = distill.temperature
         soft_loss = F.binary_cross_entropy_with_logits(logits / t, soft) * (t * t)
@@ -411,7 +423,9 @@ class Trainer:
             soft = self.teacher.soft_targets(x) if self.teacher else None  # before x is normalised in place
             x = model_input(x, self.pre, rt)
             y = y.to(rt.device).float()
-            loss, logits = train_step(self.net, self.optimizer, self.scaler, rt, x, y, soft, self.params.distill)
+            loss, logits = train_step(
+                self.net, self.optimizer, self.scaler, rt, x, y, soft, self.params.distill, t.balance_classes
+            )
             if self.ema:
                 self.ema.update(self.model)
             loss_sum += loss.item() * len(y)
