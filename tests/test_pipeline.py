@@ -209,41 +209,36 @@ def _small_params(tmp_path, **promotion):
     return path
 
 
-@pytest.mark.slow
-def test_local_run_trains_evaluates_registers_and_promotes(sample_root, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def promoted_run(sample_root, tmp_path_factory):
+    """One local run of the training pipeline on a fresh SQLite store, its version promoted: what the
+    training-run test checks and the monitor-and-retrain test starts from (one run serves both)."""
     import mlflow
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = _small_params(tmp_path, floors={})
-    result = runner.invoke(
-        app,
-        [
-            "pipeline",
-            "run",
-            "--local",
-            "--package",
-            str(COMMITTED),
-            "--data-source",
-            str(sample_root),
-            "--tracking-uri",
-            uri,
-            "--pipeline-root",
-            str(tmp_path / "root"),
-            "-p",
-            str(params),
-            "--param",
-            "promotion.floors={}",
-        ],
-        catch_exceptions=False,
-    )
+    home = tmp_path_factory.mktemp("local-run")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    base = ["--data-source", str(sample_root), "--tracking-uri", uri, "-p", str(_small_params(home, floors={}))]
+    base += ["--param", "promotion.floors={}"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(home)
+        result = runner.invoke(
+            app,
+            ["pipeline", "run", "--local", "--package", str(COMMITTED), "--pipeline-root", str(home / "root"), *base],
+            catch_exceptions=False,
+        )
     assert result.exit_code == 0, result.output
-    outputs = last_json(result.output)
+    # Read now: the monitor test registers more versions in the same store.
+    champion = mlflow.MlflowClient(uri).get_model_version_by_alias("dfdetect-detector", "champion").version
+    return {"home": home, "uri": uri, "base": base, "outputs": last_json(result.output), "champion": str(champion)}
+
+
+@pytest.mark.slow
+def test_local_run_trains_evaluates_registers_and_promotes(promoted_run):
+    outputs = promoted_run["outputs"]
     assert outputs["register"] == "1" and outputs["promote"] == "promoted"
     assert 0.0 <= outputs["metrics"]["roc_auc"] <= 1.0 and outputs["metrics"]["split"] == "test"
-    client = mlflow.MlflowClient(uri)
-    assert client.get_model_version_by_alias("dfdetect-detector", "champion").version in ("1", 1)
-    run_dir = tmp_path / "root" / outputs["run_dir"].split("/")[-1]
+    assert promoted_run["champion"] == "1"
+    run_dir = promoted_run["home"] / "root" / outputs["run_dir"].split("/")[-1]
     evaluate = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     assert "confusionMatrix" in evaluate["artifacts"]["roc"]["artifacts"][0]["metadata"]
     assert (run_dir / "promote" / "report").read_text().startswith("# Promotion of dfdetect-detector version 1")
@@ -306,47 +301,28 @@ def _log_from_reference(tracking_uri: str, model_name: str, folder, shift: bool)
 
 
 @pytest.mark.slow
-def test_local_monitor_and_retrain_registers_a_challenger_on_drift_and_nothing_without(
-    sample_root, tmp_path, monkeypatch
-):
+def test_local_monitor_and_retrain_registers_a_challenger_on_drift_and_nothing_without(promoted_run, monkeypatch):
     import mlflow
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = _small_params(tmp_path, floors={})
-    base = [
-        "--data-source",
-        str(sample_root),
-        "--tracking-uri",
-        uri,
-        "-p",
-        str(params),
-        "--param",
-        "promotion.floors={}",
-    ]
-    first = runner.invoke(
-        app,
-        ["pipeline", "run", "--local", "--package", str(COMMITTED), "--pipeline-root", str(tmp_path / "root"), *base],
-        catch_exceptions=False,
-    )
-    assert first.exit_code == 0 and last_json(first.output)["promote"] == "promoted", first.output
+    home, uri, base = promoted_run["home"], promoted_run["uri"], promoted_run["base"]
+    monkeypatch.chdir(home)
     client = mlflow.MlflowClient(uri)
 
     def monitor_run(log: str) -> dict:
         result = runner.invoke(
             app,
             ["pipeline", "run", "--local", "--monitor", "--package", str(COMMITTED_MONITOR), "--prediction-log", log]
-            + ["--pipeline-root", str(tmp_path / "m")]
+            + ["--pipeline-root", str(home / "m")]
             + [*base, "--param", "monitor.min_items=10"],
             catch_exceptions=False,
         )
         assert result.exit_code == 0, result.output
         return last_json(result.output)
 
-    quiet = monitor_run(_log_from_reference(uri, "dfdetect-detector", tmp_path / "quiet", shift=False))
+    quiet = monitor_run(_log_from_reference(uri, "dfdetect-detector", home / "quiet", shift=False))
     assert quiet["monitor"] is False and "register" not in quiet
     assert [str(v.version) for v in client.search_model_versions("name='dfdetect-detector'")] == ["1"]
-    drifted = monitor_run(_log_from_reference(uri, "dfdetect-detector", tmp_path / "drifted", shift=True))
+    drifted = monitor_run(_log_from_reference(uri, "dfdetect-detector", home / "drifted", shift=True))
     assert drifted["monitor"] is True and drifted["export-feedback"] == 0 and drifted["register"] == "2"
     assert {str(v.version) for v in client.search_model_versions("name='dfdetect-detector'")} == {"1", "2"}
     assert drifted["promote"] in ("promoted", "rejected")  # the usual gate decided
