@@ -47,7 +47,7 @@ from dfdetect.provenance import check_content_credentials, guess_mime_type
 from dfdetect.request_ids import RequestIds
 from dfdetect.request_ids import current as current_request_id
 from dfdetect.responses import face_json, frame_response, video_response
-from dfdetect.video import VideoError, read_frames
+from dfdetect.video import VideoError, read_frames, sniff_container
 
 log = logging.getLogger("dfdetect.serving")
 PARAMS = load_params(os.environ.get("DFDETECT_PARAMS", "params.yaml"))
@@ -564,6 +564,7 @@ class Detector:
                     SERVING.video_frames,
                     "video",
                     max_pixels=int(SERVING.max_video_megapixels * 1e6),
+                    time_limit_s=SERVING.video_time_limit_s,
                 ),
                 limiter=self._decoders,
             )
@@ -603,6 +604,9 @@ def header_jpeg_quality(data: bytes) -> int | None:
         return None
 
 
+VIDEO_SUFFIXES = {"mov": ".mp4", "matroska": ".mkv", "avi": ".avi"}  # a kept video's name, per sniffed family
+
+
 def video_file(path: Path, frames: np.ndarray) -> Decoded:
     """What the answer and the log say about an uploaded video file (its hash, C2PA credentials); in a thread."""
     data = path.read_bytes()
@@ -612,7 +616,7 @@ def video_file(path: Path, frames: np.ndarray) -> Decoded:
         check_content_credentials(data) if SERVING.content_credentials else None,
         hashlib.sha256(data).hexdigest(),
         len(data),
-        Path(path).suffix or ".bin",
+        VIDEO_SUFFIXES.get(sniff_container(data[:12]), ".bin"),  # from the content, not the client's file name
         data if SERVING.log_inputs else None,
     )
 
@@ -629,14 +633,14 @@ def check_feedback_token(header: str | None) -> None:
         raise ApiError(HTTPStatus.FORBIDDEN, "feedback: wrong token")
 
 
-REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}(-\d{1,4})?")
+REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}(-[0-9]{1,4})?")  # not \d: it takes any Unicode digit
 
 
 def feedback_fields(body: bytes) -> dict:
     """The review JSON, or a 400 naming the field and what was expected."""
     try:
         raw = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise ApiError(HTTPStatus.BAD_REQUEST, "body: expected a JSON object") from None
     if not isinstance(raw, dict):
         raise ApiError(HTTPStatus.BAD_REQUEST, "body: expected a JSON object")
@@ -724,6 +728,8 @@ Detector.add_asgi_middleware(RequestIds)  # outermost of ours: every answer, a r
 Detector.add_asgi_middleware(
     RequestGuard,
     body_timeout_s=SERVING.body_timeout_s,
+    upload_timeout_s=SERVING.upload_timeout_s,
+    max_uploads=SERVING.max_uploads_in_progress,
     direct=DIRECT_ROUTES,
     on_refused=lambda status: REFUSED.labels(str(status)).inc(),
     routes={

@@ -239,7 +239,13 @@ def serving_params(tracked_run) -> dict:
     raw["registry"] = {"model_name": f"served-{uuid.uuid4().hex[:8]}"}
     raw["promotion"].update(floors={}, min_improvement=0.0)
     raw["serving"].update(
-        poll_interval_s=1, max_upload_mb=0.1, max_batch_mb=0.5, device="cpu", header_timeout_s=3, body_timeout_s=3
+        poll_interval_s=1,
+        max_upload_mb=0.1,
+        max_batch_mb=0.5,
+        device="cpu",
+        header_timeout_s=3,
+        body_timeout_s=3,
+        upload_timeout_s=8,
     )
     raw["serving"]["review_band"] = [0.0, 1.0]  # every answer is "review": is_fake must not change with it
     return raw
@@ -287,3 +293,60 @@ def postgres():
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+# --- hostile uploads (test_decode_limits.py, test_serving_hostile.py) ---------------------------------------
+
+
+def la_tiff() -> bytes:
+    """A grey TIFF with pre-multiplied alpha: PIL opens and loads it ("La") but cannot convert it to RGB."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("LA", (32, 32)).save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    entry = data.find((338).to_bytes(2, "little") + (3).to_bytes(2, "little"))  # ExtraSamples, SHORT
+    assert entry > 0
+    data[entry + 8 : entry + 10] = (1).to_bytes(2, "little")  # 2 (unassociated alpha) -> 1 (pre-multiplied)
+    return bytes(data)
+
+
+def many_scan_jpeg(extra_scans: int, size=(64, 64)) -> bytes:
+    """A progressive JPEG whose last scan is repeated: small, valid, one more pass per copy."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 150)).save(buf, format="JPEG", progressive=True, quality=80)
+    data = buf.getvalue()
+    last_scan = data.rfind(b"\xff\xda")
+    scan = data[last_scan:-2]  # up to EOI
+    return data[:-2] + scan * extra_scans + b"\xff\xd9"
+
+
+def write_mjpeg_video(path, sizes, container="avi", codec_tag: bytes | None = None):
+    """An MJPEG video of frames of the given sizes (a stream may change size midway); the header declares the
+    first frame's size. With `codec_tag`, the AVI's MJPG codec tag is replaced (a codec FFmpeg does not know)."""
+    import io
+    from fractions import Fraction
+
+    import av
+    from PIL import Image
+
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream("mjpeg", rate=10)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuvj420p"
+        stream.time_base = Fraction(1, 10)
+        for i, size in enumerate(sizes):
+            buf = io.BytesIO()
+            Image.new("RGB", size, (i * 20, 80, 160)).save(buf, format="JPEG", quality=50)
+            packet = av.Packet(buf.getvalue())
+            packet.stream, packet.pts, packet.dts = stream, i, i
+            out.mux(packet)
+    if codec_tag is not None:
+        path.write_bytes(path.read_bytes().replace(b"MJPG", codec_tag))
+    return path

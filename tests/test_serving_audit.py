@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -118,6 +119,39 @@ def test_feedback_needs_the_token_and_exports_a_reviewed_data_set(audited, sampl
     manifest = json.loads((out / "manifest.json").read_text())
     item = next(i for i in manifest["items"] if i["request_id"] == answer["requestId"])
     assert (out / item["file"]).read_bytes() == image and item["file"].startswith("real/")
+
+
+def test_feedback_refuses_deep_nesting_and_ids_no_answer_carries(audited):
+    """Found by the second hostile-input run: nested arrays answered a bare 500, and the id pattern took any
+    Unicode digit (an Arabic-Indic index was stored as feedback no answer could have)."""
+    url, auth = audited["url"], {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    deep = '{"request_id":' + "[" * 5000 + "]" * 5000 + "}"
+    foreign_digits = {"request_id": "a" * 32 + "-\u0663\u0663", "label": "fake"}
+    for body in (deep.encode(), json.dumps(foreign_digits).encode()):
+        r = requests.post(f"{url}/feedback", data=body, headers=auth, timeout=10)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text[:300]
+    ok = requests.post(f"{url}/feedback", json={**foreign_digits, "request_id": "a" * 32 + "-33"}, headers=auth)
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_kept_video_is_named_by_its_content_not_by_the_clients_file_name(audited, tmp_path):
+    from conftest import write_video
+
+    video = write_video(tmp_path / "v.mp4", [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(6)])
+    names = ("clip.html", "clip.mp4 .svg", "x." + "y" * 190)  # the last: past NAME_MAX as a suffix
+    answers = [
+        requests.post(
+            f"{audited['url']}/inference/analyze-video",
+            files={"video": (name, video.read_bytes(), "video/mp4")},
+            timeout=60,
+        )
+        for name in names
+    ]
+    assert all(r.status_code == 200 for r in answers), [r.text[:200] for r in answers]
+    entries = logged({r.json()["requestId"] for r in answers})
+    kept = {entries[r.json()["requestId"]]["input"] for r in answers}
+    assert len(kept) == 1 and next(iter(kept)).endswith(".mp4"), kept  # one copy, under its content's suffix
+    assert open_store(LOG).get(next(iter(kept))) == video.read_bytes()
 
 
 def _darker_and_larger(data: bytes) -> bytes:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import bentoml_serve, post_frame, serving_params
+from conftest import bentoml_serve, la_tiff, many_scan_jpeg, post_frame, serving_params, write_mjpeg_video
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -401,6 +401,60 @@ def test_a_body_that_stalls_is_refused_with_408(service):
             reply += chunk
     assert reply.split(b" ")[1] == b"408" and b"stalled" in reply
     assert time.monotonic() - started < service["params"].serving.body_timeout_s + 5
+
+
+def test_a_body_that_trickles_in_is_refused_at_the_upload_timeout(service):
+    """A byte a second never stalls (body_timeout_s is 3), yet must not hold the connection for good."""
+    host, port = service["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(
+            b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        started, reply = time.monotonic(), b""
+        sock.settimeout(1.0)
+        while b"took over" not in reply and time.monotonic() - started < 30:
+            try:
+                sock.sendall(b" ")
+                reply += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    assert reply.split(b" ")[1] == b"408" and b"took over 8 s" in reply, reply
+    assert time.monotonic() - started < service["params"].serving.upload_timeout_s + 5
+
+
+# --- the second hostile-input run: uploads that answered 500 or decoded too much ---------------------------
+
+
+def test_an_image_that_loads_but_cannot_become_rgb_is_a_400_on_every_image_route(service, sample_root):
+    data = la_tiff()
+    answers = [
+        post_frame(service["url"], data, name="x.tif"),
+        requests.post(f"{service['url']}{FRAME}/raw", data=data, headers={"Content-Type": "image/tiff"}, timeout=30),
+        requests.post(
+            f"{service['url']}/inference/analyze-frames", files=[("images", ("x.tif", data, "image/tiff"))], timeout=30
+        ),
+    ]
+    for r in answers:
+        assert_clean_4xx(r, 400, "not a readable image")
+    still_serves(service, sample_root)
+
+
+def test_a_video_whose_frames_grow_past_the_limit_or_whose_codec_is_unknown_is_a_400(service, tmp_path):
+    grows = write_mjpeg_video(tmp_path / "grow.avi", [(64, 64)] + [(3200, 3200)] * 2)
+    unknown = write_mjpeg_video(tmp_path / "unknown.avi", [(64, 64)] * 3, codec_tag=b"ZZZZ")
+    for video, says in ((grows, "could not be decoded"), (unknown, "codec is not one this machine can decode")):
+        r = requests.post(
+            f"{service['url']}/inference/analyze-video",
+            files={"video": ("clip.avi", video.read_bytes(), "video/x-msvideo")},
+            timeout=60,
+        )
+        assert_clean_4xx(r, 400, says)
+
+
+def test_a_jpeg_of_hundreds_of_scans_is_refused_before_decoding(service):
+    assert_clean_4xx(post_frame(service["url"], many_scan_jpeg(150)), 400, "scans")
 
 
 # --- start-up with the registry down --------------------------------------------------------------------------

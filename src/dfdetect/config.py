@@ -52,14 +52,16 @@ class FacesParams(Section):
         return self if self.margin != "auto" else self.model_copy(update={"margin": DEFAULT_MARGIN})
 
 
+def _compile_regex(value: str) -> re.Pattern:
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+
+
 def _check_group_pattern(value: str | None) -> str | None:
-    if value is not None:
-        try:
-            compiled = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        if "video" not in compiled.groupindex:
-            raise ValueError("needs a named group (?P<video>...)")
+    if value is not None and "video" not in _compile_regex(value).groupindex:
+        raise ValueError("needs a named group (?P<video>...)")
     return value
 
 
@@ -272,6 +274,28 @@ class SbiParams(Section):
     )
 
 
+class MixStyleParams(Section):
+    """MixStyle: early feature statistics (an image's style) mixed between images of a batch in training."""
+
+    prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance that a batch's styles are mixed at each chosen layer (0: off)"
+    )
+    alpha: float = Field(
+        0.1, gt=0.0, le=10.0, description="Beta(alpha, alpha) draws each image's share of its own style"
+    )
+    layers: str = Field(
+        r"^net\._blocks\.(2|4)$",
+        description="regular expression of module names whose outputs are mixed (the default: the ends of "
+        "EfficientNet-Lite's second and third stages; early layers hold style, later ones content)",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_compile(cls, value):
+        _compile_regex(value)
+        return value
+
+
 class OperatingPointParams(Section):
     """How the decision threshold is chosen on validation (dfdetect.operating_point)."""
 
@@ -325,6 +349,10 @@ class TrainParams(Section):
     )
     augment: AugmentParams = AugmentParams()
     sbi: SbiParams = SbiParams()
+    mixstyle: MixStyleParams = Field(
+        MixStyleParams(),
+        description="mix early feature statistics between images in training (README 'Generalisation')",
+    )
     source_weights: dict[str, float] = Field(
         default_factory=dict,
         description="a mixture's share of training draws per source name (prepare.name and "
@@ -349,10 +377,7 @@ class TrainParams(Section):
     @field_validator("freeze")
     @classmethod
     def _freeze_compiles(cls, value):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
+        _compile_regex(value)
         return value
 
 
@@ -547,6 +572,23 @@ class ServingParams(Section):
     header_timeout_s: float = Field(10.0, gt=0, le=300, description="time a connection has to send a request's headers")
     body_timeout_s: float = Field(
         30.0, gt=0, le=600, description="longest pause while a request body is read (408 after)"
+    )
+    upload_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="longest a whole request body may take to arrive, however steadily (408 after): a client "
+        "sending a byte every few seconds never pauses long, yet would hold its connection for good",
+    )
+    max_uploads_in_progress: int = Field(
+        64, ge=1, le=10_000, description="request bodies a worker receives at once (503 with Retry-After above)"
+    )
+    video_time_limit_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="longest reading a video's sampled frames may take (400 after): a small file can hold "
+        "millions of tiny frames, all decoded on the way to the last sampled one",
     )
     face_crop: bool = Field(
         False,

@@ -118,11 +118,17 @@ async def drain(receive: Callable, budget: int, timeout_s: float) -> None:
         budget -= len(message.get("body", b""))
 
 
-async def read_body(receive: Callable, limit: int, timeout_s: float) -> bytes:
-    """The whole body, refusing it (413) past `limit` bytes and (408) when it stalls for `timeout_s`."""
+async def read_body(receive: Callable, limit: int, timeout_s: float, total_s: float | None = None) -> bytes:
+    """The whole body, refusing it (413) past `limit` bytes, (408) when it stalls for `timeout_s`, and (408)
+    when all of it takes over `total_s` (a byte every few seconds never stalls, yet holds the connection)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if total_s is None else loop.time() + total_s
     chunks, size = [], 0
     while True:
-        message = await _receive_within(receive, timeout_s)
+        wait_s = timeout_s if deadline is None else min(timeout_s, deadline - loop.time())
+        message = await _receive_within(receive, wait_s) if wait_s > 0 else None
+        if message is None and deadline is not None and loop.time() >= deadline:
+            raise Refused(408, f"the request body took over {total_s:g} s", {"Connection": "close"})
         if message is None:
             raise Refused(408, f"the request body stalled for {timeout_s:g} s", {"Connection": "close"})
         if message["type"] == "http.disconnect":
@@ -288,8 +294,13 @@ class RequestGuard:
         body_timeout_s: float = 30.0,
         on_refused: Callable[[int], None] | None = None,
         direct: dict[str, DirectHandler] | None = None,
+        upload_timeout_s: float | None = None,
+        max_uploads: int | None = None,
     ):
         self.app, self.routes, self.body_timeout_s = app, routes, body_timeout_s
+        # Bounds on what slow clients can hold: each body's whole read time, and how many are read at once
+        # (every one holds a connection, a file descriptor and its bytes so far).
+        self.upload_timeout_s, self.max_uploads, self.uploading = upload_timeout_s, max_uploads, 0
         self.on_refused = on_refused or (lambda status: None)
         self.direct = direct if direct is not None else {}
 
@@ -340,7 +351,17 @@ class RequestGuard:
         content_type = _header(scope, b"content-type")
         if route is not None and route.kind != "multipart":
             check_content_type(route, content_type)
-        body = await read_body(receive, limit, self.body_timeout_s)
+        if self.max_uploads is not None and self.uploading >= self.max_uploads:
+            raise Refused(
+                503,
+                f"{self.uploading} uploads are being received already (the limit): try again shortly",
+                {"Retry-After": "1", "Connection": "close"},
+            )
+        self.uploading += 1
+        try:
+            body = await read_body(receive, limit, self.body_timeout_s, self.upload_timeout_s)
+        finally:
+            self.uploading -= 1
         if route is not None and route.kind == "multipart":
             parts = check_multipart(route, content_type, body, keep=route.keep_parts)
             if route.keep_parts:  # the endpoint reads the parts; the body is not held twice

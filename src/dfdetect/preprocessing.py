@@ -7,6 +7,7 @@ uploads, so the two can never disagree.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,10 @@ INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 MAX_PIXELS = 64_000_000
 MAX_SIDE = 16_384
 MAX_ASPECT_RATIO = 20.0
+# Each scan of a progressive JPEG is a pass over the whole image: a small file that repeats one scan hundreds of
+# times costs seconds to decode per request. Encoders write about 10 (mozjpeg and jpegtran at most a few dozen).
+MAX_JPEG_SCANS = 100
+_OBJECT_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names its BytesIO: no heap address to clients
 
 
 class ImageError(ValueError):
@@ -105,15 +110,61 @@ def decode_image(
         try:
             img = Image.open(io.BytesIO(data))
             check_dimensions(*img.size, name, max_pixels, max_side, max_aspect_ratio)
+            if img.format == "JPEG" and jpeg_scan_count(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+                raise ImageError(
+                    f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans (encoders write about 10) is refused: "
+                    "each scan is another pass over the whole image"
+                )
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # inside the try: some modes a file may declare (TIFF's "La") have no conversion to RGB
+            return ImageOps.exif_transpose(img).convert("RGB")
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
         except Exception as exc:  # PIL raises several types for bad data
-            raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
-    return img.convert("RGB")
+            reason = _OBJECT_ADDRESS.sub("", str(exc))
+            raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {reason})") from None
+
+
+def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans (SOS segments) in a JPEG's first image, found by walking its markers without
+    decoding; counting stops once past `stop_after`. A malformed stream ends the count (the decoder judges it)."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    pos, scans, end = 2, 0, len(data)
+    while pos + 1 < end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0xD9:  # end of image
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next real marker
+                scans += 1
+                if scans > stop_after:
+                    break
+                pos = _end_of_entropy_data(data, pos)
+    return scans
+
+
+def _end_of_entropy_data(data: bytes, pos: int) -> int:
+    """Where the entropy-coded data starting at `pos` ends: the first 0xFF that begins a marker (not a stuffed
+    0xFF00, not a restart marker, not a fill byte)."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return len(data)
+        following = data[pos + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7:
+            pos += 2
+        elif following == 0xFF:
+            pos += 1
+        else:
+            return pos
 
 
 def resize_square(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:

@@ -23,6 +23,7 @@ from .ema import WeightAverage
 from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporaries
 from .metrics import roc_auc
+from .mixstyle import MixStyleError, mixing_style, mixstyle_layers
 from .mixture import MixtureSampler
 from .models import count_parameters, create_model
 from .preprocessing import PreprocessConfig, standardize, to_size
@@ -288,6 +289,10 @@ class Trainer:
         self.model = self.initial if self.initial is not None else create_model(params.model)
         self.model = self.model.to(rt.device, memory_format=rt.memory_format())
         self.frozen = freeze_parameters(self.model, t.freeze)
+        try:  # checked now, not at the first step: a wrong name fails before any work
+            self.mixstyle_layers = mixstyle_layers(self.model, t.mixstyle.layers) if t.mixstyle.prob > 0 else []
+        except MixStyleError as exc:
+            raise TrainError(str(exc)) from None
         self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
         self.shipped = self.ema.module if self.ema else self.model  # what is validated, checkpointed and registered
         self.optimizer = make_optimizer(self.model, params)
@@ -410,11 +415,22 @@ class Trainer:
     def run_epoch(self, epoch: int, bar) -> dict:
         """One pass over the training draws: self-blends, augmentation, steps, weight averaging. Returns the
         epoch's learning rate, mean loss and accuracy, and each process's RNG states (for the checkpoint)."""
-        t, rt = self.t, self.rt
+        t = self.t
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         self.net.train()
         task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(self.train_loader), info="")
+        with mixing_style(self.model, t.mixstyle):  # style mixing acts in these steps only
+            train_loss, train_acc = self._train_steps(bar, task)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        ranks = distributed.gather(self.d, {"augment": self.augment_gen.get_state(), "torch": torch.get_rng_state()})
+        self.state["epoch"] = epoch
+        return {"lr": lr, "train_loss": train_loss, "train_acc": train_acc, "ranks": ranks, "task": task}
+
+    def _train_steps(self, bar, task) -> tuple[float, float]:
+        """The epoch's steps over the training draws; returns the mean loss and accuracy."""
+        t, rt = self.t, self.rt
         loss_sum, correct, seen = 0.0, 0, 0
         for images, y in self.train_loader:
             if t.sbi.mode != "none":
@@ -432,11 +448,7 @@ class Trainer:
             correct += int(((logits > 0).float() == y).sum())
             seen += len(y)
             bar.update(task, advance=1, info=f"loss {loss_sum / seen:.4f}")
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        ranks = distributed.gather(self.d, {"augment": self.augment_gen.get_state(), "torch": torch.get_rng_state()})
-        self.state["epoch"] = epoch
-        return {"lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen, "ranks": ranks, "task": task}
+        return loss_sum / seen, correct / seen
 
     def _checkpoint_state(self, epoch: int, ranks: list) -> dict:
         d, rt = self.d, self.rt

@@ -8,6 +8,7 @@ only as one of a short list of container formats, chosen from its first bytes, t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,17 @@ def _reason(exc: BaseException) -> str:
     return str(text).split(": '/")[0]
 
 
-def read_frames(path: str | Path, n_frames: int, name: str | None = None, max_pixels: int | None = None) -> VideoFrames:
+def read_frames(
+    path: str | Path,
+    n_frames: int,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    time_limit_s: float | None = None,
+) -> VideoFrames:
     """Sample `n_frames` frames uniformly. `name` is what errors call the file (never the path when given);
-    `max_pixels` refuses frames larger than this (width x height) before any is decoded."""
+    `max_pixels` refuses frames larger than this (width x height): the header's size before any frame is
+    decoded, and each decoded frame's own (a stream may change size midway). `time_limit_s` bounds the work:
+    a small file can hold millions of tiny frames that must all be read to reach the last sampled one."""
     import av
 
     name = name or str(path)
@@ -85,35 +94,49 @@ def read_frames(path: str | Path, n_frames: int, name: str | None = None, max_pi
                 )
             fh.seek(0)
             with av.open(fh, format=demuxer, container_options=dict(_CONTAINER_OPTIONS)) as container:
-                return _sample(container, n_frames, name, demuxer, max_pixels)
+                return _sample(container, n_frames, name, demuxer, max_pixels, _Budget(name, time_limit_s))
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, IndexError, EOFError) as exc:
         raise VideoError(f"{name}: not a supported video ({type(exc).__name__}: {_reason(exc)})") from None
 
 
-def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int | None) -> VideoFrames:
+class _Budget:
+    """The time a video may take to read: checked between frames and packets, so one step overruns it by at most
+    one frame's decoding (frames are bounded by max_pixels)."""
+
+    def __init__(self, name: str, limit_s: float | None):
+        self.name, self.limit_s = name, limit_s
+        self.deadline = None if limit_s is None else time.monotonic() + limit_s
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise VideoError(f"{self.name}: reading the sampled frames took over {self.limit_s:g} s")
+
+
+def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int | None, budget: _Budget) -> VideoFrames:
     if container.format.name not in _ALLOWED_DEMUXERS[demuxer]:
         raise VideoError(f"{name}: container {container.format.name!r} is not allowed ({SUPPORTED_CONTAINERS})")
     if not container.streams.video:
         raise VideoError(f"{name}: no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # a codec tag FFmpeg does not know
+        raise VideoError(f"{name}: its video codec is not one this machine can decode")
     width, height = stream.codec_context.width, stream.codec_context.height
-    if max_pixels is not None and width * height > max_pixels:
-        raise VideoError(f"{name}: {width}x{height} frames are over the limit of {max_pixels} pixels")
+    _check_frame_size(name, width, height, max_pixels)
+    if max_pixels is not None:  # FFmpeg's own limit: a larger frame later in the stream fails before allocation
+        stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(max_pixels)}
     fps = float(stream.average_rate or stream.guessed_rate or 0.0)
     total = stream.frames
     if total <= 0:  # the container does not say: count packets (no decoding)
-        total = sum(1 for packet in container.demux(stream) if packet.size)
+        total = 0
+        for seen, packet in enumerate(container.demux(stream), 1):
+            total += 1 if packet.size else 0
+            if seen % 1000 == 0:
+                budget.check()
         container.seek(0)
     wanted = set(sample_indices(total, n_frames))
-    frames, indices = [], []
-    for i, frame in enumerate(container.decode(stream)):
-        if i in wanted:
-            frames.append(frame.to_ndarray(format="rgb24"))
-            indices.append(i)
-        if len(indices) == len(wanted):
-            break
+    frames, indices = _decode_wanted(container, stream, wanted, name, max_pixels, budget)
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
     else:
@@ -121,3 +144,28 @@ def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int |
     if not frames:
         raise VideoError(f"{name}: no decodable frames")
     return VideoFrames(frames, indices, fps, duration, width, height, total)
+
+
+def _decode_wanted(container, stream, wanted: set[int], name: str, max_pixels: int | None, budget: _Budget):
+    """The wanted frames (RGB arrays) and their numbers, decoding in order up to the last one wanted."""
+    import av
+
+    frames, indices = [], []
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            _check_frame_size(name, frame.width, frame.height, max_pixels)  # also where FFmpeg's limit is ignored
+            if i in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
+                indices.append(i)
+            if len(indices) == len(wanted):
+                break
+            budget.check()
+    except av.error.FFmpegError as exc:
+        limit = f" or over the limit of {max_pixels} pixels" if max_pixels is not None else ""
+        raise VideoError(f"{name}: a frame could not be decoded (damaged{limit}; {_reason(exc)})") from None
+    return frames, indices
+
+
+def _check_frame_size(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoError(f"{name}: {width}x{height} frames are over the limit of {max_pixels} pixels")

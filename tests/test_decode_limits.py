@@ -1,0 +1,120 @@
+"""Limits on what one upload may cost to decode or to receive, found by the second hostile-input run: images
+whose decoding fails late or takes many passes, videos whose frames grow midway or are millions, bodies that
+trickle in, and what error messages may show. Unit level; test_serving_hostile.py checks them over HTTP."""
+
+import asyncio
+import io
+import re
+
+import numpy as np
+import pytest
+from conftest import la_tiff, many_scan_jpeg, write_mjpeg_video, write_video
+from PIL import Image
+
+from dfdetect.http_guard import Refused, RequestGuard, read_body
+from dfdetect.preprocessing import MAX_JPEG_SCANS, ImageError, decode_image, jpeg_scan_count
+from dfdetect.video import VideoError, read_frames
+
+
+def test_an_image_that_loads_but_has_no_rgb_conversion_is_a_clear_image_error():
+    with pytest.raises(ImageError, match=r"tiff: not a readable image \(ValueError: conversion from La"):
+        decode_image(la_tiff(), "tiff")
+
+
+def test_scans_are_counted_from_the_markers_without_decoding():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buf, format="JPEG")
+    assert jpeg_scan_count(buf.getvalue()) == 1  # baseline: one scan
+    progressive = many_scan_jpeg(0)
+    assert 2 <= jpeg_scan_count(progressive) <= 20
+    assert jpeg_scan_count(many_scan_jpeg(5)) == jpeg_scan_count(progressive) + 5
+    assert jpeg_scan_count(b"not a jpeg") == 0
+
+
+def test_a_jpeg_of_hundreds_of_scans_is_refused_and_an_ordinary_progressive_one_decodes():
+    decode_image(many_scan_jpeg(20), "ok.jpg")  # repeated scans within the limit: still an image
+    with pytest.raises(ImageError, match=rf"many.jpg: a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        decode_image(many_scan_jpeg(MAX_JPEG_SCANS), "many.jpg")
+
+
+def test_image_errors_show_no_memory_address():
+    with pytest.raises(ImageError) as caught:
+        decode_image(b"\x00" * 64, "upload")
+    assert "cannot identify image file" in str(caught.value)
+    assert not re.search(r"0x[0-9a-f]{6,}", str(caught.value)), caught.value
+
+
+@pytest.mark.parametrize("container", ["avi", "matroska"])
+def test_frames_that_grow_past_the_limit_midway_are_refused(tmp_path, container):
+    video = write_mjpeg_video(tmp_path / "grow", [(64, 64)] + [(3200, 3200)] * 3, container)
+    assert len(read_frames(video, 4, "video").frames) == 4  # without a limit: decodable, 10 megapixels each
+    with pytest.raises(VideoError, match=r"video: a frame could not be decoded \(damaged or over the limit of"):
+        read_frames(video, 4, "video", max_pixels=8_300_000)
+
+
+def test_a_video_codec_ffmpeg_does_not_know_is_a_clear_video_error(tmp_path):
+    video = write_mjpeg_video(tmp_path / "unknown.avi", [(64, 64)] * 3, codec_tag=b"ZZZZ")
+    with pytest.raises(VideoError, match="video: its video codec is not one this machine can decode"):
+        read_frames(video, 2, "video")
+
+
+def test_reading_a_video_stops_at_its_time_limit(tmp_path):
+    video = write_video(tmp_path / "long.mp4", [np.full((64, 64, 3), i % 250, np.uint8) for i in range(60)])
+    assert len(read_frames(video, 4, "video", time_limit_s=30).frames) == 4
+    with pytest.raises(VideoError, match=r"video: reading the sampled frames took over 1e-06 s"):
+        read_frames(video, 4, "video", time_limit_s=1e-6)
+
+
+def _trickle(chunks: int, pause_s: float):
+    """An ASGI receive that sends one byte per call after `pause_s`, `chunks` times."""
+    sent = 0
+
+    async def receive():
+        nonlocal sent
+        await asyncio.sleep(pause_s)
+        sent += 1
+        return {"type": "http.request", "body": b"x", "more_body": sent < chunks}
+
+    return receive
+
+
+def test_a_body_that_trickles_in_without_stalling_is_refused_at_the_upload_timeout():
+    async def main():
+        assert await read_body(_trickle(5, 0.01), 1000, timeout_s=1.0, total_s=5.0) == b"xxxxx"
+        with pytest.raises(Refused) as caught:
+            await read_body(_trickle(1000, 0.05), 10_000, timeout_s=1.0, total_s=0.3)
+        return caught.value
+
+    refused = asyncio.run(main())
+    assert refused.status == 408 and "took over 0.3 s" in refused.message
+
+
+def test_bodies_past_the_upload_limit_get_503_and_the_count_frees_again():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = RequestGuard(app, routes={}, body_timeout_s=2.0, max_uploads=2)
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+
+    async def post(pause_s):
+        answer = []
+
+        async def send(message):
+            answer.append(message)
+
+        await guard(dict(scope), _trickle(3, pause_s), send)
+        return answer[0]["status"], dict(answer[0].get("headers", []))
+
+    async def main():
+        slow = [asyncio.ensure_future(post(0.1)) for _ in range(2)]
+        await asyncio.sleep(0.05)  # both slow bodies are being received
+        refused = await post(0.0)
+        return refused, await asyncio.gather(*slow), await post(0.0)
+
+    refused, slow, after = asyncio.run(main())
+    assert refused[0] == 503 and refused[1].get(b"retry-after") == b"1"
+    assert [s[0] for s in slow] == [200, 200] and after[0] == 200 and guard.uploading == 0
