@@ -37,6 +37,27 @@ def test_a_jpeg_of_hundreds_of_scans_is_refused_and_an_ordinary_progressive_one_
         decode_image(many_scan_jpeg(MAX_JPEG_SCANS), "many.jpg")
 
 
+def test_stray_bytes_or_a_multi_picture_file_do_not_hide_the_scans():
+    """Decoders skip stray bytes between segments, and PIL opens a JPEG with a second picture as "MPO": the
+    count must see the same scans the decoder will decode."""
+    many = many_scan_jpeg(MAX_JPEG_SCANS)
+    first_scan = many.find(b"\xff\xda")
+    stray = many[:first_scan] + b"\x00\x00" + many[first_scan:]
+    assert jpeg_scan_count(stray) > MAX_JPEG_SCANS
+    with pytest.raises(ImageError, match="scans"):
+        decode_image(stray, "stray.jpg")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(
+        buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))], progressive=True
+    )
+    data = buf.getvalue()
+    end = data.find(b"\xff\xd9")  # the first picture's end: repeat its last scan before it
+    mpo = data[:end] + data[data.rfind(b"\xff\xda", 0, end) : end] * MAX_JPEG_SCANS + data[end:]
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    with pytest.raises(ImageError, match="scans"):
+        decode_image(mpo, "multi.jpg")
+
+
 def test_image_errors_show_no_memory_address():
     with pytest.raises(ImageError) as caught:
         decode_image(b"\x00" * 64, "upload")
@@ -118,3 +139,40 @@ def test_bodies_past_the_upload_limit_get_503_and_the_count_frees_again():
     refused, slow, after = asyncio.run(main())
     assert refused[0] == 503 and refused[1].get(b"retry-after") == b"1"
     assert [s[0] for s in slow] == [200, 200] and after[0] == 200 and guard.uploading == 0
+
+
+def test_a_refused_body_is_drained_for_at_most_the_upload_timeout():
+    """A body over its limit is read away so the client sees the 413, but a slow one is not waited for."""
+    from dfdetect.http_guard import drain
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await drain(_trickle(1000, 0.05), 10_000, timeout_s=1.0, total_s=0.3)
+        return loop.time() - started
+
+    assert asyncio.run(main()) < 0.6
+
+
+def test_a_body_being_drained_counts_towards_the_upload_limit():
+    async def app(scope, receive, send):  # never reached: every body here is refused
+        raise AssertionError("the guard passed a refused body on")
+
+    guard = RequestGuard(app, routes={}, body_timeout_s=2.0, upload_timeout_s=5.0, max_uploads=1)
+    oversized = {"type": "http", "method": "POST", "path": "/x", "headers": [(b"content-length", b"70000")]}
+    statuses = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def main():
+        draining = asyncio.ensure_future(guard(dict(oversized), _trickle(20, 0.05), send))
+        await asyncio.sleep(0.2)  # over 64 KiB: refused, and being read away
+        busy = guard.uploading
+        await guard(dict(oversized), _trickle(3, 0.0), send)
+        await draining
+        return busy
+
+    assert asyncio.run(main()) == 1
+    assert statuses == [503, 413] and guard.uploading == 0

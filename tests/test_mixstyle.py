@@ -79,11 +79,27 @@ def test_training_refuses_unknown_layers_before_any_work(prepared_small, tmp_pat
     assert not (tmp_path / "m" / "last.pt").exists()
 
 
+def test_a_layer_without_feature_maps_is_named_at_the_first_step():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2)).train()
+    with mixing_style(net, MixStyleParams(prob=1.0, layers=r"^1$")), pytest.raises(MixStyleError, match="Linear"):
+        net(_styled_batch())
+
+
+def test_a_one_by_one_feature_map_gives_no_nan():
+    net, x = _Net().train(), torch.randn(4, 3, 1, 1)
+    with mixing_style(net, ALWAYS):
+        assert torch.isfinite(net(x)).all()
+
+
 def test_mixing_changes_what_training_learns(prepared_small, tmp_path):
-    """The flag is not ignored: the same seed and data with styles mixed end at other weights."""
+    """The flag is not ignored: the same seed and data with styles mixed end at other weights. Without dropout,
+    a hook that drew its random numbers but left the features alone would end at the same weights."""
     weights = {}
     for prob in (0.0, 1.0):
-        params = small_params(train={"epochs": 1, "mixstyle": {"prob": prob, "layers": r"^net\.features\.[01]$"}})
+        params = small_params(
+            model={"dropout": 0.0},
+            train={"epochs": 1, "mixstyle": {"prob": prob, "layers": r"^net\.features\.[01]$"}},
+        )
         runtime.seed_everything(params.seed)
         train(params, prepared_small, tmp_path / str(prob), track=False)
         weights[prob] = checkpoint.load(tmp_path / str(prob) / "last.pt")["state_dict"]

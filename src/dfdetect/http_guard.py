@@ -108,11 +108,34 @@ async def _receive_within(receive: Callable, timeout_s: float) -> dict | None:
     return task.result() if done else None
 
 
-async def drain(receive: Callable, budget: int, timeout_s: float) -> None:
+class _Deadline:
+    """When reading a body must end (None: never); what is left of it bounds each wait for the next chunk."""
+
+    def __init__(self, total_s: float | None):
+        self.loop = asyncio.get_running_loop()
+        self.at = None if total_s is None else self.loop.time() + total_s
+
+    def wait_s(self, timeout_s: float) -> float:
+        return timeout_s if self.at is None else min(timeout_s, self.at - self.loop.time())
+
+    def passed(self) -> bool:
+        return self.at is not None and self.loop.time() >= self.at
+
+    def left_s(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - self.loop.time())
+
+
+async def _receive_until(receive: Callable, timeout_s: float, deadline: _Deadline) -> dict | None:
+    wait_s = deadline.wait_s(timeout_s)
+    return await _receive_within(receive, wait_s) if wait_s > 0 else None
+
+
+async def drain(receive: Callable, budget: int, timeout_s: float, total_s: float | None = None) -> None:
     """Read and drop up to `budget` more bytes of a refused body, so the client (still sending) reads our
-    answer instead of a connection reset."""
+    answer instead of a connection reset; for at most `total_s` in all (a slow client is not waited for)."""
+    deadline = _Deadline(total_s)
     while budget > 0:
-        message = await _receive_within(receive, timeout_s)
+        message = await _receive_until(receive, timeout_s, deadline)
         if message is None or message["type"] == "http.disconnect" or not message.get("more_body", False):
             return
         budget -= len(message.get("body", b""))
@@ -121,13 +144,11 @@ async def drain(receive: Callable, budget: int, timeout_s: float) -> None:
 async def read_body(receive: Callable, limit: int, timeout_s: float, total_s: float | None = None) -> bytes:
     """The whole body, refusing it (413) past `limit` bytes, (408) when it stalls for `timeout_s`, and (408)
     when all of it takes over `total_s` (a byte every few seconds never stalls, yet holds the connection)."""
-    loop = asyncio.get_running_loop()
-    deadline = None if total_s is None else loop.time() + total_s
+    deadline = _Deadline(total_s)
     chunks, size = [], 0
     while True:
-        wait_s = timeout_s if deadline is None else min(timeout_s, deadline - loop.time())
-        message = await _receive_within(receive, wait_s) if wait_s > 0 else None
-        if message is None and deadline is not None and loop.time() >= deadline:
+        message = await _receive_until(receive, timeout_s, deadline)
+        if message is None and deadline.passed():
             raise Refused(408, f"the request body took over {total_s:g} s", {"Connection": "close"})
         if message is None:
             raise Refused(408, f"the request body stalled for {timeout_s:g} s", {"Connection": "close"})
@@ -136,7 +157,7 @@ async def read_body(receive: Callable, limit: int, timeout_s: float, total_s: fl
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            await drain(receive, DRAIN_BYTES, timeout_s)
+            await drain(receive, DRAIN_BYTES, timeout_s, deadline.left_s())
             raise Refused(413, f"request body over the limit of {limit} bytes", {"Connection": "close"})
         chunks.append(chunk)
         if not message.get("more_body", False):
@@ -335,22 +356,8 @@ class RequestGuard:
 
     async def _checked(self, scope: dict, receive: Callable) -> bytes:
         """The body, read within its route's limits and checked (a kept form goes to scope[PARTS_KEY], and
-        the body returned is then empty)."""
-        route = self.routes.get(scope["path"])
-        limit = route.max_body if route else SMALL_BODY
-        length = _header(scope, b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise Refused(400, "Content-Length is not a number")
-            if int(length) > limit:
-                if int(length) <= limit + DRAIN_BYTES:  # read it away first: the client then sees the answer
-                    await drain(receive, DRAIN_BYTES, self.body_timeout_s)
-                raise Refused(
-                    413, f"request body of {length} bytes is over the limit of {limit} bytes", {"Connection": "close"}
-                )
-        content_type = _header(scope, b"content-type")
-        if route is not None and route.kind != "multipart":
-            check_content_type(route, content_type)
+        the body returned is then empty). Every body read, a refused one being drained too, counts towards
+        max_uploads; past it the request is refused at once, unread (its connection closed)."""
         if self.max_uploads is not None and self.uploading >= self.max_uploads:
             raise Refused(
                 503,
@@ -359,9 +366,27 @@ class RequestGuard:
             )
         self.uploading += 1
         try:
-            body = await read_body(receive, limit, self.body_timeout_s, self.upload_timeout_s)
+            return await self._read_checked(scope, receive)
         finally:
             self.uploading -= 1
+
+    async def _read_checked(self, scope: dict, receive: Callable) -> bytes:
+        route = self.routes.get(scope["path"])
+        limit = route.max_body if route else SMALL_BODY
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise Refused(400, "Content-Length is not a number")
+            if int(length) > limit:
+                if int(length) <= limit + DRAIN_BYTES:  # read it away first: the client then sees the answer
+                    await drain(receive, DRAIN_BYTES, self.body_timeout_s, self.upload_timeout_s)
+                raise Refused(
+                    413, f"request body of {length} bytes is over the limit of {limit} bytes", {"Connection": "close"}
+                )
+        content_type = _header(scope, b"content-type")
+        if route is not None and route.kind != "multipart":
+            check_content_type(route, content_type)
+        body = await read_body(receive, limit, self.body_timeout_s, self.upload_timeout_s)
         if route is not None and route.kind == "multipart":
             parts = check_multipart(route, content_type, body, keep=route.keep_parts)
             if route.keep_parts:  # the endpoint reads the parts; the body is not held twice

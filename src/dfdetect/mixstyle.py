@@ -31,12 +31,17 @@ class _MixStyleHook:
         self.beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise MixStyleError(
+                f"train.mixstyle.layers: a matched {type(module).__name__} gives no N x C x H x W feature map "
+                "(MixStyle mixes the per-channel statistics of convolutional features)"
+            )
         n = output.shape[0]
         if not module.training or n < 2 or float(torch.rand(())) >= self.prob:
             return output
         x = output.float()  # statistics in fp32 also under bf16/fp16 autocast
         mean = x.mean(dim=(2, 3), keepdim=True).detach()
-        std = (x.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        std = (x.var(dim=(2, 3), keepdim=True, correction=0) + self.eps).sqrt().detach()  # 1 x 1 maps: no NaN
         weight = self.beta.sample((n, 1, 1, 1)).to(x.device)
         other = torch.randperm(n).to(x.device)
         mixed_mean = weight * mean + (1 - weight) * mean[other]

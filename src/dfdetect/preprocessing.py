@@ -27,6 +27,9 @@ MAX_ASPECT_RATIO = 20.0
 # Each scan of a progressive JPEG is a pass over the whole image: a small file that repeats one scan hundreds of
 # times costs seconds to decode per request. Encoders write about 10 (mozjpeg and jpegtran at most a few dozen).
 MAX_JPEG_SCANS = 100
+MAX_JPEG_SEGMENTS = 10_000  # markers with a length; a photo has a few dozen
+_MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, past fill bytes (0xFF runs) and stray bytes
+_ENTROPY_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")  # not a stuffed 0xFF00, restart or fill byte
 _OBJECT_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names its BytesIO: no heap address to clients
 
 
@@ -110,7 +113,7 @@ def decode_image(
         try:
             img = Image.open(io.BytesIO(data))
             check_dimensions(*img.size, name, max_pixels, max_side, max_aspect_ratio)
-            if img.format == "JPEG" and jpeg_scan_count(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+            if jpeg_scan_count(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:  # any JPEG stream: also MPO and others
                 raise ImageError(
                     f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans (encoders write about 10) is refused: "
                     "each scan is another pass over the whole image"
@@ -129,42 +132,29 @@ def decode_image(
 
 def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     """The number of scans (SOS segments) in a JPEG's first image, found by walking its markers without
-    decoding; counting stops once past `stop_after`. A malformed stream ends the count (the decoder judges it)."""
+    decoding; counting stops once past `stop_after`. Stray bytes between segments are skipped, as decoders
+    skip them. A stream of more than MAX_JPEG_SEGMENTS segments counts as `stop_after + 1`: walking it would
+    itself cost, and no encoder writes one. The searches run in C (re), never byte by byte in Python."""
     if not data.startswith(b"\xff\xd8"):
         return 0
-    pos, scans, end = 2, 0, len(data)
-    while pos + 1 < end and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-        elif marker == 0xD9:  # end of image
+    pos, scans, segments = 2, 0, 0
+    while (found := _MARKER.search(data, pos)) is not None:
+        marker, pos = found.group(1)[0], found.end()
+        if marker == 0xD9:  # end of image
             break
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next real marker
-                scans += 1
-                if scans > stop_after:
-                    break
-                pos = _end_of_entropy_data(data, pos)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return stop_after + 1
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next real marker
+            scans += 1
+            if scans > stop_after:
+                break
+            end = _ENTROPY_END.search(data, pos)
+            pos = end.start() if end is not None else len(data)
     return scans
-
-
-def _end_of_entropy_data(data: bytes, pos: int) -> int:
-    """Where the entropy-coded data starting at `pos` ends: the first 0xFF that begins a marker (not a stuffed
-    0xFF00, not a restart marker, not a fill byte)."""
-    while True:
-        pos = data.find(b"\xff", pos)
-        if pos < 0 or pos + 1 >= len(data):
-            return len(data)
-        following = data[pos + 1]
-        if following == 0x00 or 0xD0 <= following <= 0xD7:
-            pos += 2
-        elif following == 0xFF:
-            pos += 1
-        else:
-            return pos
 
 
 def resize_square(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
