@@ -12,7 +12,7 @@ from conftest import la_tiff, many_scan_jpeg, write_mjpeg_video, write_video
 from PIL import Image
 
 from dfdetect.http_guard import Refused, RequestGuard, read_body
-from dfdetect.preprocessing import MAX_JPEG_SCANS, ImageError, decode_image, jpeg_scan_count
+from dfdetect.preprocessing import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, ImageError, decode_image, jpeg_scan_count
 from dfdetect.video import VideoError, read_frames
 
 
@@ -29,6 +29,8 @@ def test_scans_are_counted_from_the_markers_without_decoding():
     assert 2 <= jpeg_scan_count(progressive) <= 20
     assert jpeg_scan_count(many_scan_jpeg(5)) == jpeg_scan_count(progressive) + 5
     assert jpeg_scan_count(b"not a jpeg") == 0
+    tiny_segments = b"\xff\xd8" + b"\xff\xc4\x00\x02" * (MAX_JPEG_SEGMENTS + 1)  # walking them would cost
+    assert jpeg_scan_count(tiny_segments) > MAX_JPEG_SCANS
 
 
 def test_a_jpeg_of_hundreds_of_scans_is_refused_and_an_ordinary_progressive_one_decodes():

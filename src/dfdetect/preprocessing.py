@@ -115,8 +115,8 @@ def decode_image(
             check_dimensions(*img.size, name, max_pixels, max_side, max_aspect_ratio)
             if jpeg_scan_count(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:  # any JPEG stream: also MPO and others
                 raise ImageError(
-                    f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans (encoders write about 10) is refused: "
-                    "each scan is another pass over the whole image"
+                    f"{name}: a JPEG of more than {MAX_JPEG_SCANS} scans or {MAX_JPEG_SEGMENTS} segments is "
+                    "refused (encoders write about 10 scans): each scan is another pass over the whole image"
                 )
             img.load()
             # inside the try: some modes a file may declare (TIFF's "La") have no conversion to RGB
