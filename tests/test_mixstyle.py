@@ -41,7 +41,8 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
 def test_training_mixes_the_styles_and_keeps_each_images_structure():
     net, x = _Net().train(), _styled_batch()
     torch.manual_seed(1)
-    with mixing_style(net, ALWAYS) as layers:
+    layers = mixstyle_layers(net, ALWAYS)
+    with mixing_style(net, layers, ALWAYS):
         out = net(x)
     assert layers == ["body"]
     assert not torch.allclose(out.mean((2, 3)), x.mean((2, 3)), atol=1e-3)  # the statistics moved
@@ -50,24 +51,26 @@ def test_training_mixes_the_styles_and_keeps_each_images_structure():
 
 def test_nothing_changes_in_eval_mode_after_the_block_or_with_probability_zero():
     net, x = _Net(), _styled_batch()
-    with mixing_style(net.eval(), ALWAYS):
+    with mixing_style(net.eval(), ["body"], ALWAYS):
         assert torch.equal(net(x), x)
     net.train()
-    with mixing_style(net, ALWAYS):
+    with mixing_style(net, ["body"], ALWAYS):
         pass
     assert torch.equal(net(x), x) and not net.body._forward_hooks  # the hooks went with the block
-    with mixing_style(net, MixStyleParams(prob=0.0, layers=r"^body$")) as layers:
+    off = MixStyleParams(prob=0.0, layers=r"^body$")
+    layers = mixstyle_layers(net, off)
+    with mixing_style(net, layers, off):
         assert layers == [] and torch.equal(net(x), x)
 
 
 def test_the_default_layers_are_the_ends_of_lite0s_second_and_third_stages():
     model = create_model(parse_params({"model": {"name": "efficientnet_lite0", "pretrained": False}}).model)
-    assert mixstyle_layers(model, MixStyleParams().layers) == ["net._blocks.2", "net._blocks.4"]
+    assert mixstyle_layers(model, MixStyleParams(prob=0.5)) == ["net._blocks.2", "net._blocks.4"]
 
 
 def test_a_pattern_matching_no_layer_names_the_field():
     with pytest.raises(MixStyleError, match=re.escape("train.mixstyle.layers='^nope$' matches no module")):
-        mixstyle_layers(_Net(), "^nope$")
+        mixstyle_layers(_Net(), MixStyleParams(prob=0.5, layers="^nope$"))
     with pytest.raises(ParamsError, match=r"train.mixstyle.layers.*not a regular expression"):
         parse_params({"train": {"mixstyle": {"layers": "net.(blocks"}}})
 
@@ -81,13 +84,14 @@ def test_training_refuses_unknown_layers_before_any_work(prepared_small, tmp_pat
 
 def test_a_layer_without_feature_maps_is_named_at_the_first_step():
     net = nn.Sequential(nn.Flatten(), nn.Linear(192, 2)).train()
-    with mixing_style(net, MixStyleParams(prob=1.0, layers=r"^1$")), pytest.raises(MixStyleError, match="Linear"):
+    linear = MixStyleParams(prob=1.0, layers=r"^1$")
+    with mixing_style(net, ["1"], linear), pytest.raises(MixStyleError, match="Linear"):
         net(_styled_batch())
 
 
 def test_a_one_by_one_feature_map_gives_no_nan():
     net, x = _Net().train(), torch.randn(4, 3, 1, 1)
-    with mixing_style(net, ALWAYS):
+    with mixing_style(net, ["body"], ALWAYS):
         assert torch.isfinite(net(x)).all()
 
 

@@ -49,31 +49,30 @@ class _MixStyleHook:
         return ((x - mean) / std * mixed_std + mixed_mean).to(output.dtype)
 
 
-def mixstyle_layers(model: nn.Module, pattern: str) -> list[str]:
-    """The names of the modules whose outputs are mixed; an error names the field when none matches."""
-    names = [name for name, _ in model.named_modules() if name and re.search(pattern, name)]
+def mixstyle_layers(model: nn.Module, params: MixStyleParams) -> list[str]:
+    """The names of the modules whose outputs are mixed (none at probability 0); resolved once, before
+    training, so a pattern that matches nothing fails before any work, naming the field."""
+    if params.prob <= 0:
+        return []
+    names = [name for name, _ in model.named_modules() if name and re.search(params.layers, name)]
     if not names:
         some = [name for name, _ in model.named_modules() if name][:6]
         raise MixStyleError(
-            f"train.mixstyle.layers={pattern!r} matches no module of this model; its module names include "
+            f"train.mixstyle.layers={params.layers!r} matches no module of this model; its module names include "
             + ", ".join(some)
         )
     return names
 
 
 @contextmanager
-def mixing_style(model: nn.Module, params: MixStyleParams) -> Iterator[list[str]]:
-    """Mix styles at `params.layers` while the block runs (training steps); yields the layer names. A
-    probability of 0 attaches nothing."""
-    if params.prob <= 0:
-        yield []
-        return
-    names = mixstyle_layers(model, params.layers)
+def mixing_style(model: nn.Module, layers: list[str], params: MixStyleParams) -> Iterator[None]:
+    """Mix styles at the named `layers` (from mixstyle_layers) while the block runs (training steps); no
+    layers attach nothing."""
     modules = dict(model.named_modules())
     hook = _MixStyleHook(params.prob, params.alpha)
-    handles = [modules[name].register_forward_hook(hook) for name in names]
+    handles = [modules[name].register_forward_hook(hook) for name in layers]
     try:
-        yield names
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -290,7 +290,7 @@ class Trainer:
         self.model = self.model.to(rt.device, memory_format=rt.memory_format())
         self.frozen = freeze_parameters(self.model, t.freeze)
         try:  # checked now, not at the first step: a wrong name fails before any work
-            self.mixstyle_layers = mixstyle_layers(self.model, t.mixstyle.layers) if t.mixstyle.prob > 0 else []
+            self.mixstyle_layers = mixstyle_layers(self.model, t.mixstyle)
         except MixStyleError as exc:
             raise TrainError(str(exc)) from None
         self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
@@ -420,7 +420,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self.net.train()
         task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(self.train_loader), info="")
-        with mixing_style(self.model, t.mixstyle):  # style mixing acts in these steps only
+        with mixing_style(self.model, self.mixstyle_layers, t.mixstyle):  # style mixing acts in these steps only
             train_loss, train_acc = self._train_steps(bar, task)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
