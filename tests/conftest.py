@@ -87,13 +87,14 @@ def tracked_run(prepared_small, tmp_path_factory):
     }
 
 
-def write_video(path, frames, fps=10):
-    """An MPEG-4 video of the given RGB frames (PyAV's bundled FFmpeg), for video tests."""
+def write_video(path, frames, fps=10, codec="mpeg4", options: dict | None = None):
+    """A video of the given RGB frames (PyAV's bundled FFmpeg; the container from the suffix), for video tests.
+    `options` go to the encoder, e.g. {"g": "12", "bf": "3"} for libx264's keyframe interval and B-frames."""
     import av
     import numpy as np
 
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         for array in frames:

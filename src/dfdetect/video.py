@@ -8,6 +8,8 @@ only as one of a short list of container formats, chosen from its first bytes, t
 
 from __future__ import annotations
 
+import array
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +78,15 @@ def read_frames(
     name: str | None = None,
     max_pixels: int | None = None,
     time_limit_s: float | None = None,
+    seek: bool = True,
 ) -> VideoFrames:
     """Sample `n_frames` frames uniformly. `name` is what errors call the file (never the path when given);
     `max_pixels` refuses frames larger than this (width x height): the header's size before any frame is
     decoded, and each decoded frame's own (a stream may change size midway). `time_limit_s` bounds the work:
-    a small file can hold millions of tiny frames that must all be read to reach the last sampled one."""
+    a small file can hold millions of tiny frames, each packet of which is read to number them. With `seek`, each
+    sampled frame is decoded from the keyframe before it, so a long video costs its sampled frames' groups of
+    pictures, not all its frames; the frames and their numbers are those of decoding from the start (`seek=False`,
+    also what a file whose timestamps cannot be trusted gets)."""
     import av
 
     name = name or str(path)
@@ -94,7 +100,8 @@ def read_frames(
                 )
             fh.seek(0)
             with av.open(fh, format=demuxer, container_options=dict(_CONTAINER_OPTIONS)) as container:
-                return _sample(container, n_frames, name, demuxer, max_pixels, _Budget(name, time_limit_s))
+                budget = _Budget(name, time_limit_s)
+                return _sample(container, n_frames, name, demuxer, max_pixels, budget, seek)
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, IndexError, EOFError) as exc:
@@ -114,7 +121,9 @@ class _Budget:
             raise VideoError(f"{self.name}: reading the sampled frames took over {self.limit_s:g} s")
 
 
-def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int | None, budget: _Budget) -> VideoFrames:
+def _sample(
+    container, n_frames: int, name: str, demuxer: str, max_pixels: int | None, budget: _Budget, seek: bool
+) -> VideoFrames:
     if container.format.name not in _ALLOWED_DEMUXERS[demuxer]:
         raise VideoError(f"{name}: container {container.format.name!r} is not allowed ({SUPPORTED_CONTAINERS})")
     if not container.streams.video:
@@ -127,16 +136,16 @@ def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int |
     if max_pixels is not None:  # FFmpeg's own limit: a larger frame later in the stream fails before allocation
         stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(max_pixels)}
     fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-    total = stream.frames
-    if total <= 0:  # the container does not say: count packets (no decoding)
-        total = 0
-        for seen, packet in enumerate(container.demux(stream), 1):
-            total += 1 if packet.size else 0
-            if seen % 1000 == 0:
-                budget.check()
-        container.seek(0)
+    timeline = _timeline(container, stream, budget)
+    total = timeline.frames
     wanted = set(sample_indices(total, n_frames))
-    frames, indices = _decode_wanted(container, stream, wanted, name, max_pixels, budget)
+    got = None
+    if seek and timeline.seekable:
+        got = _seek_wanted(container, stream, timeline, wanted, name, max_pixels, budget)
+    if got is None:  # timestamps that cannot be trusted: read from the start, numbering frames as decoded
+        container.seek(0)
+        got = _decode_wanted(container, stream, wanted, name, max_pixels, budget)
+    frames, indices = got
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
     else:
@@ -146,12 +155,75 @@ def _sample(container, n_frames: int, name: str, demuxer: str, max_pixels: int |
     return VideoFrames(frames, indices, fps, duration, width, height, total)
 
 
+@dataclass
+class _Timeline:
+    """What one pass over the packets (no decoding) says: frame count, and where each frame and keyframe is."""
+
+    frames: int
+    pts: np.ndarray  # the frames' timestamps in presentation order: frame i is the one with pts[i]
+    keyframes: np.ndarray  # sorted timestamps of the keyframes: decoding may start at each
+
+    @property
+    def seekable(self) -> bool:
+        return len(self.pts) > 0 and len(self.keyframes) > 0 and self.keyframes[0] <= self.pts[0]
+
+
+def _timeline(container, stream, budget: _Budget) -> _Timeline:
+    """Count the frames and collect their timestamps from the packets. A timeline with a missing or repeated
+    timestamp is not seekable (frames are then numbered as the decoder gives them). Timestamps are kept in
+    8-byte arrays: a hostile file may hold millions of tiny packets."""
+    frames, pts, keyframes, trusted = 0, array.array("q"), array.array("q"), True
+    for seen, packet in enumerate(container.demux(stream), 1):
+        if seen % 1000 == 0:
+            budget.check()
+        if not packet.size:  # the demuxer's end-of-stream marker, not a frame
+            continue
+        frames += 1
+        if packet.pts is None:
+            trusted = False
+        elif trusted:
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+    container.seek(0)
+    ordered = np.sort(np.frombuffer(pts, dtype=np.int64))
+    if not trusted or (len(ordered) > 1 and (np.diff(ordered) == 0).any()):
+        return _Timeline(frames, np.empty(0, np.int64), np.empty(0, np.int64))
+    return _Timeline(frames, ordered, np.sort(np.frombuffer(keyframes, dtype=np.int64)))
+
+
+def _seek_wanted(container, stream, timeline: _Timeline, wanted: set[int], name, max_pixels, budget: _Budget):
+    """The wanted frames, each decoded from the keyframe before it. None when the decoder's timestamps do not
+    match the timeline (the caller then decodes from the start)."""
+    by_pts = {int(timeline.pts[i]): i for i in wanted}
+    groups: dict[int, list[int]] = {}  # keyframe timestamp -> the wanted timestamps decoded from it
+    for target in sorted(by_pts):
+        key = int(timeline.keyframes[np.searchsorted(timeline.keyframes, target, side="right") - 1])
+        groups.setdefault(key, []).append(target)
+    found: dict[int, np.ndarray] = {}
+    with _decoding(name, max_pixels):
+        for key, targets in groups.items():
+            container.seek(key, stream=stream, backward=True)
+            pending = list(targets)
+            for frame in container.decode(stream):
+                _check_frame_size(name, frame.width, frame.height, max_pixels)
+                budget.check()
+                if frame.pts is None or frame.pts > pending[0]:
+                    return None  # the seek landed past a wanted frame, or the decoder lost the timestamps
+                if frame.pts == pending[0]:
+                    found[by_pts[pending.pop(0)]] = frame.to_ndarray(format="rgb24")
+                    if not pending:
+                        break
+            if pending:
+                return None
+    indices = sorted(found)
+    return [found[i] for i in indices], indices
+
+
 def _decode_wanted(container, stream, wanted: set[int], name: str, max_pixels: int | None, budget: _Budget):
     """The wanted frames (RGB arrays) and their numbers, decoding in order up to the last one wanted."""
-    import av
-
     frames, indices = [], []
-    try:
+    with _decoding(name, max_pixels):
         for i, frame in enumerate(container.decode(stream)):
             _check_frame_size(name, frame.width, frame.height, max_pixels)  # also where FFmpeg's limit is ignored
             if i in wanted:
@@ -160,10 +232,19 @@ def _decode_wanted(container, stream, wanted: set[int], name: str, max_pixels: i
             if len(indices) == len(wanted):
                 break
             budget.check()
+    return frames, indices
+
+
+@contextlib.contextmanager
+def _decoding(name: str, max_pixels: int | None):
+    """FFmpeg's decoding errors as a VideoError that says what may be wrong."""
+    import av
+
+    try:
+        yield
     except av.error.FFmpegError as exc:
         limit = f" or over the limit of {max_pixels} pixels" if max_pixels is not None else ""
         raise VideoError(f"{name}: a frame could not be decoded (damaged{limit}; {_reason(exc)})") from None
-    return frames, indices
 
 
 def _check_frame_size(name: str, width: int, height: int, max_pixels: int | None) -> None:
