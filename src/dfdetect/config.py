@@ -340,6 +340,13 @@ class TrainParams(Section):
         description="weigh each batch's real and fake images equally in the loss, whatever their counts "
         "(self-blends in mode add turn reals into fakes, so fakes outnumber reals about 3 to 1 at prob 0.5)",
     )
+    consistency: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="weight of a consistency loss: each image is augmented twice and the two views' scores "
+        "must agree (symmetric KL divergence, as R-Drop); the step then costs twice as much. 0: one view",
+    )
     freeze: str = Field(
         "",
         description="regular expression: parameters whose names match keep their initial "

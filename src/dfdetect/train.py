@@ -114,6 +114,24 @@ def class_balanced_weights(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y > 0.5, len(y) / (2 * fakes), len(y) / (2 * reals))
 
 
+def consistency_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean symmetric KL divergence between the Bernoulli P(fake) of two views' logits (R-Drop's form), which for
+    logits reduces to (sigmoid(a) - sigmoid(b)) x (a - b) / 2: zero when both views get the same score, whatever
+    the label."""
+    return ((torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)).mean() / 2
+
+
+def label_loss(logits, y, soft=None, distill: DistillParams | None = None, balance: bool = False) -> torch.Tensor:
+    """The labels' loss (each class weighing half with `balance`); with `soft` (a teacher's P(fake) at the
+    distillation temperature), (1 - alpha) x that loss + alpha x T^2 x the soft loss (Hinton et al.'s scaling)."""
+    loss = F.binary_cross_entropy_with_logits(logits, y, weight=class_balanced_weights(y) if balance else None)
+    if soft is not None:
+        t = distill.temperature
+        soft_loss = F.binary_cross_entropy_with_logits(logits / t, soft) * (t * t)
+        loss = (1 - distill.alpha) * loss + distill.alpha * soft_loss
+    return loss
+
+
 def train_step(
     model: nn.Module,
     optimizer,
@@ -124,17 +142,20 @@ def train_step(
     soft: torch.Tensor | None = None,
     distill: DistillParams | None = None,
     balance: bool = False,
+    second_view: torch.Tensor | None = None,
+    consistency: float = 0.0,
 ):
-    """One optimiser step on the labels' loss (each class weighing half with `balance`); with `soft` (a
-    teacher's P(fake) at the distillation temperature), on (1 - alpha) x that loss + alpha x T^2 x the soft
-    loss (Hinton et al.'s scaling)."""
+    """One optimiser step on `label_loss`. With `second_view` (the same images augmented again), both views are
+    scored in one batch, the label loss is their mean, plus `consistency` x `consistency_loss` between them.
+    Returns the loss and the first view's logits."""
     with rt.autocast():
-        logits = model(x).float()
-    loss = F.binary_cross_entropy_with_logits(logits, y, weight=class_balanced_weights(y) if balance else None)
-    if soft is not None:
-        t = distill.temperature
-        soft_loss = F.binary_cross_entropy_with_logits(logits / t, soft) * (t * t)
-        loss = (1 - distill.alpha) * loss + distill.alpha * soft_loss
+        logits = model(x if second_view is None else torch.cat([x, second_view])).float()
+    if second_view is None:
+        loss = label_loss(logits, y, soft, distill, balance)
+    else:
+        logits, again = logits.split(len(x))
+        loss = (label_loss(logits, y, soft, distill, balance) + label_loss(again, y, soft, distill, balance)) / 2
+        loss = loss + consistency * consistency_loss(logits, again)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -438,9 +459,22 @@ class Trainer:
             x = augmented_batch(images, t.augment, self.augment_gen, rt)
             soft = self.teacher.soft_targets(x) if self.teacher else None  # before x is normalised in place
             x = model_input(x, self.pre, rt)
+            second = None
+            if t.consistency > 0:  # the same images (self-blends included) through another draw of the augmentation
+                second = training_batch(images, t.augment, self.augment_gen, self.pre, rt)
             y = y.to(rt.device).float()
             loss, logits = train_step(
-                self.net, self.optimizer, self.scaler, rt, x, y, soft, self.params.distill, t.balance_classes
+                self.net,
+                self.optimizer,
+                self.scaler,
+                rt,
+                x,
+                y,
+                soft,
+                self.params.distill,
+                t.balance_classes,
+                second,
+                t.consistency,
             )
             if self.ema:
                 self.ema.update(self.model)
