@@ -66,3 +66,35 @@ def test_training_scores_a_second_augmented_view_only_when_asked(prepared_small,
 def test_a_negative_weight_is_refused_by_name():
     with pytest.raises(ParamsError, match="train.consistency"):
         parse_params({"train": {"consistency": -1}})
+
+
+def test_the_consistency_term_pulls_the_two_views_scores_together():
+    """A step with a large weight leaves the two views' scores closer than a step on the labels alone (a term
+    with the wrong sign would push them apart)."""
+    x = torch.arange(48, dtype=torch.float32).reshape(4, 3, 2, 2) / 48
+    other = x.flip(0) * 0.5
+
+    def gap(weight):
+        w = _step(x, other, consistency=weight)
+        return float(((x.flatten(1) - other.flatten(1)) @ w.T).abs().mean())
+
+    assert gap(20.0) < gap(0.0)
+
+
+def test_each_view_gets_its_own_soft_targets():
+    from dfdetect.config import DistillParams
+
+    x = torch.arange(48, dtype=torch.float32).reshape(4, 3, 2, 2) / 48
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    rt = runtime.resolve("cpu", "fp32", False)
+
+    def step(soft):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1), torch.nn.Flatten(0))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        train_step(model, opt, scaler, rt, x, y, soft, DistillParams(alpha=1.0), second_view=x.flip(0), consistency=1.0)
+        return model[1].weight.detach().clone()
+
+    first = torch.tensor([0.1, 0.9, 0.2, 0.8])
+    assert not torch.allclose(step(torch.cat([first, first])), step(torch.cat([first, 1 - first])))

@@ -79,14 +79,128 @@ def test_a_long_video_costs_its_sampled_groups_of_pictures_not_all_its_frames(tm
     assert decoded_frame_count(monkeypatch, path) <= 16 * 20  # at most one group of pictures per sampled frame
 
 
-def test_timestamps_that_do_not_match_the_decoder_fall_back_to_decoding_from_the_start(tmp_path, monkeypatch):
-    path = write_video(tmp_path / "v.mp4", moving_frames(60), fps=25, codec="libx264", options={"g": "10"})
-    expected = read_frames(path, 8, "video", seek=False)
-    timeline = video._timeline
+def write_tweaked(path, frames, codec, options, tweak):
+    """A video whose packets `tweak(i, packet)` may change before they are written (i: the encoder's order)."""
+    import av
 
-    def shifted(*args):  # as if the packets' timestamps were one tick off the decoded frames'
-        real = timeline(*args)
-        return video._Timeline(real.frames, real.pts + 1, real.keyframes)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25, options=options)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        count = 0
 
-    monkeypatch.setattr(video, "_timeline", shifted)
-    assert same_frames(read_frames(path, 8, "video"), expected)
+        def mux(packets):
+            nonlocal count
+            for packet in packets:
+                tweak(count, packet)
+                count += 1
+                out.mux(packet)
+
+        for array in frames:
+            mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        mux(stream.encode())
+    return path
+
+
+def path_taken(monkeypatch, path, n) -> str:
+    """Which way read_frames got its frames: "seek" or "from the start"."""
+    taken = []
+    seek = video._seek_wanted
+    monkeypatch.setattr(video, "_seek_wanted", lambda *a: taken.append(seek(*a)) or taken[-1])
+    read_frames(path, n, "video")
+    monkeypatch.setattr(video, "_seek_wanted", seek)
+    return "seek" if taken and taken[0] is not None else "from the start"
+
+
+@pytest.mark.parametrize("name", sorted(VIDEOS))
+def test_well_formed_videos_take_the_seeking_path(tmp_path, monkeypatch, name):
+    codec, options = VIDEOS[name]
+    path = write_video(tmp_path / name, moving_frames(90), fps=25, codec=codec, options=options)
+    assert path_taken(monkeypatch, path, 16) == "seek"
+
+
+def test_every_frame_of_an_open_gop_video_including_the_leading_ones(tmp_path, monkeypatch):
+    codec, options = VIDEOS["h264_open_gop.mp4"]
+    written = moving_frames(90)
+    path = write_video(tmp_path / "open.mp4", written, fps=25, codec=codec, options=options)
+    every = read_frames(path, 90, "video")
+    assert every.indices == list(range(90)) and same_frames(every, read_frames(path, 90, "video", seek=False))
+    assert [nearest(f, written) for f in every.frames] == every.indices
+    assert path_taken(monkeypatch, path, 90) == "seek"
+
+
+def test_an_mp4_that_calls_every_frame_a_keyframe_is_read_from_the_start(tmp_path, monkeypatch):
+    """Without its sync-sample box (stss) an MP4 marks every frame a keyframe; MPEG-4 Part 2 then decodes a
+    P-frame against grey instead of failing, so the decoder's own keyframe flag must be checked."""
+    written = moving_frames(90)
+    path = write_video(tmp_path / "v.mp4", written, fps=25, codec="mpeg4", options={"g": "30"})
+    data = path.read_bytes()
+    assert data.count(b"stss") == 1
+    path.write_bytes(data.replace(b"stss", b"free"))
+    got = read_frames(path, 16, "video")
+    assert same_frames(got, read_frames(path, 16, "video", seek=False))
+    assert [nearest(f, written) for f in got.frames] == got.indices
+    assert path_taken(monkeypatch, path, 16) == "from the start"
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_timestamps_out_of_the_decoders_order_are_read_from_the_start(tmp_path, monkeypatch, suffix):
+    def swap_11_and_12(i, packet):
+        packet.dts -= 1
+        packet.pts += {11: 1, 12: -1}.get(i, 0)
+
+    path = write_tweaked(tmp_path / f"v.{suffix}", moving_frames(90), "libx264", {"g": "30", "bf": "0"}, swap_11_and_12)
+    assert same_frames(read_frames(path, 90, "video"), read_frames(path, 90, "video", seek=False))
+    assert path_taken(monkeypatch, path, 90) == "from the start"
+
+
+def test_frames_an_edit_list_cuts_are_not_counted(tmp_path, monkeypatch):
+    """A file cut without re-encoding keeps the lead-in its first kept frame needs, marked discarded: decoded,
+    never shown. They are neither counted nor sampled, and decoding still starts at their keyframe."""
+
+    def lead_in(i, packet):
+        packet.pts -= 7
+        packet.dts -= 7
+
+    written = moving_frames(90)
+    path = write_tweaked(tmp_path / "cut.mp4", written, "libx264", {"g": "30", "bf": "2"}, lead_in)
+    got = read_frames(path, 16, "video")
+    assert got.total_frames == 83 and got.indices[-1] == 82
+    assert same_frames(got, read_frames(path, 16, "video", seek=False))
+    assert [nearest(f, written) - 7 for f in got.frames] == got.indices
+    assert path_taken(monkeypatch, path, 16) == "seek"
+
+
+def test_a_packet_the_decoder_shows_no_frame_for_moves_no_other_frames_number(tmp_path):
+    """MPEG-4's not-coded frames (as Xvid writes them) are packets without a picture: counted in the timeline,
+    never decoded. Both ways number the other frames by their timestamps, so both agree."""
+    from fractions import Fraction
+
+    import av
+
+    not_coded = bytes([0, 0, 1, 0xB6, 0x50, 0x4F])  # a VOP header with vop_coded = 0
+    path = tmp_path / "nvop.avi"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=25, options={"g": "30"})
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.time_base = Fraction(1, 50)
+        count = 0
+
+        def mux(packets):  # frame i at 2i; the not-coded packet between frames 20 and 21
+            nonlocal count
+            for packet in packets:
+                packet.time_base, packet.pts, packet.dts = Fraction(1, 50), 2 * count, 2 * count
+                out.mux(packet)
+                if count == 20:
+                    extra = av.Packet(not_coded)
+                    extra.stream, extra.time_base, extra.pts, extra.dts = stream, Fraction(1, 50), 41, 41
+                    out.mux(extra)
+                count += 1
+
+        for array in moving_frames(40):
+            mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        mux(stream.encode())
+    got = read_frames(path, 41, "video")
+    assert got.total_frames == 41
+    assert same_frames(got, read_frames(path, 41, "video", seek=False))
+    assert 21 not in got.indices and got.indices[:21] == list(range(21)) and got.indices[-1] == 40

@@ -345,7 +345,8 @@ class TrainParams(Section):
         ge=0.0,
         le=100.0,
         description="weight of a consistency loss: each image is augmented twice and the two views' scores "
-        "must agree (symmetric KL divergence, as R-Drop); the step then costs twice as much. 0: one view",
+        "must agree (symmetric KL divergence; about R-Drop's alpha / 2); the step then costs twice as much, "
+        "and the logged train_loss includes the term. 0: one view",
     )
     freeze: str = Field(
         "",

@@ -146,15 +146,17 @@ def train_step(
     consistency: float = 0.0,
 ):
     """One optimiser step on `label_loss`. With `second_view` (the same images augmented again), both views are
-    scored in one batch, the label loss is their mean, plus `consistency` x `consistency_loss` between them.
-    Returns the loss and the first view's logits."""
+    scored in one batch, the label loss is their mean, plus `consistency` x `consistency_loss` between them;
+    `soft` then holds both views' soft targets, the first view's first. Returns the loss (the consistency term
+    included) and the first view's logits."""
     with rt.autocast():
         logits = model(x if second_view is None else torch.cat([x, second_view])).float()
     if second_view is None:
         loss = label_loss(logits, y, soft, distill, balance)
     else:
         logits, again = logits.split(len(x))
-        loss = (label_loss(logits, y, soft, distill, balance) + label_loss(again, y, soft, distill, balance)) / 2
+        soft, soft_again = soft.split(len(x)) if soft is not None else (None, None)
+        loss = (label_loss(logits, y, soft, distill, balance) + label_loss(again, y, soft_again, distill, balance)) / 2
         loss = loss + consistency * consistency_loss(logits, again)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -457,11 +459,15 @@ class Trainer:
             if t.sbi.mode != "none":
                 images, y = sbi_batch(images, y, t.sbi.prob, self.augment_gen, self.landmarker)
             x = augmented_batch(images, t.augment, self.augment_gen, rt)
-            soft = self.teacher.soft_targets(x) if self.teacher else None  # before x is normalised in place
-            x = model_input(x, self.pre, rt)
             second = None
             if t.consistency > 0:  # the same images (self-blends included) through another draw of the augmentation
-                second = training_batch(images, t.augment, self.augment_gen, self.pre, rt)
+                second = augmented_batch(images, t.augment, self.augment_gen, rt)
+            soft = None
+            if self.teacher:  # before the views are normalised in place; each view gets its own soft targets
+                soft = self.teacher.soft_targets(x if second is None else torch.cat([x, second]))
+            x = model_input(x, self.pre, rt)
+            if second is not None:
+                second = model_input(second, self.pre, rt)
             y = y.to(rt.device).float()
             loss, logits = train_step(
                 self.net,

@@ -142,9 +142,9 @@ def _sample(
     got = None
     if seek and timeline.seekable:
         got = _seek_wanted(container, stream, timeline, wanted, name, max_pixels, budget)
-    if got is None:  # timestamps that cannot be trusted: read from the start, numbering frames as decoded
+    if got is None:  # seeking cannot be trusted for this file: decode from the start
         container.seek(0)
-        got = _decode_wanted(container, stream, wanted, name, max_pixels, budget)
+        got = _decode_wanted(container, stream, timeline, wanted, name, max_pixels, budget)
     frames, indices = got
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
@@ -169,22 +169,25 @@ class _Timeline:
 
 
 def _timeline(container, stream, budget: _Budget) -> _Timeline:
-    """Count the frames and collect their timestamps from the packets. A timeline with a missing or repeated
-    timestamp is not seekable (frames are then numbered as the decoder gives them). Timestamps are kept in
-    8-byte arrays: a hostile file may hold millions of tiny packets."""
+    """Count the frames and collect their timestamps from the packets. Packets an edit list discards (the lead-in
+    of a file cut without re-encoding) are decoded but never shown: not frames, though a keyframe among them is
+    still where decoding can start. A timeline with a missing or repeated timestamp is not seekable. Timestamps
+    are kept in 8-byte arrays: a hostile file may hold millions of tiny packets."""
     frames, pts, keyframes, trusted = 0, array.array("q"), array.array("q"), True
     for seen, packet in enumerate(container.demux(stream), 1):
         if seen % 1000 == 0:
             budget.check()
         if not packet.size:  # the demuxer's end-of-stream marker, not a frame
             continue
-        frames += 1
         if packet.pts is None:
             trusted = False
-        elif trusted:
+        elif trusted and packet.is_keyframe:
+            keyframes.append(packet.pts)
+        if packet.is_discard:
+            continue
+        frames += 1
+        if trusted and packet.pts is not None:
             pts.append(packet.pts)
-            if packet.is_keyframe:
-                keyframes.append(packet.pts)
     container.seek(0)
     ordered = np.sort(np.frombuffer(pts, dtype=np.int64))
     if not trusted or (len(ordered) > 1 and (np.diff(ordered) == 0).any()):
@@ -193,46 +196,71 @@ def _timeline(container, stream, budget: _Budget) -> _Timeline:
 
 
 def _seek_wanted(container, stream, timeline: _Timeline, wanted: set[int], name, max_pixels, budget: _Budget):
-    """The wanted frames, each decoded from the keyframe before it. None when the decoder's timestamps do not
-    match the timeline (the caller then decodes from the start)."""
+    """The wanted frames, each decoded from the keyframe before it. From that keyframe on, the decoder must give
+    exactly the timeline's frames in order, the first a real keyframe: a container that marks frames it cannot
+    start from as keyframes, timestamps out of order, or frames the decoder drops or adds all return None, and
+    so does any FFmpeg error here (the caller then decodes from the start, where real damage is reported)."""
+    import av
+
     by_pts = {int(timeline.pts[i]): i for i in wanted}
     groups: dict[int, list[int]] = {}  # keyframe timestamp -> the wanted timestamps decoded from it
     for target in sorted(by_pts):
         key = int(timeline.keyframes[np.searchsorted(timeline.keyframes, target, side="right") - 1])
         groups.setdefault(key, []).append(target)
     found: dict[int, np.ndarray] = {}
-    with _decoding(name, max_pixels):
+    try:
         for key, targets in groups.items():
             container.seek(key, stream=stream, backward=True)
-            pending = list(targets)
+            pending, expected = list(targets), int(np.searchsorted(timeline.pts, key))
+            started = False
             for frame in container.decode(stream):
                 _check_frame_size(name, frame.width, frame.height, max_pixels)
                 budget.check()
-                if frame.pts is None or frame.pts > pending[0]:
-                    return None  # the seek landed past a wanted frame, or the decoder lost the timestamps
+                if frame.pts is None:
+                    return None
+                if not started and frame.pts < key:
+                    continue  # an open group of pictures' leading frames, shown before its keyframe
+                if not started and frame.pts == key and not frame.key_frame:
+                    return None  # the container called it a keyframe; the decoder did not start from it
+                started = True
+                if expected >= len(timeline.pts) or frame.pts != timeline.pts[expected]:
+                    return None  # a frame dropped, added or out of order
+                expected += 1
                 if frame.pts == pending[0]:
                     found[by_pts[pending.pop(0)]] = frame.to_ndarray(format="rgb24")
                     if not pending:
                         break
             if pending:
                 return None
+    except av.error.FFmpegError:
+        return None
     indices = sorted(found)
     return [found[i] for i in indices], indices
 
 
-def _decode_wanted(container, stream, wanted: set[int], name: str, max_pixels: int | None, budget: _Budget):
-    """The wanted frames (RGB arrays) and their numbers, decoding in order up to the last one wanted."""
-    frames, indices = [], []
+def _decode_wanted(
+    container, stream, timeline: _Timeline, wanted: set[int], name: str, max_pixels: int | None, budget: _Budget
+):
+    """The wanted frames (RGB arrays) and their numbers, decoding from the start up to the last one wanted. With
+    trusted timestamps a frame's number is its place in the timeline, as the seeking path numbers it (a frame
+    the decoder drops moves no other's number); without, the order in which frames are decoded."""
+    frames, indices, last = [], [], max(wanted, default=-1)
+    numbered_by_pts = len(timeline.pts) > 0
     with _decoding(name, max_pixels):
-        for i, frame in enumerate(container.decode(stream)):
+        for count, frame in enumerate(container.decode(stream)):
             _check_frame_size(name, frame.width, frame.height, max_pixels)  # also where FFmpeg's limit is ignored
-            if i in wanted:
+            number = count
+            if numbered_by_pts:
+                place = int(np.searchsorted(timeline.pts, frame.pts)) if frame.pts is not None else -1
+                number = place if 0 <= place < len(timeline.pts) and timeline.pts[place] == frame.pts else -1
+            if number in wanted:
                 frames.append(frame.to_ndarray(format="rgb24"))
-                indices.append(i)
-            if len(indices) == len(wanted):
+                indices.append(number)
+            if len(indices) == len(wanted) or number >= last:
                 break
             budget.check()
-    return frames, indices
+    order = sorted(range(len(indices)), key=indices.__getitem__)  # timestamps out of order: shown in number order
+    return [frames[k] for k in order], [indices[k] for k in order]
 
 
 @contextlib.contextmanager
