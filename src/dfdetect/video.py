@@ -186,7 +186,7 @@ def _timeline(container, stream, budget: _Budget) -> _Timeline:
         if packet.is_discard:
             continue
         frames += 1
-        if trusted and packet.pts is not None:
+        if trusted:
             pts.append(packet.pts)
     container.seek(0)
     ordered = np.sort(np.frombuffer(pts, dtype=np.int64))
@@ -244,7 +244,8 @@ def _decode_wanted(
     """The wanted frames (RGB arrays) and their numbers, decoding from the start up to the last one wanted. With
     trusted timestamps a frame's number is its place in the timeline, as the seeking path numbers it (a frame
     the decoder drops moves no other's number); without, the order in which frames are decoded."""
-    frames, indices, last = [], [], max(wanted, default=-1)
+    found: dict[int, np.ndarray] = {}
+    last = max(wanted, default=-1)
     numbered_by_pts = len(timeline.pts) > 0
     with _decoding(name, max_pixels):
         for count, frame in enumerate(container.decode(stream)):
@@ -254,13 +255,12 @@ def _decode_wanted(
                 place = int(np.searchsorted(timeline.pts, frame.pts)) if frame.pts is not None else -1
                 number = place if 0 <= place < len(timeline.pts) and timeline.pts[place] == frame.pts else -1
             if number in wanted:
-                frames.append(frame.to_ndarray(format="rgb24"))
-                indices.append(number)
-            if len(indices) == len(wanted) or number >= last:
+                found[number] = frame.to_ndarray(format="rgb24")
+            if len(found) == len(wanted) or number >= last:
                 break
             budget.check()
-    order = sorted(range(len(indices)), key=indices.__getitem__)  # timestamps out of order: shown in number order
-    return [frames[k] for k in order], [indices[k] for k in order]
+    indices = sorted(found)  # timestamps out of order: returned in number order, as the seeking path does
+    return [found[i] for i in indices], indices
 
 
 @contextlib.contextmanager
