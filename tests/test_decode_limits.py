@@ -5,6 +5,7 @@ trickle in, and what error messages may show. Unit level; test_serving_hostile.p
 import asyncio
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,87 @@ def test_a_body_being_drained_counts_towards_the_upload_limit():
 
     assert asyncio.run(main()) == 1
     assert statuses == [503, 413] and guard.uploading == 0
+
+
+def _post_then_read(port: int, size: int) -> bytes:
+    """A plain client: sends a POST's headers, then its whole body in 64 KiB pieces (streaming it from a file,
+    say), then reads the answer's status line."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+        time.sleep(0.2)  # the server has the headers (and has answered them) before the body comes
+        for start in range(0, size, 65536):
+            client.sendall(b"x" * min(65536, size - start))
+        return client.recv(4096).split(b"\r\n")[0]
+
+
+def test_a_client_sending_while_the_uploads_are_full_reads_the_503_not_a_reset(tmp_path):
+    """Over real HTTP (uvicorn): with the one upload slot held by a slow client, a client that sends a 2 MB
+    body before reading gets the 503, because its body is read away first (closing the connection on unread
+    bytes resets it mid-send: BrokenPipeError)."""
+    import socket
+    import sys
+    import time
+
+    import requests
+
+    from dfdetect.servers import Server, _port_open, _spawn, _wait, free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "guarded_app:app", "--app-dir", str(Path(__file__).parent)]
+    proc, log = _spawn("guarded", [*cmd, "--host", "127.0.0.1", "--port", str(port)], tmp_path)
+    with _wait(Server("guarded", proc, f"http://127.0.0.1:{port}", log), lambda: _port_open(port), 30) as server:
+        with socket.create_connection(("127.0.0.1", port)) as slow:  # holds the slot: 10 of 1000 bytes sent
+            slow.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            time.sleep(0.5)
+            for _ in range(2):
+                assert _post_then_read(port, 2_000_000) == b"HTTP/1.1 503 Service Unavailable"
+            refused = requests.post(f"{server.url}/x", data=b"x" * 100, timeout=10)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+            assert "uploads are being received" in refused.json()["error"]
+            slow.sendall(b"x" * 990)
+            assert slow.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+        assert requests.post(f"{server.url}/x", data=b"x" * 100, timeout=10).text == "100"  # the slot is free again
+
+
+def test_refused_bodies_are_read_away_briefly_and_only_a_few_at_once():
+    """Past the upload limit a body is read away for at most REFUSAL_DRAIN_S before the 503, and at most
+    max_uploads such refusals drain at once: the rest are answered at once, unread."""
+    from dfdetect import http_guard
+
+    async def app(scope, receive, send):  # holds the one slot while its body trickles in
+        await read_body(receive, 10_000, 5.0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = RequestGuard(app, routes={}, body_timeout_s=5.0, max_uploads=1)
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+    answers = []
+
+    def sender(name):
+        async def send(message):
+            if message["type"] == "http.response.start":
+                answers.append((name, message["status"], asyncio.get_running_loop().time()))
+
+        return send
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        held = asyncio.ensure_future(guard(dict(scope), _trickle(30, 0.1), sender("held")))
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        slow_refusal = asyncio.ensure_future(guard(dict(scope), _trickle(1000, 0.05), sender("drained")))
+        await asyncio.sleep(0.05)
+        draining = guard.refusing
+        await guard(dict(scope), _trickle(1000, 0.05), sender("unread"))  # one refusal drains already
+        await asyncio.gather(held, slow_refusal)
+        return started, draining
+
+    started, draining = asyncio.run(main())
+    times = {name: (status, at - started) for name, status, at in answers}
+    assert draining == 1 and guard.refusing == 0 and guard.uploading == 0
+    assert times["unread"][0] == 503 and times["unread"][1] < 0.3  # answered at once
+    assert times["drained"][0] == 503 and 0.9 <= times["drained"][1] < http_guard.REFUSAL_DRAIN_S + 0.5
+    assert times["held"][0] == 200

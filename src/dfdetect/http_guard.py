@@ -30,6 +30,7 @@ MAX_TEXT_FIELD_BYTES = 64  # frameNumber, explain
 MAX_BOUNDARY = 70  # RFC 2046
 SMALL_BODY = 64 * 1024  # any other POST (unknown routes, feedback-sized JSON)
 DRAIN_BYTES = 8 * 1024 * 1024  # how much of a refused body is read and dropped so the client gets the answer
+REFUSAL_DRAIN_S = 1.0  # how long a body refused for the upload limit is read away before its 503
 PARTS_KEY = "dfdetect.parts"  # the ASGI scope key under which a route with keep_parts finds the parsed form
 
 
@@ -322,6 +323,7 @@ class RequestGuard:
         # Bounds on what slow clients can hold: each body's whole read time, and how many are read at once
         # (every one holds a connection, a file descriptor and its bytes so far).
         self.upload_timeout_s, self.max_uploads, self.uploading = upload_timeout_s, max_uploads, 0
+        self.refusing = 0  # requests over max_uploads whose bodies are being read away before their 503
         self.on_refused = on_refused or (lambda status: None)
         self.direct = direct if direct is not None else {}
 
@@ -357,11 +359,15 @@ class RequestGuard:
     async def _checked(self, scope: dict, receive: Callable) -> bytes:
         """The body, read within its route's limits and checked (a kept form goes to scope[PARTS_KEY], and
         the body returned is then empty). Every body read, a refused one being drained too, counts towards
-        max_uploads; past it the request is refused at once, unread (its connection closed)."""
+        max_uploads; past it the request is refused (503), its body first read away for at most
+        REFUSAL_DRAIN_S, by at most max_uploads such refusals at once (the rest unread)."""
         if self.max_uploads is not None and self.uploading >= self.max_uploads:
+            busy = self.uploading
+            if self.refusing < self.max_uploads:
+                await self._drain_refused(receive)
             raise Refused(
                 503,
-                f"{self.uploading} uploads are being received already (the limit): try again shortly",
+                f"{busy} uploads are being received already (the limit): try again shortly",
                 {"Retry-After": "1", "Connection": "close"},
             )
         self.uploading += 1
@@ -369,6 +375,16 @@ class RequestGuard:
             return await self._read_checked(scope, receive)
         finally:
             self.uploading -= 1
+
+    async def _drain_refused(self, receive: Callable) -> None:
+        """Read a refused body away briefly: a client that sends its whole body before reading (most simple
+        ones) then reads the 503, where closing the connection on unread bytes would reset it mid-send. Bounded
+        in time, bytes and how many at once, so refusals cannot hold what the limit protects."""
+        self.refusing += 1
+        try:
+            await drain(receive, DRAIN_BYTES, min(self.body_timeout_s, REFUSAL_DRAIN_S), REFUSAL_DRAIN_S)
+        finally:
+            self.refusing -= 1
 
     async def _read_checked(self, scope: dict, receive: Callable) -> bytes:
         route = self.routes.get(scope["path"])
