@@ -91,3 +91,36 @@ def test_training_with_landmark_masks(prepared_small, tmp_path):
     params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "mask": "landmarks"}, "epochs": 1})
     result = train(params, prepared_small, tmp_path / "models", track=False)
     assert result.completed and (tmp_path / "models" / "best.pt").exists()
+
+
+def test_paper_alteration_coarsens_or_sharpens_and_blends_on_either_side_of_the_mask():
+    from dfdetect.sbi import _paper_alteration
+
+    face = face_frames(1, fake=False, seed=1)[0][20:148, 120:248]
+    detail = lambda img: np.abs(np.diff(img.astype(float), axis=1)).mean()  # noqa: E731 (mean horizontal step)
+    altered = [_paper_alteration(face, np.random.default_rng(seed)) for seed in range(40)]
+    assert all(a.shape == face.shape and a.dtype == np.uint8 for a in altered)
+    # shrunk 2 or 4 times by nearest neighbour and enlarged back: the coarse copies have less fine detail,
+    # the sharpened ones more; both kinds are drawn
+    assert min(map(detail, altered)) < 0.8 * detail(face) and max(map(detail, altered)) > 1.1 * detail(face)
+    inside_changed = outside_changed = 0
+    for seed in range(20):
+        fake, mask = self_blend(face, np.random.default_rng(seed), alteration="paper")
+        diff = np.abs(fake.astype(int) - face.astype(int)).max(axis=2)
+        inside, outside = diff[mask > 0.99], diff[mask < 0.01]
+        inside_changed += inside.size > 0 and inside.mean() > 2 and outside.max() <= 1
+        outside_changed += outside.mean() > 2 and (inside.size == 0 or inside.max() <= 1)
+    assert inside_changed >= 3 and outside_changed >= 3  # the altered copy inside the mask, or around it
+    again, _ = self_blend(face, np.random.default_rng(5), alteration="paper")
+    assert np.array_equal(again, self_blend(face, np.random.default_rng(5), alteration="paper")[0])
+
+
+def test_sbi_alteration_is_a_checked_param():
+    import pytest
+    from pydantic import ValidationError
+
+    from dfdetect.config import SbiParams
+
+    assert SbiParams(alteration="paper").alteration == "paper" and SbiParams().alteration == "mild"
+    with pytest.raises(ValidationError, match="alteration"):
+        SbiParams(alteration="strong")

@@ -272,6 +272,12 @@ class SbiParams(Section):
         description="landmarks: the convex hull of the face mesh (MediaPipe's 468 points, as the paper), an "
         "ellipse where no face mesh is found; ellipse: always an ellipse around the crop's centre",
     )
+    alteration: Literal["mild", "paper"] = Field(
+        "mild",
+        description="how the blended copy differs from the face: mild (colour gain and shift, a light blur or "
+        "unsharp mask, always inside the mask); paper (the paper's augmentation: colour shifts, then shrunk 2 or 4 "
+        "times and enlarged back, or sharpened; the altered copy inside or outside the mask at random)",
+    )
 
 
 class MixStyleParams(Section):
@@ -590,7 +596,11 @@ class ServingParams(Section):
         "max_video_mb 200, 300 s asks a video's client for about 5.3 Mbit/s",
     )
     max_uploads_in_progress: int = Field(
-        64, ge=1, le=10_000, description="request bodies a worker receives at once (503 with Retry-After above)"
+        64,
+        ge=1,
+        le=10_000,
+        description="request bodies a worker receives at once (503 with Retry-After above, after the body "
+        "is read away for up to 1 s so the client reads the answer)",
     )
     video_time_limit_s: float = Field(
         120.0,

@@ -50,42 +50,90 @@ def landmark_mask(points: np.ndarray, h: int, w: int, rng: np.random.Generator) 
     return _feather(hull_mask(centre + offset * factor, h, w) > 0, rng)
 
 
-def _altered_copy(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The 'source' face: the same face, with colour, sharpness, scale and position slightly changed."""
-    h, w = face.shape[:2]
-    img = face.astype(np.float32)
-    img = img * rng.uniform(0.9, 1.1, size=3) + rng.uniform(-12, 12, size=3)  # per-channel gain and shift (colour)
-    img = Image.fromarray(img.clip(0, 255).astype(np.uint8))
-    if rng.random() < 0.5:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-    else:
-        img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.uniform(50, 150))))
+def _shifted(img: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """`img` rescaled by a few per cent, centred, shifted by a few pixels and cropped or edge-padded to h x w."""
     scale = rng.uniform(0.94, 1.06)
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = np.asarray(img.resize((sw, sh), Image.BILINEAR))
-    out = np.empty_like(face)
-    # centre the rescaled copy, then shift it by a few pixels (crop or edge-pad to the original size)
+    img = np.asarray(Image.fromarray(img).resize((sw, sh), Image.BILINEAR))
+    out = np.empty((h, w, 3), dtype=np.uint8)
     dy, dx = (sh - h) // 2 + int(rng.integers(-2, 3)), (sw - w) // 2 + int(rng.integers(-2, 3))
     padded = np.pad(img, ((max(0, -dy), max(0, h + dy - sh)), (max(0, -dx), max(0, w + dx - sw)), (0, 0)), mode="edge")
     out[:] = padded[max(0, dy) : max(0, dy) + h, max(0, dx) : max(0, dx) + w]
     return out
 
 
+def _mild_alteration(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colour gain and shift on every channel, then a light Gaussian blur or an unsharp mask."""
+    img = face.astype(np.float32) * rng.uniform(0.9, 1.1, size=3) + rng.uniform(-12, 12, size=3)
+    img = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    else:
+        img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.uniform(50, 150))))
+    return np.asarray(img)
+
+
+def _paper_alteration(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The paper's source-target augmentation: each colour change with chance 0.3 (a shift of up to 20 levels per
+    channel; hue, saturation and value moved a little; brightness and contrast by up to 10 %), then always one
+    frequency change: shrunk 2 or 4 times by nearest neighbour and enlarged back bilinearly (the aliased, coarse
+    face many swap tools paste), or sharpened (a 3 x 3 sharpening kernel blended in at 20-50 %)."""
+    h, w = face.shape[:2]
+    img = face.astype(np.float32)
+    if rng.random() < 0.3:
+        img = img + rng.uniform(-20, 20, size=3)
+    if rng.random() < 0.3:
+        hsv = np.asarray(Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert("HSV"), dtype=np.float32)
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-2, 2)) % 256  # hue wraps around
+        hsv[..., 1:] = hsv[..., 1:] * rng.uniform(0.95, 1.05, size=2)
+        img = np.asarray(Image.fromarray(hsv.clip(0, 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
+    if rng.random() < 0.3:
+        mean = img.mean()
+        img = (img - mean) * (1 + rng.uniform(-0.1, 0.1)) + mean * (1 + rng.uniform(-0.1, 0.1))
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        factor = int(rng.choice([2, 4]))
+        small = pil.resize((max(1, w // factor), max(1, h // factor)), Image.NEAREST)
+        return np.asarray(small.resize((w, h), Image.BILINEAR))
+    sharp = np.asarray(pil.filter(ImageFilter.Kernel((3, 3), [-1, -1, -1, -1, 9, -1, -1, -1, -1], 1)), np.float32)
+    alpha = rng.uniform(0.2, 0.5)
+    return (alpha * sharp + (1 - alpha) * np.asarray(pil, np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+ALTERATIONS = {"mild": _mild_alteration, "paper": _paper_alteration}
+
+
+def _altered_copy(face: np.ndarray, rng: np.random.Generator, alteration: str = "mild") -> np.ndarray:
+    """The 'source' face: the same face, with colour, sharpness, scale and position slightly changed."""
+    h, w = face.shape[:2]
+    return _shifted(ALTERATIONS[alteration](face, rng), h, w, rng)
+
+
 def self_blend(
-    face: np.ndarray, rng: np.random.Generator, points: np.ndarray | None = None
+    face: np.ndarray, rng: np.random.Generator, points: np.ndarray | None = None, alteration: str = "mild"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1]). With
-    `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse."""
+    `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse.
+    `alteration` "mild" alters the copy blended inside the mask; "paper" alters the copy with the paper's
+    augmentation and, as the paper does, puts it inside or outside the mask at random (so the boundary is the
+    evidence, not which side of it is the coarser)."""
     h, w = face.shape[:2]
     mask = landmark_mask(points, h, w, rng) if points is not None else _soft_mask(h, w, rng)
     mask = mask * rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
-    source = _altered_copy(face, rng)
-    blended = mask[..., None] * source + (1 - mask[..., None]) * face.astype(np.float32)
+    source, target = _altered_copy(face, rng, alteration).astype(np.float32), face.astype(np.float32)
+    if alteration == "paper" and rng.random() < 0.5:
+        source, target = target, source
+    blended = mask[..., None] * source + (1 - mask[..., None]) * target
     return blended.round().clip(0, 255).astype(np.uint8), mask
 
 
 def sbi_batch(
-    images: torch.Tensor, labels: torch.Tensor, prob: float, gen: torch.Generator, landmarker=None
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prob: float,
+    gen: torch.Generator,
+    landmarker=None,
+    alteration: str = "mild",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
     fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
@@ -100,7 +148,7 @@ def sbi_batch(
     for i in torch.nonzero(chosen).flatten().tolist():
         face = images[i].permute(1, 2, 0).numpy()
         points = landmarker.landmarks(face) if landmarker is not None else None
-        fake, _ = self_blend(face, rng, points)
+        fake, _ = self_blend(face, rng, points, alteration)
         images[i] = torch.from_numpy(fake).permute(2, 0, 1)
         labels[i] = 1
     return images, labels
