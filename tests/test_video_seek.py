@@ -204,3 +204,24 @@ def test_a_packet_the_decoder_shows_no_frame_for_moves_no_other_frames_number(tm
     assert got.total_frames == 41
     assert same_frames(got, read_frames(path, 41, "video", seek=False))
     assert 21 not in got.indices and got.indices[:21] == list(range(21)) and got.indices[-1] == 40
+
+
+def test_seeking_refuses_a_timeline_that_lists_a_frame_the_decoder_never_returns(tmp_path):
+    """From each keyframe the decoder must return exactly the timeline's next frames. A timeline with one extra
+    timestamp between two real frames (not a wanted one, so every wanted frame is still found by its timestamp)
+    would number every later frame one too high: the seeking path refuses it (None: decode from the start)."""
+    import av
+
+    path = write_video(tmp_path / "g30.mp4", moving_frames(60), fps=25, codec="libx264", options={"g": "30"})
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        timeline = video._timeline(container, stream, video._Budget(path.name, None))
+        wanted = {40, 50}  # both after frame 35 and decoded from the keyframe at frame 30
+        args = (path.name, None, video._Budget(path.name, None))
+        frames, indices = video._seek_wanted(container, stream, timeline, wanted, *args)
+        assert indices == [40, 50] and [nearest(f, moving_frames(60)) for f in frames] == [40, 50]
+        pts = timeline.pts
+        extra = np.insert(pts, 36, (pts[35] + pts[36]) // 2)  # a frame between 35 and 36 the file does not hold
+        assert pts[36] - pts[35] > 1
+        listed = video._Timeline(timeline.frames + 1, extra, timeline.keyframes)
+        assert video._seek_wanted(container, stream, listed, {41, 51}, *args) is None
