@@ -189,14 +189,14 @@ def _post_then_read(port: int, size: int) -> bytes:
 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
         client.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
-        time.sleep(0.2)  # the server has the headers (and has answered them) before the body comes
+        time.sleep(0.1)  # the server has the headers (and has answered them) before the body comes
         for start in range(0, size, 65536):
             client.sendall(b"x" * min(65536, size - start))
         return client.recv(4096).split(b"\r\n")[0]
 
 
 def test_a_client_sending_while_the_uploads_are_full_reads_the_503_not_a_reset(tmp_path):
-    """Over real HTTP (uvicorn): with the one upload slot held by a slow client, a client that sends a 2 MB
+    """Over real HTTP (uvicorn): with the one upload slot held by a slow client, a client that sends a 1 MB
     body before reading gets the 503, because its body is read away first (closing the connection on unread
     bytes resets it mid-send: BrokenPipeError)."""
     import socket
@@ -215,7 +215,7 @@ def test_a_client_sending_while_the_uploads_are_full_reads_the_503_not_a_reset(t
             slow.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
             time.sleep(0.5)
             for _ in range(2):
-                assert _post_then_read(port, 2_000_000) == b"HTTP/1.1 503 Service Unavailable"
+                assert _post_then_read(port, 1_000_000) == b"HTTP/1.1 503 Service Unavailable"
             refused = requests.post(f"{server.url}/x", data=b"x" * 100, timeout=10)
             assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
             assert "uploads are being received" in refused.json()["error"]
@@ -263,3 +263,37 @@ def test_refused_bodies_are_read_away_briefly_and_only_a_few_at_once():
     assert times["unread"][0] == 503 and times["unread"][1] < 0.3  # answered at once
     assert times["drained"][0] == 503 and 0.9 <= times["drained"][1] < http_guard.REFUSAL_DRAIN_S + 0.5
     assert times["held"][0] == 200
+
+
+def test_a_refused_body_is_not_asked_for_when_its_client_waits_for_100_continue_or_it_is_too_large():
+    """Reading a body makes the server send `100 Continue`: a client that waits for it before sending reads the
+    refusal at once instead, and a body over DRAIN_BYTES would reset its connection anyway."""
+    from dfdetect.http_guard import DRAIN_BYTES, worth_draining
+
+    def scope(*headers):
+        return {"type": "http", "method": "POST", "path": "/x", "headers": list(headers)}
+
+    assert worth_draining(scope()) and worth_draining(scope((b"content-length", b"1000")))
+    assert not worth_draining(scope((b"expect", b"100-Continue"), (b"content-length", b"1000")))
+    assert not worth_draining(scope((b"content-length", str(DRAIN_BYTES + 1).encode())))
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("passed on")
+
+    async def never_receive():
+        raise AssertionError("the refused body was asked for")
+
+    statuses = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    guard = RequestGuard(app, routes={}, body_timeout_s=2.0, max_uploads=1)
+    guard.uploading = 1  # the one slot is taken
+    waiting = scope((b"expect", b"100-continue"), (b"content-length", b"5000"))
+    asyncio.run(guard(waiting, never_receive, send))
+    guard.uploading = 0
+    oversized = scope((b"expect", b"100-continue"), (b"content-length", b"70000"))  # over SMALL_BODY: 413
+    asyncio.run(guard(oversized, never_receive, send))
+    assert statuses == [503, 413]

@@ -103,14 +103,12 @@ def test_paper_alteration_coarsens_or_sharpens_and_blends_on_either_side_of_the_
     # shrunk 2 or 4 times by nearest neighbour and enlarged back: the coarse copies have less fine detail,
     # the sharpened ones more; both kinds are drawn
     assert min(map(detail, altered)) < 0.8 * detail(face) and max(map(detail, altered)) > 1.1 * detail(face)
-    inside_changed = outside_changed = 0
+    sides = {"inside": 0, "outside": 0}
     for seed in range(20):
         fake, mask = self_blend(face, np.random.default_rng(seed), alteration="paper")
-        diff = np.abs(fake.astype(int) - face.astype(int)).max(axis=2)
-        inside, outside = diff[mask > 0.99], diff[mask < 0.01]
-        inside_changed += inside.size > 0 and inside.mean() > 2 and outside.max() <= 1
-        outside_changed += outside.mean() > 2 and (inside.size == 0 or inside.max() <= 1)
-    assert inside_changed >= 3 and outside_changed >= 3  # the altered copy inside the mask, or around it
+        outside = np.abs(fake.astype(int) - face.astype(int)).max(axis=2)[mask < 0.01]
+        sides["inside" if outside.max() <= 1 else "outside"] += 1
+    assert sides["inside"] >= 3 and sides["outside"] >= 3  # the altered copy inside the mask, or around it
     again, _ = self_blend(face, np.random.default_rng(5), alteration="paper")
     assert np.array_equal(again, self_blend(face, np.random.default_rng(5), alteration="paper")[0])
 
@@ -124,3 +122,23 @@ def test_sbi_alteration_is_a_checked_param():
     assert SbiParams(alteration="paper").alteration == "paper" and SbiParams().alteration == "mild"
     with pytest.raises(ValidationError, match="alteration"):
         SbiParams(alteration="strong")
+
+
+def test_paper_blends_shift_only_the_inside_copy(monkeypatch):
+    """Whichever side is altered, the image around the mask is never rescaled or shifted: a shifted frame
+    would carry edge-padded borders, a cue only the pseudo-fakes have."""
+    from dfdetect import sbi
+
+    face = face_frames(1, fake=False, seed=2)[0][20:148, 120:248]
+    monkeypatch.setitem(sbi.ALTERATIONS, "paper", lambda img, rng: (img.astype(int) + 40).clip(0, 255).astype(np.uint8))
+    brighter = (face.astype(int) + 40).clip(0, 255)
+    outsides = set()
+    for seed in range(12):
+        inside, outside = sbi._blend_pair(face, np.random.default_rng(seed), "paper")
+        if np.array_equal(outside, face):
+            outsides.add("face")
+            assert np.abs(inside.astype(int) - brighter).mean() < np.abs(inside.astype(int) - face).mean()
+        else:
+            assert np.array_equal(outside.astype(int), brighter)  # altered, in place: not shifted
+            outsides.add("altered")
+    assert outsides == {"face", "altered"}

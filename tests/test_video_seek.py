@@ -216,12 +216,13 @@ def test_seeking_refuses_a_timeline_that_lists_a_frame_the_decoder_never_returns
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         timeline = video._timeline(container, stream, video._Budget(path.name, None))
+        assert np.searchsorted(timeline.pts, timeline.keyframes).tolist() == [0, 30]  # no scene-cut keyframe
         wanted = {40, 50}  # both after frame 35 and decoded from the keyframe at frame 30
         args = (path.name, None, video._Budget(path.name, None))
         frames, indices = video._seek_wanted(container, stream, timeline, wanted, *args)
         assert indices == [40, 50] and [nearest(f, moving_frames(60)) for f in frames] == [40, 50]
         pts = timeline.pts
+        assert pts[36] - pts[35] > 1  # room for a timestamp between them
         extra = np.insert(pts, 36, (pts[35] + pts[36]) // 2)  # a frame between 35 and 36 the file does not hold
-        assert pts[36] - pts[35] > 1
         listed = video._Timeline(timeline.frames + 1, extra, timeline.keyframes)
         assert video._seek_wanted(container, stream, listed, {41, 51}, *args) is None

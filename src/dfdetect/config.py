@@ -275,8 +275,9 @@ class SbiParams(Section):
     alteration: Literal["mild", "paper"] = Field(
         "mild",
         description="how the blended copy differs from the face: mild (colour gain and shift, a light blur or "
-        "unsharp mask, always inside the mask); paper (the paper's augmentation: colour shifts, then shrunk 2 or 4 "
-        "times and enlarged back, or sharpened; the altered copy inside or outside the mask at random)",
+        "unsharp mask, always inside the mask); paper (the paper's augmentation: colour, brightness and contrast "
+        "shifts, then shrunk 2 or 4 times and enlarged back, or sharpened; the inside or the outside of the mask "
+        "altered at random)",
     )
 
 

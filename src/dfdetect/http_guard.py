@@ -131,6 +131,16 @@ async def _receive_until(receive: Callable, timeout_s: float, deadline: _Deadlin
     return await _receive_within(receive, wait_s) if wait_s > 0 else None
 
 
+def worth_draining(scope: dict) -> bool:
+    """Whether reading a refused body away lets its client read the answer: not when the client waits for
+    `100 Continue` before sending it (reading would ask it to send the body for nothing: it reads the refusal
+    at once), nor when its declared length is over DRAIN_BYTES (its connection is reset anyway)."""
+    if (_header(scope, b"expect") or "").strip().lower() == "100-continue":
+        return False
+    length = _header(scope, b"content-length")
+    return length is None or not length.isdigit() or int(length) <= DRAIN_BYTES
+
+
 async def drain(receive: Callable, budget: int, timeout_s: float, total_s: float | None = None) -> None:
     """Read and drop up to `budget` more bytes of a refused body, so the client (still sending) reads our
     answer instead of a connection reset; for at most `total_s` in all (a slow client is not waited for)."""
@@ -358,12 +368,13 @@ class RequestGuard:
 
     async def _checked(self, scope: dict, receive: Callable) -> bytes:
         """The body, read within its route's limits and checked (a kept form goes to scope[PARTS_KEY], and
-        the body returned is then empty). Every body read, a refused one being drained too, counts towards
-        max_uploads; past it the request is refused (503), its body first read away for at most
-        REFUSAL_DRAIN_S, by at most max_uploads such refusals at once (the rest unread)."""
+        the body returned is then empty). Every body read, one refused for its size being drained too, counts
+        towards max_uploads; past it the request is refused (503). Its body is first read away for at most
+        REFUSAL_DRAIN_S where that lets the client read the answer (worth_draining), by at most max_uploads
+        such refusals at once (the rest unread): at most twice max_uploads bodies are read at once."""
         if self.max_uploads is not None and self.uploading >= self.max_uploads:
             busy = self.uploading
-            if self.refusing < self.max_uploads:
+            if self.refusing < self.max_uploads and worth_draining(scope):
                 await self._drain_refused(receive)
             raise Refused(
                 503,
@@ -383,6 +394,8 @@ class RequestGuard:
         self.refusing += 1
         try:
             await drain(receive, DRAIN_BYTES, min(self.body_timeout_s, REFUSAL_DRAIN_S), REFUSAL_DRAIN_S)
+        except Exception:  # the client went away or broke its body: it still gets (or misses) the 503
+            log.debug("draining a body refused at the upload limit failed", exc_info=True)
         finally:
             self.refusing -= 1
 
@@ -394,7 +407,7 @@ class RequestGuard:
             if not length.isdigit():
                 raise Refused(400, "Content-Length is not a number")
             if int(length) > limit:
-                if int(length) <= limit + DRAIN_BYTES:  # read it away first: the client then sees the answer
+                if worth_draining(scope):  # read it away first: the client then sees the answer
                     await drain(receive, DRAIN_BYTES, self.body_timeout_s, self.upload_timeout_s)
                 raise Refused(
                     413, f"request body of {length} bytes is over the limit of {limit} bytes", {"Connection": "close"}

@@ -74,39 +74,47 @@ def _mild_alteration(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _paper_alteration(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The paper's source-target augmentation: each colour change with chance 0.3 (a shift of up to 20 levels per
-    channel; hue, saturation and value moved a little; brightness and contrast by up to 10 %), then always one
-    frequency change: shrunk 2 or 4 times by nearest neighbour and enlarged back bilinearly (the aliased, coarse
-    face many swap tools paste), or sharpened (a 3 x 3 sharpening kernel blended in at 20-50 %)."""
+    """The paper's source-target augmentation, as its code draws it: a shift of up to 20 levels per channel
+    (chance 0.3); hue, saturation and value moved a little and brightness (up to 10 % of full scale, added) and
+    contrast (up to 10 %, multiplied) always; then one frequency change: shrunk 2 or 4 times by nearest neighbour
+    and enlarged back bilinearly (the aliased, coarse face many swap tools paste), or sharpened (a 3 x 3
+    sharpening kernel of lightness 0.5-1 blended in at 20-50 %)."""
     h, w = face.shape[:2]
     img = face.astype(np.float32)
     if rng.random() < 0.3:
         img = img + rng.uniform(-20, 20, size=3)
-    if rng.random() < 0.3:
-        hsv = np.asarray(Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert("HSV"), dtype=np.float32)
-        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-2, 2)) % 256  # hue wraps around
-        hsv[..., 1:] = hsv[..., 1:] * rng.uniform(0.95, 1.05, size=2)
-        img = np.asarray(Image.fromarray(hsv.clip(0, 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
-    if rng.random() < 0.3:
-        mean = img.mean()
-        img = (img - mean) * (1 + rng.uniform(-0.1, 0.1)) + mean * (1 + rng.uniform(-0.1, 0.1))
-    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    hsv = np.asarray(Image.fromarray(img.clip(0, 255).round().astype(np.uint8)).convert("HSV"), dtype=np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-2, 2)) % 256  # hue wraps around
+    hsv[..., 1:] = hsv[..., 1:] * rng.uniform(0.95, 1.05, size=2)
+    hsv = hsv.round().clip(0, 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.float32)
+    img = img * (1 + rng.uniform(-0.1, 0.1)) + rng.uniform(-0.1, 0.1) * 255
+    pil = Image.fromarray(img.round().clip(0, 255).astype(np.uint8))
     if rng.random() < 0.5:
         factor = int(rng.choice([2, 4]))
         small = pil.resize((max(1, w // factor), max(1, h // factor)), Image.NEAREST)
         return np.asarray(small.resize((w, h), Image.BILINEAR))
-    sharp = np.asarray(pil.filter(ImageFilter.Kernel((3, 3), [-1, -1, -1, -1, 9, -1, -1, -1, -1], 1)), np.float32)
+    lightness = rng.uniform(0.5, 1.0)
+    kernel = ImageFilter.Kernel((3, 3), [-1, -1, -1, -1, 8 + lightness, -1, -1, -1, -1], scale=1)
+    sharp = np.asarray(pil.filter(kernel), np.float32)
     alpha = rng.uniform(0.2, 0.5)
     return (alpha * sharp + (1 - alpha) * np.asarray(pil, np.float32)).round().clip(0, 255).astype(np.uint8)
 
 
-ALTERATIONS = {"mild": _mild_alteration, "paper": _paper_alteration}
-
-
-def _altered_copy(face: np.ndarray, rng: np.random.Generator, alteration: str = "mild") -> np.ndarray:
-    """The 'source' face: the same face, with colour, sharpness, scale and position slightly changed."""
+def _blend_pair(face: np.ndarray, rng: np.random.Generator, alteration: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, outside): the copy blended inside the mask and the image around it. The inside copy is always
+    rescaled and shifted a little (the paper's affine jitter of the source). mild alters the inside copy; paper,
+    as the paper's code does, alters the inside or the outside at random, so which side of the boundary is the
+    coarser is no cue; the outside is never shifted (a shifted frame would show edge-padded borders, a cue of
+    the pseudo-fakes alone)."""
     h, w = face.shape[:2]
-    return _shifted(ALTERATIONS[alteration](face, rng), h, w, rng)
+    altered = ALTERATIONS[alteration](face, rng)
+    if alteration == "paper" and rng.random() < 0.5:
+        return _shifted(face, h, w, rng), altered
+    return _shifted(altered, h, w, rng), face
+
+
+ALTERATIONS = {"mild": _mild_alteration, "paper": _paper_alteration}
 
 
 def self_blend(
@@ -114,16 +122,12 @@ def self_blend(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1]). With
     `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse.
-    `alteration` "mild" alters the copy blended inside the mask; "paper" alters the copy with the paper's
-    augmentation and, as the paper does, puts it inside or outside the mask at random (so the boundary is the
-    evidence, not which side of it is the coarser)."""
+    `alteration`: how the two blended images differ (see _blend_pair)."""
     h, w = face.shape[:2]
     mask = landmark_mask(points, h, w, rng) if points is not None else _soft_mask(h, w, rng)
     mask = mask * rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
-    source, target = _altered_copy(face, rng, alteration).astype(np.float32), face.astype(np.float32)
-    if alteration == "paper" and rng.random() < 0.5:
-        source, target = target, source
-    blended = mask[..., None] * source + (1 - mask[..., None]) * target
+    inside, outside = _blend_pair(face, rng, alteration)
+    blended = mask[..., None] * inside.astype(np.float32) + (1 - mask[..., None]) * outside.astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8), mask
 
 
