@@ -212,7 +212,8 @@ def test_seeking_refuses_a_timeline_that_lists_a_frame_the_decoder_never_returns
     would number every later frame one too high: the seeking path refuses it (None: decode from the start)."""
     import av
 
-    path = write_video(tmp_path / "g30.mp4", moving_frames(60), fps=25, codec="libx264", options={"g": "30"})
+    written = moving_frames(60)
+    path = write_video(tmp_path / "g30.mp4", written, fps=25, codec="libx264", options={"g": "30"})
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         timeline = video._timeline(container, stream, video._Budget(path.name, None))
@@ -220,7 +221,7 @@ def test_seeking_refuses_a_timeline_that_lists_a_frame_the_decoder_never_returns
         wanted = {40, 50}  # both after frame 35 and decoded from the keyframe at frame 30
         args = (path.name, None, video._Budget(path.name, None))
         frames, indices = video._seek_wanted(container, stream, timeline, wanted, *args)
-        assert indices == [40, 50] and [nearest(f, moving_frames(60)) for f in frames] == [40, 50]
+        assert indices == [40, 50] and [nearest(f, written) for f in frames] == [40, 50]
         pts = timeline.pts
         assert pts[36] - pts[35] > 1  # room for a timestamp between them
         extra = np.insert(pts, 36, (pts[35] + pts[36]) // 2)  # a frame between 35 and 36 the file does not hold

@@ -373,12 +373,11 @@ class RequestGuard:
         REFUSAL_DRAIN_S where that lets the client read the answer (worth_draining), by at most max_uploads
         such refusals at once (the rest unread): at most twice max_uploads bodies are read at once."""
         if self.max_uploads is not None and self.uploading >= self.max_uploads:
-            busy = self.uploading
             if self.refusing < self.max_uploads and worth_draining(scope):
                 await self._drain_refused(receive)
             raise Refused(
                 503,
-                f"{busy} uploads are being received already (the limit): try again shortly",
+                f"{self.max_uploads} uploads are being received already (the limit): try again shortly",
                 {"Retry-After": "1", "Connection": "close"},
             )
         self.uploading += 1
