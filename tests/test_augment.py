@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dfdetect.augment import augment_batch
@@ -108,6 +109,45 @@ def test_jpeg_recompression_is_lossy_per_image_and_reproducible():
     changed = sum(not torch.equal(o, i) for o, i in zip(a, x))
     assert 2 < changed < 14
     assert torch.equal(recompress(x, AugmentParams(), torch.Generator().manual_seed(3)), x)
+
+
+def _block_edges(images: torch.Tensor, period: int) -> tuple[float, float]:
+    """Mean jump across columns at multiples of `period` and half-way between them."""
+    jump = (images[..., 1:].float() - images[..., :-1].float()).abs().mean(dim=(0, 1, 2))  # jump[x]: x -> x + 1
+    edges = torch.arange(period - 1, images.shape[-1] - 1, period)
+    return float(jump[edges].mean()), float(jump[edges - period // 2].mean())
+
+
+def test_jpeg_at_another_scale_puts_the_blocks_off_the_images_grid():
+    from dfdetect.augment import recompress
+
+    # smooth grey images (no chroma blocks), so that what jumps is JPEG's 8 x 8 luma block edges at quality 10
+    grey = torch.nn.functional.interpolate(torch.rand(8, 1, 8, 8), size=(64, 64), mode="bicubic").clamp(0, 1)
+    x = (grey.expand(8, 3, 64, 64) * 255).to(torch.uint8).contiguous()
+    at_own_size = recompress(x, AugmentParams(jpeg_prob=1.0, jpeg_quality=(10, 10)), torch.Generator())
+    on_grid, between = _block_edges(at_own_size, 8)
+    assert on_grid > 2 * between  # compressed at its own size: an edge every 8 pixels
+    every_16, half_way = _block_edges(at_own_size, 16)
+    assert every_16 < 1.15 * half_way  # ... at 8 as at 16
+    halved = recompress(
+        x, AugmentParams(jpeg_prob=1.0, jpeg_quality=(10, 10), jpeg_scale=(0.5, 0.5)), torch.Generator()
+    )
+    assert halved.shape == x.shape and halved.dtype == torch.uint8
+    every_16, half_way = _block_edges(halved, 16)  # the half-size image's blocks, magnified twice
+    assert every_16 > 1.35 * half_way
+
+
+def test_jpeg_scale_left_at_one_draws_what_earlier_versions_drew():
+    from dfdetect.augment import recompress
+
+    x = (torch.rand(16, 3, 32, 32) * 255).to(torch.uint8)
+    gen = torch.Generator().manual_seed(5)
+    recompress(x, AugmentParams(jpeg_prob=0.5), gen)
+    reference = torch.Generator().manual_seed(5)
+    torch.rand(2, 16, generator=reference)  # the chosen images and their qualities: nothing more
+    assert torch.equal(gen.get_state(), reference.get_state())
+    with pytest.raises(ValueError, match="jpeg_scale"):
+        AugmentParams(jpeg_scale=(0.1, 1.0))
 
 
 def test_erase_greys_one_rectangle_of_the_configured_area_in_a_share_of_images():

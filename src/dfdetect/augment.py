@@ -204,22 +204,33 @@ def degrade(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -
 
 def recompress(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
     """JPEG re-compression at a random quality for a random share of a uint8 N x 3 x H x W CPU batch
-    (before it goes to the device: JPEG is a CPU codec)."""
+    (before it goes to the device: JPEG is a CPU codec). With `params.jpeg_scale` other than [1, 1] each is
+    compressed at a random size and resized back, as a photograph is compressed at its own resolution and then
+    resized by the face crop: its 8 x 8 blocks reach the model magnified or shrunk, never on the model's grid."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    n = images.shape[0]
+    n, _, h, w = images.shape
     chosen, quality = torch.rand(n, generator=gen) < params.jpeg_prob, torch.rand(n, generator=gen)
+    low_scale, high_scale = params.jpeg_scale
+    rescaled = (low_scale, high_scale) != (1.0, 1.0)
+    # drawn only when asked for, so that the recipes measured before this option draw the same numbers
+    scale = _uniform(gen, n, low_scale, high_scale) if rescaled else torch.ones(n)
     if not chosen.any():
         return images
     low, high = params.jpeg_quality
     out = images.clone()
     for i in torch.nonzero(chosen).flatten().tolist():
+        pil = Image.fromarray(images[i].permute(1, 2, 0).numpy())
+        size = (max(8, round(w * float(scale[i]))), max(8, round(h * float(scale[i]))))
+        if size != (w, h):
+            pil = pil.resize(size, Image.Resampling.BICUBIC)  # antialiased when shrinking
         buf = io.BytesIO()
-        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(
-            buf, format="JPEG", quality=int(low + quality[i] * (high - low))
-        )
-        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+        pil.save(buf, format="JPEG", quality=int(low + quality[i] * (high - low)))
+        decoded = Image.open(buf).convert("RGB")
+        if decoded.size != (w, h):
+            decoded = decoded.resize((w, h), Image.Resampling.BICUBIC)
+        out[i] = torch.from_numpy(np.array(decoded)).permute(2, 0, 1)
     return out

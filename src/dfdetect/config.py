@@ -222,6 +222,12 @@ class AugmentParams(Section):
     # How fakes reach users: re-compressed, blurred, noisy, resized. Each applies to a random share of images.
     jpeg_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images re-compressed as JPEG")
     jpeg_quality: tuple[int, int] = Field((50, 95), description="JPEG quality range [low, high]")
+    jpeg_scale: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="size, relative to the image, at which a re-compressed image is compressed [low, high]: a "
+        "photo is compressed at its own resolution and then resized by the face crop, so its 8 x 8 blocks reach the "
+        "model magnified or shrunk ([1, 1]: compressed at the image's own size)",
+    )
     blur_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of images Gaussian-blurred")
     blur_sigma: float = Field(1.5, gt=0.0, le=5.0, description="largest blur sigma, pixels")
     sharpen_prob: float = Field(
@@ -256,6 +262,14 @@ class AugmentParams(Section):
         low, high = value
         if not 1 <= low <= high <= 100:
             raise ValueError("needs 1 <= low <= high <= 100")
+        return value
+
+    @field_validator("jpeg_scale")
+    @classmethod
+    def _scale_range(cls, value):
+        low, high = value
+        if not 0.25 <= low <= high <= 4:
+            raise ValueError("needs 0.25 <= low <= high <= 4")
         return value
 
 
