@@ -209,6 +209,14 @@ class ModelParams(Section):
         return value
 
 
+def _ordered_range(value: tuple, lowest: float, highest: float) -> tuple:
+    """A [low, high] pair within [lowest, highest]."""
+    low, high = value
+    if not lowest <= low <= high <= highest:
+        raise ValueError(f"needs {lowest} <= low <= high <= {highest}")
+    return value
+
+
 class AugmentParams(Section):
     hflip: bool = True
     rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
@@ -259,18 +267,12 @@ class AugmentParams(Section):
     @field_validator("jpeg_quality")
     @classmethod
     def _quality_range(cls, value):
-        low, high = value
-        if not 1 <= low <= high <= 100:
-            raise ValueError("needs 1 <= low <= high <= 100")
-        return value
+        return _ordered_range(value, 1, 100)
 
     @field_validator("jpeg_scale")
     @classmethod
     def _scale_range(cls, value):
-        low, high = value
-        if not 0.25 <= low <= high <= 4:
-            raise ValueError("needs 0.25 <= low <= high <= 4")
-        return value
+        return _ordered_range(value, 0.25, 4)
 
 
 class SbiParams(Section):
