@@ -2,7 +2,8 @@
 
 A model trained on one source can learn that source's colour, sharpness or compression instead of
 manipulation traces. Changing one property of every input at test time (greyscale, half saturation,
-grey-world white balance, a 64-px round trip, a blur, an unsharp mask, a JPEG re-save) and scoring again
+grey-world white balance, a 64-px round trip, a blur, an unsharp mask, a JPEG re-save, one at 3/4 or 4/3 of the model's input
+size resized back, as a photo's blocks reach the model after a face crop resized it) and scoring again
 shows which of them moves the cross-dataset figures: a change that takes a set's real false-positive rate
 from 49 % to 7 % names the cue. Each set is a seeded sample of --per-class files per class, face-cropped
 as the model's own training faces were (prepare.faces, margin = the model's framing); faceswap128's test
@@ -35,6 +36,11 @@ def _jpeg(img: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
+def _jpeg_at(img: Image.Image, side: int, quality: int) -> Image.Image:
+    """Compressed at `side` x `side` pixels and resized back: a photo's blocks after a face crop resized them."""
+    return _jpeg(img.resize((side, side), Image.BICUBIC), quality).resize(img.size, Image.BICUBIC)
+
+
 def _saturation(img: Image.Image, factor: float) -> Image.Image:
     a = np.asarray(img, dtype=np.float64)
     grey = (a @ LUMA)[..., None]
@@ -47,16 +53,21 @@ def _grey_world(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a * (means.mean() / np.maximum(means, 1e-6)), 0, 255).round().astype(np.uint8))
 
 
-CHANGES = {
-    "none": lambda im: im,
-    "grey": lambda im: _saturation(im, 0.0),
-    "half_saturation": lambda im: _saturation(im, 0.5),
-    "grey_world": _grey_world,
-    "down64": lambda im: im.resize((64, 64), Image.BILINEAR).resize(im.size, Image.BILINEAR),
-    "blur1": lambda im: im.filter(ImageFilter.GaussianBlur(1.0)),
-    "unsharp": lambda im: im.filter(ImageFilter.UnsharpMask(2, 100, 0)),
-    "jpeg60": lambda im: _jpeg(im, 60),
-}
+def changes(input_side: int) -> dict:
+    """Each change by name; `input_side` is the model's input size (where the JPEG blocks of the last two land
+    magnified or shrunk by 4/3)."""
+    return {
+        "none": lambda im: im,
+        "grey": lambda im: _saturation(im, 0.0),
+        "half_saturation": lambda im: _saturation(im, 0.5),
+        "grey_world": _grey_world,
+        "down64": lambda im: im.resize((64, 64), Image.BILINEAR).resize(im.size, Image.BILINEAR),
+        "blur1": lambda im: im.filter(ImageFilter.GaussianBlur(1.0)),
+        "unsharp": lambda im: im.filter(ImageFilter.UnsharpMask(2, 100, 0)),
+        "jpeg60": lambda im: _jpeg(im, 60),
+        "jpeg70_blocks_x4/3": lambda im: _jpeg_at(im, round(input_side * 3 / 4), 70),  # a face smaller than the input
+        "jpeg70_blocks_x3/4": lambda im: _jpeg_at(im, round(input_side * 4 / 3), 70),  # ... larger
+    }
 
 
 def sample_set(root: Path, per_class: int, seed: int, link_dir: Path) -> Path:
@@ -99,7 +110,7 @@ def main() -> None:
         sets["faceswap128"] = (data.split.images, data.split.labels)
 
     rows = {}
-    for change, fn in CHANGES.items():
+    for change, fn in changes(pre.image_size).items():
         row = {}
         for name, (images, labels) in sets.items():
             scores = np.concatenate(
