@@ -10,7 +10,7 @@ from dfdetect import checkpoint, runtime
 from dfdetect.checkpoint import CheckpointError
 from dfdetect.config import ParamsError, parse_params
 from dfdetect.models import create_model
-from dfdetect.train import TrainError, train
+from dfdetect.train import TrainError, _better, train
 
 
 def _history(path):
@@ -29,6 +29,11 @@ def test_training_writes_checkpoints_history_and_metrics(prepared_small, tmp_pat
     assert result.completed and result.epochs_run == 3 and 1 <= result.best_epoch <= 3
     rows = _history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    best_epoch, best_auc, best_loss = 0, -1.0, float("inf")  # the history replayed: the best is the one chosen
+    for r in rows:
+        if _better(float(r["val_auc"]), float(r["val_loss"]), best_auc, best_loss):
+            best_epoch, best_auc, best_loss = int(r["epoch"]), float(r["val_auc"]), float(r["val_loss"])
+    assert result.best_epoch == best_epoch
     assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == result.best_epoch
     best = checkpoint.load(tmp_path / "models" / "best.pt")
     assert best["label_map"] == {"real": 0, "fake": 1}
@@ -37,6 +42,14 @@ def test_training_writes_checkpoints_history_and_metrics(prepared_small, tmp_pat
     summary = json.loads((tmp_path / "models" / "summary.json").read_text())
     assert summary["best_epoch"] == result.best_epoch and summary["model"] == "custom_cnn"
     assert not list((tmp_path / "models").glob("*.tmp")) and not list((tmp_path / "models").glob(".*"))
+
+
+def test_the_best_epoch_is_the_higher_val_auc_and_on_a_tie_the_lower_val_loss():
+    assert _better(0.95, 0.9, 0.94, 0.1)  # a higher ROC-AUC wins whatever the loss
+    assert not _better(0.93, 0.05, 0.94, 0.1)  # a lower one loses whatever the loss
+    assert _better(1.0, 0.05, 1.0, 0.2)  # saturated at 1.0: the more confident epoch ships
+    assert not _better(1.0, 0.3, 1.0, 0.2)
+    assert _better(0.5, 0.7, -1.0, float("inf"))  # the first epoch is always a best
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,15 @@ def make_scheduler(optimizer, params: Params):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+def _better(val_auc: float, val_loss: float, best_auc: float, best_loss: float) -> bool:
+    """An epoch is the new best on a higher val ROC-AUC, or on the same one with a lower val loss: on data the
+    model separates perfectly early (AUC 1.0 from epoch 1) the first epoch would otherwise ship, before its
+    scores are confident or calibrated."""
+    if val_auc > best_auc + 1e-6:
+        return True
+    return val_auc >= best_auc - 1e-6 and val_loss < best_loss
+
+
 def augmented_batch(
     images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, rt: runtime.Runtime
 ) -> torch.Tensor:
@@ -243,6 +252,7 @@ class Trainer:
         self.state = {
             "epoch": 0,
             "best_val_auc": -1.0,
+            "best_val_loss": float("inf"),  # breaks ties in val AUC (a saturated 1.0 on easy data)
             "best_epoch": 0,
             "stale_epochs": 0,
             "history": [],
@@ -536,10 +546,11 @@ class Trainer:
         state["history"].append(row)
         bar.update(stats["task"], info=f"loss {row['train_loss']:.4f} val_auc {val_auc:.4f} val_loss {val_loss:.4f}")
         self.log_epoch(row)
-        if val_auc > state["best_val_auc"] + 1e-6:
+        if _better(val_auc, val_loss, state["best_val_auc"], state["best_val_loss"]):
             point = operating_point.choose(labels, scores, t.operating_point)
             state.update(
                 best_val_auc=val_auc,
+                best_val_loss=val_loss,
                 best_epoch=epoch,
                 stale_epochs=0,
                 threshold=point["threshold"],
@@ -552,7 +563,9 @@ class Trainer:
         stop = bool(t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience)
         distributed.broadcast(self.d, stop)
         if stop:
-            log.info("early stopping: val AUC has not improved for %d epochs", state["stale_epochs"])
+            log.info(
+                "early stopping: val AUC (or, tied, val loss) has not improved for %d epochs", state["stale_epochs"]
+            )
         return stop
 
     def finish(self, completed: bool, stopped_early: bool, history_path, metrics_path) -> TrainResult:
