@@ -350,7 +350,9 @@ class TrainParams(Section):
     scheduler: Literal["cosine", "step", "none"] = "cosine"
     step_size: int = Field(5, ge=1, description="StepLR only: epochs between decays")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="StepLR only: decay factor")
-    early_stopping_patience: int = Field(5, ge=0, description="epochs without val AUC gain; 0 disables")
+    early_stopping_patience: int = Field(
+        5, ge=0, description="epochs without a val AUC gain (or, at the same val AUC, a lower val loss); 0 disables"
+    )
     ema_decay: float = Field(
         0.0,
         ge=0.0,
