@@ -4,7 +4,8 @@ A model trained on self-blends alone (train.sbi.mode=only) has its threshold cho
 fakes, which it never trained on. The SBI paper validates on self-blends of the validation reals instead. This
 scores one model's validation reals, its known validation fakes and self-blends of those reals (the recipe's
 mask and alteration, seeded), picks thresholds several ways (the stored one, the equal error rate against the
-known fakes or against the self-blends, 5 % or 1 % of validation reals flagged), and gives each shared set's
+known fakes or against the self-blends, 5 % or 1 % of validation reals flagged, each by dfdetect's own
+operating-point rule), and gives each shared set's
 real false-positive rate and fake recall at each, beside its ROC-AUC (which no threshold changes).
 
     python benchmarks/sbi_threshold.py --checkpoint WORK/models/best.pt --prepared WORK/prepared \\
@@ -37,12 +38,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="JSON file to write (default: print only)")
     args = ap.parse_args()
 
+    from dfdetect import operating_point
     from dfdetect.artifact import TrainedModel
-    from dfdetect.config import SuiteSet, load_params
+    from dfdetect.config import OperatingPointParams, SuiteSet, load_params
     from dfdetect.data import PreparedSplit, load_split
     from dfdetect.evaluate import score_model
-    from dfdetect.metrics import eer_and_threshold, roc_auc
+    from dfdetect.metrics import roc_auc
     from dfdetect.sbi import self_blend
+    from dfdetect.suite import load_suite_set, rates
 
     model = TrainedModel.load(args.checkpoint)
     pre = model.preprocess
@@ -64,40 +67,34 @@ def main() -> None:
     )
     s_real, s_fake, s_blend = score(reals), score(fakes), score(blends)
 
-    def eer(fake_scores):
+    def chosen(fake_scores, policy: str, target: float | None = None) -> float:
+        """The threshold dfdetect's operating-point rule picks on the validation reals against these fakes."""
         labels = np.r_[np.zeros(len(s_real)), np.ones(len(fake_scores))]
-        return float(eer_and_threshold(labels, np.r_[s_real, fake_scores])[1])
+        point = OperatingPointParams(policy=policy, target=target)
+        return operating_point.choose(labels, np.r_[s_real, fake_scores], point)["threshold"]
 
     thresholds = {
         "stored": float(model.threshold),
-        "eer_known_fakes": eer(s_fake),
-        "eer_self_blends": eer(s_blend),
-        "val_fpr_5pct": float(np.quantile(s_real, 0.95)),
-        "val_fpr_1pct": float(np.quantile(s_real, 0.99)),
+        "eer_known_fakes": chosen(s_fake, "eer"),
+        "eer_self_blends": chosen(s_blend, "eer"),
+        "val_fpr_5pct": chosen(s_fake, "fpr", 0.05),
+        "val_fpr_1pct": chosen(s_fake, "fpr", 0.01),
     }
 
-    def rates(labels, scores):
-        return {
-            name: {
-                "real_fpr": round(float(np.mean(scores[labels == 0] >= t)), 4) if (labels == 0).any() else None,
-                "fake_recall": round(float(np.mean(scores[labels == 1] >= t)), 4) if (labels == 1).any() else None,
-            }
-            for name, t in thresholds.items()
-        }
+    def at_thresholds(labels, scores):
+        return {name: rates(labels, scores, t) for name, t in thresholds.items()}
 
     val_labels = np.r_[np.zeros(len(s_real)), np.ones(len(s_fake))]
-    rows = {"faceswap128 (val, known fakes)": {"rates": rates(val_labels, np.r_[s_real, s_fake])}}
+    rows = {"faceswap128 (val, known fakes)": {"rates": at_thresholds(val_labels, np.r_[s_real, s_fake])}}
     rows["faceswap128 (val, self-blends)"] = {
-        "rates": rates(np.r_[np.zeros(len(s_real)), np.ones(len(s_blend))], np.r_[s_real, s_blend])
+        "rates": at_thresholds(np.r_[np.zeros(len(s_real)), np.ones(len(s_blend))], np.r_[s_real, s_blend])
     }
     faces = load_params(args.params).prepare.faces.with_margin(pre.face_margin)
-    from dfdetect.suite import load_suite_set
-
     for name in SCORED:
         data = load_suite_set(SuiteSet(**generalisation.suite_entry(args.datasets, name)), pre.image_size, faces)
         labels, scores = data.split.labels, score(np.asarray(data.split.images))
         auc = roc_auc(labels, scores, 0.5) if len(set(labels.tolist())) == 2 else None
-        rows[name] = {"roc_auc": round(auc, 4) if auc is not None else None, "rates": rates(labels, scores)}
+        rows[name] = {"roc_auc": round(auc, 4) if auc is not None else None, "rates": at_thresholds(labels, scores)}
         print(name, json.dumps(rows[name]), flush=True)
     result = {
         "benchmark": "sbi_threshold",
