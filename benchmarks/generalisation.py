@@ -34,7 +34,8 @@ from dfdetect.prepare import prepare
 from dfdetect.train import train
 
 VIDEO_FRAMES = r"^(?P<video>[a-z]+_\d+)_\d+$"  # faceswap128: <label>_<video>_<frame>
-UTK = r"^\d+_(?P<gender>\d)_(?P<race>\d)_"  # age_gender_race_date.jpg: the issue asks per gender and ethnicity
+UTK = r"^(?P<age>\d+)_(?P<gender>\d)_(?P<race>\d)_"  # age_gender_race_date.jpg
+UTK_AGE_BANDS = [3, 13, 20, 40, 60]  # infants, children, teenagers, young and middle-aged adults, older people
 UTK_NAMES = {
     "gender": {"0": "male", "1": "female"},
     "race": {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"},
@@ -45,7 +46,12 @@ SETS = {
     "lfw_faceswap": {"face_crop": True},  # whole 250 x 250 LFW frames
     "ffpp_c23_videos": {},  # mp4 videos: the video path crops faces
     "tpdne_stylegan2": {"face_crop": True},  # 300 x 300 portraits, framed differently for real and fake
-    "utkface_real": {"face_crop": True, "attributes": UTK, "attribute_names": UTK_NAMES},  # reals only
+    "utkface_real": {  # reals only
+        "face_crop": True,
+        "attributes": UTK,
+        "attribute_names": UTK_NAMES,
+        "attribute_bins": {"age": UTK_AGE_BANDS},
+    },
 }
 SOURCE_FIELDS = {"face_crop", "group_pattern"}
 TARGETS = {  # issue 15, for the default recipe within 30 minutes of CPU training

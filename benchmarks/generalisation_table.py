@@ -14,30 +14,39 @@ def fmt(value, digits=3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def fpr_ratios(row: dict) -> str:
+    """The real false-positive rate's highest over lowest group, by gender / ethnicity / age band ('-': not
+    measured; files before age bands have none)."""
+    groups = row.get("groups", {})
+    if not groups:
+        return "-"
+    return " / ".join(
+        fmt(groups[a].get("real_fpr_ratio"), 2) if a in groups else "-" for a in ("gender", "race", "age")
+    )
+
+
 def cross_row(name: str, r: dict) -> str:
     suite = r["suite"]
     lfw, ffpp, tpdne, utk = (
         suite.get(k, {}) for k in ("lfw_faceswap", "ffpp_c23_videos", "tpdne_stylegan2", "utkface_real")
     )
-    ratios = [g.get("real_fpr_ratio") for g in utk.get("groups", {}).values()]
     return (
         f"| {name} | {fmt(r['train_minutes'], 1) if isinstance(r['train_minutes'], float) else r['train_minutes']} "
         f"| {fmt(r['in_dataset_test'].get('roc_auc'))} / {fmt(r['in_dataset_test'].get('video_roc_auc'))} "
         f"| {fmt(lfw.get('roc_auc'))} ({fmt(lfw.get('real_fpr'), 2)} / {fmt(lfw.get('fake_recall'), 2)}) "
         f"| {fmt(ffpp.get('roc_auc'))} / {fmt(ffpp.get('video_roc_auc'))} "
         f"| {fmt(tpdne.get('roc_auc'))} ({fmt(tpdne.get('real_fpr'), 2)} / {fmt(tpdne.get('fake_recall'), 2)}) "
-        f"| {fmt(utk.get('real_fpr'), 3)} | {' / '.join(fmt(x, 2) for x in ratios)} |"
+        f"| {fmt(utk.get('real_fpr'), 3)} | {fpr_ratios(utk)} |"
     )
 
 
 def loso_row(r: dict) -> str:
     left = r["left_out"]
     row = r["suite"][left]
-    ratios = [g.get("real_fpr_ratio") for g in row.get("groups", {}).values()]
     return (
         f"| {left} | {', '.join(r['trained_on'])} | {fmt(r['train_minutes'], 1) if isinstance(r['train_minutes'], float) else r['train_minutes']} "
         f"| {fmt(row.get('roc_auc'))} | {fmt(row.get('video_roc_auc'))} | {fmt(row.get('real_fpr'), 3)} "
-        f"| {fmt(row.get('fake_recall'), 3)} | {' / '.join(fmt(x, 2) for x in ratios) or '-'} "
+        f"| {fmt(row.get('fake_recall'), 3)} | {fpr_ratios(row)} "
         f"| {fmt(r['in_dataset_test'].get('roc_auc'))} |"
     )
 
@@ -47,7 +56,7 @@ def main(paths: list[str]) -> None:
     print(
         "| recipe (file) | training minutes | faceswap128 test frame / video ROC-AUC (in-dataset) | lfw_faceswap ROC-AUC "
         "(real FPR / fake recall) | ffpp_c23_videos frame / video ROC-AUC | tpdne_stylegan2 ROC-AUC (real FPR / fake recall) "
-        "| utkface_real real FPR | its gender / ethnicity FPR ratio |"
+        "| utkface_real real FPR | its gender / ethnicity / age FPR ratio |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in runs:
@@ -56,7 +65,7 @@ def main(paths: list[str]) -> None:
     print()
     print(
         "| left out | trained on | training minutes | ROC-AUC | video ROC-AUC | real FPR | fake recall "
-        "| FPR ratio (gender / ethnicity) | mixture's own test ROC-AUC |"
+        "| FPR ratio (gender / ethnicity / age) | mixture's own test ROC-AUC |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for _, r in runs:

@@ -58,6 +58,38 @@ def test_group_rates_per_attribute_and_the_spread():
     assert zero["g"]["real_fpr_ratio"] is None  # no finite ratio when one group has no false positive
 
 
+def test_a_numeric_attribute_is_rated_per_band_in_the_order_of_its_edges():
+    # ages 1, 2 (band <3), 5 and 12 (3 to <13), 13 (13 to <60: the edge opens the next band), 70 (>=60)
+    ages = [1, 2] * 15 + [5, 12] * 15 + [13] * 25 + [70] * 5
+    files = [f"{age}_0_0_x.jpg" for age in ages]
+    scores = np.array([0.9] * 15 + [0.1] * 15 + [0.9] * 3 + [0.1] * 27 + [0.9] * 5 + [0.1] * 20 + [0.9] * 5)
+    pattern = r"^(?P<age>\d+)_(?P<gender>\d)_"
+    out = group_rates(files, np.zeros(len(files), int), scores, 0.5, pattern, {}, {"age": [3, 13, 60]})
+    age = out["age"]
+    assert list(age["groups"]) == ["<3", "3 to <13", "13 to <60", ">=60"]
+    assert [r["n"] for r in age["groups"].values()] == [30, 30, 25, 5]
+    assert age["groups"]["<3"]["real_fpr"] == 0.5 and age["groups"]["3 to <13"]["real_fpr"] == 0.1
+    assert age["real_fpr_ratio"] == 5.0  # 0.5 / 0.1: the 5 images of >=60 are listed, too few to judge
+    assert list(out["gender"]["groups"]) == ["0"]  # attributes without bands keep one group per value
+    unbanded = group_rates(files, np.zeros(len(files), int), scores, 0.5, pattern, {})
+    assert len(unbanded["age"]["groups"]) == 6
+    with pytest.raises(DatasetError, match=r"x_0_0_y.jpg: attribute age is 'x', not a number"):
+        group_rates(["x_0_0_y.jpg"], np.zeros(1, int), np.zeros(1), 0.5, r"^(?P<age>\w+?)_", {}, {"age": [3]})
+
+
+@pytest.mark.parametrize(
+    "bins, message",
+    [
+        ({"age": [13, 3]}, "strictly increasing"),
+        ({"age": []}, "strictly increasing"),
+        ({"height": [3]}, r"names \['height'\], not named groups of attributes"),
+    ],
+)
+def test_attribute_bands_are_checked_against_the_pattern(bins, message):
+    with pytest.raises(ValueError, match=message):
+        SuiteSet(path="utk", attributes=r"^(?P<age>\d+)_(?P<gender>\d)_", attribute_bins=bins)
+
+
 def test_group_rates_spread_fake_recall_where_fakes_carry_groups_and_the_gate_bounds_the_worst_group():
     from dfdetect.promotion import decide
 
@@ -193,9 +225,11 @@ def test_every_suite_metric_name_is_one_mlflow_accepts():
         0.5,
         r"^(?P<age>\d+)_(?P<g>\d)_(?P<race>\d)",
         {"race": {"4": "Others (mixed)", "0": "White"}},
+        {"age": [3, 25, 60]},
     )
     names = flat_metrics({"utk": {"n_real": 20, "real_fpr": 0.5, "groups": groups}})
     assert "dataset/utk/race/Others _mixed_/real_fpr" in names
+    assert "dataset/utk/age/3 to _25/real_fpr" in names and "dataset/utk/age/25 to _60/real_fpr" in names
     for name in names:
         _validate_metric_name(name)
 

@@ -426,6 +426,11 @@ class SuiteSet(NamedSet):
     attribute_names: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="readable names of attribute values, e.g. {gender: {'0': male}}"
     )
+    attribute_bins: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="numeric attributes grouped into bands at these edges, e.g. {age: [3, 13, 20, 40, 60]}: "
+        "'<3', '3 to <13', ..., '>=60' (one group per value would hold too few images to judge)",
+    )
 
     @field_validator("attributes")
     @classmethod
@@ -439,6 +444,22 @@ class SuiteSet(NamedSet):
                 raise ValueError("needs at least one named group, e.g. (?P<gender>\\d)")
         return value
 
+    @field_validator("attribute_bins")
+    @classmethod
+    def _bins_increase(cls, value):
+        for attr, edges in value.items():
+            if not edges or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"{attr}: band edges must be a non-empty, strictly increasing list, got {edges}")
+        return value
+
+    @model_validator(mode="after")
+    def _bins_name_attributes(self):
+        named = set(re.compile(self.attributes).groupindex) if self.attributes else set()
+        unknown = sorted(set(self.attribute_bins) - named)
+        if unknown:
+            raise ValueError(f"attribute_bins names {unknown}, not named groups of attributes ({sorted(named)})")
+        return self
+
 
 class EvaluateParams(Section):
     split: Literal["test", "val"] = "test"
@@ -451,7 +472,7 @@ class EvaluateParams(Section):
     datasets: list[Union[str, SuiteSet]] = Field(
         default_factory=list,
         description="the generalisation suite: more data sets to score, one table (a path, or "
-        "{path, name, face_crop, group_pattern, attributes, attribute_names})",
+        "{path, name, face_crop, group_pattern, attributes, attribute_names, attribute_bins})",
     )
 
     @field_validator("datasets")

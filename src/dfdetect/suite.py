@@ -5,7 +5,7 @@ table at the validation threshold.
 Rows carry what a user of a detector needs on data it never saw: frame ROC-AUC, AP and EER where both classes
 are present, video ROC-AUC where files are videos (or frames grouped by `group_pattern`), fake recall where
 there are fakes, the real false-positive rate where there are reals, and that rate per group of a file-name
-attribute (age, gender, ethnicity) with the ratio of the highest to the lowest.
+attribute (gender, ethnicity; numeric ones such as age in bands) with the ratio of the highest to the lowest.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,21 +156,30 @@ def group_rates(
     threshold: float,
     pattern: str,
     names: dict[str, dict[str, str]],
+    bins: dict[str, list[float]] | None = None,
 ) -> dict:
-    """Per attribute of the file names (regex named groups), per value: images and the error rate of its class
-    (real false positives, fake misses), and the highest rate over the lowest among groups of >= MIN_GROUP."""
+    """Per attribute of the file names (regex named groups), per value (or band of values, `bins`): images and
+    the error rate of its class (real false positives, fake misses), and the highest rate over the lowest among
+    groups of >= MIN_GROUP."""
     regex = re.compile(pattern)
-    values: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    bins = bins or {}
+    values: dict[str, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, f in enumerate(files):
         m = regex.match(Path(f).name)
         if m:
             for attr, value in m.groupdict().items():
-                if value is not None:
-                    values[attr][names.get(attr, {}).get(value, value)].append(i)
+                if value is None:
+                    continue
+                if attr in bins:
+                    key = band(value, bins[attr], f"{f}: attribute {attr}")
+                else:
+                    label = names.get(attr, {}).get(value, value)
+                    key = (label, label)
+                values[attr][key].append(i)
     out = {}
     for attr, by_value in values.items():
         rows = {}
-        for value, idx in sorted(by_value.items()):
+        for (_, value), idx in sorted(by_value.items()):  # bands in the order of their edges
             idx = np.asarray(idx)
             rows[value] = {
                 "n": len(idx),
@@ -179,6 +189,20 @@ def group_rates(
             }
         out[attr] = {"groups": rows, **_spread(rows)}
     return out
+
+
+def band(value: str, edges: list[float], what: str) -> tuple[int, str]:
+    """(index, label) of the band of `edges` that holds the number `value`: '<a', 'a to <b', ..., '>=z'."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise DatasetError(f"{what} is {value!r}, not a number, but attribute_bins groups it into bands") from None
+    i = bisect_right(edges, number)
+    if i == 0:
+        return i, f"<{edges[0]:g}"
+    if i == len(edges):
+        return i, f">={edges[-1]:g}"
+    return i, f"{edges[i - 1]:g} to <{edges[i]:g}"
 
 
 def _spread(rows: dict[str, dict]) -> dict:
@@ -201,7 +225,9 @@ def suite_row(spec: SuiteSet, data: SuiteData, scores: np.ndarray, threshold: fl
     labels = data.split.labels
     row = score_row(labels, scores, threshold, data.split.videos if data.has_videos else None)
     if spec.attributes:
-        row["groups"] = group_rates(data.files, labels, scores, threshold, spec.attributes, spec.attribute_names)
+        row["groups"] = group_rates(
+            data.files, labels, scores, threshold, spec.attributes, spec.attribute_names, spec.attribute_bins
+        )
     row["no_face"] = len(data.no_face)
     row["unreadable"] = len(data.unreadable)
     return row
