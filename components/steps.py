@@ -92,13 +92,16 @@ def register(
 def promote(
     prepared: Input[Dataset],
     version: str,
+    prepare: dict,
+    evaluate: dict,
     registry: dict,
     promotion: dict,
     mlflow: dict,
     tracking_uri: str,
     report: Output[Markdown],
 ) -> str:
-    """`dfdetect promote` of the version just registered; returns the verdict."""
+    """`dfdetect promote` of the version just registered; returns the verdict. `evaluate` lists the suite sets
+    that `promotion.dataset_floors` re-scores, cropped as `prepare.faces` says."""
     import shutil
     import tempfile
 
@@ -107,7 +110,9 @@ def promote(
     from dfdetect.tracking import use_tracking_uri
 
     use_tracking_uri(tracking_uri)
-    params = params_from({"registry": registry, "promotion": promotion, "mlflow": mlflow})
+    params = params_from(
+        {"prepare": prepare, "evaluate": evaluate, "registry": registry, "promotion": promotion, "mlflow": mlflow}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         result = run_promote(params, prepared.path, tmp, expected_challenger=version)
         shutil.copy(f"{tmp}/promotion.md", report.path)

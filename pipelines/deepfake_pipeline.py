@@ -44,13 +44,26 @@ def build_pipeline(params: Params, image: str = DEFAULT_IMAGE):
         data.set_caching_options(False)  # the same revision name ("HEAD") can mean new data
         prepared = c.prepare(data=data.outputs["data"], prepare=prepare)
         train_to_promotion(
-            c, prepared, seed, model, train, evaluate, registry, promotion, mlflow, tracking_uri, register_min_roc_auc
+            c,
+            prepared,
+            seed,
+            model,
+            train,
+            prepare,
+            evaluate,
+            registry,
+            promotion,
+            mlflow,
+            tracking_uri,
+            register_min_roc_auc,
         )
 
     return deepfake_pipeline
 
 
-def train_to_promotion(c, prepared, seed, model, train, evaluate, registry, promotion, mlflow, tracking_uri, min_auc):
+def train_to_promotion(
+    c, prepared, seed, model, train, prepare, evaluate, registry, promotion, mlflow, tracking_uri, min_auc
+):
     """train -> evaluate -> (if the test ROC-AUC clears min_auc) register -> promote: the part every pipeline
     that trains shares (this one, and monitor-and-retrain)."""
     trained = c.train(
@@ -82,6 +95,8 @@ def train_to_promotion(c, prepared, seed, model, train, evaluate, registry, prom
         promoted = c.promote(
             prepared=prepared.outputs["prepared"],
             version=registered.output,
+            prepare=prepare,
+            evaluate=evaluate,
             registry=registry,
             promotion=promotion,
             mlflow=mlflow,

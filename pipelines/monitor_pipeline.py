@@ -64,6 +64,7 @@ def build_monitor_pipeline(params: Params, image: str = DEFAULT_IMAGE):
                 seed,
                 model,
                 train,
+                prepare,
                 evaluate,
                 registry,
                 promotion,

@@ -1,6 +1,7 @@
 """The Kubeflow pipeline: compiled YAML up to date, local runs with kfp.local, submission to a (recording) API."""
 
 import json
+import re
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -199,10 +200,11 @@ def test_unknown_parameter_is_refused_before_anything_runs(kfp_api):
     assert requests == []
 
 
-def _small_params(tmp_path, **promotion):
+def _small_params(tmp_path, suite=(), **promotion):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"]["image_size"] = 48
     params["train"].update(epochs=2, batch_size=16)
+    params["evaluate"]["datasets"] = list(suite)
     params["promotion"].update(promotion)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -217,7 +219,10 @@ def promoted_run(sample_root, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("local-run")
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    base = ["--data-source", str(sample_root), "--tracking-uri", uri, "-p", str(_small_params(home, floors={}))]
+    # A floor on a suite set: the promote step must get the suite (evaluate) and the face crop (prepare) too.
+    suite = [{"path": str(sample_root), "name": "again"}]
+    params = _small_params(home, suite, floors={}, dataset_floors={"again": {"roc_auc": 0.5}})
+    base = ["--data-source", str(sample_root), "--tracking-uri", uri, "-p", str(params)]
     base += ["--param", "promotion.floors={}"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(home)
@@ -241,7 +246,9 @@ def test_local_run_trains_evaluates_registers_and_promotes(promoted_run):
     run_dir = promoted_run["home"] / "root" / outputs["run_dir"].split("/")[-1]
     evaluate = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     assert "confusionMatrix" in evaluate["artifacts"]["roc"]["artifacts"][0]["metadata"]
-    assert (run_dir / "promote" / "report").read_text().startswith("# Promotion of dfdetect-detector version 1")
+    report = (run_dir / "promote" / "report").read_text()
+    assert report.startswith("# Promotion of dfdetect-detector version 1")
+    assert re.search(r"floor again roc_auc >= 0.5: [01]\.\d+ holds", report), report
 
 
 @pytest.mark.slow

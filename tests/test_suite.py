@@ -59,35 +59,41 @@ def test_group_rates_per_attribute_and_the_spread():
 
 
 def test_a_numeric_attribute_is_rated_per_band_in_the_order_of_its_edges():
-    # ages 1, 2 (band <3), 5 and 12 (3 to <13), 13 (13 to <60: the edge opens the next band), 70 (>=60)
+    # ages 1, 2 (under 3), 5 and 12 (3 to under 13), 13 (13 to under 60: an edge opens its band), 70 (60 and over)
     ages = [1, 2] * 15 + [5, 12] * 15 + [13] * 25 + [70] * 5
     files = [f"{age}_0_0_x.jpg" for age in ages]
     scores = np.array([0.9] * 15 + [0.1] * 15 + [0.9] * 3 + [0.1] * 27 + [0.9] * 5 + [0.1] * 20 + [0.9] * 5)
     pattern = r"^(?P<age>\d+)_(?P<gender>\d)_"
     out = group_rates(files, np.zeros(len(files), int), scores, 0.5, pattern, {}, {"age": [3, 13, 60]})
     age = out["age"]
-    assert list(age["groups"]) == ["<3", "3 to <13", "13 to <60", ">=60"]
+    assert list(age["groups"]) == ["under 3", "3 to under 13", "13 to under 60", "60 and over"]
     assert [r["n"] for r in age["groups"].values()] == [30, 30, 25, 5]
-    assert age["groups"]["<3"]["real_fpr"] == 0.5 and age["groups"]["3 to <13"]["real_fpr"] == 0.1
-    assert age["real_fpr_ratio"] == 5.0  # 0.5 / 0.1: the 5 images of >=60 are listed, too few to judge
+    assert age["groups"]["under 3"]["real_fpr"] == 0.5 and age["groups"]["3 to under 13"]["real_fpr"] == 0.1
+    assert age["real_fpr_ratio"] == 5.0  # 0.5 / 0.1: the 5 images of 60 and over are listed, too few to judge
     assert list(out["gender"]["groups"]) == ["0"]  # attributes without bands keep one group per value
     unbanded = group_rates(files, np.zeros(len(files), int), scores, 0.5, pattern, {})
     assert len(unbanded["age"]["groups"]) == 6
-    with pytest.raises(DatasetError, match=r"x_0_0_y.jpg: attribute age is 'x', not a number"):
-        group_rates(["x_0_0_y.jpg"], np.zeros(1, int), np.zeros(1), 0.5, r"^(?P<age>\w+?)_", {}, {"age": [3]})
+    for name in ("x_0_0_y.jpg", "nan_0_0_y.jpg"):
+        with pytest.raises(DatasetError, match=rf"{name}: attribute age is '\w+', not a finite number"):
+            group_rates([name], np.zeros(1, int), np.zeros(1), 0.5, r"^(?P<age>\w+?)_", {}, {"age": [3]})
+    halves = group_rates(["2_a.jpg", "3_a.jpg"], np.zeros(2, int), np.zeros(2), 0.5, r"^(?P<a>\d+)_", {}, {"a": [2.5]})
+    assert list(halves["a"]["groups"]) == ["under 2.5", "2.5 and over"]
 
 
 @pytest.mark.parametrize(
-    "bins, message",
+    "fields, message",
     [
-        ({"age": [13, 3]}, "strictly increasing"),
-        ({"age": []}, "strictly increasing"),
-        ({"height": [3]}, r"names \['height'\], not named groups of attributes"),
+        ({"attribute_bins": {"age": [13, 3]}}, "strictly increasing"),
+        ({"attribute_bins": {"age": []}}, "strictly increasing"),
+        ({"attribute_bins": {"age": [float("nan")]}}, "finite numbers"),
+        ({"attribute_bins": {"height": [3]}}, r"names \['height'\], not named groups of attributes"),
+        ({"attribute_bins": {"age": [3]}, "attribute_names": {"age": {"1": "one"}}}, "either banded"),
+        ({"attribute_bins": {"age": [3]}, "attributes": None}, "attribute_bins needs attributes"),
     ],
 )
-def test_attribute_bands_are_checked_against_the_pattern(bins, message):
+def test_attribute_bands_are_checked_against_the_pattern(fields, message):
     with pytest.raises(ValueError, match=message):
-        SuiteSet(path="utk", attributes=r"^(?P<age>\d+)_(?P<gender>\d)_", attribute_bins=bins)
+        SuiteSet(**{"path": "utk", "attributes": r"^(?P<age>\d+)_(?P<gender>\d)_", **fields})
 
 
 def test_group_rates_spread_fake_recall_where_fakes_carry_groups_and_the_gate_bounds_the_worst_group():
@@ -217,11 +223,11 @@ def test_evaluate_reports_the_suite_in_one_table(tracked_run, tmp_path, sample_r
 def test_every_suite_metric_name_is_one_mlflow_accepts():
     from mlflow.utils.validation import _validate_metric_name
 
-    files = ["20_0_0_a.jpg", "30_1_4_b.jpg"] * 10
+    files = ["20_0_0_a.jpg", "30_1_4_b.jpg"] * 10 + ["1_0_0_c.jpg", "70_0_0_d.jpg"]  # every age band
     groups = group_rates(
         files,
-        np.zeros(20, int),
-        np.linspace(0, 1, 20),
+        np.zeros(22, int),
+        np.linspace(0, 1, 22),
         0.5,
         r"^(?P<age>\d+)_(?P<g>\d)_(?P<race>\d)",
         {"race": {"4": "Others (mixed)", "0": "White"}},
@@ -229,7 +235,10 @@ def test_every_suite_metric_name_is_one_mlflow_accepts():
     )
     names = flat_metrics({"utk": {"n_real": 20, "real_fpr": 0.5, "groups": groups}})
     assert "dataset/utk/race/Others _mixed_/real_fpr" in names
-    assert "dataset/utk/age/3 to _25/real_fpr" in names and "dataset/utk/age/25 to _60/real_fpr" in names
+    per_group = [n for n in names if n.startswith("dataset/utk/age/") and n.endswith("/real_fpr")]
+    assert sorted(per_group) == [
+        f"dataset/utk/age/{b}/real_fpr" for b in ("25 to under 60", "3 to under 25", "60 and over", "under 3")
+    ]
     for name in names:
         _validate_metric_name(name)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal, Union
@@ -429,7 +430,7 @@ class SuiteSet(NamedSet):
     attribute_bins: dict[str, list[float]] = Field(
         default_factory=dict,
         description="numeric attributes grouped into bands at these edges, e.g. {age: [3, 13, 20, 40, 60]}: "
-        "'<3', '3 to <13', ..., '>=60' (one group per value would hold too few images to judge)",
+        "'under 3', '3 to under 13', ..., '60 and over' (one group per value would hold too few images to judge)",
     )
 
     @field_validator("attributes")
@@ -448,16 +449,24 @@ class SuiteSet(NamedSet):
     @classmethod
     def _bins_increase(cls, value):
         for attr, edges in value.items():
-            if not edges or any(b <= a for a, b in zip(edges, edges[1:])):
-                raise ValueError(f"{attr}: band edges must be a non-empty, strictly increasing list, got {edges}")
+            finite = all(math.isfinite(e) for e in edges)
+            if not edges or not finite or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(
+                    f"{attr}: band edges must be a non-empty, strictly increasing list of finite numbers, got {edges}"
+                )
         return value
 
     @model_validator(mode="after")
     def _bins_name_attributes(self):
+        if self.attribute_bins and not self.attributes:
+            raise ValueError("attribute_bins needs attributes: a regex whose named groups read those values")
         named = set(re.compile(self.attributes).groupindex) if self.attributes else set()
         unknown = sorted(set(self.attribute_bins) - named)
         if unknown:
             raise ValueError(f"attribute_bins names {unknown}, not named groups of attributes ({sorted(named)})")
+        both = sorted(set(self.attribute_bins) & set(self.attribute_names))
+        if both:
+            raise ValueError(f"{both}: an attribute is either banded (attribute_bins) or named (attribute_names)")
         return self
 
 

@@ -11,6 +11,7 @@ attribute (gender, ethnicity; numeric ones such as age in bands) with the ratio 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tempfile
 from bisect import bisect_right
@@ -192,17 +193,25 @@ def group_rates(
 
 
 def band(value: str, edges: list[float], what: str) -> tuple[int, str]:
-    """(index, label) of the band of `edges` that holds the number `value`: '<a', 'a to <b', ..., '>=z'."""
+    """(index, label) of the band of `edges` that holds the number `value`: 'under a', 'a to under b', ...,
+    'z and over' (letters, digits and spaces: the label is also part of MLflow metric names)."""
     try:
         number = float(value)
     except ValueError:
-        raise DatasetError(f"{what} is {value!r}, not a number, but attribute_bins groups it into bands") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise DatasetError(f"{what} is {value!r}, not a finite number, but attribute_bins groups it into bands")
     i = bisect_right(edges, number)
     if i == 0:
-        return i, f"<{edges[0]:g}"
+        return i, f"under {_exact(edges[0])}"
     if i == len(edges):
-        return i, f">={edges[-1]:g}"
-    return i, f"{edges[i - 1]:g} to <{edges[i]:g}"
+        return i, f"{_exact(edges[-1])} and over"
+    return i, f"{_exact(edges[i - 1])} to under {_exact(edges[i])}"
+
+
+def _exact(edge: float) -> str:
+    """An edge as written: 3, not 3.0; 2.5 as 2.5; never rounded, so two edges never share a label."""
+    return str(int(edge)) if float(edge).is_integer() else repr(float(edge))
 
 
 def _spread(rows: dict[str, dict]) -> dict:
