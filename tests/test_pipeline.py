@@ -43,6 +43,17 @@ def test_monitor_pipeline_checks_first_and_retrains_only_under_its_condition(tmp
     assert "prediction_log" in defaults and defaults["monitor"]["defaultValue"]["drift_share"] == 0.5
 
 
+def test_suite_sets_become_pipeline_arguments_without_nulls_and_parse_back():
+    from dfdetect.config import parse_params
+    from dfdetect.overrides import params_from, pipeline_sections
+
+    params = parse_params({"evaluate": {"datasets": [{"path": "/data/utk", "attributes": r"^(?P<age>\d+)_"}]}})
+    sections = pipeline_sections(params)
+    entry = sections["evaluate"]["datasets"][0]
+    assert "name" not in entry and "group_pattern" not in entry  # KFP has no null: unset fields are left out
+    assert params_from({"evaluate": sections["evaluate"]}).evaluate == params.evaluate
+
+
 def test_compiled_pipeline_has_typed_steps_condition_and_params_defaults(tmp_path):
     spec = yaml.safe_load(
         compile_pipeline(

@@ -35,6 +35,8 @@ def pipeline_sections(params: Params) -> dict:
     def drop_none(value):
         if isinstance(value, dict):
             return {k: drop_none(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):  # e.g. evaluate.datasets: suite sets with unset fields
+            return [drop_none(v) for v in value]
         return value
 
     return drop_none(params.model_dump(mode="json"))
