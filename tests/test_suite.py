@@ -12,7 +12,7 @@ from skimage import data as skdata
 
 from dfdetect.config import FacesParams, ParamsError, SuiteSet, parse_params
 from dfdetect.data import DatasetError
-from dfdetect.suite import flat_metrics, group_rates, load_suite_set, score_row
+from dfdetect.suite import flat_metrics, group_rates, load_suite_set, score_row, table_markdown
 
 
 def test_rows_report_the_rates_each_kind_of_set_allows():
@@ -71,6 +71,12 @@ def test_a_numeric_attribute_is_rated_per_band_in_the_order_of_its_edges():
     assert age["groups"]["under 3"]["real_fpr"] == 0.5 and age["groups"]["3 to under 13"]["real_fpr"] == 0.1
     assert age["real_fpr_ratio"] == 5.0  # 0.5 / 0.1: the 5 images of 60 and over are listed, too few to judge
     assert list(out["gender"]["groups"]) == ["0"]  # attributes without bands keep one group per value
+    stored = json.loads(json.dumps(out, sort_keys=True))  # as metrics.json keeps it: keys sorted as text
+    assert list(stored["age"]["groups"])[0] == "13 to under 60"
+    table = table_markdown("suite", {"utk": {"n_real": len(files), "groups": stored}})
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and " to under " in line]
+    assert rows == ["| 3 to under 13", "| 13 to under 60"]  # the model card's order is the bands' again
+    assert table.index("| under 3 |") < table.index("| 3 to under 13 |") < table.index("| 60 and over |")
     unbanded = group_rates(files, np.zeros(len(files), int), scores, 0.5, pattern, {})
     assert len(unbanded["age"]["groups"]) == 6
     for name in ("x_0_0_y.jpg", "nan_0_0_y.jpg"):

@@ -209,6 +209,27 @@ def band(value: str, edges: list[float], what: str) -> tuple[int, str]:
     return i, f"{_exact(edges[i - 1])} to under {_exact(edges[i])}"
 
 
+_BAND_LABEL = re.compile(r"^(?:under (?P<under>\S+)|(?P<low>\S+) to under \S+|(?P<over>\S+) and over)$")
+
+
+def in_order(groups: dict[str, dict]) -> list[tuple[str, dict]]:
+    """An attribute's groups for a table or a figure: bands (`band`'s labels) by their edges, other values by
+    name. Stored JSON sorts keys as text ('13 to under 20' before '3 to under 13'), so the order is rebuilt."""
+
+    def key(label: str):
+        m = _BAND_LABEL.match(label)
+        try:
+            if m and m["under"]:
+                return (0, -math.inf, label)
+            if m:
+                return (0, float(m["low"] or m["over"]), label)
+        except ValueError:
+            pass
+        return (1, 0.0, label)
+
+    return sorted(groups.items(), key=lambda item: key(item[0]))
+
+
 def _exact(edge: float) -> str:
     """An edge as written: 3, not 3.0; 2.5 as 2.5; never rounded, so two edges never share a label."""
     return str(int(edge)) if float(edge).is_integer() else repr(float(edge))
@@ -291,7 +312,7 @@ def table_markdown(title: str, rows: dict[str, dict]) -> str:
             ]
             lines += [
                 f"| {value} | {r['n']} | {r.get('real_fpr', '')} | {r.get('fake_recall', '')} |"
-                for value, r in g["groups"].items()
+                for value, r in in_order(g["groups"])
             ]
             if "real_fpr_ratio" in g:
                 lines.append(
