@@ -82,7 +82,7 @@ def confusion_png(matrix: np.ndarray, class_names, path: Path) -> None:
 def group_rates_png(set_name: str, groups: dict, path: Path) -> None:
     """Per attribute (one panel each), per group: the real false-positive rate and the fake recall at the
     served threshold, the fairness view of a suite set whose file names carry group attributes."""
-    from .suite import in_order
+    from .bands import in_order
 
     attrs = list(groups)
     fig, axes = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 4), squeeze=False)

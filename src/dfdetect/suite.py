@@ -11,10 +11,8 @@ attribute (gender, ethnicity; numeric ones such as age in bands) with the ratio 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import tempfile
-from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .bands import band, in_order
 from .config import FacesParams, SuiteSet
 from .data import IMAGE_EXTENSIONS, SPLITS, DatasetError, ImageFile, PreparedSplit
 from .labels import CLASS_NAMES, label_of
@@ -190,49 +189,6 @@ def group_rates(
             }
         out[attr] = {"groups": rows, **_spread(rows)}
     return out
-
-
-def band(value: str, edges: list[float], what: str) -> tuple[int, str]:
-    """(index, label) of the band of `edges` that holds the number `value`: 'under a', 'a to under b', ...,
-    'z and over' (letters, digits and spaces: the label is also part of MLflow metric names)."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise DatasetError(f"{what} is {value!r}, not a finite number, but attribute_bins groups it into bands")
-    i = bisect_right(edges, number)
-    if i == 0:
-        return i, f"under {_exact(edges[0])}"
-    if i == len(edges):
-        return i, f"{_exact(edges[-1])} and over"
-    return i, f"{_exact(edges[i - 1])} to under {_exact(edges[i])}"
-
-
-_BAND_LABEL = re.compile(r"^(?:under (?P<under>\S+)|(?P<low>\S+) to under \S+|(?P<over>\S+) and over)$")
-
-
-def in_order(groups: dict[str, dict]) -> list[tuple[str, dict]]:
-    """An attribute's groups for a table or a figure: bands (`band`'s labels) by their edges, other values by
-    name. Stored JSON sorts keys as text ('13 to under 20' before '3 to under 13'), so the order is rebuilt."""
-
-    def key(label: str):
-        m = _BAND_LABEL.match(label)
-        try:
-            if m and m["under"]:
-                return (0, -math.inf, label)
-            if m:
-                return (0, float(m["low"] or m["over"]), label)
-        except ValueError:
-            pass
-        return (1, 0.0, label)
-
-    return sorted(groups.items(), key=lambda item: key(item[0]))
-
-
-def _exact(edge: float) -> str:
-    """An edge as written: 3, not 3.0; 2.5 as 2.5; never rounded, so two edges never share a label."""
-    return str(int(edge)) if float(edge).is_integer() else repr(float(edge))
 
 
 def _spread(rows: dict[str, dict]) -> dict:
