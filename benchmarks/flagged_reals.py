@@ -59,9 +59,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="JSON file to write (default: print only)")
     args = ap.parse_args()
 
+    from dfdetect.bands import band
     from dfdetect.config import SuiteSet, load_params
     from dfdetect.inference import Predictor
-    from dfdetect.suite import band, load_suite_set
+    from dfdetect.suite import load_suite_set
 
     predictor = Predictor.from_checkpoint(args.checkpoint)
     pre = predictor.pre
