@@ -163,7 +163,7 @@ def group_rates(
     groups of >= MIN_GROUP."""
     regex = re.compile(pattern)
     bins = bins or {}
-    values: dict[str, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
+    values: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, f in enumerate(files):
         m = regex.match(Path(f).name)
         if m:
@@ -171,15 +171,14 @@ def group_rates(
                 if value is None:
                     continue
                 if attr in bins:
-                    key = band(value, bins[attr], f"{f}: attribute {attr}")
+                    label = band(value, bins[attr], f"{f}: attribute {attr}")[1]
                 else:
                     label = names.get(attr, {}).get(value, value)
-                    key = (label, label)
-                values[attr][key].append(i)
+                values[attr][label].append(i)
     out = {}
     for attr, by_value in values.items():
         rows = {}
-        for (_, value), idx in sorted(by_value.items()):  # bands in the order of their edges
+        for value, idx in in_order(by_value):  # bands in the order of their edges, other values by name
             idx = np.asarray(idx)
             rows[value] = {
                 "n": len(idx),
