@@ -173,6 +173,18 @@ def test_a_pruned_tiny_model_fine_tunes_reloads_exports_and_serves(tracked_run, 
     assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
 
 
+def test_a_pruned_patch_model_keeps_its_one_logit_map_and_is_rebuilt_from_its_weights():
+    module = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=3)).eval()
+    info = prune_channels(module, 32, 1.5)
+    assert info["mac_speedup"] >= 1.5
+    assert module.net._patch_head._score.out_channels == 1  # the local logits are never pruned away
+    fresh = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=3))
+    resize_to(fresh, module.state_dict())
+    fresh.load_state_dict(module.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(fresh.eval()(x), module(x), atol=1e-5)
+
+
 def test_pruning_refuses_data_prepared_for_another_model(tracked_run, tmp_path):
     parent = TrainedModel.load(tracked_run["models"] / "best.pt")
     other = TrainedModel(parent.module, PreprocessConfig(64), spec=parent.spec)

@@ -184,3 +184,61 @@ def test_a_model_of_two_scales_averages_them_when_scoring_and_trains_on_one_per_
 def test_bad_scales_are_refused_naming_the_field(scales):
     with pytest.raises(ValueError, match="scales"):
         ModelParams(scales=scales)
+
+
+def _patch_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patch head's map of local logits (N x 1 x h x w), caught on its way to the mean."""
+    seen = []
+    handle = model.net._patch_head._score.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        logits = model(x)
+    handle.remove()
+    assert torch.allclose(logits, seen[0].mean(dim=(2, 3)).flatten(), atol=1e-5)  # the image's logit: the mean
+    return seen[0]
+
+
+def test_a_patch_model_keeps_the_first_blocks_with_their_imagenet_weights_and_scores_each_position():
+    full = create_model(ModelParams(name="efficientnet_lite0", pretrained=True))
+    patch = create_model(ModelParams(name="efficientnet_lite0", pretrained=True, patch_blocks=5)).eval()
+    assert len(patch.net._blocks) == 5 and not hasattr(patch.net, "_conv_head")
+    for name, tensor in patch.net.state_dict().items():
+        if not name.startswith("_patch_head."):
+            assert torch.equal(tensor, full.net.state_dict()[name]), name  # ImageNet's, as in the full model
+    assert count_parameters(patch) < count_parameters(full) / 10
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 128, 128)
+    scores = _patch_scores(patch, x)
+    assert scores.shape == (2, 1, 16, 16)  # Lite0's first three stages: a stride of 8
+
+
+def test_a_patch_models_local_scores_see_only_their_neighbourhood():
+    """A change in one corner of the face moves the local scores near it and leaves the far corner's alone:
+    the receptive field is limited, which is what the patch head is for."""
+    torch.manual_seed(0)
+    patch = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=5)).eval()
+    x = torch.rand(1, 3, 128, 128)
+    changed = x.clone()
+    changed[..., :16, :16] = 1 - changed[..., :16, :16]
+    moved = (_patch_scores(patch, changed) - _patch_scores(patch, x)).abs()[0, 0]
+    assert moved[:2, :2].min() > 0
+    assert moved[-4:, -4:].max() == 0
+
+
+def test_a_patch_model_exports_to_onnx_with_the_same_scores():
+    from dfdetect.export import OnnxModel, max_difference, onnx_bytes
+
+    torch.manual_seed(0)
+    patch = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=5)).eval()
+    assert max_difference(patch, OnnxModel(onnx_bytes(patch, 64)), torch.randn(3, 3, 64, 64)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, blocks, message",
+    [
+        ("custom_cnn", 3, r"custom_cnn cannot be truncated; these can: \['efficientnet_lite0'"),
+        ("efficientnet_lite0", 16, "patch_blocks: 1 to 15 expected, got 16"),
+    ],
+)
+def test_a_patch_model_that_cannot_be_built_is_refused_naming_the_field(name, blocks, message):
+    with pytest.raises(ModelError, match=message):
+        create_model(ModelParams(name=name, patch_blocks=blocks))

@@ -193,6 +193,13 @@ class ModelParams(Section):
         description="grey: the model sees luma only (ITU-R 601, in all three channels), in training and serving "
         "alike; colour statistics and chroma compression differ between sources (README 'Generalisation')",
     )
+    patch_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="keep only the backbone's first N blocks and score each position of their feature map with a "
+        "1 x 1 head, the image's logit the mean (a classifier of limited receptive field, Chai et al. 2020; "
+        "efficientnet_lite*, e.g. 5: Lite0's first three stages); null: the whole backbone",
+    )
     scales: list[int] = Field(
         default_factory=lambda: [1],
         min_length=1,

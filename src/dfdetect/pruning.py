@@ -31,8 +31,13 @@ def multiply_accumulates(module: nn.Module, image_size: int) -> tuple[int, int]:
 
 
 def _kept_layers(module: nn.Module) -> list[nn.Module]:
-    """What must keep its width: the one-logit outputs and the fixed high-pass branch."""
-    kept = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+    """What must keep its width: the one-logit outputs (a patch head's is a 1 x 1 convolution) and the fixed
+    high-pass branch."""
+    kept = [
+        m
+        for m in module.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == 1) or (isinstance(m, nn.Conv2d) and m.out_channels == 1)
+    ]
     if getattr(module, "branch", None) is not None:
         kept.append(module.branch)
     return kept

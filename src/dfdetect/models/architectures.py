@@ -150,12 +150,29 @@ _lite2_weights = _packaged(
 )
 
 
+class _PatchHead(nn.Module):
+    """One logit per position of a feature map (a 1 x 1 convolution network), averaged over the map: the
+    image's evidence is the mean of local evidence, each seen through the truncated backbone's receptive field."""
+
+    def __init__(self, c_in: int, dropout: float, hidden: int = 256):
+        super().__init__()
+        self._conv, self._bn = nn.Conv2d(c_in, hidden, 1, bias=False), _bn(hidden)
+        self._dropout = nn.Dropout2d(dropout)
+        self._score = nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, x):
+        x = self._dropout(F.relu6(self._bn(self._conv(x))))
+        return self._score(x).mean(dim=(2, 3))
+
+
 class _EfficientNetLite(nn.Module):
-    """EfficientNet-Lite: B0-style blocks without squeeze-excitation, with ReLU6, a 1-logit head."""
+    """EfficientNet-Lite: B0-style blocks without squeeze-excitation, with ReLU6, a 1-logit head. With
+    `patch_blocks` only the first blocks are kept and a patch head scores each position of their map (a
+    classifier of limited receptive field: Chai et al., "What makes fake images detectable?", ECCV 2020)."""
 
     STAGES = _LITE0_STAGES
 
-    def __init__(self, dropout: float = 0.2):
+    def __init__(self, dropout: float = 0.2, patch_blocks: int | None = None):
         super().__init__()
         self._conv_stem, self._bn0 = _SameConv(3, 32, 3, 2, bias=False), _bn(32)
         blocks, c_in = [], 32
@@ -163,15 +180,23 @@ class _EfficientNetLite(nn.Module):
             for i in range(repeats):
                 blocks.append(_MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
                 c_in = c_out
+        if patch_blocks is not None:
+            if not 1 <= patch_blocks < len(blocks):
+                raise ValueError(f"model.patch_blocks: 1 to {len(blocks) - 1} expected, got {patch_blocks}")
+            blocks = blocks[:patch_blocks]
+            self._patch_head = _PatchHead(blocks[-1]._bn2.num_features, dropout)
+        else:
+            self._conv_head, self._bn1 = nn.Conv2d(c_in, 1280, 1, bias=False), _bn(1280)
+            self._dropout = nn.Dropout(dropout)
+            self._fc = nn.Linear(1280, 1)
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head, self._bn1 = nn.Conv2d(c_in, 1280, 1, bias=False), _bn(1280)
-        self._dropout = nn.Dropout(dropout)
-        self._fc = nn.Linear(1280, 1)
 
     def forward(self, x):
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
+        if hasattr(self, "_patch_head"):
+            return self._patch_head(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return self._fc(self._dropout(F.adaptive_avg_pool2d(x, 1).flatten(1)))
 

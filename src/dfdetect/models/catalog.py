@@ -7,6 +7,7 @@ build the architecture; ImageNet weights are loaded afterwards, from a local fil
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -121,11 +122,24 @@ class Detector(nn.Module):
 
 def create_model(params: ModelParams) -> nn.Module:
     spec = get_spec(params.name)
-    net = spec.build(dropout=params.dropout)
+    options = {}
+    if params.patch_blocks is not None:
+        truncatable = [n for n in available_models() if _takes_patch_blocks(get_spec(n))]
+        if params.name not in truncatable:
+            raise ModelError(f"model.patch_blocks: {params.name} cannot be truncated; these can: {truncatable}")
+        options["patch_blocks"] = params.patch_blocks
+    try:
+        net = spec.build(dropout=params.dropout, **options)
+    except ValueError as exc:  # an out-of-range patch_blocks: the builder knows its own depth
+        raise ModelError(str(exc)) from None
     if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
         path = imagenet_weights_file(spec, params.weights_path)
         load_matching(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
     return Detector(net, ResidualBranch(params.dropout) if params.residual_branch else None, tuple(params.scales))
+
+
+def _takes_patch_blocks(spec: ModelSpec) -> bool:
+    return "patch_blocks" in inspect.signature(spec.build).parameters
 
 
 def count_parameters(model: nn.Module) -> int:
