@@ -235,3 +235,50 @@ def test_grayscale_turns_a_share_grey_and_draws_nothing_when_off():
             assert all(torch.allclose(out[i, c], luma[i], atol=1e-6) for c in range(3))
         else:
             assert torch.equal(out[i], images[i])
+
+
+def _square(size=64, side=16):
+    """A white square centred on black: its extent after a zoom or stretch is easy to read."""
+    x = torch.zeros(1, 3, size, size)
+    lo = (size - side) // 2
+    x[..., lo : lo + side, lo : lo + side] = 1.0
+    return x
+
+
+def _extent(image: torch.Tensor) -> tuple[float, float]:
+    """Width and height of what is lit (pixels over half), read along the centre row and column."""
+    lit = image[0] > 0.5
+    centre = image.shape[-1] // 2
+    return float(lit[centre, :].sum()), float(lit[:, centre].sum())
+
+
+def test_zoom_and_stretch_reshape_the_face_about_its_centre():
+    still = {"hflip": False, "rotation_degrees": 0, "color_jitter": 0}
+    zoomed = augment_batch(_square(), AugmentParams(**still, scale=(2, 2)), torch.Generator().manual_seed(0))
+    assert _extent(zoomed[0]) == (32.0, 32.0)  # twice the side, centred
+    assert zoomed[0, :, 32, 32].min() == 1 and zoomed[0, :, 8, 8].max() == 0
+    wide = augment_batch(_square(side=24), AugmentParams(**still, aspect=(2, 2)), torch.Generator().manual_seed(0))
+    width, height = _extent(wide[0])
+    assert abs(width / height - 2) < 0.2 and abs(width * height / (24 * 24) - 1) < 0.1  # twice as wide, same area
+
+
+def test_zoom_is_drawn_per_image_within_its_range_and_not_at_all_when_off():
+    from dfdetect.augment import _log_uniform
+
+    x = _square().repeat(32, 1, 1, 1)
+    out = augment_batch(
+        x,
+        AugmentParams(hflip=False, rotation_degrees=0, color_jitter=0, scale=(0.75, 1.5)),
+        torch.Generator().manual_seed(0),
+    )
+    sides = sorted({_extent(img)[0] for img in out})
+    assert len(sides) > 3 and 11 <= sides[0] and sides[-1] <= 25  # 16 px times 0.75 to 1.5, each image its own
+    draws = _log_uniform(torch.Generator().manual_seed(0), 10_000, 0.5, 2.0)
+    assert abs(float((draws < 1).float().mean()) - 0.5) < 0.02  # as likely to shrink as to grow
+    gen = torch.Generator().manual_seed(3)
+    augment_batch(x, AugmentParams(), gen)
+    reference = torch.Generator().manual_seed(3)
+    augment_batch(x, AugmentParams(scale=(1, 1), aspect=(1, 1)), reference)
+    assert torch.equal(gen.get_state(), reference.get_state())
+    with pytest.raises(ValueError, match="aspect"):
+        AugmentParams(aspect=(1.2, 1.1))

@@ -92,3 +92,24 @@ def test_embeddings_are_the_models_penultimate_features_projected_and_count_as_a
     assert summary["columns"]["embeddings"]["drifted"] is True
     moved = sum(c["drifted"] for c in summary["columns"].values())
     assert summary["drift_share"] == pytest.approx(moved / 6, abs=1e-6)  # the embeddings are a sixth column
+
+
+def test_a_patch_models_embeddings_are_its_local_features_averaged_over_the_map():
+    import torch
+
+    from dfdetect.config import ModelParams
+    from dfdetect.drift import EMBEDDING_DIMS, embed
+    from dfdetect.models import create_model
+    from dfdetect.preprocessing import PreprocessConfig, normalize
+
+    torch.manual_seed(0)
+    model = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=3)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    seen = []
+    hook = model.net._patch_head._score.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(normalize(torch.from_numpy(images).permute(0, 3, 1, 2), PreprocessConfig(32)))
+    hook.remove()
+    pooled = seen[0].mean(dim=(2, 3)).double().numpy()
+    projection = np.random.default_rng(pooled.shape[1]).normal(size=(pooled.shape[1], EMBEDDING_DIMS))
+    assert np.allclose(embed(model, images, PreprocessConfig(32)), pooled @ projection / np.sqrt(pooled.shape[1]))

@@ -312,3 +312,31 @@ def test_balance_classes_changes_the_step_only_where_the_classes_are_uneven():
     even, uneven = torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
     assert torch.allclose(step(even, True), step(even, False))
     assert not torch.allclose(step(uneven, True), step(uneven, False))
+
+
+def test_a_patch_model_trains_evaluates_and_serves_from_its_checkpoint(prepared_small, tmp_path, monkeypatch):
+    """The whole path of a model whose head is a 1 x 1 convolution (model.patch_blocks): training, evaluation
+    (which reads embeddings for the drift reference at the head's input) and the predictor rebuilt from the
+    checkpoint alone."""
+    from PIL import Image
+
+    from dfdetect.data import load_split
+    from dfdetect.evaluate import evaluate
+    from dfdetect.inference import Predictor
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = small_params(
+        model={"name": "efficientnet_lite0", "pretrained": True, "patch_blocks": 3},
+        train={"epochs": 1},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
+    train(params, prepared_small, tmp_path / "m", tmp_path / "history.csv")
+    metrics = evaluate(
+        params, prepared_small, tmp_path / "m", tmp_path / "eval", tmp_path / "eval" / "m.json", tmp_path / "p"
+    )
+    assert 0.0 <= metrics["roc_auc"] <= 1.0
+    predictor = Predictor.from_checkpoint(tmp_path / "m" / "best.pt")
+    assert len(predictor.model.net._blocks) == 3
+    images = load_split(prepared_small, "test").images[:4]
+    scores = predictor.score([Image.fromarray(a) for a in images])
+    assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()

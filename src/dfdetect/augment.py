@@ -30,17 +30,19 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
     angle = _uniform(gen, n, -params.rotation_degrees, params.rotation_degrees)
     j = params.color_jitter
     factors = [_uniform(gen, n, max(0.0, 1 - j), 1 + j) for _ in range(3)]  # brightness, contrast, saturation
+    # Zoom and stretch are drawn only when asked for, so that the recipes measured before them draw the same numbers.
+    reshaped = (params.scale, params.aspect) != ((1.0, 1.0), (1.0, 1.0))
+    ones = torch.ones(n)
+    zoom, stretch = (
+        (_log_uniform(gen, n, *params.scale), _log_uniform(gen, n, *params.aspect)) if reshaped else (ones, ones)
+    )
     # One host-to-device copy for all of them: each small copy would stall a GPU pipeline.
-    flip, angle, *factors = torch.stack([flip, angle, *factors]).to(device).unbind(0)
+    flip, angle, zoom, stretch, *factors = torch.stack([flip, angle, zoom, stretch, *factors]).to(device).unbind(0)
     out = images
     if params.hflip:
         out = torch.where((flip < 0.5).view(n, 1, 1, 1), out.flip(-1), out)
-    if params.rotation_degrees > 0:
-        theta = angle * (math.pi / 180)
-        cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
-        affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = F.affine_grid(affine.to(out.dtype), list(out.shape), align_corners=False)
-        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if params.rotation_degrees > 0 or reshaped:
+        out = _rotate_and_reshape(out, angle * (math.pi / 180), zoom, stretch)
     out = match_sharpness(out, params.sharpness_match_prob, gen)
     out = degrade(out, params, gen)
     if j > 0:
@@ -54,6 +56,23 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
     out = to_grey(out, params.grayscale_prob, gen)
     return erase(out, params, gen)
+
+
+def _log_uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    """Factors whose logarithm is uniform: a zoom of 0.8 is as likely as one of 1.25."""
+    return _uniform(gen, n, math.log(low), math.log(high)).exp()
+
+
+def _rotate_and_reshape(images: torch.Tensor, theta: torch.Tensor, zoom: torch.Tensor, stretch: torch.Tensor):
+    """Each image rotated by theta (radians), zoomed by `zoom` and stretched to `stretch` times its width over
+    height (area kept), about its centre; what falls outside is black, as in torchvision's rotation."""
+    cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+    # affine_grid maps output to input coordinates: the inverse of the zoom and stretch, after the rotation
+    x_scale, y_scale = 1 / (zoom * stretch.sqrt()), stretch.sqrt() / zoom
+    row_x = torch.stack([cos * x_scale, -sin * x_scale, zero], 1)
+    row_y = torch.stack([sin * y_scale, cos * y_scale, zero], 1)
+    grid = F.affine_grid(torch.stack([row_x, row_y], 1).to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def to_grey(images: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:

@@ -228,6 +228,16 @@ def _ordered_range(value: tuple, lowest: float, highest: float) -> tuple:
 class AugmentParams(Section):
     hflip: bool = True
     rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    scale: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="zoom drawn per image [low, high] (above 1: the face larger), about the centre: how far a face "
+        "crop of another detector or face shape frames it differently ([1, 1]: as prepared)",
+    )
+    aspect: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="width over height stretch drawn per image [low, high] (area kept): faces of other proportions, "
+        "such as children's ([1, 1]: none)",
+    )
     color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
     grayscale_prob: float = Field(
         0.0,
@@ -281,6 +291,11 @@ class AugmentParams(Section):
     @classmethod
     def _scale_range(cls, value):
         return _ordered_range(value, 0.25, 4)
+
+    @field_validator("scale", "aspect")
+    @classmethod
+    def _geometry_range(cls, value):
+        return _ordered_range(value, 0.5, 2)
 
 
 class SbiParams(Section):

@@ -53,17 +53,28 @@ def jpeg_quality(img) -> int | None:
 
 
 def embed(module, images: np.ndarray, preprocess, batch_size: int = 64) -> np.ndarray:
-    """The model's penultimate features (the input of its last linear layer) of N x S x S x 3 uint8 images,
-    projected to EMBEDDING_DIMS by a fixed random matrix (seeded by the feature width, so reference and window
-    are projected alike without storing it)."""
+    """The model's penultimate features (the input of its last linear layer; of a patch model, the input of its
+    1 x 1 scoring convolution averaged over the map) of N x S x S x 3 uint8 images, projected to EMBEDDING_DIMS
+    by a fixed random matrix (seeded by the feature width, so reference and window are projected alike without
+    storing it)."""
     import torch
     from torch import nn
 
     from .preprocessing import normalize
 
-    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    modules = list(module.modules())
+    heads = [m for m in modules if isinstance(m, nn.Linear)] or [
+        m for m in modules if isinstance(m, nn.Conv2d) and m.out_channels == 1
+    ]
+    if not heads:
+        raise ValueError(f"{type(module).__name__} has no linear layer or one-channel convolution to read features at")
     captured = []
-    hook = last.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
+
+    def keep(_module, args):
+        features = args[0].detach().float()
+        captured.append((features.mean(dim=(2, 3)) if features.dim() == 4 else features).cpu())
+
+    hook = heads[-1].register_forward_pre_hook(keep)
     was_training, device = module.training, next(module.parameters()).device
     module.eval()
     try:

@@ -171,6 +171,7 @@ class _EfficientNetLite(nn.Module):
     classifier of limited receptive field: Chai et al., "What makes fake images detectable?", ECCV 2020)."""
 
     STAGES = _LITE0_STAGES
+    new_heads = ("_patch_head.",)  # no ImageNet file has it: not counted when the backbone's weights are matched
 
     def __init__(self, dropout: float = 0.2, patch_blocks: int | None = None):
         super().__init__()

@@ -81,11 +81,14 @@ def imagenet_weights_file(spec: ModelSpec, weights_path: str | None) -> Path:
 
 
 def load_matching(model: nn.Module, state: dict, source: str) -> None:
-    """Load every tensor whose name and shape match (the classification head differs by design)."""
+    """Load every tensor whose name and shape match (the classification head differs by design). At least 90 %
+    of the model's tensors must match, not counting a head the model names as its own (`new_heads`: prefixes of
+    tensors no ImageNet file has, such as a patch head that is larger than the backbone it keeps)."""
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(usable) < 0.9 * len(own):
-        raise ModelError(f"{source}: only {len(usable)} of {len(own)} tensors match this model; wrong file?")
+    expected = [k for k in own if not k.startswith(tuple(getattr(model, "new_heads", ())))]
+    if len(usable) < 0.9 * len(expected):
+        raise ModelError(f"{source}: only {len(usable)} of {len(expected)} tensors match this model; wrong file?")
     model.load_state_dict(usable, strict=False)
 
 
