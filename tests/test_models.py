@@ -242,3 +242,16 @@ def test_a_patch_model_exports_to_onnx_with_the_same_scores():
 def test_a_patch_model_that_cannot_be_built_is_refused_naming_the_field(name, blocks, message):
     with pytest.raises(ModelError, match=message):
         create_model(ModelParams(name=name, patch_blocks=blocks))
+
+
+@pytest.mark.parametrize("patch_blocks", [None, 5])
+def test_a_lite_networks_modules_run_in_the_order_they_are_listed(patch_blocks):
+    """Grad-CAM takes the last convolution listed and the drift reference the last head: the listing must be
+    the order of the forward pass, head last."""
+    from dfdetect.explain import last_conv
+
+    model = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=patch_blocks))
+    expected = model.net._patch_head._score if patch_blocks else model.net._conv_head
+    assert last_conv(model) is expected
+    names = [name for name, _ in model.net.named_children()]
+    assert names.index("_blocks") < names.index("_patch_head" if patch_blocks else "_fc")

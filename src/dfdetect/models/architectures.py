@@ -181,16 +181,16 @@ class _EfficientNetLite(nn.Module):
             for i in range(repeats):
                 blocks.append(_MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
                 c_in = c_out
+        if patch_blocks is not None and not 1 <= patch_blocks < len(blocks):
+            raise ValueError(f"model.patch_blocks: 1 to {len(blocks) - 1} expected, got {patch_blocks}")
+        # registered before the head, so that module order (Grad-CAM's last convolution) is the network's order
+        self._blocks = nn.ModuleList(blocks[:patch_blocks])
         if patch_blocks is not None:
-            if not 1 <= patch_blocks < len(blocks):
-                raise ValueError(f"model.patch_blocks: 1 to {len(blocks) - 1} expected, got {patch_blocks}")
-            blocks = blocks[:patch_blocks]
-            self._patch_head = _PatchHead(blocks[-1]._bn2.num_features, dropout)
+            self._patch_head = _PatchHead(blocks[patch_blocks - 1]._bn2.num_features, dropout)
         else:
             self._conv_head, self._bn1 = nn.Conv2d(c_in, 1280, 1, bias=False), _bn(1280)
             self._dropout = nn.Dropout(dropout)
             self._fc = nn.Linear(1280, 1)
-        self._blocks = nn.ModuleList(blocks)
 
     def forward(self, x):
         x = F.relu6(self._bn0(self._conv_stem(x)))
