@@ -62,7 +62,8 @@ def _grain(img: Image.Image, std: float) -> Image.Image:
 
 
 # One change of every face at a time (--changes): framing and proportions (how children's faces differ from
-# adults' after the same crop) and skin texture (smooth skin, a blend's look).
+# adults' after the same crop) and skin texture (smooth skin, a blend's look). "taller" and "wider" zoom one
+# axis only, so they enlarge the face as well as change its proportions.
 FACE_CHANGES = {
     "none": lambda im: im,
     "zoom in x1.15": lambda im: _reframed(im, 1.15, 1.15),

@@ -25,12 +25,12 @@ def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Ten
 def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
     """float N x 3 x H x W in [0, 1] -> augmented batch, same shape. `gen` is a CPU generator."""
     n, device = images.shape[0], images.device
-    # Draw every random number first, always the same count, so the stream does not depend on params.
+    # Draw every random number first, always the same count, so the stream does not depend on params (zoom and
+    # stretch, below, draw only when set: recipes without them keep the stream they were measured with).
     flip = torch.rand(n, generator=gen)
     angle = _uniform(gen, n, -params.rotation_degrees, params.rotation_degrees)
     j = params.color_jitter
     factors = [_uniform(gen, n, max(0.0, 1 - j), 1 + j) for _ in range(3)]  # brightness, contrast, saturation
-    # Zoom and stretch are drawn only when asked for, so that the recipes measured before them draw the same numbers.
     reshaped = (params.scale, params.aspect) != ((1.0, 1.0), (1.0, 1.0))
     ones = torch.ones(n)
     zoom, stretch = (

@@ -2,7 +2,8 @@
 
 The gradient of the fake logit with respect to the last convolution's feature maps weighs those maps; their
 positive sum, upsampled to the input, is the heatmap. Works for every registered architecture (the backbone's
-last Conv2d is the layer), in fp32, on one image at a time.
+last Conv2d is the layer; of a patch model, `model.patch_blocks`, it is the scoring convolution, so the heatmap is
+the positive part of its map of local scores), in fp32, on one image at a time.
 """
 
 from __future__ import annotations

@@ -131,10 +131,13 @@ def create_model(params: ModelParams) -> nn.Module:
         if params.name not in truncatable:
             raise ModelError(f"model.patch_blocks: {params.name} cannot be truncated; these can: {truncatable}")
         options["patch_blocks"] = params.patch_blocks
-    try:
-        net = spec.build(dropout=params.dropout, **options)
-    except ValueError as exc:  # an out-of-range patch_blocks: the builder knows its own depth
-        raise ModelError(str(exc)) from None
+    if not options:
+        net = spec.build(dropout=params.dropout)
+    else:
+        try:
+            net = spec.build(dropout=params.dropout, **options)
+        except ValueError as exc:  # an out-of-range patch_blocks: the builder knows its own depth
+            raise ModelError(str(exc)) from None
     if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
         path = imagenet_weights_file(spec, params.weights_path)
         load_matching(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
