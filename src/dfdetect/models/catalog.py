@@ -125,17 +125,14 @@ class Detector(nn.Module):
 
 def create_model(params: ModelParams) -> nn.Module:
     spec = get_spec(params.name)
-    options = {}
-    if params.patch_blocks is not None:
+    if params.patch_blocks is None:
+        net = spec.build(dropout=params.dropout)
+    else:
         truncatable = [n for n in available_models() if _takes_patch_blocks(get_spec(n))]
         if params.name not in truncatable:
             raise ModelError(f"model.patch_blocks: {params.name} cannot be truncated; these can: {truncatable}")
-        options["patch_blocks"] = params.patch_blocks
-    if not options:
-        net = spec.build(dropout=params.dropout)
-    else:
         try:
-            net = spec.build(dropout=params.dropout, **options)
+            net = spec.build(dropout=params.dropout, patch_blocks=params.patch_blocks)
         except ValueError as exc:  # an out-of-range patch_blocks: the builder knows its own depth
             raise ModelError(str(exc)) from None
     if params.pretrained:  # into the bare network, whose names match torchvision's ImageNet files
