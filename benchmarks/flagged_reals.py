@@ -133,10 +133,12 @@ def main() -> None:
     edges = np.quantile(sharp, [0.25, 0.5, 0.75])
     quartile = np.searchsorted(edges, sharp, side="right")
     bands = [band(str(a), AGE_BANDS, f"{f}: age") for a, f in zip(ages, files)]
-    by_age = {}
-    for i, label in sorted(set(bands)):
-        members = np.array([b[0] == i for b in bands])
-        by_age[label] = {**rate(flagged[members]), "median_sharpness": round(float(np.median(sharp[members])), 3)}
+    band_index = {label: i for i, label in set(bands)}
+    in_band = {label: np.array([b[0] == i for b in bands]) for i, label in sorted(set(bands))}  # in edge order
+    by_age = {
+        label: {**rate(flagged[members]), "median_sharpness": round(float(np.median(sharp[members])), 3)}
+        for label, members in in_band.items()
+    }
     by_sharpness = {
         f"quartile {q + 1}": {
             "all": rate(flagged[quartile == q]),
@@ -160,11 +162,8 @@ def main() -> None:
         "n_reference_reals": int(len(ref_images)),
     }
     if args.changes:  # the same faces with one change each: which moves the children's rate, and the adults'
-        groups = {
-            "under 3": ages < 3,
-            "3 to under 13": (ages >= 3) & (ages < 13),
-            f"ages {args.adults[0]} to under {args.adults[1]}": adults,
-        }
+        children = {label: m for label, m in in_band.items() if band_index[label] < 2}  # under 3, 3 to under 13
+        groups = {**children, f"ages {args.adults[0]} to under {args.adults[1]}": adults}
         result["changes"] = {}
         for name, change in FACE_CHANGES.items():
             after = flagged if name == "none" else flagged_after(change)
