@@ -113,3 +113,39 @@ def test_a_patch_models_embeddings_are_its_local_features_averaged_over_the_map(
     pooled = seen[0].mean(dim=(2, 3)).double().numpy()
     projection = np.random.default_rng(pooled.shape[1]).normal(size=(pooled.shape[1], EMBEDDING_DIMS))
     assert np.allclose(embed(model, images, PreprocessConfig(32)), pooled @ projection / np.sqrt(pooled.shape[1]))
+
+
+def test_a_residual_branch_models_embeddings_are_the_backbones_and_the_reference_names_its_layer(tmp_path):
+    import torch
+    from torch import nn
+
+    from dfdetect.config import ModelParams
+    from dfdetect.drift import EMBEDDING_DIMS, embed, feature_layer, legacy_feature_layer, reference_profile
+    from dfdetect.models import create_model
+    from dfdetect.preprocessing import PreprocessConfig, normalize
+
+    torch.manual_seed(0)
+    model = create_model(ModelParams(name="custom_cnn", pretrained=False, residual_branch=True)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    backbone_head = [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
+    seen = []
+    hook = backbone_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(normalize(torch.from_numpy(images).permute(0, 3, 1, 2), PreprocessConfig(32)))
+    hook.remove()
+    features = seen[0].double().numpy()
+    projection = np.random.default_rng(features.shape[1]).normal(size=(features.shape[1], EMBEDDING_DIMS))
+    assert feature_layer(model).startswith("net.") and legacy_feature_layer(model) == "branch.fc"
+    assert np.allclose(embed(model, images, PreprocessConfig(32)), features @ projection / np.sqrt(features.shape[1]))
+    # references written before the layer was stored were embedded at the branch's head; the monitor reads there
+    legacy = embed(model, images, PreprocessConfig(32), layer=legacy_feature_layer(model))
+    assert legacy.shape == (5, EMBEDDING_DIMS) and not np.allclose(legacy, embed(model, images, PreprocessConfig(32)))
+    with pytest.raises(ValueError, match="no layer 'net.nowhere'"):
+        embed(model, images, PreprocessConfig(32), layer="net.nowhere")
+    layer = feature_layer(model)
+    profile = reference_profile(
+        tmp_path, [f"{i}.png" for i in range(5)], images, np.linspace(0, 1, 5), 0.5,
+        lambda x: embed(model, x, PreprocessConfig(32), layer=layer), embedding_layer=layer,
+    )  # fmt: skip
+    assert profile["embedding_layer"] == layer and len(profile["rows"][0]["embedding"]) == EMBEDDING_DIMS
+    assert "embedding_layer" not in reference_profile(tmp_path, ["a.png"], images[:1], [0.2], 0.5)

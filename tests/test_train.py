@@ -335,6 +335,8 @@ def test_a_patch_model_trains_evaluates_and_serves_from_its_checkpoint(prepared_
         params, prepared_small, tmp_path / "m", tmp_path / "eval", tmp_path / "eval" / "m.json", tmp_path / "p"
     )
     assert 0.0 <= metrics["roc_auc"] <= 1.0
+    profile = json.loads((tmp_path / "eval" / "reference_profile.json").read_text())
+    assert profile["embedding_layer"] == "net._patch_head._score" and "embedding" in profile["rows"][0]
     predictor = Predictor.from_checkpoint(tmp_path / "m" / "best.pt")
     assert len(predictor.model.net._blocks) == 3
     images = load_split(prepared_small, "test").images[:4]

@@ -52,29 +52,61 @@ def jpeg_quality(img) -> int | None:
     return int(np.clip(round(quality), 1, 100))
 
 
-def embed(module, images: np.ndarray, preprocess, batch_size: int = 64) -> np.ndarray:
-    """The model's penultimate features (the input of its last linear layer; of a patch model, the input of its
-    1 x 1 scoring convolution averaged over the map) of N x S x S x 3 uint8 images, projected to EMBEDDING_DIMS
-    by a fixed random matrix (seeded by the feature width, so reference and window are projected alike without
-    storing it)."""
-    import torch
+def _scoring_layers(module) -> list[tuple[str, object]]:
+    """(name, layer) of every layer that could be a model's scoring head: linear layers, else (a patch model)
+    one-channel convolutions, in registration order."""
     from torch import nn
+
+    named = list(module.named_modules())
+    return [(n, m) for n, m in named if isinstance(m, nn.Linear)] or [
+        (n, m) for n, m in named if isinstance(m, nn.Conv2d) and m.out_channels == 1
+    ]
+
+
+def feature_layer(module) -> str:
+    """The name of the layer whose input is the model's embedding: the backbone's scoring head (`net`'s last one
+    of a Detector), so an added branch's head (model.residual_branch) is never taken for the model's."""
+    backbone = getattr(module, "net", None)
+    heads = _scoring_layers(backbone) if backbone is not None else []
+    if heads:
+        return f"net.{heads[-1][0]}"
+    heads = _scoring_layers(module)
+    if not heads:
+        raise ValueError(f"{type(module).__name__} has no linear layer or one-channel convolution to read features at")
+    return heads[-1][0]
+
+
+def legacy_feature_layer(module) -> str:
+    """The layer drift references written before `embedding_layer` was stored were embedded at: the last scoring
+    layer of the whole model (a residual-branch model's branch head). Reading new windows there keeps them
+    comparable with those references."""
+    heads = _scoring_layers(module)
+    if not heads:
+        raise ValueError(f"{type(module).__name__} has no linear layer or one-channel convolution to read features at")
+    return heads[-1][0]
+
+
+def embed(module, images: np.ndarray, preprocess, batch_size: int = 64, layer: str | None = None) -> np.ndarray:
+    """The model's penultimate features (the input of `layer`, by default `feature_layer(module)`: its scoring
+    head; of a patch model, the input of its 1 x 1 scoring convolution averaged over the map) of N x S x S x 3
+    uint8 images, projected to EMBEDDING_DIMS by a fixed random matrix (seeded by the feature width, so reference
+    and window are projected alike without storing it)."""
+    import torch
 
     from .preprocessing import normalize
 
-    modules = list(module.modules())
-    heads = [m for m in modules if isinstance(m, nn.Linear)] or [
-        m for m in modules if isinstance(m, nn.Conv2d) and m.out_channels == 1
-    ]
-    if not heads:
-        raise ValueError(f"{type(module).__name__} has no linear layer or one-channel convolution to read features at")
+    name = layer or feature_layer(module)
+    try:
+        head = module.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{type(module).__name__} has no layer {name!r} to read features at") from None
     captured = []
 
     def keep(_module, args):
         features = args[0].detach().float()
         captured.append((features.mean(dim=(2, 3)) if features.dim() == 4 else features).cpu())
 
-    hook = heads[-1].register_forward_pre_hook(keep)
+    hook = head.register_forward_pre_hook(keep)
     was_training, device = module.training, next(module.parameters()).device
     module.eval()
     try:
@@ -119,10 +151,17 @@ def embedding_drift(reference: np.ndarray, current: np.ndarray) -> dict:
 
 
 def reference_profile(
-    prepared_dir: Path, relpaths: list[str], images: np.ndarray, scores, threshold: float, embeddings=None
+    prepared_dir: Path,
+    relpaths: list[str],
+    images: np.ndarray,
+    scores,
+    threshold: float,
+    embeddings=None,
+    embedding_layer: str | None = None,
 ) -> dict:
     """The evaluated split as the drift check's reference (at most MAX_REFERENCE_ROWS images, seeded sample);
-    `embeddings(images) -> N x EMBEDDING_DIMS` adds the model's embeddings of the sampled images."""
+    `embeddings(images) -> N x EMBEDDING_DIMS` adds the model's embeddings of the sampled images, read at
+    `embedding_layer` (stored, so the monitor embeds the service's traffic at the same layer)."""
     sizes = {}
     manifest = Path(prepared_dir) / "manifest.csv"
     if manifest.exists():
@@ -146,7 +185,10 @@ def reference_profile(
                 **({"embedding": [round(float(v), 5) for v in vectors[k]]} if vectors is not None else {}),
             }
         )
-    return {"threshold": float(threshold), "n": len(relpaths), "rows": rows}
+    profile = {"threshold": float(threshold), "n": len(relpaths), "rows": rows}
+    if vectors is not None and embedding_layer:
+        profile["embedding_layer"] = embedding_layer
+    return profile
 
 
 def _frame(rows: list[dict], columns: list[str]):

@@ -13,7 +13,7 @@ from . import runtime, tracking
 from .artifact import TrainedModel
 from .config import EvaluateParams, Params, SuiteSet
 from .data import DatasetError, PreparedSplit, batch_loader, load_meta, load_split, original_path
-from .drift import embed, reference_profile
+from .drift import embed, feature_layer, reference_profile
 from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .labels import CLASS_NAMES
@@ -195,8 +195,15 @@ def evaluate(
         extra += "\n" + table_markdown(f"Generalisation suite (threshold {threshold:.4f}, from validation)", suite)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics, matrix, trained) + extra)
     # what the drift monitor compares the service's traffic with, logged with the model's run
+    layer = feature_layer(model)
     profile = reference_profile(
-        prepared_dir, data.relpaths, data.images, scores, threshold, lambda images: embed(model, images, pre)
+        prepared_dir,
+        data.relpaths,
+        data.images,
+        scores,
+        threshold,
+        lambda images: embed(model, images, pre, layer=layer),
+        embedding_layer=layer,
     )
     atomic_write_json(out_dir / "reference_profile.json", profile)
     atomic_write_json(metrics_path, metrics)
