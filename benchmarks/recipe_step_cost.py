@@ -32,7 +32,7 @@ def step_seconds(model, optimizer, scaler, rt, train, pre, images, labels, gen) 
     """One training step of recipe `train` on a uint8 batch, in seconds."""
     started = time.perf_counter()
     if train.sbi.mode != "none":
-        images, labels = sbi_batch(images, labels, train.sbi.prob, gen, None, train.sbi.alteration)
+        images, labels = sbi_batch(images, labels, train.sbi.prob, gen, None, train.sbi.alteration, train.sbi.paired)
     x = model_input(augmented_batch(images, train.augment, gen, rt), pre, rt)
     train_step(model, optimizer, scaler, rt, x, labels.float())
     return time.perf_counter() - started

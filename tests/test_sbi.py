@@ -32,6 +32,28 @@ def test_sbi_batch_turns_only_real_images_into_fakes():
     assert torch.equal(same, images) and torch.equal(y2, labels)
 
 
+def test_paired_sbi_keeps_each_chosen_real_and_appends_the_same_self_blend_after_the_batch():
+    images = torch.randint(0, 255, (32, 3, 48, 48), dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 16)
+    replaced, y = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(3))
+    paired, y_paired = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(3), paired=True)
+    chosen = torch.nonzero(y != labels).flatten()
+    assert 0 < len(chosen) < 16  # some reals, not all
+    assert torch.equal(paired[:32], images) and torch.equal(y_paired[:32], labels)  # the batch as it came
+    assert len(paired) == 32 + len(chosen) and y_paired[32:].tolist() == [1] * len(chosen)
+    assert torch.equal(paired[32:], replaced[chosen])  # the same self-blends, in the chosen reals' order
+    none, y_none = sbi_batch(images, labels, 0.0, torch.Generator().manual_seed(3), paired=True)
+    assert torch.equal(none, images) and torch.equal(y_none, labels)
+
+
+def test_training_with_paired_self_blends(prepared_small, tmp_path):
+    from dfdetect.train import train
+
+    params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "paired": True}, "epochs": 1})
+    result = train(params, prepared_small, tmp_path / "models", tmp_path / "history.csv", track=False)
+    assert result.completed and 0.0 <= result.best_val_auc <= 1.0
+
+
 def test_training_with_real_faces_only(prepared_small, tmp_path):
     from dfdetect.train import train
 

@@ -318,6 +318,12 @@ class SbiParams(Section):
         "shifts, then shrunk 2 or 4 times and enlarged back, or sharpened; the inside or the outside of the mask "
         "altered at random)",
     )
+    paired: bool = Field(
+        False,
+        description="true: a chosen real face stays in the batch as a real and its self-blend is added beside it "
+        "(the paper's batches of pairs: the two differ only by the blend, so the face's source and identity carry "
+        "no label; the batch grows by the share chosen); false: the chosen real is replaced by its self-blend",
+    )
 
 
 class MixStyleParams(Section):

@@ -138,21 +138,29 @@ def sbi_batch(
     gen: torch.Generator,
     landmarker=None,
     alteration: str = "mild",
+    paired: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
     fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
-    ellipse. Seeded from `gen`, so a resumed run makes the same ones."""
+    ellipse. `paired`: the chosen reals stay and their self-blends are appended after the batch, in the same
+    order (the same draws as unpaired, so the same self-blends). Seeded from `gen`, so a resumed run makes the
+    same ones."""
     n = images.shape[0]
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     if not chosen.any():
         return images, labels
     rng = np.random.default_rng(seed)
-    images, labels = images.clone(), labels.clone()
-    for i in torch.nonzero(chosen).flatten().tolist():
+    picked = torch.nonzero(chosen).flatten().tolist()
+    fakes = []
+    for i in picked:
         face = images[i].permute(1, 2, 0).numpy()
         points = landmarker.landmarks(face) if landmarker is not None else None
         fake, _ = self_blend(face, rng, points, alteration)
-        images[i] = torch.from_numpy(fake).permute(2, 0, 1)
-        labels[i] = 1
+        fakes.append(torch.from_numpy(fake).permute(2, 0, 1))
+    if paired:
+        return torch.cat([images, torch.stack(fakes)]), torch.cat([labels, torch.ones(len(fakes), dtype=labels.dtype)])
+    images, labels = images.clone(), labels.clone()
+    images[picked] = torch.stack(fakes)
+    labels[picked] = 1
     return images, labels

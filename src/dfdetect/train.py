@@ -467,7 +467,9 @@ class Trainer:
         loss_sum, correct, seen = 0.0, 0, 0
         for images, y in self.train_loader:
             if t.sbi.mode != "none":
-                images, y = sbi_batch(images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration)
+                images, y = sbi_batch(
+                    images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired
+                )
             x = augmented_batch(images, t.augment, self.augment_gen, rt)
             second = None
             if t.consistency > 0:  # the same images (self-blends included) through another draw of the augmentation
