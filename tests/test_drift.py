@@ -120,7 +120,14 @@ def test_a_residual_branch_models_embeddings_are_the_backbones_and_the_reference
     from torch import nn
 
     from dfdetect.config import ModelParams
-    from dfdetect.drift import EMBEDDING_DIMS, embed, feature_layer, legacy_feature_layer, reference_profile
+    from dfdetect.drift import (
+        EMBEDDING_DIMS,
+        embed,
+        feature_layer,
+        legacy_feature_layer,
+        reference_layer,
+        reference_profile,
+    )
     from dfdetect.models import create_model
     from dfdetect.preprocessing import PreprocessConfig, normalize
 
@@ -135,7 +142,7 @@ def test_a_residual_branch_models_embeddings_are_the_backbones_and_the_reference
     hook.remove()
     features = seen[0].double().numpy()
     projection = np.random.default_rng(features.shape[1]).normal(size=(features.shape[1], EMBEDDING_DIMS))
-    assert feature_layer(model).startswith("net.") and legacy_feature_layer(model) == "branch.fc"
+    assert feature_layer(model) == "net.head.5" and legacy_feature_layer(model) == "branch.fc"
     assert np.allclose(embed(model, images, PreprocessConfig(32)), features @ projection / np.sqrt(features.shape[1]))
     # references written before the layer was stored were embedded at the branch's head; the monitor reads there
     legacy = embed(model, images, PreprocessConfig(32), layer=legacy_feature_layer(model))
@@ -148,4 +155,19 @@ def test_a_residual_branch_models_embeddings_are_the_backbones_and_the_reference
         lambda x: embed(model, x, PreprocessConfig(32), layer=layer), embedding_layer=layer,
     )  # fmt: skip
     assert profile["embedding_layer"] == layer and len(profile["rows"][0]["embedding"]) == EMBEDDING_DIMS
-    assert "embedding_layer" not in reference_profile(tmp_path, ["a.png"], images[:1], [0.2], 0.5)
+    older = reference_profile(tmp_path, ["a.png"], images[:1], [0.2], 0.5)
+    assert "embedding_layer" not in older
+    # the monitor embeds a window where its reference was embedded: the stored layer, else the older choice
+    assert reference_layer(profile, model) == "net.head.5" and reference_layer(older, model) == "branch.fc"
+
+
+def test_a_model_whose_backbone_has_no_scoring_layer_is_refused_not_read_at_its_branch():
+    from torch import nn
+
+    from dfdetect.drift import feature_layer
+    from dfdetect.models.catalog import Detector
+    from dfdetect.models.residual import ResidualBranch
+
+    headless = Detector(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), ResidualBranch())
+    with pytest.raises(ValueError, match="Sequential has no linear layer"):
+        feature_layer(headless)

@@ -46,12 +46,22 @@ def test_paired_sbi_keeps_each_chosen_real_and_appends_the_same_self_blend_after
     assert torch.equal(none, images) and torch.equal(y_none, labels)
 
 
-def test_training_with_paired_self_blends(prepared_small, tmp_path):
-    from dfdetect.train import train
+def test_training_with_paired_self_blends_trains_on_the_grown_batches(prepared_small, tmp_path, monkeypatch):
+    from dfdetect import train as training
 
+    sizes = []
+
+    def recorded(images, labels, *args, **kwargs):
+        out, y = sbi_batch(images, labels, *args, **kwargs)
+        sizes.append((len(images), len(out), int((labels == 0).sum()), int((y == 0).sum())))
+        return out, y
+
+    monkeypatch.setattr(training, "sbi_batch", recorded)
     params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "paired": True}, "epochs": 1})
-    result = train(params, prepared_small, tmp_path / "models", tmp_path / "history.csv", track=False)
+    result = training.train(params, prepared_small, tmp_path / "models", tmp_path / "history.csv", track=False)
     assert result.completed and 0.0 <= result.best_val_auc <= 1.0
+    assert any(after > before for before, after, _, _ in sizes)  # self-blends added beside the batch
+    assert all(reals_before == reals_after for _, _, reals_before, reals_after in sizes)  # no real replaced
 
 
 def test_training_with_real_faces_only(prepared_small, tmp_path):

@@ -92,6 +92,23 @@ def test_resume_with_changed_params_is_refused(prepared_small, tmp_path):
         )
 
 
+def test_a_checkpoint_older_than_a_parameter_resumes_while_that_parameter_keeps_its_default(prepared_small, tmp_path):
+    """A checkpoint written before train.sbi.paired existed has no such key: resuming is what the older code
+    did while the parameter is at its default, and is refused when it is not."""
+    from dfdetect import checkpoint
+
+    train(small_params(), prepared_small, tmp_path / "m", stop_after_epochs=1, track=False)
+    last = tmp_path / "m" / "last.pt"
+    older = torch.load(last, weights_only=False)
+    del older["params"]["train"]["sbi"]["paired"]
+    torch.save(older, last)
+    assert "paired" not in checkpoint.load(last)["params"]["train"]["sbi"]
+    with pytest.raises(TrainError, match=r"train.sbi.paired: checkpoint None, now True"):
+        train(small_params(train={"sbi": {"paired": True}}), prepared_small, tmp_path / "m", resume=last, track=False)
+    result = train(small_params(), prepared_small, tmp_path / "m", resume=last, track=False)
+    assert result.completed
+
+
 def test_early_stopping_stops_when_val_auc_stalls(prepared_small, tmp_path):
     params = small_params(train={"epochs": 30, "early_stopping_patience": 1, "lr": 1e-9})
     result = train(params, prepared_small, tmp_path / "m", track=False)

@@ -321,8 +321,9 @@ class SbiParams(Section):
     paired: bool = Field(
         False,
         description="true: a chosen real face stays in the batch as a real and its self-blend is added beside it "
-        "(the paper's batches of pairs: the two differ only by the blend, so the face's source and identity carry "
-        "no label; the batch grows by the share chosen); false: the chosen real is replaced by its self-blend",
+        "(the paper's batches of pairs: both hold the same face, source and identity, so those carry no label; each "
+        "is augmented on its own draws; the batch grows by the share chosen); false: the chosen real is replaced "
+        "by its self-blend",
     )
 
 

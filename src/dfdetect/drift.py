@@ -67,19 +67,25 @@ def feature_layer(module) -> str:
     """The name of the layer whose input is the model's embedding: the backbone's scoring head (`net`'s last one
     of a Detector), so an added branch's head (model.residual_branch) is never taken for the model's."""
     backbone = getattr(module, "net", None)
-    heads = _scoring_layers(backbone) if backbone is not None else []
-    if heads:
-        return f"net.{heads[-1][0]}"
-    heads = _scoring_layers(module)
-    if not heads:
-        raise ValueError(f"{type(module).__name__} has no linear layer or one-channel convolution to read features at")
-    return heads[-1][0]
+    if backbone is not None:
+        return f"net.{_last_scoring_layer(backbone)}"
+    return _last_scoring_layer(module)
 
 
 def legacy_feature_layer(module) -> str:
     """The layer drift references written before `embedding_layer` was stored were embedded at: the last scoring
     layer of the whole model (a residual-branch model's branch head). Reading new windows there keeps them
     comparable with those references."""
+    return _last_scoring_layer(module)
+
+
+def reference_layer(reference: dict, module) -> str:
+    """Where to embed a window compared with `reference`: the layer it names, else (a reference older than that
+    field) where such references were embedded."""
+    return reference.get("embedding_layer") or legacy_feature_layer(module)
+
+
+def _last_scoring_layer(module) -> str:
     heads = _scoring_layers(module)
     if not heads:
         raise ValueError(f"{type(module).__name__} has no linear layer or one-channel convolution to read features at")

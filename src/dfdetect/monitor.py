@@ -60,7 +60,7 @@ def monitor(
         summary["n_current"] = len(current)
     else:
         reference = reference_of(client, mv.run_id)
-        vectors = kept_embeddings(client, name, str(mv.version), store, current, reference.get("embedding_layer"))
+        vectors = kept_embeddings(client, name, str(mv.version), store, current, reference)
         summary.update(check_drift(reference, current, rule.drift_share, out_dir, vectors))
     summary["reviewed"] = len(reviewed)
     summary["retrain"] = bool(summary["drifted"] or len(reviewed) >= rule.retrain_min_reviews)
@@ -71,14 +71,13 @@ def monitor(
     return summary
 
 
-def kept_embeddings(client, name: str, version: str, store, entries: list[dict], layer: str | None = None):
+def kept_embeddings(client, name: str, version: str, store, entries: list[dict], reference: dict):
     """The served model's embeddings of the window's kept images (serving.log_inputs), scored as the service
-    saw them, at the reference's `layer` (None: a reference older than the stored layer, embedded where those
-    were); None when no image was kept. Uploads the service face-cropped (a `face` in the entry) are left
-    out: the log keeps the whole upload, not the crop."""
+    saw them, at the layer `reference` was embedded at; None when no image was kept. Uploads the service
+    face-cropped (a `face` in the entry) are left out: the log keeps the whole upload, not the crop."""
     import numpy as np
 
-    from .drift import embed, legacy_feature_layer
+    from .drift import embed, reference_layer
     from .preprocessing import decode_image, resize_square
     from .registry import load_version
 
@@ -94,7 +93,7 @@ def kept_embeddings(client, name: str, version: str, store, entries: list[dict],
             log.warning("kept input %s left out of the embeddings: %s", entry["input"], exc)
     if not images:
         return None
-    return embed(loaded.model, np.stack(images), loaded.preprocess, layer=layer or legacy_feature_layer(loaded.model))
+    return embed(loaded.model, np.stack(images), loaded.preprocess, layer=reference_layer(reference, loaded.model))
 
 
 def _log(params: Params, client, mv, summary: dict, out_dir: Path) -> str:

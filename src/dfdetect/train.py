@@ -184,12 +184,16 @@ def _comparable(params: Params, lineage: dict | None = None) -> dict:
     }
 
 
-def _diff(a: dict, b: dict, prefix="") -> list[str]:
-    out = []
+def _diff(a: dict, b: dict, prefix="", defaults: dict | None = None) -> list[str]:
+    """What differs between a checkpoint's params `a` and today's `b`. A key the checkpoint lacks (a parameter added
+    after it was written) is no difference while today's value is its `defaults` value: what the older code did."""
+    out, defaults = [], defaults or {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
+            out += _diff(va, vb, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else None)
+        elif k not in a and k in defaults and vb == defaults[k]:
+            continue
         elif va != vb:
             out.append(f"{prefix}{k}: checkpoint {va!r}, now {vb!r}")
     return out
@@ -380,7 +384,7 @@ class Trainer:
         ckpt = checkpoint.load(path)
         if ckpt.get("lineage", {}).get("pruned"):
             raise TrainError(f"{path}: a pruned network's fine-tune cannot be resumed; run `dfdetect prune` again")
-        changed = _diff(ckpt["params"], _comparable(self.params, self.lineage))
+        changed = _diff(ckpt["params"], _comparable(self.params, self.lineage), defaults=_comparable(Params()))
         if ckpt.get("world", 1) != d.world:
             changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
         if changed:
