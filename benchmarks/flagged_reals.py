@@ -133,11 +133,10 @@ def main() -> None:
     edges = np.quantile(sharp, [0.25, 0.5, 0.75])
     quartile = np.searchsorted(edges, sharp, side="right")
     bands = [band(str(a), AGE_BANDS, f"{f}: age") for a, f in zip(ages, files)]
-    band_index = {label: i for i, label in set(bands)}
-    in_band = {label: np.array([b[0] == i for b in bands]) for i, label in sorted(set(bands))}  # in edge order
+    in_band = {key: np.array([b == key for b in bands]) for key in sorted(set(bands))}  # (index, label), edge order
     by_age = {
         label: {**rate(flagged[members]), "median_sharpness": round(float(np.median(sharp[members])), 3)}
-        for label, members in in_band.items()
+        for (_, label), members in in_band.items()
     }
     by_sharpness = {
         f"quartile {q + 1}": {
@@ -162,7 +161,7 @@ def main() -> None:
         "n_reference_reals": int(len(ref_images)),
     }
     if args.changes:  # the same faces with one change each: which moves the children's rate, and the adults'
-        children = {label: m for label, m in in_band.items() if band_index[label] < 2}  # under 3, 3 to under 13
+        children = {label: m for (i, label), m in in_band.items() if i < 2}  # under 3, 3 to under 13
         groups = {**children, f"ages {args.adults[0]} to under {args.adults[1]}": adults}
         result["changes"] = {}
         for name, change in FACE_CHANGES.items():

@@ -24,6 +24,24 @@ def rows(n, seed, light=0.5, size=128, fake_rate=0.5):
     ]
 
 
+def _projected_input(model, layer, images: np.ndarray) -> np.ndarray:
+    """What `embed` should give: `layer`'s input (averaged over the map where it is one), projected by the matrix
+    seeded with the feature width, computed here independently of drift.py."""
+    import torch
+
+    from dfdetect.drift import EMBEDDING_DIMS
+    from dfdetect.preprocessing import PreprocessConfig, normalize
+
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(normalize(torch.from_numpy(images).permute(0, 3, 1, 2), PreprocessConfig(images.shape[1])))
+    hook.remove()
+    features = (seen[0].mean(dim=(2, 3)) if seen[0].dim() == 4 else seen[0]).double().numpy()
+    projection = np.random.default_rng(features.shape[1]).normal(size=(features.shape[1], EMBEDDING_DIMS))
+    return features @ projection / np.sqrt(features.shape[1])
+
+
 def test_no_drift_on_a_sample_of_the_reference_distribution(tmp_path):
     summary = check_drift({"rows": rows(400, 0)}, rows(200, 1), 0.5, tmp_path)
     assert summary["drifted"] is False and summary["drift_share"] < 0.5
@@ -98,21 +116,15 @@ def test_a_patch_models_embeddings_are_its_local_features_averaged_over_the_map(
     import torch
 
     from dfdetect.config import ModelParams
-    from dfdetect.drift import EMBEDDING_DIMS, embed
+    from dfdetect.drift import embed
     from dfdetect.models import create_model
-    from dfdetect.preprocessing import PreprocessConfig, normalize
+    from dfdetect.preprocessing import PreprocessConfig
 
     torch.manual_seed(0)
     model = create_model(ModelParams(name="efficientnet_lite0", patch_blocks=3)).eval()
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    seen = []
-    hook = model.net._patch_head._score.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    with torch.no_grad():
-        model(normalize(torch.from_numpy(images).permute(0, 3, 1, 2), PreprocessConfig(32)))
-    hook.remove()
-    pooled = seen[0].mean(dim=(2, 3)).double().numpy()
-    projection = np.random.default_rng(pooled.shape[1]).normal(size=(pooled.shape[1], EMBEDDING_DIMS))
-    assert np.allclose(embed(model, images, PreprocessConfig(32)), pooled @ projection / np.sqrt(pooled.shape[1]))
+    expected = _projected_input(model, model.net._patch_head._score, images)  # the score map's input, averaged
+    assert np.allclose(embed(model, images, PreprocessConfig(32)), expected)
 
 
 def test_a_residual_branch_models_embeddings_are_the_backbones_and_the_reference_names_its_layer(tmp_path):
@@ -129,21 +141,14 @@ def test_a_residual_branch_models_embeddings_are_the_backbones_and_the_reference
         reference_profile,
     )
     from dfdetect.models import create_model
-    from dfdetect.preprocessing import PreprocessConfig, normalize
+    from dfdetect.preprocessing import PreprocessConfig
 
     torch.manual_seed(0)
     model = create_model(ModelParams(name="custom_cnn", pretrained=False, residual_branch=True)).eval()
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     backbone_head = [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
-    seen = []
-    hook = backbone_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    with torch.no_grad():
-        model(normalize(torch.from_numpy(images).permute(0, 3, 1, 2), PreprocessConfig(32)))
-    hook.remove()
-    features = seen[0].double().numpy()
-    projection = np.random.default_rng(features.shape[1]).normal(size=(features.shape[1], EMBEDDING_DIMS))
     assert feature_layer(model) == "net.head.5" and legacy_feature_layer(model) == "branch.fc"
-    assert np.allclose(embed(model, images, PreprocessConfig(32)), features @ projection / np.sqrt(features.shape[1]))
+    assert np.allclose(embed(model, images, PreprocessConfig(32)), _projected_input(model, backbone_head, images))
     # references written before the layer was stored were embedded at the branch's head; the monitor reads there
     legacy = embed(model, images, PreprocessConfig(32), layer=legacy_feature_layer(model))
     assert legacy.shape == (5, EMBEDDING_DIMS) and not np.allclose(legacy, embed(model, images, PreprocessConfig(32)))
