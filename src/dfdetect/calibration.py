@@ -13,7 +13,7 @@ from .artifact import TrainedModel
 from .config import OperatingPointParams
 from .data import PreparedSplit, batch_loader
 from .inference import predict_logits
-from .metrics import expected_calibration_error
+from .metrics import expected_calibration_error, roc_auc
 from .operating_point import choose
 
 
@@ -34,6 +34,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(np.logaddexp(0.0, s) - target * s))
 
     return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
+
+
+def _rounded(value: float) -> float | None:
+    return round(value, 6) if np.isfinite(value) else None  # one class in validation: no ROC-AUC
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -61,6 +65,7 @@ def calibrate(
         "temperature": round(t, 6),
         "val_ece_before": round(expected_calibration_error(labels, before), 6),
         "val_ece_after": round(expected_calibration_error(labels, after), 6),
+        "val_roc_auc": _rounded(roc_auc(labels, after, None)),  # of the model shipped (mixed: train.wise_alpha)
         "threshold": chosen["threshold"],
     }
     return trained.with_calibration(t, summary, chosen)

@@ -427,6 +427,15 @@ class TrainParams(Section):
     channels_last: Union[Literal["auto"], bool] = Field("auto", description="auto, true or false")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     num_workers: int = Field(0, ge=0, le=64)
+    wise_alpha: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="weight-space ensembling (WiSE-FT): after training, each weight the ImageNet file supplied "
+        "becomes alpha x fine-tuned + (1 - alpha) x ImageNet (a new head stays fine-tuned), and the temperature "
+        "and threshold are chosen again on validation; needs model.pretrained and train.calibrate. "
+        "1: the fine-tuned weights as trained",
+    )
     calibrate: bool = Field(
         True,
         description="fit a temperature on validation after training (served probabilities "

@@ -25,10 +25,12 @@ from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporar
 from .metrics import roc_auc
 from .mixstyle import MixStyleError, mixing_style, mixstyle_layers
 from .mixture import MixtureSampler
-from .models import count_parameters, create_model
+from .models import ModelError, count_parameters, create_model
 from .preprocessing import PreprocessConfig, standardize, to_size
 from .progress import progress
 from .sbi import sbi_batch
+from .weight_space import LINEAGE_KEY as MIXED
+from .weight_space import mix_with_pretrained, pretrained_weights
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "seconds"]
@@ -323,6 +325,7 @@ class Trainer:
     def _set_up_model(self) -> None:
         """The network, its frozen part, the weight average that ships, the optimizer, schedule and scaler."""
         params, t, rt = self.params, self.t, self.rt
+        self.pretrained = self._pretrained_for_mixing()
         self.model = self.initial if self.initial is not None else create_model(params.model)
         self.model = self.model.to(rt.device, memory_format=rt.memory_format())
         self.frozen = freeze_parameters(self.model, t.freeze)
@@ -340,6 +343,27 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
             )
+
+    def _pretrained_for_mixing(self) -> dict | None:
+        """The ImageNet weights that `train.wise_alpha` mixes back in at the end, loaded now: a run that
+        cannot be mixed fails before any work."""
+        params, t = self.params, self.t
+        if t.wise_alpha >= 1.0:
+            return None
+        if self.initial is not None or not params.model.pretrained:
+            raise TrainError(
+                "train.wise_alpha < 1 mixes the trained weights with the ImageNet weights they started from: it "
+                "needs model.pretrained: true and no other starting network (a pruned one)"
+            )
+        if not t.calibrate:
+            raise TrainError(
+                "train.wise_alpha < 1 needs train.calibrate: true (the mixed model's temperature and threshold "
+                "are chosen again on validation)"
+            )
+        try:
+            return pretrained_weights(params.model)
+        except ModelError as exc:
+            raise TrainError(str(exc)) from None
 
     def _set_up_loaders(self) -> None:
         """The generators (fixed by the seed), the sampler (a mixture's shares, or this process's share) and
@@ -585,6 +609,9 @@ class Trainer:
         if completed and (model_dir / "best.pt").exists():
             best_state = checkpoint.load(model_dir / "best.pt")
             trained = TrainedModel.from_state(best_state)
+            if self.pretrained is not None and MIXED not in trained.lineage:  # finished again: mixed once only
+                trained = mix_with_pretrained(trained, self.pretrained, t.wise_alpha)
+                log.info("mixed with the ImageNet weights (WiSE-FT): %s", trained.lineage[MIXED])
             if t.calibrate:
                 from .calibration import calibrate
 
@@ -593,10 +620,11 @@ class Trainer:
                 calibration = trained.calibration
                 state["threshold"], state["operating_point"] = trained.threshold, trained.operating_point
                 log.info(
-                    "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
+                    "calibrated: temperature %.3f, validation ECE %.4f -> %.4f, validation ROC-AUC %s",
                     calibration["temperature"],
                     calibration["val_ece_before"],
                     calibration["val_ece_after"],
+                    calibration["val_roc_auc"],
                 )
         result = TrainResult(
             state["run_id"],
@@ -625,6 +653,8 @@ class Trainer:
                     if calibration
                     else {}
                 ),
+                # val_auc is the best epoch's; the model shipped after a mix ranks validation anew
+                **({"mixed_val_auc": calibration["val_roc_auc"]} if trained and MIXED in trained.lineage else {}),
             }
             if metrics_path:
                 atomic_write_json(metrics_path, best)
