@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dfdetect.artifact import TrainedModel
 from dfdetect.config import Params, load_params, parse_params
 from dfdetect.data import preprocess_config
 from dfdetect.evaluate import evaluate
@@ -144,7 +145,7 @@ def run(args) -> dict:
     data_report = json.loads((work / "prepared" / "report.json").read_text())
     in_dataset = {
         k: metrics[k]
-        for k in ("roc_auc", "average_precision", "eer", "accuracy", "threshold", "n_real", "n_fake")
+        for k in ("roc_auc", "average_precision", "eer", "accuracy", "ece", "threshold", "n_real", "n_fake")
         if k in metrics
     }
     in_dataset.update({k: v for k, v in metrics.items() if k.startswith("video_") or k == "n_videos"})
@@ -171,6 +172,7 @@ def run(args) -> dict:
         "val_roc_auc": round(summary["best_val_auc"], 6),
         "data": data_report.get("sources") or {training[0]: data_report["splits"]},
         "in_dataset_test": in_dataset,
+        "calibration": TrainedModel.load(work / "models" / "best.pt").calibration,  # fitted on validation
         "in_dataset_by_source": metrics.get("sources"),
         "suite": metrics["datasets"],
         "targets": check_targets(args.protocol, in_dataset, metrics["datasets"]),

@@ -1,11 +1,11 @@
-"""Calibration: temperature scaling recovers a known over-confidence, lowers ECE, and lives in the weights."""
+"""Calibration: Platt scaling recovers a known over-confidence and a prior shift, lowers ECE, and lives in the weights."""
 
 import numpy as np
 import pytest
 import torch
 
 from dfdetect import checkpoint
-from dfdetect.calibration import fit_temperature, sigmoid
+from dfdetect.calibration import fit_platt, sigmoid
 from dfdetect.metrics import compute_all, expected_calibration_error, reliability
 
 
@@ -18,8 +18,8 @@ def overconfident(n=20000, factor=3.0, seed=0):
 
 def test_temperature_recovers_the_overconfidence_and_lowers_ece():
     logits, labels = overconfident()
-    t = fit_temperature(logits, labels)
-    assert abs(t - 3.0) < 0.3
+    t, shift = fit_platt(logits, labels)
+    assert abs(t - 3.0) < 0.3 and abs(shift) < 0.3
     before, after = (
         expected_calibration_error(labels, sigmoid(logits)),
         expected_calibration_error(labels, sigmoid(logits / t)),
@@ -33,11 +33,27 @@ def test_a_validation_set_the_model_separates_does_not_make_it_certain():
     rng = np.random.default_rng(0)
     logits = np.concatenate([rng.uniform(2, 12, 100), rng.uniform(-12, -2, 100)])  # every fake above every real
     labels = np.r_[np.ones(100, int), np.zeros(100, int)]
-    t = fit_temperature(logits, labels)
-    calibrated = sigmoid(logits / t)
+    t, shift = fit_platt(logits, labels)
+    calibrated = sigmoid((logits - shift) / t)
     # Platt's targets for 100 a class are 0.990 and 0.0098; plain log loss drove T to its bound (P = 1.0 and 0.0)
     assert calibrated[labels == 1].mean() < 0.99 and calibrated[labels == 0].mean() > 0.01
     assert t > 0.5
+
+
+def test_a_prior_learnt_from_self_blends_is_shifted_back():
+    # trained on 3 fakes to 1 (self-blends turn reals into fakes), scored on a balanced validation set: every
+    # logit sits ln 3 too high, which a temperature alone cannot take away
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < sigmoid(true_logits)).astype(int)
+    logits = true_logits + np.log(3.0)
+    t, shift = fit_platt(logits, labels)
+    assert abs(t - 1.0) < 0.1 and abs(shift - np.log(3.0)) < 0.1
+    assert expected_calibration_error(labels, sigmoid((logits - shift) / t)) < 0.02
+    best_temperature_alone = min(
+        expected_calibration_error(labels, sigmoid(logits / s)) for s in np.linspace(0.3, 3.0, 28)
+    )
+    assert best_temperature_alone > 0.05
 
 
 def test_reliability_bins_cover_every_score():
@@ -58,11 +74,23 @@ def test_training_stores_the_temperature_in_the_weights(prepared_small, tmp_path
         track=False,
     )
     state = checkpoint.load(tmp_path / "models" / "best.pt")
-    t = state["calibration"]["temperature"]
-    assert t > 0 and t != 1.0 and state["threshold"] == state["calibration"]["threshold"]
+    t, shift = state["calibration"]["temperature"], state["calibration"]["logit_shift"]
+    assert t > 0 and t != 1.0 and shift != 0.0 and state["threshold"] == state["calibration"]["threshold"]
     model, _ = checkpoint.model_from_state(state)
     x = torch.rand(2, 3, 48, 48)
-    assert torch.allclose(model(x), model.net(x).reshape(-1) / t, atol=1e-5)  # every loader serves it
+    assert torch.allclose(model(x), (model.net(x).reshape(-1) - shift) / t, atol=1e-5)  # every loader serves it
+
+
+def test_a_checkpoint_from_before_the_shift_loads_unshifted(prepared_small, tmp_path):
+    from conftest import small_params
+
+    from dfdetect.train import train
+
+    train(small_params(), prepared_small, tmp_path / "models", track=False)
+    state = checkpoint.load(tmp_path / "models" / "best.pt")
+    del state["state_dict"]["logit_shift"]
+    model, _ = checkpoint.model_from_state(state)
+    assert float(model.logit_shift) == 0.0
 
 
 def test_calibrating_leaves_the_callers_model_as_it_was(prepared_small, tmp_path):

@@ -142,6 +142,7 @@ def test_a_pruned_tiny_model_fine_tunes_reloads_exports_and_serves(tracked_run, 
     raw = tracked_run["params"].model_dump(mode="json")
     raw["registry"] = {"model_name": f"pruned-{uuid.uuid4().hex[:8]}"}
     raw["train"]["epochs"] = 1
+    raw["train"]["wise_alpha"] = 0.5  # a recipe that mixes its training back toward ImageNet: not a pruned fine-tune
     params = parse_params(raw)
     parent = TrainedModel.load(tracked_run["models"] / "best.pt")
     macs_before = multiply_accumulates(parent.module, 48)[0]
@@ -153,6 +154,7 @@ def test_a_pruned_tiny_model_fine_tunes_reloads_exports_and_serves(tracked_run, 
     pruned = TrainedModel.load(tmp_path / "pruned" / "best.pt")
     assert macs_before / multiply_accumulates(pruned.module, 48)[0] >= 2.0
     assert pruned.lineage["pruned"]["mac_speedup"] >= 2.0 and pruned.calibration is not None
+    assert "wise_ft" not in pruned.lineage
     report = export(pruned.module, pruned.preprocess, pruned.threshold, tmp_path / "onnx", int8=False)
     assert report["max_abs_difference_vs_eager"]["fp32"] < 1e-4
 

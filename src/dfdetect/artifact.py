@@ -84,14 +84,17 @@ class TrainedModel:
         a checkpoint written at the end of training can still resume."""
         checkpoint.save(path, {**(training_state or {}), **self.to_state()})
 
-    def with_calibration(self, temperature: float, summary: dict, operating_point: dict) -> "TrainedModel":
-        """A copy whose module divides its logits by `temperature`, deciding at the operating point's
+    def with_calibration(
+        self, temperature: float, summary: dict, operating_point: dict, shift: float = 0.0
+    ) -> "TrainedModel":
+        """A copy whose module serves (logit - `shift`) / `temperature`, deciding at the operating point's
         threshold (chosen on the calibrated scores)."""
         import copy
 
         module = copy.deepcopy(self.module)
         with torch.no_grad():
             module.temperature.fill_(float(temperature))
+            module.logit_shift.fill_(float(shift))
         return replace(self, module=module, calibration=summary).with_operating_point(operating_point)
 
     def with_operating_point(self, point: dict) -> "TrainedModel":

@@ -49,6 +49,7 @@ def model_from_state(state: dict) -> tuple[nn.Module, PreprocessConfig]:
     model = create_model(params)
     weights = dict(state["state_dict"])
     weights.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration
+    weights.setdefault("logit_shift", torch.zeros(()))  # from before the calibration's shift (temperature alone)
     if (state.get("lineage") or {}).get("pruned"):  # fewer channels than the architecture's: take the file's
         from .models.resize import resize_to
 

@@ -438,8 +438,8 @@ class TrainParams(Section):
     )
     calibrate: bool = Field(
         True,
-        description="fit a temperature on validation after training (served probabilities "
-        "then mean what they say); the threshold moves with it",
+        description="fit a temperature and a shift of the logits on validation after training (Platt scaling: "
+        "served probabilities then mean what they say); the threshold moves with it",
     )
     operating_point: OperatingPointParams = Field(
         OperatingPointParams(),

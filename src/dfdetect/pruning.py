@@ -71,6 +71,7 @@ def prune_channels(module: nn.Module, image_size: int, speedup: float, steps: in
         raise PruneError(f"could not reach a {speedup}x MAC reduction (reached {before[0] / after[0]:.2f}x)")
     with torch.no_grad():
         module.temperature.fill_(1.0)  # calibration is redone after the fine-tune
+        module.logit_shift.fill_(0.0)
     info = {
         "target_speedup": speedup,
         "macs_before": before[0],
@@ -148,7 +149,9 @@ def prune(
     train_split = load_split(prepared_dir, "train")
     shuffled = batch_loader(train_split, 64, shuffle=True, generator=torch.Generator().manual_seed(params.seed))
     recalibrate_batch_norm(module, shuffled, trained.preprocess)
-    params = params.model_copy(update={"model": trained.spec})  # the pruned model's own architecture
+    # the pruned model's own architecture; its fine-tune starts from no ImageNet file, so nothing to mix back
+    train_params = params.train.model_copy(update={"wise_alpha": 1.0})
+    params = params.model_copy(update={"model": trained.spec, "train": train_params})
     lineage = {"pruned": info, "pruned_from": source}
     trainer = Trainer(params, prepared_dir, model_dir, track, initial=module, lineage=lineage)
     return train(params, prepared_dir, model_dir, history_path, metrics_path, track=track, trainer=trainer)

@@ -93,8 +93,8 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
 
 
 class Detector(nn.Module):
-    """Wraps any registered network so that every model returns a flat vector of N logits, divided by the
-    temperature fitted on validation (1 until then): calibration travels inside the weights, so every path
+    """Wraps any registered network so that every model returns a flat vector of N logits, less the shift and
+    divided by the temperature fitted on validation (0 and 1 until then): calibration travels inside the weights, so every path
     (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities. With several
     `scales`, scoring averages the logits of the input at each downscaling factor (one forward per factor)."""
 
@@ -104,15 +104,18 @@ class Detector(nn.Module):
         self.branch = branch  # optional second opinion whose logit is added (model.residual_branch)
         self.scales = tuple(scales)  # model.scales: downscaling factors of the input, same weights for each
         self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("logit_shift", torch.zeros(()))  # Platt's offset: a training prior unlike validation's
 
     def forward(self, x):
         if len(self.scales) == 1:
-            return self._logits(x, self.scales[0]) / self.temperature
+            return self._calibrated(self._logits(x, self.scales[0]))
         if self.training:  # one factor per batch: each scale must be decisive alone, at the cost of one pass
             factor = self.scales[int(torch.randint(len(self.scales), ()))]
-            return self._logits(x, factor) / self.temperature
-        logits = torch.stack([self._logits(x, f) for f in self.scales]).mean(0)
-        return logits / self.temperature
+            return self._calibrated(self._logits(x, factor))
+        return self._calibrated(torch.stack([self._logits(x, f) for f in self.scales]).mean(0))
+
+    def _calibrated(self, logits):
+        return (logits - self.logit_shift) / self.temperature
 
     def _logits(self, x, factor: int):
         if factor > 1:  # average pooling: an exact box downscale, the same in torch and ONNX
