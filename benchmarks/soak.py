@@ -145,7 +145,7 @@ def train_and_register(tmp: Path):
     raw = load_params(REPO / "params.yaml").model_dump(mode="json")
     raw["model"].update(name="custom_cnn", pretrained=False)
     raw["prepare"]["image_size"] = 64
-    raw["train"].update(epochs=2, sbi={"mode": "none", "prob": 0.5})
+    raw["train"].update(epochs=2, sbi={"mode": "none", "prob": 0.5}, wise_alpha=1.0)  # nothing to mix back
     raw["evaluate"]["robustness"] = False
     raw["promotion"]["floors"] = {}
     raw["serving"].update(device="cpu", poll_interval_s=5)

@@ -23,7 +23,7 @@ from pathlib import Path
 from dfdetect import checkpoint
 from dfdetect.artifact import TrainedModel
 from dfdetect.calibration import calibrate
-from dfdetect.config import OperatingPointParams
+from dfdetect.config import ModelParams, OperatingPointParams
 from dfdetect.data import load_split
 from dfdetect.weight_space import mix_with_pretrained, pretrained_weights
 
@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     state = checkpoint.load(args.work / "models" / "best.pt")
     trained = TrainedModel.from_state(state)
-    mixed = mix_with_pretrained(trained, pretrained_weights(trained.spec), args.alpha) if args.alpha < 1 else trained
+    spec = ModelParams(**state["model"])  # as trained: its own ImageNet file (weights_path), not the default one
+    mixed = mix_with_pretrained(trained, pretrained_weights(spec), args.alpha) if args.alpha < 1 else trained
     policy = OperatingPointParams(
         **{k: v for k, v in (trained.operating_point or {}).items() if k in ("policy", "target") and v is not None}
     )

@@ -22,10 +22,10 @@ def test_temperature_recovers_the_overconfidence_and_lowers_ece():
     assert abs(t - 3.0) < 0.3 and abs(shift) < 0.3
     before, after = (
         expected_calibration_error(labels, sigmoid(logits)),
-        expected_calibration_error(labels, sigmoid(logits / t)),
+        expected_calibration_error(labels, sigmoid((logits - shift) / t)),
     )
     assert after < 0.02 < before
-    ranking = [compute_all(labels, sigmoid(z))["roc_auc"] for z in (logits, logits / t)]
+    ranking = [compute_all(labels, sigmoid(z))["roc_auc"] for z in (logits, (logits - shift) / t)]
     assert abs(ranking[0] - ranking[1]) < 1e-9  # monotonic: ROC-AUC does not move
 
 
@@ -81,16 +81,46 @@ def test_training_stores_the_temperature_in_the_weights(prepared_small, tmp_path
     assert torch.allclose(model(x), (model.net(x).reshape(-1) - shift) / t, atol=1e-5)  # every loader serves it
 
 
-def test_a_checkpoint_from_before_the_shift_loads_unshifted(prepared_small, tmp_path):
+def test_a_model_from_before_the_shift_loads_unshifted_and_its_run_resumes(prepared_small, tmp_path):
+    import pickle
+
     from conftest import small_params
 
+    from dfdetect.train import TrainError, train
+
+    params = small_params()
+    train(params, prepared_small, tmp_path / "models", track=False, stop_after_epochs=1)
+    last = checkpoint.load(tmp_path / "models" / "last.pt")
+    del last["state_dict"]["logit_shift"]  # as written before the shift existed
+    checkpoint.save(tmp_path / "models" / "last.pt", last)
+    model, _ = checkpoint.model_from_state(last)
+    assert float(model.logit_shift) == 0.0
+    result = train(params, prepared_small, tmp_path / "models", track=False, resume=tmp_path / "models" / "last.pt")
+    assert result.completed
+    # a whole pickled module (an MLflow model logged before the shift) scores, unshifted
+    old = pickle.loads(pickle.dumps(model))
+    del old._buffers["logit_shift"]
+    unpickled = pickle.loads(pickle.dumps(old)).eval()
+    x = torch.rand(2, 3, 48, 48)
+    assert float(unpickled.logit_shift) == 0.0 and torch.allclose(unpickled(x), model.eval()(x))
+    # a finished model is no checkpoint to train on: its weights are calibrated (and perhaps mixed)
+    with pytest.raises(TrainError, match="resume from last.pt"):
+        train(params, prepared_small, tmp_path / "again", track=False, resume=tmp_path / "models" / "best.pt")
+
+
+def test_calibrating_a_calibrated_model_again_gives_the_same_calibration(prepared_small, tmp_path):
+    from conftest import small_params
+
+    from dfdetect.artifact import TrainedModel
+    from dfdetect.calibration import calibrate
+    from dfdetect.data import load_split
     from dfdetect.train import train
 
     train(small_params(), prepared_small, tmp_path / "models", track=False)
-    state = checkpoint.load(tmp_path / "models" / "best.pt")
-    del state["state_dict"]["logit_shift"]
-    model, _ = checkpoint.model_from_state(state)
-    assert float(model.logit_shift) == 0.0
+    once = TrainedModel.load(tmp_path / "models" / "best.pt")
+    twice = calibrate(once, load_split(prepared_small, "val"), "cpu")
+    for key in ("temperature", "logit_shift", "threshold"):
+        assert twice.calibration[key] == pytest.approx(once.calibration[key], rel=1e-4, abs=1e-5), key
 
 
 def test_calibrating_leaves_the_callers_model_as_it_was(prepared_small, tmp_path):

@@ -33,6 +33,7 @@ def setup(tmp_path_factory):
     # A recipe that converges within the epochs: the raw weights validated (a weight average over ~150 steps
     # lags far behind them) and no self-blends, so two runs are compared where they settle, not mid-climb
     raw["train"]["ema_decay"] = 0.0
+    raw["train"]["wise_alpha"] = 1.0  # no ImageNet weights to mix back toward
     raw["train"]["sbi"]["mode"] = "none"
     raw["mlflow"]["log_model"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -43,13 +43,20 @@ def load(path: str | Path) -> dict:
     return state
 
 
+def with_calibration_buffers(weights: dict) -> dict:
+    """A Detector's weights with the calibration buffers that older checkpoints lack: temperature (before
+    calibration) and logit_shift (before the shift, a temperature alone), at their neutral values."""
+    weights = dict(weights)
+    weights.setdefault("temperature", torch.ones(()))
+    weights.setdefault("logit_shift", torch.zeros(()))
+    return weights
+
+
 def model_from_state(state: dict) -> tuple[nn.Module, PreprocessConfig]:
     """Rebuild the architecture (never ImageNet weights: the checkpoint has all of them) and load weights."""
     params = ModelParams(**{**state["model"], "pretrained": False, "weights_path": None})
     model = create_model(params)
-    weights = dict(state["state_dict"])
-    weights.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration
-    weights.setdefault("logit_shift", torch.zeros(()))  # from before the calibration's shift (temperature alone)
+    weights = with_calibration_buffers(state["state_dict"])
     if (state.get("lineage") or {}).get("pruned"):  # fewer channels than the architecture's: take the file's
         from .models.resize import resize_to
 

@@ -408,16 +408,21 @@ class Trainer:
         ckpt = checkpoint.load(path)
         if ckpt.get("lineage", {}).get("pruned"):
             raise TrainError(f"{path}: a pruned network's fine-tune cannot be resumed; run `dfdetect prune` again")
+        if ckpt.get("calibration") or MIXED in (ckpt.get("lineage") or {}):
+            raise TrainError(
+                f"{path} is a finished model (calibrated, perhaps mixed with its ImageNet weights): its weights are "
+                "no longer the trained ones; resume from last.pt"
+            )
         changed = _diff(ckpt["params"], _comparable(self.params, self.lineage), defaults=_comparable(Params()))
         if ckpt.get("world", 1) != d.world:
             changed.append(f"processes: checkpoint {ckpt.get('world', 1)}, now {d.world}")
         if changed:
             raise TrainError(f"{path}: cannot resume, params differ from the checkpoint's:\n  " + "\n  ".join(changed))
-        self.model.load_state_dict(
-            ckpt["state_dict"] if ckpt.get("train_state_dict") is None else ckpt["train_state_dict"]
-        )
+        shipped = checkpoint.with_calibration_buffers(ckpt["state_dict"])  # from before a buffer existed
+        trained = ckpt.get("train_state_dict")
+        self.model.load_state_dict(shipped if trained is None else checkpoint.with_calibration_buffers(trained))
         if self.ema:
-            self.ema.load_state_dict({"module": ckpt["state_dict"], "updates": ckpt["ema_updates"]})
+            self.ema.load_state_dict({"module": shipped, "updates": ckpt["ema_updates"]})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -649,12 +654,20 @@ class Trainer:
                 },
                 "epochs_run": result.epochs_run,
                 **(
-                    {"temperature": calibration["temperature"], "val_ece": calibration["val_ece_after"]}
+                    {
+                        "temperature": calibration["temperature"],
+                        "logit_shift": calibration["logit_shift"],
+                        "val_ece": calibration["val_ece_after"],
+                    }
                     if calibration
                     else {}
                 ),
-                # val_auc is the best epoch's; the model shipped after a mix ranks validation anew
-                **({"mixed_val_auc": calibration["val_roc_auc"]} if trained and MIXED in trained.lineage else {}),
+                # val_auc is the best epoch's; the model shipped after a mix ranks validation anew (none: one class)
+                **(
+                    {"mixed_val_auc": calibration["val_roc_auc"]}
+                    if trained and MIXED in trained.lineage and calibration["val_roc_auc"] is not None
+                    else {}
+                ),
             }
             if metrics_path:
                 atomic_write_json(metrics_path, best)

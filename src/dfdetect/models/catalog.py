@@ -114,6 +114,12 @@ class Detector(nn.Module):
             return self._calibrated(self._logits(x, factor))
         return self._calibrated(torch.stack([self._logits(x, f) for f in self.scales]).mean(0))
 
+    def __setstate__(self, state):
+        """A Detector pickled before the shift existed (an MLflow model logged then) unpickles unshifted."""
+        super().__setstate__(state)
+        if "logit_shift" not in self._buffers:
+            self.register_buffer("logit_shift", torch.zeros(()))
+
     def _calibrated(self, logits):
         return (logits - self.logit_shift) / self.temperature
 
