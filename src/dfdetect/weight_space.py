@@ -7,7 +7,7 @@ started from keeps part of the features that were never fitted to that source; t
 more robust off the training distribution than either end, at little cost on it. Only the tensors the
 ImageNet file supplied are mixed: a new head (the 1-logit classifier, a patch head, a residual branch) has no
 pretrained counterpart and stays fine-tuned. Batch-norm statistics are mixed with the weights, as the paper
-mixes every tensor. The mixed model must have its temperature and threshold chosen again (`train.finish`).
+mixes every tensor. The mixed model must have its calibration and threshold chosen again (`train.finish`).
 """
 
 from __future__ import annotations

@@ -94,9 +94,10 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
 
 class Detector(nn.Module):
     """Wraps any registered network so that every model returns a flat vector of N logits, less the shift and
-    divided by the temperature fitted on validation (0 and 1 until then): calibration travels inside the weights, so every path
-    (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities. With several
-    `scales`, scoring averages the logits of the input at each downscaling factor (one forward per factor)."""
+    divided by the temperature fitted on validation (0 and 1 until then): calibration travels inside the
+    weights, so every path (checkpoint, MLflow model, ONNX, serving) serves the same calibrated probabilities.
+    With several `scales`, scoring averages the logits of the input at each downscaling factor (one forward
+    per factor)."""
 
     def __init__(self, net: nn.Module, branch: nn.Module | None = None, scales: tuple[int, ...] = (1,)):
         super().__init__()
