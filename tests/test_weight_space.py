@@ -22,7 +22,7 @@ def _fine_tuned() -> TrainedModel:
     """Lite0 from ImageNet with every parameter and batch-norm statistic moved, as training would move them."""
     module = create_model(LITE0)
     with torch.no_grad():
-        for name, tensor in module.state_dict().items():
+        for tensor in module.state_dict().values():
             if tensor.is_floating_point():
                 tensor.add_(torch.randn_like(tensor) * 0.1 + 0.5)
         module.temperature.fill_(2.0)

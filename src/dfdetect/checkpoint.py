@@ -12,6 +12,7 @@ from .config import ModelParams
 from .io_utils import atomic_write_bytes
 from .labels import LABEL_MAP, check_label_map
 from .models import create_model
+from .models.catalog import NEUTRAL_CALIBRATION
 from .preprocessing import PreprocessConfig
 
 FORMAT = "dfdetect-checkpoint/1"
@@ -47,8 +48,8 @@ def with_calibration_buffers(weights: dict) -> dict:
     """A Detector's weights with the calibration buffers that older checkpoints lack: temperature (before
     calibration) and logit_shift (before the shift, a temperature alone), at their neutral values."""
     weights = dict(weights)
-    weights.setdefault("temperature", torch.ones(()))
-    weights.setdefault("logit_shift", torch.zeros(()))
+    for name, value in NEUTRAL_CALIBRATION.items():
+        weights.setdefault(name, torch.tensor(value))
     return weights
 
 

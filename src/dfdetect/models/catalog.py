@@ -92,6 +92,11 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
+# The calibration buffers of a Detector at their neutral values (it serves (logit - shift) / temperature): what a
+# model has before calibration, and what a checkpoint or pickle from before a buffer existed is read with.
+NEUTRAL_CALIBRATION = {"temperature": 1.0, "logit_shift": 0.0}
+
+
 class Detector(nn.Module):
     """Wraps any registered network so that every model returns a flat vector of N logits, less the shift and
     divided by the temperature fitted on validation (0 and 1 until then): calibration travels inside the
@@ -104,8 +109,8 @@ class Detector(nn.Module):
         self.net = net
         self.branch = branch  # optional second opinion whose logit is added (model.residual_branch)
         self.scales = tuple(scales)  # model.scales: downscaling factors of the input, same weights for each
-        self.register_buffer("temperature", torch.ones(()))
-        self.register_buffer("logit_shift", torch.zeros(()))  # Platt's offset: a training prior unlike validation's
+        for name, value in NEUTRAL_CALIBRATION.items():  # logit_shift: Platt's offset, a training prior unlike val's
+            self.register_buffer(name, torch.tensor(value))
 
     def forward(self, x):
         if len(self.scales) == 1:
@@ -116,10 +121,12 @@ class Detector(nn.Module):
         return self._calibrated(torch.stack([self._logits(x, f) for f in self.scales]).mean(0))
 
     def __setstate__(self, state):
-        """A Detector pickled before the shift existed (an MLflow model logged then) unpickles unshifted."""
+        """A Detector pickled before a calibration buffer existed (an MLflow model logged then) unpickles with
+        that buffer at its neutral value."""
         super().__setstate__(state)
-        if "logit_shift" not in self._buffers:
-            self.register_buffer("logit_shift", torch.zeros(()))
+        for name, value in NEUTRAL_CALIBRATION.items():
+            if name not in self._buffers:
+                self.register_buffer(name, torch.tensor(value))
 
     def _calibrated(self, logits):
         return (logits - self.logit_shift) / self.temperature
