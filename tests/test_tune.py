@@ -230,3 +230,20 @@ def test_a_sqlite_study_gets_its_folder(tmp_path):
     url = f"sqlite:///{tmp_path / 'studies' / 'deep' / 'optuna.db'}"
     tune.ensure_database(url)
     assert (tmp_path / "studies" / "deep").is_dir()
+
+
+def test_a_trial_is_scored_by_the_model_it_ships_not_the_epoch_before_the_mix(prepared_small, tmp_path, monkeypatch):
+    from dfdetect import train as train_module
+
+    def mixed_run(params, prepared_dir, out_dir, **kwargs):  # a run whose WiSE-FT mix ranks validation lower
+        return train_module.TrainResult(None, 1, 0.9, 0.5, 1, True, False, shipped_val_auc=0.7)
+
+    monkeypatch.setattr(train_module, "train", mixed_run)
+    result = tune.run_trial(tune_params(tmp_path), prepared_small)
+    assert (result.value, result.val_auc) == (0.7, 0.7)
+
+    def unmixed_run(params, prepared_dir, out_dir, **kwargs):
+        return train_module.TrainResult(None, 1, 0.9, 0.5, 1, True, False)
+
+    monkeypatch.setattr(train_module, "train", unmixed_run)
+    assert tune.run_trial(tune_params(tmp_path), prepared_small).value == 0.9

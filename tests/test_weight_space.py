@@ -72,7 +72,7 @@ def test_training_ships_the_mix_of_its_best_weights_calibrated_anew(prepared_sma
         model={"name": "efficientnet_lite0", "pretrained": True}, train={"epochs": 1, "wise_alpha": 0.5}
     )
     models = tmp_path / "models"
-    train(params, prepared_small, models, metrics_path=tmp_path / "metrics.json", track=False)
+    result = train(params, prepared_small, models, metrics_path=tmp_path / "metrics.json", track=False)
     shipped = TrainedModel.load(models / "best.pt")
     assert shipped.lineage["wise_ft"]["alpha"] == 0.5
     # one epoch: last.pt holds the best epoch's weights as trained; the shipped ones are their mix
@@ -83,6 +83,9 @@ def test_training_ships_the_mix_of_its_best_weights_calibrated_anew(prepared_sma
             assert torch.allclose(got[name], want[name], atol=1e-6), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["mixed_val_auc"] == shipped.calibration["val_roc_auc"] and 0.0 <= metrics["mixed_val_auc"] <= 1.0
+    # what a search ranks the run by is the shipped (mixed) model's figure, not the best epoch's before the mix
+    assert result.model_val_auc == result.shipped_val_auc == metrics["mixed_val_auc"]
+    assert result.best_val_auc == metrics["val_auc"]
 
     # finishing again (a resume after the last epoch) does not mix the mixed model a second time
     train(params, prepared_small, models, resume=models / "last.pt", track=False)

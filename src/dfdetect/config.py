@@ -807,8 +807,9 @@ class TuneParams(Section):
     )
     objective: Literal["val_auc", "suite_mean"] = Field(
         "val_auc",
-        description="val_auc: the validation ROC-AUC of the trial's best epoch; suite_mean: its mean with the "
-        "ROC-AUC on each evaluate.datasets set that has both classes",
+        description="val_auc: the validation ROC-AUC of the model the trial ships (its best epoch, mixed with "
+        "ImageNet's weights where train.wise_alpha < 1); suite_mean: its mean with the ROC-AUC on each "
+        "evaluate.datasets set that has both classes",
     )
     epochs: int | None = Field(None, ge=1, le=10_000, description="epochs per trial (default: train.epochs)")
     study: str = Field("dfdetect", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="study name")

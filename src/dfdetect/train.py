@@ -49,6 +49,13 @@ class TrainResult:
     epochs_run: int
     completed: bool
     stopped_early: bool
+    # the validation ROC-AUC of the model as written, where it differs from the best epoch's (a WiSE-FT mix)
+    shipped_val_auc: float | None = None
+
+    @property
+    def model_val_auc(self) -> float:
+        """The validation ROC-AUC of the model this run ships: the mixed model's, else the best epoch's."""
+        return self.best_val_auc if self.shipped_val_auc is None else self.shipped_val_auc
 
 
 def freeze_parameters(model: nn.Module, pattern: str) -> int:
@@ -639,6 +646,7 @@ class Trainer:
             state["epoch"],
             completed,
             stopped_early,
+            _shipped_val_auc(trained, calibration),
         )
         if history_path:
             write_history(Path(history_path), state["history"])
@@ -663,11 +671,7 @@ class Trainer:
                     else {}
                 ),
                 # val_auc is the best epoch's; the model shipped after a mix ranks validation anew (none: one class)
-                **(
-                    {"mixed_val_auc": calibration["val_roc_auc"]}
-                    if trained and MIXED in trained.lineage and calibration["val_roc_auc"] is not None
-                    else {}
-                ),
+                **({"mixed_val_auc": result.shipped_val_auc} if result.shipped_val_auc is not None else {}),
             }
             if metrics_path:
                 atomic_write_json(metrics_path, best)
@@ -688,6 +692,14 @@ class Trainer:
         if self.mlflow:
             self.mlflow.end_run(status="FINISHED" if completed else "KILLED")
         return result
+
+
+def _shipped_val_auc(trained: TrainedModel | None, calibration: dict | None) -> float | None:
+    """The mixed model's validation ROC-AUC, measured by its calibration; None when nothing was mixed (the best
+    epoch's figure stands) or validation has one class."""
+    if trained is None or calibration is None or MIXED not in trained.lineage:
+        return None
+    return calibration["val_roc_auc"]
 
 
 def _reals_only(split: PreparedSplit) -> PreparedSplit:

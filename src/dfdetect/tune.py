@@ -188,7 +188,8 @@ class TrialResult:
 
 
 def run_trial(params: Params, prepared_dir: str | Path, on_epoch=None, suite: list | None = None) -> TrialResult:
-    """Train params' recipe in a temporary folder and score it: the best epoch's validation ROC-AUC, and with
+    """Train params' recipe in a temporary folder and score it: the validation ROC-AUC of the model it ships
+    (the best epoch's, or its WiSE-FT mix's), and with
     `suite` (loaded suite sets, see `load_suite`) its mean with each set's ROC-AUC. `on_epoch(epoch, row)`
     sees each epoch's history row (and may stop the trial by raising)."""
     from .train import train
@@ -204,8 +205,10 @@ def run_trial(params: Params, prepared_dir: str | Path, on_epoch=None, suite: li
 
         result = train(params, prepared_dir, work, track=False, on_epoch=record)
         scores = score_suite_sets(work / "best.pt", suite) if suite else {}
-        value = float(np.mean([result.best_val_auc, *scores.values()])) if scores else result.best_val_auc
-        return TrialResult(value, result.best_val_auc, result.best_epoch, history, scores)
+        # the shipped model's ranking: after a WiSE-FT mix (train.wise_alpha) that is not the best epoch's
+        val_auc = result.model_val_auc
+        value = float(np.mean([val_auc, *scores.values()])) if scores else val_auc
+        return TrialResult(value, val_auc, result.best_epoch, history, scores)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
