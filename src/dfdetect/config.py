@@ -436,6 +436,14 @@ class TrainParams(Section):
         "and threshold are chosen again on validation; needs model.pretrained and train.calibrate. "
         "1: the fine-tuned weights as trained",
     )
+    probe_epochs: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="linear probing before fine-tuning (LP-FT): the first this many of train.epochs train only "
+        "the parts the ImageNet file does not supply (the head), on frozen ImageNet features and batch-norm "
+        "statistics, then every layer learns; needs model.pretrained and one process. 0: fine-tune from the start",
+    )
     calibrate: bool = Field(
         True,
         description="fit a temperature and a shift of the logits on validation after training (Platt scaling: "
@@ -451,6 +459,15 @@ class TrainParams(Section):
     def _freeze_compiles(cls, value):
         _compile_regex(value)
         return value
+
+    @model_validator(mode="after")
+    def _probe_leaves_fine_tuning(self):
+        if self.probe_epochs and self.probe_epochs >= self.epochs:
+            raise ValueError(
+                f"probe_epochs ({self.probe_epochs}) must be fewer than epochs ({self.epochs}): the probe's epochs "
+                "count within train.epochs and at least one must fine-tune every layer"
+            )
+        return self
 
 
 class SuiteSet(NamedSet):

@@ -149,8 +149,8 @@ def prune(
     train_split = load_split(prepared_dir, "train")
     shuffled = batch_loader(train_split, 64, shuffle=True, generator=torch.Generator().manual_seed(params.seed))
     recalibrate_batch_norm(module, shuffled, trained.preprocess)
-    # the pruned model's own architecture; its fine-tune starts from no ImageNet file, so nothing to mix back
-    train_params = params.train.model_copy(update={"wise_alpha": 1.0})
+    # the pruned model's own architecture; its fine-tune starts from no ImageNet file: nothing to mix back or probe
+    train_params = params.train.model_copy(update={"wise_alpha": 1.0, "probe_epochs": 0})
     params = params.model_copy(update={"model": trained.spec, "train": train_params})
     lineage = {"pruned": info, "pruned_from": source}
     trainer = Trainer(params, prepared_dir, model_dir, track, initial=module, lineage=lineage)

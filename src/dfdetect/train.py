@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
 from .inference import predict_scores
 from .io_utils import atomic_write_csv, atomic_write_json, remove_stale_temporaries
+from .linear_probe import new_parameter_names, probing
 from .metrics import roc_auc
 from .mixstyle import MixStyleError, mixing_style, mixstyle_layers
 from .mixture import MixtureSampler
@@ -336,6 +338,7 @@ class Trainer:
         self.model = self.initial if self.initial is not None else create_model(params.model)
         self.model = self.model.to(rt.device, memory_format=rt.memory_format())
         self.frozen = freeze_parameters(self.model, t.freeze)
+        self.probed = self._probed_parameters()
         try:  # checked now, not at the first step: a wrong name fails before any work
             self.mixstyle_layers = mixstyle_layers(self.model, t.mixstyle)
         except MixStyleError as exc:
@@ -371,6 +374,32 @@ class Trainer:
             return pretrained_weights(params.model)
         except ModelError as exc:
             raise TrainError(str(exc)) from None
+
+    def _probed_parameters(self) -> set[str]:
+        """The parameters that `train.probe_epochs` train alone (those without an ImageNet counterpart), found
+        now: a run that cannot be probed fails before any work. Empty without a probe."""
+        params, t = self.params, self.t
+        if not t.probe_epochs:
+            return set()
+        if self.initial is not None or not params.model.pretrained:
+            raise TrainError(
+                "train.probe_epochs > 0 trains a head on frozen ImageNet features first: it needs "
+                "model.pretrained: true and no other starting network (a pruned one)"
+            )
+        if self.d.enabled:  # DistributedDataParallel fixes which parameters get gradients when it wraps the model
+            raise TrainError("train.probe_epochs > 0 runs in one process; set it to 0 for distributed training")
+        try:
+            pretrained = self.pretrained if self.pretrained is not None else pretrained_weights(params.model)
+        except ModelError as exc:
+            raise TrainError(str(exc)) from None
+        probed = new_parameter_names(self.model, pretrained)
+        if not probed or len(probed) == len(list(self.model.parameters())):
+            raise TrainError(
+                f"train.probe_epochs: {len(probed)} parameter tensors of {params.model.name} lack an ImageNet "
+                "counterpart; a probe needs pretrained layers and a new head"
+            )
+        log.info("linear probe: the first %d epoch(s) train %d new tensors alone", t.probe_epochs, len(probed))
+        return probed
 
     def _set_up_loaders(self) -> None:
         """The generators (fixed by the seed), the sampler (a mixture's shares, or this process's share) and
@@ -492,8 +521,13 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         self.net.train()
-        task = bar.add_task(f"epoch {epoch}/{t.epochs}", total=len(self.train_loader), info="")
-        with mixing_style(self.model, self.mixstyle_layers, t.mixstyle):  # style mixing acts in these steps only
+        probe = epoch <= t.probe_epochs
+        label = f"epoch {epoch}/{t.epochs}" + (" (linear probe)" if probe else "")
+        task = bar.add_task(label, total=len(self.train_loader), info="")
+        with (
+            probing(self.model, self.probed) if probe else nullcontext(),
+            mixing_style(self.model, self.mixstyle_layers, t.mixstyle),  # style mixing acts in these steps only
+        ):
             train_loss, train_acc = self._train_steps(bar, task)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
