@@ -114,7 +114,8 @@ def main() -> None:
     if not (work / "student" / "best.pt").exists():
         timed("student_distill", distill, student_params, prepared, work / "student", track=False)
     if not (work / "pruned" / "best.pt").exists():
-        prune_params = apply_overrides(params, [f"train.epochs={args.prune_epochs}"])
+        # pruning's fine-tune is never probed (pruning.prune sets it), so a probing recipe's epochs do not bind here
+        prune_params = apply_overrides(params, ["train.probe_epochs=0", f"train.epochs={args.prune_epochs}"])
         teacher_copy = TrainedModel.load(teacher_path)
         timed(
             "prune_fine_tune",

@@ -40,8 +40,9 @@ def train(
     use_tracking_uri(tracking_uri)
     params = params_from({"seed": seed, "model": model, "train": train, "mlflow": mlflow})
     result = run_train(params, prepared.path, model_dir.path, history.path)
+    # the artifact's own validation ROC-AUC: after a WiSE-FT mix (train.wise_alpha) not the best epoch's
     model_dir.metadata.update(
-        {"run_id": result.run_id, "best_epoch": result.best_epoch, "val_auc": result.best_val_auc}
+        {"run_id": result.run_id, "best_epoch": result.best_epoch, "val_auc": result.model_val_auc}
     )
     return result.run_id or ""
 

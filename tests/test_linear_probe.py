@@ -60,3 +60,24 @@ def test_a_probe_needs_fine_tuning_epochs_and_imagenet_weights(prepared_small, t
     with pytest.raises(TrainError, match="model.pretrained"):
         train(params, prepared_small, tmp_path / "models", track=False)
     assert not (tmp_path / "models" / "last.pt").exists()
+
+
+def test_a_probe_that_stops_improving_does_not_end_the_run_before_it_fine_tunes(prepared_small, tmp_path):
+    # a learning rate too small to move anything: every probe epoch ties the first, which early stopping
+    # with patience 1 would count as stale and end the run on, never fine-tuning
+    params = small_params(
+        model={"name": "efficientnet_lite0", "pretrained": True},
+        train={"epochs": 3, "probe_epochs": 2, "early_stopping_patience": 1, "lr": 1e-12},
+    )
+    rows = []
+    train(params, prepared_small, tmp_path / "models", track=False, on_epoch=lambda epoch, row: rows.append(epoch))
+    assert rows == [1, 2, 3]
+
+
+def test_a_probe_with_its_whole_head_frozen_is_refused_before_training(prepared_small, tmp_path):
+    params = small_params(
+        model={"name": "efficientnet_lite0", "pretrained": True},
+        train={"epochs": 2, "probe_epochs": 1, "freeze": r"^net\._fc\."},
+    )
+    with pytest.raises(TrainError, match="freezes the whole new head"):
+        train(params, prepared_small, tmp_path / "models", track=False)

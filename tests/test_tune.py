@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from dfdetect import tracking, tune
 from dfdetect.cli import app
 from dfdetect.config import ParamsError, load_params, parse_params
+from dfdetect.overrides import apply_overrides
 
 SPACE = {
     "train.lr": {"type": "float", "low": 0.0005, "high": 0.005, "log": True},
@@ -154,7 +155,10 @@ def test_tune_trial_prints_what_katibs_collector_reads(prepared_small, tmp_path,
     assert result.exit_code == 0, result.output
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch=")]
     assert len(epochs) == 2 and all("val_auc=" in line for line in epochs)
-    objective = float(result.stdout.strip().splitlines()[-1].removeprefix("objective="))
+    *_, shipped, last = result.stdout.strip().splitlines()
+    objective = float(last.removeprefix("objective="))
+    # Katib's `latest` val_auc: the shipped model's, here (no mix) the best epoch's
+    assert float(shipped.removeprefix("val_auc=")) == objective
     assert objective == max(float(line.split("val_auc=")[1].split()[0]) for line in epochs)
 
 
@@ -247,3 +251,14 @@ def test_a_trial_is_scored_by_the_model_it_ships_not_the_epoch_before_the_mix(pr
 
     monkeypatch.setattr(train_module, "train", unmixed_run)
     assert tune.run_trial(tune_params(tmp_path), prepared_small).value == 0.9
+
+
+def test_a_space_whose_trials_cannot_fine_tune_after_their_probe_is_refused_before_the_study(tmp_path):
+    params = apply_overrides(tune_params(tmp_path), ["train.epochs=4", "train.probe_epochs=2", "tune.epochs=2"])
+    with pytest.raises(tune.TuneError, match="tune.epochs=2"):
+        tune.check_space(params)
+    widened = apply_overrides(
+        params, ["tune.epochs=null", 'tune.space={"train.epochs": {"type": "int", "low": 2, "high": 5}}']
+    )
+    with pytest.raises(tune.TuneError, match="tune.space.train.epochs: 2"):
+        tune.check_space(widened)

@@ -104,7 +104,9 @@ def tune_trial_command(
     params_path: Path = PARAMS_OPT,
 ):
     """One trial with the --set values, for a tuner outside (a Katib Experiment): prints `val_auc=...` after
-    each epoch and `objective=...` at the end, the lines Katib's StdOut metrics collector reads."""
+    each epoch, then the shipped model's `val_auc=...` (after a WiSE-FT mix, not the best epoch's) and
+    `objective=...` at the end: the lines Katib's StdOut metrics collector reads (its val_auc strategy is
+    `latest`, so the trial is ranked by the model it would register)."""
     from .tune import run_trial
 
     params = _params(params_path, overrides)
@@ -116,6 +118,7 @@ def tune_trial_command(
         result = run_trial(params, prepared, report)
     except _training_errors() as exc:
         fail(str(exc))
+    typer.echo(f"val_auc={result.val_auc:.6f}")
     typer.echo(f"objective={result.value:.6f}")
 
 

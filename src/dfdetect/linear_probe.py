@@ -31,17 +31,18 @@ def new_parameter_names(model: nn.Module, pretrained: dict[str, torch.Tensor]) -
 
 @contextmanager
 def probing(model: nn.Module, trainable: set[str]) -> Iterator[None]:
-    """Inside: only the parameters named in `trainable` learn, and each batch-norm layer none of whose
-    parameters learns keeps its running statistics (evaluation mode). Call it after `model.train()`. On exit
-    every parameter's own `requires_grad` is restored (a `train.freeze` stays frozen) and the model is back in
-    training mode."""
+    """Inside: only the parameters named in `trainable` learn, and every module that has parameters but none
+    that learns is in evaluation mode, so the frozen part computes fixed features (batch-norm layers keep their
+    running statistics, stochastic depth inside a frozen block stays off); parameterless modules of the learning
+    part (the head's dropout) keep training mode. Call it after `model.train()`. On exit every parameter's own
+    `requires_grad` is restored (a `train.freeze` stays frozen) and the model is back in training mode."""
     flags = {name: param.requires_grad for name, param in model.named_parameters()}
     try:
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name] and name in trainable)
         for module in model.modules():
-            own = list(module.parameters(recurse=False))
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in own):
+            own = list(module.parameters())
+            if own and not any(p.requires_grad for p in own):
                 module.eval()
         yield
     finally:

@@ -398,6 +398,11 @@ class Trainer:
                 f"train.probe_epochs: {len(probed)} parameter tensors of {params.model.name} lack an ImageNet "
                 "counterpart; a probe needs pretrained layers and a new head"
             )
+        if not any(p.requires_grad for name, p in self.model.named_parameters() if name in probed):
+            raise TrainError(
+                f"train.freeze={t.freeze!r} freezes the whole new head ({', '.join(sorted(probed))}): a linear "
+                "probe (train.probe_epochs) would have nothing to train"
+            )
         log.info("linear probe: the first %d epoch(s) train %d new tensors alone", t.probe_epochs, len(probed))
         return probed
 
@@ -633,7 +638,7 @@ class Trainer:
                 operating_point=point,
             )
             checkpoint.save(self.model_dir / "best.pt", self._checkpoint_state(epoch, stats["ranks"]))
-        else:
+        elif epoch > t.probe_epochs:  # a linear probe's epochs never stop the run before it fine-tunes
             state["stale_epochs"] += 1
         checkpoint.save(self.model_dir / "last.pt", self._checkpoint_state(epoch, stats["ranks"]))
         stop = bool(t.early_stopping_patience and state["stale_epochs"] >= t.early_stopping_patience)

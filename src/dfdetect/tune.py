@@ -131,12 +131,16 @@ def check_space(params: Params) -> None:
     space = params.tune.space
     if not space:
         raise TuneError("tune.space is empty: declare what to search in params.yaml (see README 'Tuning')")
+    try:  # tune.epochs replaces train.epochs in every trial: the recipe must still hold (e.g. train.probe_epochs)
+        trial_params(params, {})
+    except ValueError as exc:
+        raise TuneError(f"tune.epochs={params.tune.epochs}: the trials' recipe is not valid ({exc})") from None
     for key, dim in space.items():
         ends = dim.choices if dim.type == "categorical" else [dim.low, dim.high]
         for value in ends:
             value = int(value) if dim.type == "int" else value
             try:
-                apply_overrides(params, [f"{key}={json.dumps(value)}"])
+                trial_params(params, {key: value})
             except ValueError as exc:
                 raise TuneError(f"tune.space.{key}: {value!r} is not a valid value ({exc})") from None
 
@@ -189,9 +193,9 @@ class TrialResult:
 
 def run_trial(params: Params, prepared_dir: str | Path, on_epoch=None, suite: list | None = None) -> TrialResult:
     """Train params' recipe in a temporary folder and score it: the validation ROC-AUC of the model it ships
-    (the best epoch's, or its WiSE-FT mix's), and with
-    `suite` (loaded suite sets, see `load_suite`) its mean with each set's ROC-AUC. `on_epoch(epoch, row)`
-    sees each epoch's history row (and may stop the trial by raising)."""
+    (the best epoch's, or its WiSE-FT mix's), and with `suite` (loaded suite sets, see `load_suite`) its mean
+    with each set's ROC-AUC. `on_epoch(epoch, row)` sees each epoch's history row (and may stop the trial by
+    raising)."""
     from .train import train
 
     work = Path(tempfile.mkdtemp(prefix="dfdetect-trial-"))
@@ -330,7 +334,11 @@ def make_objective(params: Params, prepared_dir: str | Path, runs: StudyRuns | N
 
     def objective(trial) -> float:
         values = suggest(trial, params.tune.space)
-        recipe = trial_params(params, values)
+        try:
+            recipe = trial_params(params, values)
+        except ValueError as exc:  # each end is valid alone, this pair is not (train.epochs <= train.probe_epochs)
+            log.warning("trial %d: %s is not a valid recipe, skipped: %s", trial.number, values, exc)
+            raise optuna.TrialPruned(f"not a valid recipe: {exc}") from None
         run_id = runs.start_trial(trial.number, values, recipe) if runs else None
         log.info("trial %d: %s", trial.number, values)
 
