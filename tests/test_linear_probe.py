@@ -81,3 +81,9 @@ def test_a_probe_with_its_whole_head_frozen_is_refused_before_training(prepared_
     )
     with pytest.raises(TrainError, match="freezes the whole new head"):
         train(params, prepared_small, tmp_path / "models", track=False)
+
+
+def test_a_probe_of_a_network_given_to_start_from_is_refused(prepared_small, tmp_path):
+    params = small_params(model={"name": "efficientnet_lite0", "pretrained": True}, train={"probe_epochs": 1})
+    with pytest.raises(TrainError, match="no other starting network"):
+        Trainer(params, prepared_small, tmp_path / "models", track=False, initial=create_model(LITE0))
