@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -153,13 +154,18 @@ def test_tune_trial_prints_what_katibs_collector_reads(prepared_small, tmp_path,
         ["tune-trial", "--prepared", str(prepared_small), "-p", str(params_file), "--set", "train.lr=0.001"],
     )
     assert result.exit_code == 0, result.output
-    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch=")]
-    assert len(epochs) == 2 and all("val_auc=" in line for line in epochs)
-    *_, shipped, last = result.stdout.strip().splitlines()
+    lines = [line.split(" ", 1) for line in result.stdout.strip().splitlines() if "=" in line]
+    # each metric line leads with its UTC time, which Katib's collector orders a trial's values by
+    times = [datetime.fromisoformat(stamp.replace("Z", "+00:00")) for stamp, _ in lines]
+    assert all(t.tzinfo is not None for t in times) and times == sorted(times)
+    metrics = [text for _, text in lines]
+    epochs = [text for text in metrics if text.startswith("epoch=")]
+    assert len(epochs) == 2 and all("val_auc=" in text for text in epochs)
+    *_, shipped, last = metrics
     objective = float(last.removeprefix("objective="))
     # Katib's `latest` val_auc: the shipped model's, here (no mix) the best epoch's
     assert float(shipped.removeprefix("val_auc=")) == objective
-    assert objective == max(float(line.split("val_auc=")[1].split()[0]) for line in epochs)
+    assert objective == max(float(text.split("val_auc=")[1].split()[0]) for text in epochs)
 
 
 def test_write_params_keeps_comments_and_changes_only_the_values(tmp_path):
@@ -262,3 +268,22 @@ def test_a_space_whose_trials_cannot_fine_tune_after_their_probe_is_refused_befo
     )
     with pytest.raises(tune.TuneError, match="tune.space.train.epochs: 2"):
         tune.check_space(widened)
+
+
+def test_the_pruner_never_judges_a_linear_probe_s_epochs(prepared_small, tmp_path):
+    import optuna
+
+    class AlwaysPrune(optuna.pruners.BasePruner):  # prunes at the first value it is shown
+        def prune(self, study, trial):
+            return True
+
+    params = small_params(
+        model={"name": "efficientnet_lite0", "pretrained": True},
+        train={"epochs": 2, "probe_epochs": 1},
+        tune={"space": {"model.dropout": {"type": "categorical", "choices": [0.2]}}},
+    )
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    study.optimize(tune.make_objective(params, prepared_small, None, None), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [2]  # shown only the fine-tuning epoch, pruned after it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -112,14 +113,20 @@ def tune_trial_command(
     params = _params(params_path, overrides)
 
     def report(epoch, row):
-        typer.echo(f"epoch={epoch} val_auc={row['val_auc']:.6f} val_loss={row['val_loss']:.6f}")
+        _metric_line(f"epoch={epoch} val_auc={row['val_auc']:.6f} val_loss={row['val_loss']:.6f}")
 
     try:
         result = run_trial(params, prepared, report)
     except _training_errors() as exc:
         fail(str(exc))
-    typer.echo(f"val_auc={result.val_auc:.6f}")
-    typer.echo(f"objective={result.value:.6f}")
+    _metric_line(f"val_auc={result.val_auc:.6f}")
+    _metric_line(f"objective={result.value:.6f}")
+
+
+def _metric_line(metrics: str) -> None:
+    """One line for Katib's StdOut collector, led by its UTC time (RFC 3339): the collector orders a trial's
+    values by that time, and gives every line without one the same zero time, so `latest` would be any line."""
+    typer.echo(f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')} {metrics}")
 
 
 def distill_command(

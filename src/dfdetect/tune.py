@@ -345,6 +345,8 @@ def make_objective(params: Params, prepared_dir: str | Path, runs: StudyRuns | N
         def report(epoch, row):
             if runs:
                 runs.log_epoch(run_id, row)
+            if epoch <= recipe.train.probe_epochs:  # a linear probe's epochs are not comparable with fine-tuning's
+                return
             trial.report(row["val_auc"], epoch)  # the pruner's intermediate value, also with suite_mean
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_auc {row['val_auc']:.4f} after epoch {epoch} is below the median")
