@@ -242,3 +242,15 @@ def test_onnx_graph_of_a_smaller_input_takes_that_size():
     graph = onnx_bytes(module, 32)
     out = OnnxModel(graph)(np.zeros((2, 3, 32, 32), dtype=np.float32))
     assert out.shape == (2,)
+
+
+def test_a_student_under_a_mixing_recipe_is_not_mixed_back_toward_imagenet(tracked_run, tmp_path):
+    raw = tracked_run["params"].model_dump(mode="json")
+    raw["model"] = {**raw["model"], "name": "efficientnet_lite0", "pretrained": True}
+    raw["train"] = {**raw["train"], "epochs": 1, "wise_alpha": 0.5}  # mixes a trained run, not a student
+    raw["mlflow"] = {**raw["mlflow"], "log_model": False}
+    raw["distill"] = {"teachers": [str(tracked_run["models"] / "best.pt")], "alpha": 0.5, "temperature": 2.0}
+    result = distill(parse_params(raw), tracked_run["prepared"], tmp_path / "student", track=False)
+    assert result.completed and result.shipped_val_auc is None
+    student = TrainedModel.load(tmp_path / "student" / "best.pt")
+    assert "wise_ft" not in student.lineage and student.lineage["distilled_from"]

@@ -433,8 +433,8 @@ class TrainParams(Section):
         le=1.0,
         description="weight-space ensembling (WiSE-FT): after training, each weight the ImageNet file supplied "
         "becomes alpha x fine-tuned + (1 - alpha) x ImageNet (a new head stays fine-tuned), and the temperature "
-        "and threshold are chosen again on validation; needs model.pretrained and train.calibrate. "
-        "1: the fine-tuned weights as trained",
+        "and threshold are chosen again on validation; needs model.pretrained and train.calibrate (a pruned "
+        "network's fine-tune and a distilled student are never mixed). 1: the fine-tuned weights as trained",
     )
     probe_epochs: int = Field(
         0,
