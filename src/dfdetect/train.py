@@ -370,10 +370,7 @@ class Trainer:
                 "train.wise_alpha < 1 needs train.calibrate: true (the mixed model's temperature and threshold "
                 "are chosen again on validation)"
             )
-        try:
-            return pretrained_weights(params.model)
-        except ModelError as exc:
-            raise TrainError(str(exc)) from None
+        return _imagenet_weights(params)
 
     def _probed_parameters(self) -> set[str]:
         """The parameters that `train.probe_epochs` train alone (those without an ImageNet counterpart), found
@@ -388,10 +385,7 @@ class Trainer:
             )
         if self.d.enabled:  # DistributedDataParallel fixes which parameters get gradients when it wraps the model
             raise TrainError("train.probe_epochs > 0 runs in one process; set it to 0 for distributed training")
-        try:
-            pretrained = self.pretrained if self.pretrained is not None else pretrained_weights(params.model)
-        except ModelError as exc:
-            raise TrainError(str(exc)) from None
+        pretrained = self.pretrained if self.pretrained is not None else _imagenet_weights(params)
         probed = new_parameter_names(self.model, pretrained)
         if not probed or len(probed) == len(list(self.model.parameters())):
             raise TrainError(
@@ -731,6 +725,14 @@ class Trainer:
         if self.mlflow:
             self.mlflow.end_run(status="FINISHED" if completed else "KILLED")
         return result
+
+
+def _imagenet_weights(params: Params) -> dict:
+    """The ImageNet tensors the model starts from (for the mix and the probe); a missing file is a TrainError."""
+    try:
+        return pretrained_weights(params.model)
+    except ModelError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def _shipped_val_auc(trained: TrainedModel | None, calibration: dict | None) -> float | None:
