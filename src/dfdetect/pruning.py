@@ -14,6 +14,7 @@ from torch import nn
 
 from .artifact import TrainedModel
 from .config import Params
+from .models.catalog import NEUTRAL_CALIBRATION
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def prune_channels(module: nn.Module, image_size: int, speedup: float, steps: in
     else:
         raise PruneError(f"could not reach a {speedup}x MAC reduction (reached {before[0] / after[0]:.2f}x)")
     with torch.no_grad():
-        module.temperature.fill_(1.0)  # calibration is redone after the fine-tune
-        module.logit_shift.fill_(0.0)
+        for name, value in NEUTRAL_CALIBRATION.items():  # calibration is redone after the fine-tune
+            getattr(module, name).fill_(value)
     info = {
         "target_speedup": speedup,
         "macs_before": before[0],
