@@ -35,6 +35,13 @@ def test_wrong_type_names_key_value_and_expectation():
     assert "integer" in str(err.value)
 
 
+def test_a_rule_across_a_section_s_keys_names_them_without_dumping_the_section():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"train": {"epochs": 2, "probe_epochs": 2}})
+    assert "train: Value error, probe_epochs (2) must be fewer than epochs (2)" in str(err.value)
+    assert "batch_size" not in str(err.value)  # the section's other keys are noise here
+
+
 def test_out_of_range_names_the_bound():
     with pytest.raises(ParamsError) as err:
         parse_params({"train": {"lr": -1}})

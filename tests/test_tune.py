@@ -287,3 +287,58 @@ def test_the_pruner_never_judges_a_linear_probe_s_epochs(prepared_small, tmp_pat
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert list(trial.intermediate_values) == [2]  # shown only the fine-tuning epoch, pruned after it
+
+
+def test_an_end_valid_beside_some_of_the_other_ends_passes_the_check(tmp_path):
+    # probe_epochs 3 is valid with train.epochs 5 (not with params.yaml's 2): the space holds valid recipes
+    space = {
+        "train.epochs": {"type": "int", "low": 2, "high": 5},
+        "train.probe_epochs": {"type": "int", "low": 0, "high": 3},
+    }
+    tune.check_space(apply_overrides(tune_params(tmp_path), [f"tune.space={json.dumps(space)}"]))
+    space["train.probe_epochs"]["high"] = 5  # 5 probe epochs leave no fine-tuning epoch with any train.epochs
+    with pytest.raises(tune.TuneError, match="tune.space.train.probe_epochs: 5 is not a valid value with any"):
+        tune.check_space(apply_overrides(tune_params(tmp_path), [f"tune.space={json.dumps(space)}"]))
+
+
+def test_sampled_pairs_that_make_no_recipe_are_skipped_and_not_counted(tmp_path, monkeypatch):
+    """train.epochs 1 with a probe epoch is no recipe: such trials are skipped, and the study still ends with
+    the number of trained trials asked for."""
+    space = {
+        "train.epochs": {"type": "categorical", "choices": [1, 4]},
+        "train.probe_epochs": {"type": "categorical", "choices": [0, 1, 2, 3]},
+    }
+    params = apply_overrides(tune_params(tmp_path), [f"tune.space={json.dumps(space)}"])
+    trained = []
+
+    def fake_trial(recipe, prepared_dir, on_epoch=None, suite=None):  # the counting is under test, not training
+        trained.append((recipe.train.epochs, recipe.train.probe_epochs))
+        return tune.TrialResult(value=0.5 + 0.01 * len(trained), val_auc=0.5, best_epoch=1)
+
+    monkeypatch.setattr(tune, "run_trial", fake_trial)
+    summary = tune.tune(
+        params, tmp_path, tmp_path / "out", trials=6, storage=f"sqlite:///{tmp_path / 's.db'}", track=False
+    )
+    states = [t["state"] for t in summary["trials"]]
+    assert states.count("SKIPPED") >= 1, "the seeded sampler drew no invalid pair: the test shows nothing"
+    assert states.count("COMPLETE") == 6 and len(trained) == 6
+    assert all(epochs > probe for epochs, probe in trained)
+    skipped = [t for t in summary["trials"] if t["state"] == "SKIPPED"]
+    assert all(t["params"]["train.probe_epochs"] >= t["params"]["train.epochs"] for t in skipped)
+    assert "probe_epochs (" in skipped[0]["invalid_recipe"] and "fewer than epochs" in skipped[0]["invalid_recipe"]
+
+
+@pytest.mark.timeout(120)
+def test_a_space_of_mostly_invalid_pairs_stops_instead_of_sampling_forever(tmp_path, monkeypatch):
+    space = {
+        "train.epochs": {"type": "categorical", "choices": [1, 2]},
+        "train.probe_epochs": {"type": "categorical", "choices": [0, 1]},
+    }
+    params = apply_overrides(tune_params(tmp_path), [f"tune.space={json.dumps(space)}"])
+    # a sampler that only ever draws the invalid pair (the sampler is not under test, the stop is)
+    monkeypatch.setattr(tune, "suggest", lambda trial, space: {"train.epochs": 1, "train.probe_epochs": 1})
+    monkeypatch.setattr(tune, "run_trial", lambda *a, **k: pytest.fail("an invalid recipe must not train"))
+    monkeypatch.setattr(tune, "MAX_SKIPPED_PER_TRIAL", 2)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    summary = tune.tune(params, tmp_path, tmp_path / "out", trials=3, storage=storage, track=False)
+    assert [t["state"] for t in summary["trials"]] == ["SKIPPED"] * 6  # 2 per trial asked for, then it stopped

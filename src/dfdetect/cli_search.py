@@ -55,7 +55,8 @@ def tune_command(
         "--trials",
         "-n",
         min=1,
-        help="Finished (complete or pruned) trials the study should hold; a resumed study only runs the missing ones.",
+        help="Finished (complete or pruned) trials the study should hold; a resumed study only runs the missing ones. "
+        "Sampled values that make no valid recipe are skipped and not counted.",
     ),
     timeout: Optional[float] = typer.Option(
         None, "--timeout", min=0.1, help="Minutes after which no trial starts (a running one finishes)."

@@ -36,6 +36,10 @@ class TuneError(ValueError):
     pass
 
 
+INVALID_RECIPE = "invalid_recipe"  # the user attribute of a trial skipped because its values make no valid recipe
+MAX_SKIPPED_PER_TRIAL = 10  # a study stops after skipping this many invalid combinations per trial asked for
+
+
 # --- where the study lives ----------------------------------------------------------------------------------
 
 
@@ -126,23 +130,62 @@ def _current(params: Params, key: str):
     return node
 
 
+_MAX_CORNERS = 4096  # combinations of the ends checked before a study; beyond, each end is checked alone
+
+
 def check_space(params: Params) -> None:
-    """Every key of tune.space is a parameter, and its ends (or choices) are values the schema takes."""
+    """Every key of tune.space is a parameter, and each of its ends (or choices) makes a valid recipe with some
+    combination of the other dimensions' ends, tune.epochs applied. An end that is valid only beside some of the
+    others' (train.probe_epochs 3 needs train.epochs above 3) passes: a trial that draws an invalid pair is
+    skipped, not counted (see `make_objective`)."""
     space = params.tune.space
     if not space:
         raise TuneError("tune.space is empty: declare what to search in params.yaml (see README 'Tuning')")
-    try:  # tune.epochs replaces train.epochs in every trial: the recipe must still hold (e.g. train.probe_epochs)
-        trial_params(params, {})
-    except ValueError as exc:
-        raise TuneError(f"tune.epochs={params.tune.epochs}: the trials' recipe is not valid ({exc})") from None
-    for key, dim in space.items():
-        ends = dim.choices if dim.type == "categorical" else [dim.low, dim.high]
-        for value in ends:
-            value = int(value) if dim.type == "int" else value
-            try:
-                trial_params(params, {key: value})
-            except ValueError as exc:
-                raise TuneError(f"tune.space.{key}: {value!r} is not a valid value ({exc})") from None
+    ends = {key: _ends(dim) for key, dim in space.items()}
+    errors: dict[tuple, str] = {}  # (key, end) -> why the first combination holding it was refused
+    valid: set[tuple] = set()
+    for combo in _combinations(ends):
+        try:
+            trial_params(params, combo)
+        except ValueError as exc:
+            for key, value in combo.items():
+                errors.setdefault((key, repr(value)), str(exc))
+            continue
+        valid.update((key, repr(value)) for key, value in combo.items())
+    if not valid:
+        try:  # the ends of every dimension fail together: say so once, with tune.epochs when it is the cause
+            trial_params(params, {})
+        except ValueError as exc:
+            raise TuneError(f"tune.epochs={params.tune.epochs}: the trials' recipe is not valid ({exc})") from None
+    for key, values in ends.items():
+        for value in values:
+            if (key, repr(value)) not in valid:
+                reason = errors.get((key, repr(value)), "")
+                raise TuneError(
+                    f"tune.space.{key}: {value!r} is not a valid value with any of the other dimensions' ends "
+                    f"(tune.epochs applied): {reason}"
+                )
+
+
+def _ends(dim: SearchDimension) -> list:
+    if dim.type == "categorical":
+        return list(dim.choices)
+    return [int(dim.low), int(dim.high)] if dim.type == "int" else [dim.low, dim.high]
+
+
+def _combinations(ends: dict[str, list]):
+    """Every combination of the dimensions' ends, or, past _MAX_CORNERS of them, each end beside params.yaml's
+    values of the rest."""
+    import itertools
+    import math
+
+    if math.prod(len(v) for v in ends.values()) <= _MAX_CORNERS:
+        for combo in itertools.product(*ends.values()):
+            yield dict(zip(ends, combo))
+    else:
+        for key, values in ends.items():
+            for value in values:
+                yield {key: value}
 
 
 def suggest(trial, space: dict[str, SearchDimension]) -> dict:
@@ -337,7 +380,9 @@ def make_objective(params: Params, prepared_dir: str | Path, runs: StudyRuns | N
         try:
             recipe = trial_params(params, values)
         except ValueError as exc:  # each end is valid alone, this pair is not (train.epochs <= train.probe_epochs)
-            log.warning("trial %d: %s is not a valid recipe, skipped: %s", trial.number, values, exc)
+            reason = " ".join(str(exc).split())  # one line in the log and in study.json
+            log.warning("trial %d: %s is not a valid recipe, skipped: %s", trial.number, values, reason)
+            trial.set_user_attr(INVALID_RECIPE, reason)  # not counted toward the study's trials
             raise optuna.TrialPruned(f"not a valid recipe: {exc}") from None
         run_id = runs.start_trial(trial.number, values, recipe) if runs else None
         log.info("trial %d: %s", trial.number, values)
@@ -374,9 +419,33 @@ def make_objective(params: Params, prepared_dir: str | Path, runs: StudyRuns | N
 
 
 def finished(study) -> int:
+    """Trials that trained to the end or until the pruner stopped them; skipped invalid recipes do not count."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return sum(INVALID_RECIPE not in t.user_attrs for t in ended)
+
+
+def skipped(study) -> int:
+    """Trials whose sampled values made no valid recipe (each end valid, the pair not)."""
+    return sum(INVALID_RECIPE in t.user_attrs for t in study.get_trials(deepcopy=False))
+
+
+def _stop_when_done(trials: int):
+    """Optuna callback: stop this worker once the study (all workers) holds `trials` finished trials, or once
+    it has skipped MAX_SKIPPED_PER_TRIAL x `trials` invalid combinations (a space of mostly invalid pairs)."""
+
+    def callback(study, _trial) -> None:
+        if finished(study) >= trials:
+            study.stop()
+        elif skipped(study) >= MAX_SKIPPED_PER_TRIAL * trials:
+            log.warning(
+                "stopping: %d sampled combinations of tune.space were not valid recipes; narrow the space",
+                skipped(study),
+            )
+            study.stop()
+
+    return callback
 
 
 def summary_of(study, params: Params, storage: str) -> dict:
@@ -388,7 +457,7 @@ def summary_of(study, params: Params, storage: str) -> dict:
         trials.append(
             {
                 "number": t.number,
-                "state": t.state.name,
+                "state": "SKIPPED" if INVALID_RECIPE in t.user_attrs else t.state.name,
                 "value": t.value,
                 "params": t.params,
                 "val_auc_per_epoch": {str(k): v for k, v in sorted(t.intermediate_values.items())},
@@ -465,9 +534,8 @@ def tune(
     workers: int = 1,
 ) -> dict:
     """Run the study until it holds `trials` finished (complete or pruned) trials, or `timeout_min` passes
-    (no trial starts after it); returns and writes the summary (out_dir/study.json, out_dir/trials.csv)."""
+    (no trial starts after it); sampled values that make no valid recipe are skipped and not counted. Returns and writes the summary (out_dir/study.json, out_dir/trials.csv)."""
     import optuna
-    from optuna.trial import TrialState
 
     check_space(params)
     url = storage_url(params, storage)
@@ -484,10 +552,9 @@ def tune(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(
             make_objective(params, prepared_dir, runs, suite),
-            n_trials=trials - done,
             timeout=timeout_min * 60 if timeout_min else None,
             # other workers on the same study count too: stop when the study as a whole has enough
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
+            callbacks=[_stop_when_done(trials)],
             catch=(),
         )
     summary = summary_of(study, params, url)
