@@ -40,6 +40,8 @@ def test_a_rule_across_a_section_s_keys_names_them_without_dumping_the_section()
         parse_params({"train": {"epochs": 2, "probe_epochs": 2}})
     assert "train: Value error, probe_epochs (2) must be fewer than epochs (2)" in str(err.value)
     assert "batch_size" not in str(err.value)  # the section's other keys are noise here
+    with pytest.raises(ParamsError, match=r"train.epochs: got \{'x': 1\}"):  # a wrong type still shows its value
+        parse_params({"train": {"epochs": {"x": 1}}})
 
 
 def test_out_of_range_names_the_bound():

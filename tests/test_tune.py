@@ -326,6 +326,10 @@ def test_sampled_pairs_that_make_no_recipe_are_skipped_and_not_counted(tmp_path,
     skipped = [t for t in summary["trials"] if t["state"] == "SKIPPED"]
     assert all(t["params"]["train.probe_epochs"] >= t["params"]["train.epochs"] for t in skipped)
     assert "probe_epochs (" in skipped[0]["invalid_recipe"] and "fewer than epochs" in skipped[0]["invalid_recipe"]
+    import optuna  # and TPE sees each skip as infeasible, not as a pruned trial that might be good
+
+    study = optuna.load_study(study_name="dfdetect", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert all(t.constraints == {"valid_recipe": 1.0} for t in study.trials if "invalid_recipe" in t.user_attrs)
 
 
 @pytest.mark.timeout(120)
@@ -340,5 +344,33 @@ def test_a_space_of_mostly_invalid_pairs_stops_instead_of_sampling_forever(tmp_p
     monkeypatch.setattr(tune, "run_trial", lambda *a, **k: pytest.fail("an invalid recipe must not train"))
     monkeypatch.setattr(tune, "MAX_SKIPPED_PER_TRIAL", 2)
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    summary = tune.tune(params, tmp_path, tmp_path / "out", trials=3, storage=storage, track=False)
-    assert [t["state"] for t in summary["trials"]] == ["SKIPPED"] * 6  # 2 per trial asked for, then it stopped
+    with pytest.raises(tune.TuneError, match="stopped with 0 of 3 trials finished: 6 sampled combinations"):
+        tune.tune(params, tmp_path, tmp_path / "out", trials=3, storage=storage, track=False)
+    study = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert [t["state"] for t in study["trials"]] == ["SKIPPED"] * 6  # 2 per trial asked for, then it stopped
+    assert "fewer than epochs" in (tmp_path / "out" / "trials.csv").read_text()  # each skip says why
+    with pytest.raises(tune.TuneError, match="stopped with 0 of 3"):  # resumed, it trains and skips nothing more
+        tune.tune(params, tmp_path, tmp_path / "out", trials=3, storage=storage, track=False)
+    assert len(json.loads((tmp_path / "out" / "study.json").read_text())["trials"]) == 6
+
+
+def test_the_end_refused_on_its_own_is_blamed_not_the_ends_it_was_paired_with(tmp_path):
+    space = {
+        "train.probe_epochs": {"type": "int", "low": 0, "high": 1},
+        "train.lr": {"type": "categorical", "choices": [-1.0]},
+    }
+    params = apply_overrides(tune_params(tmp_path), [f"tune.space={json.dumps(space)}"])
+    with pytest.raises(tune.TuneError, match=r"tune.space.train.lr: -1.0 is not a valid value .*greater than 0"):
+        tune.check_space(params)
+
+
+def test_past_the_cap_each_end_is_checked_beside_params_yaml_s_values(tmp_path, monkeypatch):
+    space = {
+        "train.epochs": {"type": "int", "low": 2, "high": 5},
+        "train.probe_epochs": {"type": "int", "low": 0, "high": 3},
+    }
+    params = apply_overrides(tune_params(tmp_path), [f"tune.space={json.dumps(space)}"])
+    tune.check_space(params)  # probe 3 beside epochs 5
+    monkeypatch.setattr(tune, "_MAX_CORNERS", 3)  # 4 combinations: too many, so beside params.yaml's epochs 2
+    with pytest.raises(tune.TuneError, match="probe_epochs: 3 is not a valid value beside params.yaml's values"):
+        tune.check_space(params)

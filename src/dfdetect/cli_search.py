@@ -97,7 +97,8 @@ def tune_command(
         write_best_params(params_path, summary["best"]["params"])
         typer.secho(f"wrote trial {summary['best']['number']}'s values into {params_path}", err=True)
     brief = {k: summary[k] for k in ("study", "storage", "objective", "best", "baseline", "best_beats_baseline")}
-    typer.echo(json.dumps({**brief, "trials": len(summary["trials"]), "dvc_exp_run": summary["dvc_exp_run"]}, indent=2))
+    counts = {k: summary[k] for k in ("finished", "skipped")}
+    typer.echo(json.dumps({**brief, **counts, "dvc_exp_run": summary["dvc_exp_run"]}, indent=2))
 
 
 def tune_trial_command(

@@ -890,7 +890,7 @@ def _describe(error: dict, raw: dict) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {error['input']!r})"
-    if isinstance(error["input"], dict):  # a rule across a section's keys: the message names them, not the dump
+    if error["type"] == "value_error" and isinstance(error["input"], dict):  # a rule across a section's keys
         return f"{key}: {error['msg']}"
     return f"{key}: got {error['input']!r}; {error['msg']}"
 

@@ -9,8 +9,10 @@ where it stopped. Trial 0 of a new study is params.yaml's own recipe: every late
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -134,58 +136,62 @@ _MAX_CORNERS = 4096  # combinations of the ends checked before a study; beyond, 
 
 
 def check_space(params: Params) -> None:
-    """Every key of tune.space is a parameter, and each of its ends (or choices) makes a valid recipe with some
+    """Every key of tune.space is a parameter, and each of its ends (or choices) makes a valid recipe beside some
     combination of the other dimensions' ends, tune.epochs applied. An end that is valid only beside some of the
     others' (train.probe_epochs 3 needs train.epochs above 3) passes: a trial that draws an invalid pair is
-    skipped, not counted (see `make_objective`)."""
+    skipped, not counted (see `make_objective`). Past _MAX_CORNERS combinations, each end is checked beside
+    params.yaml's values of the others instead."""
     space = params.tune.space
     if not space:
         raise TuneError("tune.space is empty: declare what to search in params.yaml (see README 'Tuning')")
     ends = {key: _ends(dim) for key, dim in space.items()}
-    errors: dict[tuple, str] = {}  # (key, end) -> why the first combination holding it was refused
-    valid: set[tuple] = set()
-    for combo in _combinations(ends):
-        try:
-            trial_params(params, combo)
-        except ValueError as exc:
-            for key, value in combo.items():
-                errors.setdefault((key, repr(value)), str(exc))
-            continue
-        valid.update((key, repr(value)) for key, value in combo.items())
-    if not valid:
-        try:  # the ends of every dimension fail together: say so once, with tune.epochs when it is the cause
-            trial_params(params, {})
-        except ValueError as exc:
-            raise TuneError(f"tune.epochs={params.tune.epochs}: the trials' recipe is not valid ({exc})") from None
-    for key, values in ends.items():
-        for value in values:
-            if (key, repr(value)) not in valid:
-                reason = errors.get((key, repr(value)), "")
+    alone = {(key, repr(v)): _refusal(params, {key: v}) for key, values in ends.items() for v in values}
+    if math.prod(len(v) for v in ends.values()) > _MAX_CORNERS:
+        for (key, value), reason in alone.items():
+            if reason:
                 raise TuneError(
-                    f"tune.space.{key}: {value!r} is not a valid value with any of the other dimensions' ends "
-                    f"(tune.epochs applied): {reason}"
+                    f"tune.space.{key}: {value} is not a valid value beside params.yaml's values of the other keys "
+                    f"(too many combinations of the space's ends to try each, tune.epochs applied): {reason}"
                 )
+        return
+    valid: set[tuple] = set()
+    first_refusal: dict[tuple, str] = {}
+    for combo in itertools.product(*ends.values()):
+        combo = dict(zip(ends, combo))
+        reason = _refusal(params, combo)
+        held = [(key, repr(value)) for key, value in combo.items()]
+        if reason is None:
+            valid.update(held)
+        for end in held:
+            first_refusal.setdefault(end, reason)
+    stranded = [end for end in alone if end not in valid]
+    if not stranded:
+        return
+    base_refusal = _refusal(params, {})
+    if not valid and base_refusal:
+        raise TuneError(f"tune.epochs={params.tune.epochs}: the trials' recipe is not valid ({base_refusal})")
+    # blame an end that is refused on its own first: it, not the others' ends it was paired with, is the fault
+    key, value = next((end for end in stranded if alone[end]), stranded[0])
+    reason = alone[(key, value)] or first_refusal[(key, value)]
+    raise TuneError(
+        f"tune.space.{key}: {value} is not a valid value with any of the other dimensions' ends "
+        f"(tune.epochs applied): {reason}"
+    )
+
+
+def _refusal(params: Params, values: dict) -> str | None:
+    """Why params with these trial values (and tune.epochs) is no recipe, on one line; None when it is one."""
+    try:
+        trial_params(params, values)
+    except ValueError as exc:
+        return " ".join(str(exc).split())
+    return None
 
 
 def _ends(dim: SearchDimension) -> list:
     if dim.type == "categorical":
         return list(dim.choices)
     return [int(dim.low), int(dim.high)] if dim.type == "int" else [dim.low, dim.high]
-
-
-def _combinations(ends: dict[str, list]):
-    """Every combination of the dimensions' ends, or, past _MAX_CORNERS of them, each end beside params.yaml's
-    values of the rest."""
-    import itertools
-    import math
-
-    if math.prod(len(v) for v in ends.values()) <= _MAX_CORNERS:
-        for combo in itertools.product(*ends.values()):
-            yield dict(zip(ends, combo))
-    else:
-        for key, values in ends.items():
-            for value in values:
-                yield {key: value}
 
 
 def suggest(trial, space: dict[str, SearchDimension]) -> dict:
@@ -383,6 +389,7 @@ def make_objective(params: Params, prepared_dir: str | Path, runs: StudyRuns | N
             reason = " ".join(str(exc).split())  # one line in the log and in study.json
             log.warning("trial %d: %s is not a valid recipe, skipped: %s", trial.number, values, reason)
             trial.set_user_attr(INVALID_RECIPE, reason)  # not counted toward the study's trials
+            trial.set_constraint("valid_recipe", 1.0)  # TPE ranks it infeasible, below every pruned trial
             raise optuna.TrialPruned(f"not a valid recipe: {exc}") from None
         run_id = runs.start_trial(trial.number, values, recipe) if runs else None
         log.info("trial %d: %s", trial.number, values)
@@ -431,18 +438,16 @@ def skipped(study) -> int:
     return sum(INVALID_RECIPE in t.user_attrs for t in study.get_trials(deepcopy=False))
 
 
+def _too_many_skipped(study, trials: int) -> bool:
+    return skipped(study) >= MAX_SKIPPED_PER_TRIAL * trials
+
+
 def _stop_when_done(trials: int):
     """Optuna callback: stop this worker once the study (all workers) holds `trials` finished trials, or once
     it has skipped MAX_SKIPPED_PER_TRIAL x `trials` invalid combinations (a space of mostly invalid pairs)."""
 
     def callback(study, _trial) -> None:
-        if finished(study) >= trials:
-            study.stop()
-        elif skipped(study) >= MAX_SKIPPED_PER_TRIAL * trials:
-            log.warning(
-                "stopping: %d sampled combinations of tune.space were not valid recipes; narrow the space",
-                skipped(study),
-            )
+        if finished(study) >= trials or _too_many_skipped(study, trials):
             study.stop()
 
     return callback
@@ -476,6 +481,8 @@ def summary_of(study, params: Params, storage: str) -> dict:
         "storage": tracking.redact(storage),
         "objective": params.tune.objective,
         "trials": trials,
+        "finished": finished(study),
+        "skipped": skipped(study),
         "best": best,
         "baseline": base,
         "best_beats_baseline": bool(
@@ -497,10 +504,11 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
             "value": "" if t["value"] is None else t["value"],
             "epochs": len(t["val_auc_per_epoch"]),
             **{k: t["params"].get(k, "") for k in keys},
+            "skipped_because": t.get(INVALID_RECIPE, ""),
         }
         for t in summary["trials"]
     ]
-    atomic_write_csv(out_dir / "trials.csv", rows, ["number", "state", "value", "epochs", *keys])
+    atomic_write_csv(out_dir / "trials.csv", rows, ["number", "state", "value", "epochs", *keys, "skipped_because"])
 
 
 def write_best_params(params_path: Path, values: dict) -> None:
@@ -548,10 +556,12 @@ def tune(
     log.info("study %s in %s: %d of %d trials finished", study.study_name, tracking.redact(url), done, trials)
     runs = StudyRuns(params, study) if track else None
     suite = load_suite(params, workers) if params.tune.objective == "suite_mean" else None
-    if done < trials:
+    if done < trials and not _too_many_skipped(study, trials):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(
             make_objective(params, prepared_dir, runs, suite),
+            # a bound, should a trial end neither finished nor skipped (Optuna fails a NaN objective quietly)
+            n_trials=(trials - done) * (1 + MAX_SKIPPED_PER_TRIAL),
             timeout=timeout_min * 60 if timeout_min else None,
             # other workers on the same study count too: stop when the study as a whole has enough
             callbacks=[_stop_when_done(trials)],
@@ -561,6 +571,12 @@ def tune(
     write_outputs(summary, Path(out_dir))
     if runs:
         runs.summarise(summary)
+    if summary["finished"] < trials and _too_many_skipped(study, trials):
+        raise TuneError(
+            f"study {study.study_name} stopped with {summary['finished']} of {trials} trials finished: "
+            f"{summary['skipped']} sampled combinations of tune.space were no valid recipe (the reasons are in "
+            f"{Path(out_dir) / 'study.json'}); narrow the space so that fewer pairs conflict"
+        )
     if summary["best"]:
         log.info(
             "best trial %d: %.4f %s", summary["best"]["number"], summary["best"]["value"], summary["best"]["params"]
