@@ -542,7 +542,8 @@ def tune(
     workers: int = 1,
 ) -> dict:
     """Run the study until it holds `trials` finished (complete or pruned) trials, or `timeout_min` passes
-    (no trial starts after it); sampled values that make no valid recipe are skipped and not counted. Returns and writes the summary (out_dir/study.json, out_dir/trials.csv)."""
+    (no trial starts after it); sampled values that make no valid recipe are skipped and not counted. Returns
+    and writes the summary (out_dir/study.json, out_dir/trials.csv)."""
     import optuna
 
     check_space(params)
