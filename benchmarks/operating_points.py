@@ -35,7 +35,7 @@ KEPT = ("roc_auc", "video_roc_auc", "fake_recall", "real_fpr", "video_fake_recal
 
 def _rates_at(spec: SuiteSet | None, data, labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     """The set's rates at this threshold (its ROC-AUCs, the same at every threshold, for reference), and for a
-    set with attributes each one's highest and lowest group false-positive rate."""
+    set with attributes each group's false-positive rate and the highest over the lowest."""
     if spec is None:  # the in-dataset test split
         row = score_row(labels, scores, threshold, data.videos)
     else:
@@ -43,7 +43,7 @@ def _rates_at(spec: SuiteSet | None, data, labels: np.ndarray, scores: np.ndarra
     out = {k: row[k] for k in KEPT if row.get(k) is not None}
     for attr, g in row.get("groups", {}).items():
         out[f"{attr}_real_fpr_ratio"] = g.get("real_fpr_ratio")
-        out[f"{attr}_real_fpr_max"] = g.get("real_fpr_max")
+        out[f"{attr}_real_fpr"] = {name: group.get("real_fpr") for name, group in g["groups"].items()}
     return out
 
 
