@@ -1,5 +1,5 @@
 """What a stricter threshold buys on faces the model never saw: one trained model of
-`benchmarks/generalisation.py --work WORK`, its threshold chosen on its own validation split by several
+`benchmarks/generalisation.py cross --work WORK`, its threshold chosen on its own validation split by several
 `train.operating_point` policies (the stored one, then `fpr` at each --fpr budget), and every shared set scored
 once and read at each threshold (JSON, README table):
 
@@ -49,7 +49,12 @@ def _rates_at(spec: SuiteSet | None, data, labels: np.ndarray, scores: np.ndarra
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True, help="a finished generalisation run's --work folder")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        required=True,
+        help="a finished cross-dataset run's --work folder (trained on faceswap128 alone)",
+    )
     ap.add_argument("--datasets", type=Path, required=True, help="folder holding the shared sets")
     ap.add_argument(
         "--fpr",
