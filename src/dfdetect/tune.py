@@ -184,8 +184,13 @@ def _refusal(params: Params, values: dict) -> str | None:
     try:
         trial_params(params, values)
     except ValueError as exc:
-        return " ".join(str(exc).split())
+        return _one_line(exc)
     return None
+
+
+def _one_line(exc: Exception) -> str:
+    """A (multi-line) ParamsError as one line: for the log, study.json and trials.csv."""
+    return " ".join(str(exc).split())
 
 
 def _ends(dim: SearchDimension) -> list:
@@ -386,7 +391,7 @@ def make_objective(params: Params, prepared_dir: str | Path, runs: StudyRuns | N
         try:
             recipe = trial_params(params, values)
         except ValueError as exc:  # each end is valid alone, this pair is not (train.epochs <= train.probe_epochs)
-            reason = " ".join(str(exc).split())  # one line in the log and in study.json
+            reason = _one_line(exc)
             log.warning("trial %d: %s is not a valid recipe, skipped: %s", trial.number, values, reason)
             trial.set_user_attr(INVALID_RECIPE, reason)  # not counted toward the study's trials
             trial.set_constraint("valid_recipe", 1.0)  # TPE ranks it infeasible, below every pruned trial
@@ -481,8 +486,8 @@ def summary_of(study, params: Params, storage: str) -> dict:
         "storage": tracking.redact(storage),
         "objective": params.tune.objective,
         "trials": trials,
-        "finished": finished(study),
-        "skipped": skipped(study),
+        "finished": sum(t["state"] in (TrialState.COMPLETE.name, TrialState.PRUNED.name) for t in trials),
+        "skipped": sum(t["state"] == "SKIPPED" for t in trials),
         "best": best,
         "baseline": base,
         "best_beats_baseline": bool(
@@ -572,7 +577,7 @@ def tune(
     write_outputs(summary, Path(out_dir))
     if runs:
         runs.summarise(summary)
-    if summary["finished"] < trials and _too_many_skipped(study, trials):
+    if summary["finished"] < trials and summary["skipped"] >= MAX_SKIPPED_PER_TRIAL * trials:
         raise TuneError(
             f"study {study.study_name} stopped with {summary['finished']} of {trials} trials finished: "
             f"{summary['skipped']} sampled combinations of tune.space were no valid recipe (the reasons are in "
