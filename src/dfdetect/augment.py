@@ -24,6 +24,14 @@ def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Ten
 
 def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
     """float N x 3 x H x W in [0, 1] -> augmented batch, same shape. `gen` is a CPU generator."""
+    return augment_with_masks(images, None, params, gen)[0]
+
+
+def augment_with_masks(
+    images: torch.Tensor, masks: torch.Tensor | None, params: AugmentParams, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """augment_batch, and N x H x W `masks` (the self-blends' blending masks) moved by the same flips, rotations,
+    zooms and stretches as their images; the same random draws as without masks."""
     n, device = images.shape[0], images.device
     # Draw every random number first, always the same count, so the stream does not depend on params (zoom and
     # stretch, below, draw only when set: recipes without them keep the stream they were measured with).
@@ -38,11 +46,13 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
     )
     # One host-to-device copy for all of them: each small copy would stall a GPU pipeline.
     flip, angle, zoom, stretch, *factors = torch.stack([flip, angle, zoom, stretch, *factors]).to(device).unbind(0)
-    out = images
+    out = images if masks is None else torch.cat([images, masks.unsqueeze(1).to(images)], 1)  # a 4th channel
     if params.hflip:
         out = torch.where((flip < 0.5).view(n, 1, 1, 1), out.flip(-1), out)
     if params.rotation_degrees > 0 or reshaped:
         out = _rotate_and_reshape(out, angle * (math.pi / 180), zoom, stretch)
+    if masks is not None:
+        out, masks = out[:, :3].contiguous(), out[:, 3]
     out = match_sharpness(out, params.sharpness_match_prob, gen)
     out = degrade(out, params, gen)
     if j > 0:
@@ -55,7 +65,7 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, gen: torch.Genera
         gray = luma(out).unsqueeze(1)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
     out = to_grey(out, params.grayscale_prob, gen)
-    return erase(out, params, gen)
+    return erase(out, params, gen), masks
 
 
 def _log_uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +58,14 @@ def _compile_regex(value: str) -> re.Pattern:
         return re.compile(value)
     except re.error as exc:
         raise ValueError(f"not a regular expression: {exc}") from None
+
+
+def _checked_regex(value: str) -> str:
+    _compile_regex(value)
+    return value
+
+
+RegexStr = Annotated[str, AfterValidator(_checked_regex)]  # a field holding a regular expression that compiles
 
 
 def _check_group_pattern(value: str | None) -> str | None:
@@ -325,6 +333,27 @@ class SbiParams(Section):
         "is augmented on its own draws; the batch grows by the share chosen); false: the chosen real is replaced "
         "by its self-blend",
     )
+    boundary_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="> 0: besides the label, a head on boundary_layer's features learns to draw each self-blend's "
+        "blending boundary (none on a real face), weighed this much against the label loss (Face X-ray's "
+        "supervision; the head is training's alone, never served); 0: off",
+    )
+    boundary_layer: RegexStr = Field(
+        r"^net\._blocks\.4$",
+        description="regular expression naming the one module whose output feature map the boundary head reads "
+        "(the default: the end of EfficientNet-Lite's third stage, 16 x 16 at 128 px)",
+    )
+
+    @model_validator(mode="after")
+    def _boundary_needs_self_blends(self):
+        if self.boundary_weight > 0 and self.mode == "none":
+            raise ValueError(
+                "boundary_weight > 0 learns the self-blends' blending boundaries: it needs mode add or only"
+            )
+        return self
 
 
 class MixStyleParams(Section):
@@ -336,17 +365,11 @@ class MixStyleParams(Section):
     alpha: float = Field(
         0.1, gt=0.0, le=10.0, description="Beta(alpha, alpha) draws each image's share of its own style"
     )
-    layers: str = Field(
+    layers: RegexStr = Field(
         r"^net\._blocks\.(2|4)$",
         description="regular expression of module names whose outputs are mixed (the default: the ends of "
         "EfficientNet-Lite's second and third stages; early layers hold style, later ones content)",
     )
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_compile(cls, value):
-        _compile_regex(value)
-        return value
 
 
 class OperatingPointParams(Section):
@@ -403,7 +426,7 @@ class TrainParams(Section):
         "must agree (symmetric KL divergence; about R-Drop's alpha / 2); the step then costs twice as much, "
         "and the logged train_loss includes the term. 0: one view",
     )
-    freeze: str = Field(
+    freeze: RegexStr = Field(
         "",
         description="regular expression: parameters whose names match keep their initial "
         "(ImageNet) values, e.g. '^net\\.(_conv_stem|_bn0|_blocks\\.[0-2]\\.)' for Lite0's first "
@@ -453,12 +476,6 @@ class TrainParams(Section):
         OperatingPointParams(),
         description="the decision threshold's policy, chosen on validation and stored with the model",
     )
-
-    @field_validator("freeze")
-    @classmethod
-    def _freeze_compiles(cls, value):
-        _compile_regex(value)
-        return value
 
     @model_validator(mode="after")
     def _probe_leaves_fine_tuning(self):

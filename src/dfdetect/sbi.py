@@ -139,28 +139,39 @@ def sbi_batch(
     landmarker=None,
     alteration: str = "mild",
     paired: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_masks: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
     fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
     ellipse. `paired`: the chosen reals stay and their self-blends are appended after the batch, in the same
     order (the same draws as unpaired, so the same self-blends). Seeded from `gen`, so a resumed run makes the
-    same ones."""
+    same ones. `with_masks`: also the blending masks (N x H x W float, zero for reals) and which images' masks
+    are known (reals and self-blends; not the given fakes, whose manipulated region is unknown), for
+    dfdetect.boundary; the images and labels are the same either way."""
     n = images.shape[0]
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    h, w = images.shape[2:]
+    masks, known = torch.zeros(n, h, w), labels == 0
     if not chosen.any():
-        return images, labels
+        return (images, labels, masks, known) if with_masks else (images, labels)
     rng = np.random.default_rng(seed)
     picked = torch.nonzero(chosen).flatten().tolist()
-    fakes = []
+    fakes, blend_masks = [], []
     for i in picked:
         face = images[i].permute(1, 2, 0).numpy()
         points = landmarker.landmarks(face) if landmarker is not None else None
-        fake, _ = self_blend(face, rng, points, alteration)
+        fake, mask = self_blend(face, rng, points, alteration)
         fakes.append(torch.from_numpy(fake).permute(2, 0, 1))
+        blend_masks.append(torch.from_numpy(mask).float())
     if paired:
-        return torch.cat([images, torch.stack(fakes)]), torch.cat([labels, torch.ones(len(fakes), dtype=labels.dtype)])
-    images, labels = images.clone(), labels.clone()
-    images[picked] = torch.stack(fakes)
-    labels[picked] = 1
-    return images, labels
+        images = torch.cat([images, torch.stack(fakes)])
+        labels = torch.cat([labels, torch.ones(len(fakes), dtype=labels.dtype)])
+        masks = torch.cat([masks, torch.stack(blend_masks)])
+        known = torch.cat([known, torch.ones(len(fakes), dtype=torch.bool)])
+    else:
+        images, labels = images.clone(), labels.clone()
+        images[picked] = torch.stack(fakes)
+        labels[picked] = 1
+        masks[picked] = torch.stack(blend_masks)
+    return (images, labels, masks, known) if with_masks else (images, labels)

@@ -8,6 +8,7 @@ import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from torch import nn
 
 from . import checkpoint, distributed, operating_point, runtime, tracking
 from .artifact import TrainedModel
-from .augment import augment_batch, recompress
+from .augment import augment_with_masks, recompress
+from .boundary import BoundaryError, BoundarySupervision
 from .config import AugmentParams, DistillParams, Params
 from .data import PreparedSplit, batch_loader, load_split, preprocess_config
 from .ema import WeightAverage
@@ -78,9 +80,11 @@ def freeze_parameters(model: nn.Module, pattern: str) -> int:
     return len(frozen)
 
 
-def make_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, params: Params, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The optimizer of the model's trainable parameters, and of `extra`'s (a training-only head)."""
     t = params.train
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += list(extra.parameters()) if extra is not None else []
     if t.optimizer == "sgd":
         return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
@@ -105,11 +109,17 @@ def _better(val_auc: float, val_loss: float, best_auc: float, best_loss: float) 
 
 
 def augmented_batch(
-    images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, rt: runtime.Runtime
-) -> torch.Tensor:
-    """uint8 batch from the cache -> augmented float images in [0, 1] on the device (what a teacher also sees)."""
+    images: torch.Tensor,
+    augment: AugmentParams,
+    gen: torch.Generator,
+    rt: runtime.Runtime,
+    masks: torch.Tensor | None = None,
+):
+    """uint8 batch from the cache -> augmented float images in [0, 1] on the device (what a teacher also sees);
+    with `masks` (the self-blends' blending masks), (images, the masks moved as their images)."""
     x = recompress(images, augment, gen).to(rt.device, non_blocking=True).float().div_(255)
-    return augment_batch(x, augment, gen)
+    x, masks = augment_with_masks(x, masks, augment, gen)
+    return x if masks is None else (x, masks)
 
 
 def model_input(x: torch.Tensor, pre: PreprocessConfig, rt: runtime.Runtime) -> torch.Tensor:
@@ -164,11 +174,13 @@ def train_step(
     balance: bool = False,
     second_view: torch.Tensor | None = None,
     consistency: float = 0.0,
+    extra_loss=None,
 ):
     """One optimiser step on `label_loss`. With `second_view` (the same images augmented again), both views are
     scored in one batch, the label loss is their mean, plus `consistency` x `consistency_loss` between them;
-    `soft` then holds both views' soft targets, the first view's first. Returns the loss (the consistency term
-    included) and the first view's logits."""
+    `soft` then holds both views' soft targets, the first view's first. `extra_loss()`, called after the forward
+    pass, adds a term of a training-only head (dfdetect.boundary). Returns the loss (every term included) and the
+    first view's logits."""
     with rt.autocast():
         logits = model(x if second_view is None else torch.cat([x, second_view])).float()
     if second_view is None:
@@ -178,6 +190,8 @@ def train_step(
         soft, soft_again = soft.split(len(x)) if soft is not None else (None, None)
         loss = (label_loss(logits, y, soft, distill, balance) + label_loss(again, y, soft_again, distill, balance)) / 2
         loss = loss + consistency * consistency_loss(logits, again)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -345,7 +359,15 @@ class Trainer:
             raise TrainError(str(exc)) from None
         self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay else None
         self.shipped = self.ema.module if self.ema else self.model  # what is validated, checkpointed and registered
-        self.optimizer = make_optimizer(self.model, params)
+        self.boundary = None
+        if t.sbi.boundary_weight > 0:  # a training-only head: never in the shipped model
+            try:
+                self.boundary = BoundarySupervision(
+                    self.model, t.sbi.boundary_layer, t.sbi.boundary_weight, self.pre.image_size, rt.device
+                )
+            except BoundaryError as exc:
+                raise TrainError(str(exc)) from None
+        self.optimizer = make_optimizer(self.model, params, self.boundary.head if self.boundary else None)
         self.scheduler = make_scheduler(self.optimizer, params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
         self.net = self.model
@@ -353,6 +375,10 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
             )
+            if self.boundary:  # its gradients averaged across processes like the model's
+                self.boundary.net = torch.nn.parallel.DistributedDataParallel(
+                    self.boundary.head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+                )
 
     def _pretrained_for_mixing(self) -> dict | None:
         """The ImageNet weights that `train.wise_alpha` mixes back in at the end, loaded now: a run that
@@ -461,6 +487,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        if self.boundary:
+            self.boundary.head.load_state_dict(ckpt["boundary_head"])
         self.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
         own = ckpt["rng"]["ranks"][d.rank] if d.enabled else ckpt["rng"]
         self.augment_gen.set_state(own["augment"])
@@ -526,6 +554,7 @@ class Trainer:
         with (
             probing(self.model, self.probed) if probe else nullcontext(),
             mixing_style(self.model, self.mixstyle_layers, t.mixstyle),  # style mixing acts in these steps only
+            self.boundary.attached(self.model) if self.boundary else nullcontext(),
         ):
             train_loss, train_acc = self._train_steps(bar, task)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -539,11 +568,19 @@ class Trainer:
         t, rt = self.t, self.rt
         loss_sum, correct, seen = 0.0, 0, 0
         for images, y in self.train_loader:
-            if t.sbi.mode != "none":
+            masks = known = None
+            if self.boundary:
+                images, y, masks, known = sbi_batch(
+                    images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired, True
+                )
+            elif t.sbi.mode != "none":
                 images, y = sbi_batch(
                     images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired
                 )
-            x = augmented_batch(images, t.augment, self.augment_gen, rt)
+            if masks is None:
+                x = augmented_batch(images, t.augment, self.augment_gen, rt)
+            else:
+                x, masks = augmented_batch(images, t.augment, self.augment_gen, rt, masks)
             second = None
             if t.consistency > 0:  # the same images (self-blends included) through another draw of the augmentation
                 second = augmented_batch(images, t.augment, self.augment_gen, rt)
@@ -566,6 +603,7 @@ class Trainer:
                 t.balance_classes,
                 second,
                 t.consistency,
+                partial(self.boundary.loss, masks, known) if self.boundary else None,
             )
             if self.ema:
                 self.ema.update(self.model)
@@ -587,6 +625,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "boundary_head": self.boundary.head.state_dict() if self.boundary else None,
             "rng": {
                 "shuffle": self.shuffle_gen.get_state(),
                 "augment": self.augment_gen.get_state(),
