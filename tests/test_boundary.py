@@ -1,16 +1,18 @@
 """Blending-boundary supervision (train.sbi.boundary_weight): the targets, the masks moved with their images,
 a head that learns the seam, and a training run whose shipped model carries none of it."""
 
+import numpy as np
 import pytest
 import torch
-from conftest import small_params
+from conftest import face_frames, small_params
 from torch import nn
 
 from dfdetect import checkpoint
 from dfdetect.augment import augment_batch, augment_with_masks
 from dfdetect.boundary import BoundaryError, BoundarySupervision, boundary_layer, boundary_map
 from dfdetect.config import AugmentParams, ParamsError
-from dfdetect.sbi import sbi_batch
+from dfdetect.models import create_model
+from dfdetect.sbi import sbi_batch, self_blend
 from dfdetect.train import Trainer, TrainError, train
 
 STILL = dict(  # geometry only: nothing that changes pixel values
@@ -45,6 +47,12 @@ def test_masks_move_with_their_images_and_the_draws_stay_the_same():
     out, moved = augment_with_masks(images, masks, params, torch.Generator().manual_seed(4))
     assert torch.allclose(out[:, 0], moved, atol=1e-6)
     assert not torch.allclose(moved, masks)  # rotated, zoomed, perhaps flipped
+    erased = AugmentParams(**{**STILL, "erase_prob": 1.0}, hflip=False, rotation_degrees=0)
+    grey, cleared = augment_with_masks(
+        torch.full((4, 3, 32, 32), 0.2), torch.ones(4, 32, 32), erased, torch.Generator()
+    )
+    box = grey[:, 0] == 0.5
+    assert box.any() and torch.equal(cleared, (~box).float())  # no seam to draw under cutout's grey box
     alone = augment_batch(images, AugmentParams(), torch.Generator().manual_seed(9))
     with_masks, _ = augment_with_masks(images, masks, AugmentParams(), torch.Generator().manual_seed(9))
     assert torch.equal(alone, with_masks)  # masks draw no random numbers: the same images either way
@@ -67,13 +75,24 @@ def test_self_blends_come_with_their_masks_and_known_fakes_are_marked_unknown(pa
     assert known[:kept][labels == 0].all() and known[kept:].all()  # reals (no seam) and self-blends
 
 
-def test_the_layer_must_name_exactly_one_module():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+def test_the_mask_is_the_blended_region_s_shape_whatever_the_blend_ratio():
+    face = face_frames(1, fake=False, seed=1)[0][20:148, 120:248]
+    for seed in range(24):  # half the draws blend a quarter to three quarters of the copy
+        _, mask = self_blend(face, np.random.default_rng(seed))
+        assert mask[60:68, 60:68].min() > 0.9  # the inside is 1 however faint the blend: the seam is at the edge
+        seam = boundary_map(torch.from_numpy(mask).float()[None], (16, 16))[0]
+        assert seam[7:9, 7:9].max() < 0.25 and seam.max() > 0.8  # a partial blend scaled it: 0.75 or 1 inside
+
+
+def test_the_layer_must_name_exactly_one_feature_map():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten())
     assert boundary_layer(model, r"^2$") == "2"
     with pytest.raises(BoundaryError, match="matches no module"):
         boundary_layer(model, r"^blocks")
     with pytest.raises(BoundaryError, match="matches 2 modules"):
         boundary_layer(model, r"^(0|2)$")
+    with pytest.raises(BoundaryError, match=r"needs a feature map"):
+        BoundarySupervision(model, r"^3$", 1.0, 16, torch.device("cpu"))
 
 
 def test_the_head_learns_to_draw_the_seam_of_self_blends():
@@ -125,7 +144,8 @@ def test_training_with_the_seam_ships_a_model_without_the_head_and_resumes(prepa
     train(params, prepared_small, tmp_path / "models", track=False, stop_after_epochs=1, trainer=trainer)
     last = checkpoint.load(tmp_path / "models" / "last.pt")
     assert not torch.equal(last["boundary_head"]["conv.weight"], head_before)  # the head learnt
-    assert not any("conv.weight" == k for k in last["state_dict"])  # the detector's weights hold no head
+    detector = set(create_model(params.model).state_dict())
+    assert set(last["state_dict"]) == detector  # the detector's weights hold no head
     assert all(not m._forward_hooks for m in trainer.model.modules())  # the tap is gone after the steps
     again = Trainer(params, prepared_small, tmp_path / "models", track=False)
     again.resume(tmp_path / "models" / "last.pt")
@@ -133,4 +153,4 @@ def test_training_with_the_seam_ships_a_model_without_the_head_and_resumes(prepa
     result = train(params, prepared_small, tmp_path / "models", track=False, trainer=again)
     assert result.completed and result.epochs_run == 2
     best = checkpoint.load(tmp_path / "models" / "best.pt")
-    assert set(best["state_dict"]) == set(again.shipped.state_dict())  # the detector alone
+    assert set(best["state_dict"]) == detector  # the detector alone

@@ -31,7 +31,8 @@ def augment_with_masks(
     images: torch.Tensor, masks: torch.Tensor | None, params: AugmentParams, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """augment_batch, and N x H x W `masks` (the self-blends' blending masks) moved by the same flips, rotations,
-    zooms and stretches as their images; the same random draws as without masks."""
+    zooms and stretches as their images, and cleared under the rectangles cutout greys out; the same random
+    draws as without masks."""
     n, device = images.shape[0], images.device
     # Draw every random number first, always the same count, so the stream does not depend on params (zoom and
     # stretch, below, draw only when set: recipes without them keep the stream they were measured with).
@@ -65,7 +66,10 @@ def augment_with_masks(
         gray = luma(out).unsqueeze(1)
         out.mul_(s).add_((1 - s) * gray).clamp_(0, 1)  # saturation: towards the pixel's grey
     out = to_grey(out, params.grayscale_prob, gen)
-    return erase(out, params, gen), masks
+    if masks is None:
+        return erase(out, params, gen), None
+    box = erased_boxes(out, params, gen)  # a seam under a grey box is no longer there to be seen
+    return (out, masks) if box is None else (out.masked_fill(box.unsqueeze(1), 0.5), masks.masked_fill(box, 0))
 
 
 def _log_uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
@@ -99,10 +103,16 @@ def to_grey(images: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Te
 def erase(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor:
     """Cutout: grey out one random rectangle (area and aspect ratio drawn as torchvision's RandomErasing
     does) in a random share of a float N x 3 x H x W batch in [0, 1]."""
+    box = erased_boxes(images, params, gen)
+    return images if box is None else images.masked_fill(box.unsqueeze(1), 0.5)
+
+
+def erased_boxes(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> torch.Tensor | None:
+    """The N x H x W rectangles that `erase` greys out (on the images' device), or None when none is."""
     n, _, h, w = images.shape
     draws = torch.rand(5, n, generator=gen)  # always drawn, so the stream does not depend on params
     if params.erase_prob <= 0 or not (on := draws[0] < params.erase_prob).any():
-        return images
+        return None
     low, high = params.erase_area
     area = (low + draws[1] * (high - low)) * h * w
     aspect = torch.exp(math.log(0.3) + draws[2] * (math.log(1 / 0.3) - math.log(0.3)))
@@ -118,7 +128,7 @@ def erase(images: torch.Tensor, params: AugmentParams, gen: torch.Generator) -> 
         & (cols < (left + ew).view(n, 1, 1))
         & on.view(n, 1, 1)
     )
-    return images.masked_fill(box.unsqueeze(1).to(images.device), 0.5)
+    return box.to(images.device)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:

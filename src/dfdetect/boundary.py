@@ -73,17 +73,23 @@ class BoundaryTap:
 
 def tapped_channels(model: nn.Module, name: str, image_size: int, device: torch.device) -> int:
     """The channel count of the named module's output, found by one forward pass of a blank image (in eval
-    mode, so no running statistics move)."""
+    mode, so no running statistics move); an output that is no feature map fails before any work."""
     tap = BoundaryTap(model, name)
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, 3, image_size, image_size, device=device))
-        return int(tap.features.shape[1])
     finally:
         model.train(was_training)
         tap.close()
+    if not isinstance(tap.features, torch.Tensor) or tap.features.dim() != 4:
+        shape = tuple(tap.features.shape) if isinstance(tap.features, torch.Tensor) else type(tap.features).__name__
+        raise BoundaryError(
+            f"train.sbi.boundary_layer names {name}, whose output is {shape}: the boundary head needs a feature "
+            "map (N x C x H x W); name a convolutional block"
+        )
+    return int(tap.features.shape[1])
 
 
 def boundary_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

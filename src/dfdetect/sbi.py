@@ -122,12 +122,15 @@ def self_blend(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1]). With
     `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse.
-    `alteration`: how the two blended images differ (see _blend_pair)."""
+    `alteration`: how the two blended images differ (see _blend_pair). The mask returned is the region's shape,
+    1 inside and feathered at its edge, before the blend ratio (a quarter to all of the copy) scales it: its
+    seam is where the blend's seam is, whatever the ratio (dfdetect.boundary)."""
     h, w = face.shape[:2]
     mask = landmark_mask(points, h, w, rng) if points is not None else _soft_mask(h, w, rng)
-    mask = mask * rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
+    ratio = rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
     inside, outside = _blend_pair(face, rng, alteration)
-    blended = mask[..., None] * inside.astype(np.float32) + (1 - mask[..., None]) * outside.astype(np.float32)
+    alpha = (mask * ratio)[..., None]
+    blended = alpha * inside.astype(np.float32) + (1 - alpha) * outside.astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8), mask
 
 
@@ -152,7 +155,7 @@ def sbi_batch(
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     h, w = images.shape[2:]
-    masks, known = torch.zeros(n, h, w), labels == 0
+    masks, known = (torch.zeros(n, h, w), labels == 0) if with_masks else (None, None)
     if not chosen.any():
         return (images, labels, masks, known) if with_masks else (images, labels)
     rng = np.random.default_rng(seed)
@@ -167,11 +170,13 @@ def sbi_batch(
     if paired:
         images = torch.cat([images, torch.stack(fakes)])
         labels = torch.cat([labels, torch.ones(len(fakes), dtype=labels.dtype)])
-        masks = torch.cat([masks, torch.stack(blend_masks)])
-        known = torch.cat([known, torch.ones(len(fakes), dtype=torch.bool)])
+        if with_masks:
+            masks = torch.cat([masks, torch.stack(blend_masks)])
+            known = torch.cat([known, torch.ones(len(fakes), dtype=torch.bool)])
     else:
         images, labels = images.clone(), labels.clone()
         images[picked] = torch.stack(fakes)
         labels[picked] = 1
-        masks[picked] = torch.stack(blend_masks)
+        if with_masks:
+            masks[picked] = torch.stack(blend_masks)
     return (images, labels, masks, known) if with_masks else (images, labels)
