@@ -103,6 +103,8 @@ def test_the_head_learns_to_draw_the_seam_of_self_blends():
     masks[::2] = 0  # half are reals: no seam
     images = torch.rand(8, 3, 32, 32) * 0.2 + masks.unsqueeze(1) * 0.5  # a brighter pasted region
     known = torch.ones(8, dtype=torch.bool)
+    start = torch.sigmoid(supervision.head(torch.randn(2, 8, 16, 16) * 50))
+    assert torch.allclose(start, torch.tensor(0.1))  # the constant guess, however large the features: no shock
     optimizer = torch.optim.Adam([*model.parameters(), *supervision.head.parameters()], lr=0.01)
     losses = []
     with supervision.attached(model):
@@ -150,7 +152,10 @@ def test_training_with_the_seam_ships_a_model_without_the_head_and_resumes(prepa
     again = Trainer(params, prepared_small, tmp_path / "models", track=False)
     again.resume(tmp_path / "models" / "last.pt")
     assert torch.equal(again.boundary.head.conv.weight, last["boundary_head"]["conv.weight"])
-    result = train(params, prepared_small, tmp_path / "models", track=False, trainer=again)
+    result = train(params, prepared_small, tmp_path / "models", tmp_path / "history.csv", track=False, trainer=again)
     assert result.completed and result.epochs_run == 2
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0].endswith(",train_boundary_loss") and len(history) == 3  # both epochs, the first resumed
+    assert all(0 < float(row.split(",")[-1]) < 10 for row in history[1:])  # the unweighted loss of each epoch
     best = checkpoint.load(tmp_path / "models" / "best.pt")
     assert set(best["state_dict"]) == detector  # the detector alone

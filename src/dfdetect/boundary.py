@@ -11,6 +11,7 @@ unknown (the known fakes of a data set) add nothing to this loss.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,9 +50,14 @@ class BoundaryHead(nn.Module):
     """A 1 x 1 convolution scoring each position of the tapped feature map for "on a blending boundary". It
     is deliberately weak: the boundary must be readable from the backbone's features themselves."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, prior: float = 0.1):
         super().__init__()
         self.conv = nn.Conv2d(channels, 1, kernel_size=1)
+        # Starts as the constant guess "a tenth of each map is seam": a random start on features of large
+        # magnitude scores every position confidently, and its first, large gradients would only unlearn that
+        # (through the backbone too).
+        nn.init.zeros_(self.conv.weight)
+        nn.init.constant_(self.conv.bias, math.log(prior / (1 - prior)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.conv(features.float()).squeeze(1)
@@ -112,6 +118,7 @@ class BoundarySupervision:
         self.head = BoundaryHead(tapped_channels(model, self.layer, image_size, device)).to(device)
         self.net: nn.Module = self.head
         self._tap: BoundaryTap | None = None
+        self._sum, self._steps = 0.0, 0  # the unweighted loss over the epoch's steps, for its history row
 
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator[None]:
@@ -126,4 +133,12 @@ class BoundarySupervision:
         """The weighted boundary loss of the last forward pass's first len(masks) images (with consistency's
         second view in the same batch, the first view's)."""
         features = self._tap.features[: len(masks)]
-        return self.weight * boundary_loss(self.net(features), masks, known.to(features.device))
+        loss = boundary_loss(self.net(features), masks, known.to(features.device))
+        self._sum, self._steps = self._sum + loss.detach(), self._steps + 1  # a tensor: no device sync per step
+        return self.weight * loss
+
+    def epoch_loss(self) -> float:
+        """The mean unweighted boundary loss of the steps since the last call (NaN for none); starts afresh."""
+        mean = float(self._sum) / self._steps if self._steps else float("nan")
+        self._sum, self._steps = 0.0, 0
+        return mean

@@ -237,8 +237,12 @@ def training_sources(prepared_dir: str | Path) -> dict[str, dict]:
     }
 
 
+OPTIONAL_HISTORY_FIELDS = ["train_boundary_loss"]  # columns of a recipe's own terms, only where it has them
+
+
 def write_history(path: Path, history: list[dict]) -> None:
-    atomic_write_csv(path, history, HISTORY_FIELDS)
+    optional = [k for k in OPTIONAL_HISTORY_FIELDS if any(k in row for row in history)]
+    atomic_write_csv(path, history, HISTORY_FIELDS + optional)
 
 
 class _NoTracking:
@@ -561,7 +565,14 @@ class Trainer:
         self.scheduler.step()
         ranks = distributed.gather(self.d, {"augment": self.augment_gen.get_state(), "torch": torch.get_rng_state()})
         self.state["epoch"] = epoch
-        return {"lr": lr, "train_loss": train_loss, "train_acc": train_acc, "ranks": ranks, "task": task}
+        return {
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "ranks": ranks,
+            "task": task,
+            **({"train_boundary_loss": self.boundary.epoch_loss()} if self.boundary else {}),
+        }
 
     def _train_steps(self, bar, task) -> tuple[float, float]:
         """The epoch's steps over the training draws; returns the mean loss and accuracy."""
@@ -652,6 +663,7 @@ class Trainer:
             "lr": stats["lr"],
             "train_loss": stats["train_loss"],
             "train_acc": stats["train_acc"],
+            **{k: stats[k] for k in OPTIONAL_HISTORY_FIELDS if k in stats},  # this process's; unweighted
             "val_loss": val_loss,
             "val_acc": float(((scores >= 0.5) == labels).mean()),
             "val_auc": val_auc,
