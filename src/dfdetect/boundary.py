@@ -129,6 +129,11 @@ class BoundarySupervision:
             self._tap.close()
             self._tap = None
 
+    @property
+    def features(self) -> torch.Tensor | None:
+        """The tapped layer's output of the last forward pass while attached (None when detached)."""
+        return self._tap.features if self._tap else None
+
     def loss(self, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         """The weighted boundary loss of the last forward pass's first len(masks) images (with consistency's
         second view in the same batch, the first view's)."""
