@@ -17,6 +17,7 @@ their files are framed and named), the same for every recipe.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -89,6 +90,14 @@ def protocol_params(base: Params, args, training: list[str], scored: list[str]) 
     raw["prepare"]["faces"]["crop_images"] = SETS[first].get("face_crop", False)
     raw["evaluate"].update(datasets=[suite_entry(args.datasets, n) for n in scored], robustness=False)
     return parse_params(raw, "benchmark params")
+
+
+def _history(path: Path) -> list[dict] | None:
+    """The training run's epochs as history.csv holds them (None when this run reused a model without one)."""
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def check_targets(protocol: str, in_dataset: dict, rows: dict) -> dict:
@@ -170,6 +179,7 @@ def run(args) -> dict:
         "epochs_run": summary["epochs_run"],
         "best_epoch": summary["best_epoch"],
         "val_roc_auc": round(summary["best_val_auc"], 6),
+        "history": _history(work / "history.csv"),  # each epoch: losses (a recipe's own terms too), validation
         "data": data_report.get("sources") or {training[0]: data_report["splits"]},
         "in_dataset_test": in_dataset,
         "calibration": TrainedModel.load(work / "models" / "best.pt").calibration,  # fitted on validation

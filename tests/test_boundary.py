@@ -12,7 +12,7 @@ from dfdetect.augment import augment_batch, augment_with_masks
 from dfdetect.boundary import BoundaryError, BoundarySupervision, boundary_layer, boundary_map
 from dfdetect.config import AugmentParams, ParamsError
 from dfdetect.models import create_model
-from dfdetect.sbi import sbi_batch, self_blend
+from dfdetect.sbi import sbi_batch, sbi_batch_with_masks, self_blend
 from dfdetect.train import Trainer, TrainError, train
 
 STILL = dict(  # geometry only: nothing that changes pixel values
@@ -63,9 +63,7 @@ def test_self_blends_come_with_their_masks_and_known_fakes_are_marked_unknown(pa
     images = torch.randint(0, 255, (16, 3, 48, 48), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
     out, y = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(3), paired=paired)
-    out2, y2, masks, known = sbi_batch(
-        images, labels, 0.5, torch.Generator().manual_seed(3), paired=paired, with_masks=True
-    )
+    out2, y2, masks, known = sbi_batch_with_masks(images, labels, 0.5, torch.Generator().manual_seed(3), paired=paired)
     assert torch.equal(out, out2) and torch.equal(y, y2)  # the same batch with or without masks
     assert masks.shape == (len(out), 48, 48) and known.shape == (len(out),)
     blended = masks.flatten(1).amax(1) > 0
@@ -81,7 +79,7 @@ def test_the_mask_is_the_blended_region_s_shape_whatever_the_blend_ratio():
         _, mask = self_blend(face, np.random.default_rng(seed))
         assert mask[60:68, 60:68].min() > 0.9  # the inside is 1 however faint the blend: the seam is at the edge
         seam = boundary_map(torch.from_numpy(mask).float()[None], (16, 16))[0]
-        assert seam[7:9, 7:9].max() < 0.25 and seam.max() > 0.8  # a partial blend scaled it: 0.75 or 1 inside
+        assert seam[7:9, 7:9].max() < 0.25 and seam.max() > 0.8  # a mask scaled by the ratio would put seam inside
 
 
 def test_the_layer_must_name_exactly_one_feature_map():

@@ -22,7 +22,7 @@ from torch import nn
 
 
 class BoundaryError(ValueError):
-    """A boundary layer that the model does not have."""
+    """train.sbi.boundary_layer names no module of the model, several, or one whose output is no feature map."""
 
 
 def boundary_map(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

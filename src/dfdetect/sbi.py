@@ -142,22 +142,34 @@ def sbi_batch(
     landmarker=None,
     alteration: str = "mild",
     paired: bool = False,
-    with_masks: bool = False,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
     fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
     ellipse. `paired`: the chosen reals stay and their self-blends are appended after the batch, in the same
     order (the same draws as unpaired, so the same self-blends). Seeded from `gen`, so a resumed run makes the
-    same ones. `with_masks`: also the blending masks (N x H x W float, zero for reals) and which images' masks
-    are known (reals and self-blends; not the given fakes, whose manipulated region is unknown), for
-    dfdetect.boundary; the images and labels are the same either way."""
-    n = images.shape[0]
+    same ones."""
+    images, labels, _, _ = sbi_batch_with_masks(images, labels, prob, gen, landmarker, alteration, paired)
+    return images, labels
+
+
+def sbi_batch_with_masks(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prob: float,
+    gen: torch.Generator,
+    landmarker=None,
+    alteration: str = "mild",
+    paired: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sbi_batch (the same draws, the same images and labels), and the blending masks (N x H x W float, zero
+    for reals) and which images' masks are known (reals and self-blends; not the given fakes, whose
+    manipulated region is unknown), for dfdetect.boundary."""
+    n, h, w = images.shape[0], images.shape[2], images.shape[3]
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    h, w = images.shape[2:]
-    masks, known = (torch.zeros(n, h, w), labels == 0) if with_masks else (None, None)
+    masks, known = torch.zeros(n, h, w), labels == 0
     if not chosen.any():
-        return (images, labels, masks, known) if with_masks else (images, labels)
+        return images, labels, masks, known
     rng = np.random.default_rng(seed)
     picked = torch.nonzero(chosen).flatten().tolist()
     fakes, blend_masks = [], []
@@ -170,13 +182,11 @@ def sbi_batch(
     if paired:
         images = torch.cat([images, torch.stack(fakes)])
         labels = torch.cat([labels, torch.ones(len(fakes), dtype=labels.dtype)])
-        if with_masks:
-            masks = torch.cat([masks, torch.stack(blend_masks)])
-            known = torch.cat([known, torch.ones(len(fakes), dtype=torch.bool)])
+        masks = torch.cat([masks, torch.stack(blend_masks)])
+        known = torch.cat([known, torch.ones(len(fakes), dtype=torch.bool)])
     else:
         images, labels = images.clone(), labels.clone()
         images[picked] = torch.stack(fakes)
         labels[picked] = 1
-        if with_masks:
-            masks[picked] = torch.stack(blend_masks)
-    return (images, labels, masks, known) if with_masks else (images, labels)
+        masks[picked] = torch.stack(blend_masks)
+    return images, labels, masks, known

@@ -32,7 +32,7 @@ from .mixture import MixtureSampler
 from .models import ModelError, count_parameters, create_model
 from .preprocessing import PreprocessConfig, standardize, to_size
 from .progress import progress
-from .sbi import sbi_batch
+from .sbi import sbi_batch, sbi_batch_with_masks
 from .weight_space import LINEAGE_KEY as MIXED
 from .weight_space import mix_with_pretrained, pretrained_weights
 
@@ -109,17 +109,22 @@ def _better(val_auc: float, val_loss: float, best_auc: float, best_loss: float) 
 
 
 def augmented_batch(
+    images: torch.Tensor, augment: AugmentParams, gen: torch.Generator, rt: runtime.Runtime
+) -> torch.Tensor:
+    """uint8 batch from the cache -> augmented float images in [0, 1] on the device (what a teacher also sees)."""
+    return augmented_batch_with_masks(images, None, augment, gen, rt)[0]
+
+
+def augmented_batch_with_masks(
     images: torch.Tensor,
+    masks: torch.Tensor | None,
     augment: AugmentParams,
     gen: torch.Generator,
     rt: runtime.Runtime,
-    masks: torch.Tensor | None = None,
-):
-    """uint8 batch from the cache -> augmented float images in [0, 1] on the device (what a teacher also sees);
-    with `masks` (the self-blends' blending masks), (images, the masks moved as their images)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """augmented_batch (the same draws), and the self-blends' blending masks moved as their images were."""
     x = recompress(images, augment, gen).to(rt.device, non_blocking=True).float().div_(255)
-    x, masks = augment_with_masks(x, masks, augment, gen)
-    return x if masks is None else (x, masks)
+    return augment_with_masks(x, masks, augment, gen)
 
 
 def model_input(x: torch.Tensor, pre: PreprocessConfig, rt: runtime.Runtime) -> torch.Tensor:
@@ -580,18 +585,15 @@ class Trainer:
         loss_sum, correct, seen = 0.0, 0, 0
         for images, y in self.train_loader:
             masks = known = None
-            if self.boundary:
-                images, y, masks, known = sbi_batch(
-                    images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired, True
+            if self.boundary:  # the self-blends' masks too: the boundary head learns their seams
+                images, y, masks, known = sbi_batch_with_masks(
+                    images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired
                 )
             elif t.sbi.mode != "none":
                 images, y = sbi_batch(
                     images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired
                 )
-            if masks is None:
-                x = augmented_batch(images, t.augment, self.augment_gen, rt)
-            else:
-                x, masks = augmented_batch(images, t.augment, self.augment_gen, rt, masks)
+            x, masks = augmented_batch_with_masks(images, masks, t.augment, self.augment_gen, rt)
             second = None
             if t.consistency > 0:  # the same images (self-blends included) through another draw of the augmentation
                 second = augmented_batch(images, t.augment, self.augment_gen, rt)
