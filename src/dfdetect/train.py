@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -179,7 +180,7 @@ def train_step(
     balance: bool = False,
     second_view: torch.Tensor | None = None,
     consistency: float = 0.0,
-    extra_loss=None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ):
     """One optimiser step on `label_loss`. With `second_view` (the same images augmented again), both views are
     scored in one batch, the label loss is their mean, plus `consistency` x `consistency_loss` between them;
