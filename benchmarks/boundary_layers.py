@@ -14,7 +14,6 @@ little more than "a tenth of the map is seam". Training faces only: no evaluatio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 from dfdetect import runtime
 from dfdetect.boundary import BoundarySupervision, boundary_map
 from dfdetect.config import ModelParams, Params, load_params
+from dfdetect.io_utils import atomic_write_json
 from dfdetect.models import create_model
 from dfdetect.preprocessing import PreprocessConfig, standardize
 from dfdetect.progress import progress
@@ -123,10 +123,7 @@ def main() -> None:
         "seconds": round(time.time() - started, 1),
         "layers": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ that size costs to decode. Both ways must return the same frames; the benchmark 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dfdetect import video
+from dfdetect.io_utils import atomic_write_json
 from dfdetect.video import read_frames
 
 
@@ -108,10 +108,7 @@ def main() -> None:
         "video": {"codec": "h264", "size": args.size, "fps": args.fps, "gop": args.gop, "sampled": args.frames},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

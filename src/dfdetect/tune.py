@@ -443,8 +443,9 @@ def skipped(study) -> int:
     return sum(INVALID_RECIPE in t.user_attrs for t in study.get_trials(deepcopy=False))
 
 
-def _too_many_skipped(study, trials: int) -> bool:
-    return skipped(study) >= MAX_SKIPPED_PER_TRIAL * trials
+def _past_skip_cap(skipped_count: int, trials: int) -> bool:
+    """The rule that stops a study of mostly invalid combinations: MAX_SKIPPED_PER_TRIAL skips per trial asked."""
+    return skipped_count >= MAX_SKIPPED_PER_TRIAL * trials
 
 
 def _stop_when_done(trials: int):
@@ -452,7 +453,7 @@ def _stop_when_done(trials: int):
     it has skipped MAX_SKIPPED_PER_TRIAL x `trials` invalid combinations (a space of mostly invalid pairs)."""
 
     def callback(study, _trial) -> None:
-        if finished(study) >= trials or _too_many_skipped(study, trials):
+        if finished(study) >= trials or _past_skip_cap(skipped(study), trials):
             study.stop()
 
     return callback
@@ -562,7 +563,7 @@ def tune(
     log.info("study %s in %s: %d of %d trials finished", study.study_name, tracking.redact(url), done, trials)
     runs = StudyRuns(params, study) if track else None
     suite = load_suite(params, workers) if params.tune.objective == "suite_mean" else None
-    if done < trials and not _too_many_skipped(study, trials):
+    if done < trials and not _past_skip_cap(skipped(study), trials):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(
             make_objective(params, prepared_dir, runs, suite),
@@ -577,7 +578,7 @@ def tune(
     write_outputs(summary, Path(out_dir))
     if runs:
         runs.summarise(summary)
-    if summary["finished"] < trials and summary["skipped"] >= MAX_SKIPPED_PER_TRIAL * trials:
+    if summary["finished"] < trials and _past_skip_cap(summary["skipped"], trials):
         raise TuneError(
             f"study {study.study_name} stopped with {summary['finished']} of {trials} trials finished: "
             f"{summary['skipped']} sampled combinations of tune.space were no valid recipe (the reasons are in "
