@@ -174,3 +174,82 @@ def test_paper_blends_shift_only_the_inside_copy(monkeypatch):
             assert np.array_equal(outside.astype(int), brighter)  # altered, in place: not shifted
             outsides.add("altered")
     assert outsides == {"face", "altered"}
+
+
+def _stripes(vertical: bool, size: int = 96) -> np.ndarray:
+    """A grey face-sized image of 8-px stripes, one way or the other (the same colours, another pattern)."""
+    line = (np.arange(size) // 4 % 2 * 120 + 60).astype(np.uint8)
+    img = np.broadcast_to(line[None, :] if vertical else line[:, None], (size, size))
+    return np.repeat(img[..., None], 3, axis=2).copy()
+
+
+def _pattern_share(img: np.ndarray) -> float:
+    """How much of the centre's variation runs across columns (vertical stripes) rather than rows."""
+    centre = img[32:64, 32:64, 0].astype(float)
+    return float(np.abs(np.diff(centre, axis=1)).mean() / (np.abs(np.diff(centre, axis=0)).mean() + 1e-6))
+
+
+def test_donor_blends_take_the_inside_from_another_real_face_of_the_batch():
+    images = torch.from_numpy(np.stack([_stripes(False), _stripes(True), _stripes(False)])).permute(0, 3, 1, 2)
+    labels = torch.tensor([0, 0, 1])  # two reals, one known fake (never a donor, never changed)
+    own, _ = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), donor_prob=0.0)
+    out, y = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), donor_prob=1.0)
+    assert y.tolist() == [1, 1, 1] and torch.equal(out[2], images[2])
+    first, second = (out[k].permute(1, 2, 0).numpy() for k in (0, 1))
+    assert _pattern_share(own[0].permute(1, 2, 0).numpy()) < 0.3  # its own inside: still horizontal stripes
+    assert _pattern_share(first) > 3  # the other real's vertical stripes inside
+    assert _pattern_share(second) < 0.3  # and the other way round
+    again, _ = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), donor_prob=1.0)
+    assert torch.equal(out, again)  # seeded: a resumed run makes the same ones
+
+
+def test_a_zero_donor_share_draws_nothing_more():
+    images = torch.randint(0, 255, (16, 3, 48, 48), dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 8)
+    default, _ = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(5))
+    zero, _ = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(5), donor_prob=0.0)
+    some, _ = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(5), donor_prob=0.5)
+    assert torch.equal(default, zero) and not torch.equal(default, some)
+
+
+def test_a_donor_gets_the_faces_colours_inside_the_mask():
+    from dfdetect.sbi import colour_matched
+
+    rng = np.random.default_rng(0)
+    face = (rng.normal([150, 110, 90], [20, 15, 10], (64, 64, 3))).clip(0, 255).astype(np.uint8)
+    donor = (rng.normal([80, 90, 140], [5, 30, 12], (64, 64, 3))).clip(0, 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1
+    matched = colour_matched(donor, face, mask).astype(float)
+    inside = mask > 0.5
+    assert np.allclose(matched[inside].mean(0), face[inside].mean(0), atol=1.5)
+    assert np.allclose(matched[inside].std(0), face[inside].std(0), rtol=0.1)
+
+
+def test_a_donor_is_aligned_by_its_landmarks_onto_the_face():
+    from dfdetect.landmarks import five_points
+    from dfdetect.sbi import aligned_donor
+
+    points = np.random.default_rng(1).uniform(30, 90, (478, 2)).astype(np.float32)
+    donor = np.zeros((128, 128, 3), np.uint8)
+    nose = five_points(points)[2]
+    donor[int(nose[1]) + 6, int(nose[0]) + 9] = 255  # the donor's nose tip, 9 px right and 6 down of the face's
+    aligned = aligned_donor(donor, points + np.float32([9, 6]), points)
+    y, x = np.unravel_index(aligned[..., 0].argmax(), aligned.shape[:2])
+    assert abs(x - int(nose[0])) <= 1 and abs(y - int(nose[1])) <= 1
+
+
+def test_training_with_donor_blends_aligns_them_with_the_landmark_model(prepared_small, tmp_path, monkeypatch):
+    from dfdetect import train as training
+    from dfdetect.landmarks import FaceLandmarker
+
+    aligners = []
+
+    def recorded(images, labels, *args, **kwargs):
+        aligners.append(kwargs.get("aligner"))
+        return sbi_batch(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(training, "sbi_batch", recorded)
+    params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "donor_prob": 0.5}, "epochs": 1})
+    result = training.train(params, prepared_small, tmp_path / "models", track=False)
+    assert result.completed and aligners and all(isinstance(a, FaceLandmarker) for a in aligners)

@@ -333,6 +333,14 @@ class SbiParams(Section):
         "is augmented on its own draws; the batch grows by the share chosen); false: the chosen real is replaced "
         "by its self-blend",
     )
+    donor_prob: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="chance that a self-blend's inside comes from another real face of the batch (its colours "
+        "matched to the face's inside the mask; aligned by landmarks with mask: landmarks) instead of the face "
+        "itself: Face X-ray's blended images, an identity swap; 0: self-blends only",
+    )
     boundary_weight: float = Field(
         0.0,
         ge=0.0,

@@ -5,7 +5,9 @@ randomly deformed face mask. The result carries the traces every face swap leave
 colour and frequency mismatches) without any identity change, so a detector learns those traces instead of
 one generator's fingerprint. The mask is the convex hull of the face's dense landmarks (MediaPipe's face mesh,
 dfdetect.landmarks), as the paper draws it; where no face mesh is found, an ellipse around the centre of the
-crop (`prepare` crops faces centred, and tight crops are centred too).
+crop (`prepare` crops faces centred, and tight crops are centred too). Optionally (`donor_prob`) a share of the
+blends take their inside from another real face of the batch, colour-matched (Li et al., Face X-ray, CVPR 2020:
+"blended images"), so the pseudo-fakes also carry an identity swap's mismatch.
 """
 
 from __future__ import annotations
@@ -101,13 +103,18 @@ def _paper_alteration(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (alpha * sharp + (1 - alpha) * np.asarray(pil, np.float32)).round().clip(0, 255).astype(np.uint8)
 
 
-def _blend_pair(face: np.ndarray, rng: np.random.Generator, alteration: str) -> tuple[np.ndarray, np.ndarray]:
+def _blend_pair(
+    face: np.ndarray, rng: np.random.Generator, alteration: str, donor: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(inside, outside): the copy blended inside the mask and the image around it. The inside copy is always
     rescaled and shifted a little (the paper's affine jitter of the source). mild alters the inside copy; paper,
     as the paper's code does, alters the inside or the outside at random, so which side of the boundary is the
     coarser is no cue; the outside is never shifted (a shifted frame would show edge-padded borders, a cue of
-    the pseudo-fakes alone)."""
+    the pseudo-fakes alone). With a `donor` (another face, see self_blend) the inside is the donor, altered, and
+    the outside the face as it is: the two sides already differ in identity and skin."""
     h, w = face.shape[:2]
+    if donor is not None:
+        return _shifted(ALTERATIONS[alteration](donor, rng), h, w, rng), face
     altered = ALTERATIONS[alteration](face, rng)
     if alteration == "paper" and rng.random() < 0.5:
         return _shifted(face, h, w, rng), altered
@@ -117,21 +124,72 @@ def _blend_pair(face: np.ndarray, rng: np.random.Generator, alteration: str) -> 
 ALTERATIONS = {"mild": _mild_alteration, "paper": _paper_alteration}
 
 
+def colour_matched(donor: np.ndarray, face: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`donor` (H x W x 3 uint8) with each channel's mean and spread inside `mask` moved to `face`'s there: the
+    colour correction Face X-ray gives its donors, so skin tone and lighting are no cue of the blend."""
+    inside = mask > 0.5
+    if not inside.any():
+        inside = np.ones(mask.shape, bool)
+    src, ref = donor.astype(np.float32), face.astype(np.float32)
+    mean_s, std_s = src[inside].mean(0), src[inside].std(0) + 1e-3
+    mean_r, std_r = ref[inside].mean(0), ref[inside].std(0)
+    return ((src - mean_s) * (std_r / std_s) + mean_r).round().clip(0, 255).astype(np.uint8)
+
+
+def aligned_donor(donor: np.ndarray, donor_points: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """`donor` warped by the similarity (rotation, scale, shift) that best takes its five landmarks onto the
+    face's, so its eyes, nose and mouth land where the face's are; the donor unchanged where no fit is found."""
+    import cv2
+
+    from .landmarks import five_points
+
+    matrix, _ = cv2.estimateAffinePartial2D(five_points(donor_points), five_points(points))
+    if matrix is None:
+        return donor
+    h, w = donor.shape[:2]
+    return cv2.warpAffine(donor, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 def self_blend(
-    face: np.ndarray, rng: np.random.Generator, points: np.ndarray | None = None, alteration: str = "mild"
+    face: np.ndarray,
+    rng: np.random.Generator,
+    points: np.ndarray | None = None,
+    alteration: str = "mild",
+    donor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A real face (H x W x 3 uint8) -> (its self-blended pseudo-fake, the blending mask H x W in [0, 1]). With
     `points` (face landmarks in the crop's pixels) the mask follows the face's hull, else an ellipse.
-    `alteration`: how the two blended images differ (see _blend_pair). The mask returned is the region's shape,
-    1 inside and feathered at its edge, before the blend ratio (a quarter to all of the copy) scales it: its
-    seam is where the blend's seam is, whatever the ratio (dfdetect.boundary)."""
+    `alteration`: how the two blended images differ (see _blend_pair). `donor`: another real face (the same
+    size, already aligned to this one) whose inside is blended in instead of the face's own, after its colours
+    are matched to the face's inside the mask, and in full: Face X-ray's blended images, a swap of identity. The mask
+    returned is the region's shape, 1 inside and feathered at its edge, before the blend ratio (a quarter to all
+    of the copy) scales it: its seam is where the blend's seam is, whatever the ratio (dfdetect.boundary)."""
     h, w = face.shape[:2]
     mask = landmark_mask(points, h, w, rng) if points is not None else _soft_mask(h, w, rng)
     ratio = rng.choice([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # blend ratio, mostly full
-    inside, outside = _blend_pair(face, rng, alteration)
+    if donor is not None:  # another face is blended in whole: a partial blend of two faces shows both (doubled
+        ratio = 1.0  # eyes and mouths), a cue no swap tool leaves
+        donor = colour_matched(donor, face, mask)
+    inside, outside = _blend_pair(face, rng, alteration, donor)
     alpha = (mask * ratio)[..., None]
     blended = alpha * inside.astype(np.float32) + (1 - alpha) * outside.astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8), mask
+
+
+def _donor_for(images: torch.Tensor, reals: list[int], i: int, rng, aligner, points) -> np.ndarray:
+    """Another real face of the batch than image `i`, drawn at random, as H x W x 3 uint8; aligned to image i by
+    their landmarks where `aligner` (a dfdetect.landmarks.FaceLandmarker) finds both faces, else as its crop
+    frames it (prepare's crops are centred). `points`: image i's landmarks when already found."""
+    j = reals[int(rng.integers(len(reals) - 1))]
+    j = reals[-1] if j == i else j  # len - 1 draws skip the last index: it stands in for i
+    donor = images[j].permute(1, 2, 0).numpy()
+    if aligner is not None:
+        if points is None:
+            points = aligner.landmarks(images[i].permute(1, 2, 0).numpy())
+        donor_points = aligner.landmarks(donor) if points is not None else None
+        if donor_points is not None:
+            donor = aligned_donor(donor, donor_points, points)
+    return donor
 
 
 def sbi_batch(
@@ -142,13 +200,20 @@ def sbi_batch(
     landmarker=None,
     alteration: str = "mild",
     paired: bool = False,
+    donor_prob: float = 0.0,
+    aligner=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
     fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
     ellipse. `paired`: the chosen reals stay and their self-blends are appended after the batch, in the same
-    order (the same draws as unpaired, so the same self-blends). Seeded from `gen`, so a resumed run makes the
-    same ones."""
-    images, labels, _, _ = sbi_batch_with_masks(images, labels, prob, gen, landmarker, alteration, paired)
+    order (the same draws as unpaired, so the same self-blends). `donor_prob`: the chance that a self-blend takes
+    its inside from another real face of the batch instead of its own (Face X-ray's blended images; see
+    self_blend), aligned to the face by `aligner`'s landmarks (a FaceLandmarker; None: unaligned); 0 draws
+    nothing more, so the self-blends stay those of a run without donors. Seeded from `gen`,
+    so a resumed run makes the same ones."""
+    images, labels, _, _ = sbi_batch_with_masks(
+        images, labels, prob, gen, landmarker, alteration, paired, donor_prob, aligner
+    )
     return images, labels
 
 
@@ -160,6 +225,8 @@ def sbi_batch_with_masks(
     landmarker=None,
     alteration: str = "mild",
     paired: bool = False,
+    donor_prob: float = 0.0,
+    aligner=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sbi_batch (the same draws, the same images and labels), and the blending masks (N x H x W float, zero
     for reals) and which images' masks are known (reals and self-blends; not the given fakes, whose
@@ -172,11 +239,15 @@ def sbi_batch_with_masks(
         return images, labels, masks, known
     rng = np.random.default_rng(seed)
     picked = torch.nonzero(chosen).flatten().tolist()
+    reals = torch.nonzero(labels == 0).flatten().tolist()
     fakes, blend_masks = [], []
     for i in picked:
         face = images[i].permute(1, 2, 0).numpy()
         points = landmarker.landmarks(face) if landmarker is not None else None
-        fake, mask = self_blend(face, rng, points, alteration)
+        donor = None
+        if donor_prob > 0 and len(reals) > 1 and rng.random() < donor_prob:
+            donor = _donor_for(images, reals, i, rng, aligner, points)
+        fake, mask = self_blend(face, rng, points, alteration, donor)
         fakes.append(torch.from_numpy(fake).permute(2, 0, 1))
         blend_masks.append(torch.from_numpy(mask).float())
     if paired:

@@ -333,7 +333,8 @@ class Trainer:
         runtime.seed_everything(self.params.seed)
 
     def _set_up_data(self) -> None:
-        """The prepared splits, their preprocessing and, for landmark SBI masks, the landmark model."""
+        """The prepared splits, their preprocessing and, for landmark SBI masks or aligned donors, the landmark
+        model."""
         t = self.t
         self.pre = preprocess_config(self.prepared_dir)
         size = self.params.model.image_size
@@ -354,6 +355,19 @@ class Trainer:
             from .landmarks import FaceLandmarker
 
             self.landmarker = FaceLandmarker.load()
+        self.aligner = None  # aligns donor faces (train.sbi.donor_prob) by their landmarks, whatever the mask
+        if t.sbi.mode != "none" and t.sbi.donor_prob > 0:
+            from .landmarks import FaceLandmarker
+
+            self.aligner = self.landmarker or FaceLandmarker.load()
+        self.sbi_options = {
+            "prob": t.sbi.prob,
+            "landmarker": self.landmarker,
+            "alteration": t.sbi.alteration,
+            "paired": t.sbi.paired,
+            "donor_prob": t.sbi.donor_prob,
+            "aligner": self.aligner,
+        }
 
     def _set_up_model(self) -> None:
         """The network, its frozen part, the weight average that ships, the optimizer, schedule and scaler."""
@@ -587,13 +601,9 @@ class Trainer:
         for images, y in self.train_loader:
             masks = known = None
             if self.boundary:  # the self-blends' masks too: the boundary head learns their seams
-                images, y, masks, known = sbi_batch_with_masks(
-                    images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired
-                )
+                images, y, masks, known = sbi_batch_with_masks(images, y, gen=self.augment_gen, **self.sbi_options)
             elif t.sbi.mode != "none":
-                images, y = sbi_batch(
-                    images, y, t.sbi.prob, self.augment_gen, self.landmarker, t.sbi.alteration, t.sbi.paired
-                )
+                images, y = sbi_batch(images, y, gen=self.augment_gen, **self.sbi_options)
             x, masks = augmented_batch_with_masks(images, masks, t.augment, self.augment_gen, rt)
             second = None
             if t.consistency > 0:  # the same images (self-blends included) through another draw of the augmentation
