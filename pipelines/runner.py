@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import urllib.error
 import urllib.request
 import warnings
@@ -36,9 +38,34 @@ def compile_pipeline(
     tmp = out.with_name(f".{out.name}.compiling.yaml")
     build = build_monitor_pipeline if monitor else build_pipeline
     compiler.Compiler().compile(build(params, image), str(tmp))
-    atomic_write_text(out, tmp.read_text())
+    atomic_write_text(out, stable_header(tmp.read_text()))
     tmp.unlink()
     return out
+
+
+_HEADER_DEFAULT = re.compile(r"^(#\s+\w+: dict \[Default: )(\{.*\})(\])$")
+
+
+def _sorted_keys(value):
+    """`value` with every dict's keys in sorted order, however deep."""
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
+
+
+def stable_header(text: str) -> str:
+    """The compiled YAML with its comment header's dict defaults in sorted key order. KFP writes them from a
+    protobuf map, whose order changes from one compile to the next, so every compile rewrote those lines; the
+    spec below the header is unchanged."""
+    lines = []
+    for line in text.split("\n"):
+        match = _HEADER_DEFAULT.match(line)
+        if match:
+            line = f"{match[1]}{_sorted_keys(ast.literal_eval(match[2]))!r}{match[3]}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def arguments(params: Params, monitor: bool = False, **pipeline_args) -> dict:
