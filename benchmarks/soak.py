@@ -185,6 +185,7 @@ def main():
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "soak.json", help="JSON result file")
     args = ap.parse_args()
 
+    from dfdetect.io_utils import atomic_write_json
     from dfdetect.servers import start_bento
 
     tmp = Path(tempfile.mkdtemp(prefix="dfdetect-soak-"))
@@ -291,10 +292,7 @@ def main():
         "command": "python benchmarks/soak.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_json(args.out, result)
     print(
         json.dumps(
             {k: v for k, v in result.items() if k != "rss_mb"}
