@@ -190,8 +190,10 @@ def _pattern_share(img: np.ndarray) -> float:
 
 
 def test_donor_blends_take_the_inside_from_another_real_face_of_the_batch():
-    images = torch.from_numpy(np.stack([_stripes(False), _stripes(True), _stripes(False)])).permute(0, 3, 1, 2)
-    labels = torch.tensor([0, 0, 1])  # two reals, one known fake (never a donor, never changed)
+    checks = (np.indices((96, 96)).sum(0) // 4 % 2 * 120 + 60).astype(np.uint8)  # a checkerboard: both ways at once
+    fake = np.repeat(checks[..., None], 3, axis=2)
+    images = torch.from_numpy(np.stack([_stripes(False), _stripes(True), fake])).permute(0, 3, 1, 2)
+    labels = torch.tensor([0, 0, 1])  # two reals, one known fake (never a donor: its pattern would show both ways)
     own, _ = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), donor_prob=0.0)
     out, y = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), donor_prob=1.0)
     assert y.tolist() == [1, 1, 1] and torch.equal(out[2], images[2])
@@ -204,12 +206,21 @@ def test_donor_blends_take_the_inside_from_another_real_face_of_the_batch():
 
 
 def test_a_zero_donor_share_draws_nothing_more():
+    """The self-blends of a run without donors, drawn as they were before donors existed: which reals from the
+    batch generator, then one seed for the blends, each blend its own draws from it."""
     images = torch.randint(0, 255, (16, 3, 48, 48), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
-    default, _ = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(5))
-    zero, _ = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(5), donor_prob=0.0)
+    gen = torch.Generator().manual_seed(5)
+    chosen = (torch.rand(16, generator=gen) < 0.5) & (labels == 0)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    expected = images.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        expected[i] = torch.from_numpy(self_blend(images[i].permute(1, 2, 0).numpy(), rng)[0]).permute(2, 0, 1)
+    zero_gen = torch.Generator().manual_seed(5)
+    zero, _ = sbi_batch(images, labels, 0.5, zero_gen, donor_prob=0.0, aligner=object())  # never asked
+    assert torch.equal(zero, expected) and torch.equal(zero_gen.get_state(), gen.get_state())
     some, _ = sbi_batch(images, labels, 0.5, torch.Generator().manual_seed(5), donor_prob=0.5)
-    assert torch.equal(default, zero) and not torch.equal(default, some)
+    assert not torch.equal(some, expected)
 
 
 def test_a_donor_gets_the_faces_colours_inside_the_mask():
@@ -239,17 +250,21 @@ def test_a_donor_is_aligned_by_its_landmarks_onto_the_face():
     assert abs(x - int(nose[0])) <= 1 and abs(y - int(nose[1])) <= 1
 
 
-def test_training_with_donor_blends_aligns_them_with_the_landmark_model(prepared_small, tmp_path, monkeypatch):
+def test_training_with_donor_blends_aligns_the_donors_by_their_landmarks(prepared_small, tmp_path, monkeypatch):
+    from dfdetect import sbi
     from dfdetect import train as training
     from dfdetect.landmarks import FaceLandmarker
 
-    aligners = []
+    aligners, aligned = [], []
 
     def recorded(images, labels, *args, **kwargs):
         aligners.append(kwargs.get("aligner"))
         return sbi_batch(images, labels, *args, **kwargs)
 
+    original = sbi.aligned_donor
+    monkeypatch.setattr(sbi, "aligned_donor", lambda *args: aligned.append(1) or original(*args))
     monkeypatch.setattr(training, "sbi_batch", recorded)
-    params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "donor_prob": 0.5}, "epochs": 1})
+    params = small_params(train={"sbi": {"mode": "add", "prob": 0.5, "donor_prob": 1.0}, "epochs": 1})
     result = training.train(params, prepared_small, tmp_path / "models", track=False)
     assert result.completed and aligners and all(isinstance(a, FaceLandmarker) for a in aligners)
+    assert aligned  # the ellipse mask needs no landmarks: the donors were aligned by the model loaded for them

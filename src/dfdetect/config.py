@@ -337,9 +337,10 @@ class SbiParams(Section):
         0.0,
         ge=0.0,
         le=1.0,
-        description="chance that a self-blend's inside comes from another real face of the batch (its colours "
-        "matched to the face's inside the mask; aligned by landmarks with mask: landmarks) instead of the face "
-        "itself: Face X-ray's blended images, an identity swap; 0: self-blends only",
+        description="chance that a self-blend's inside comes from another real face of the batch instead of the "
+        "face itself (its colours matched to the face's inside the mask; aligned by the face mesh's five points, "
+        "whatever mask says, unaligned where no face is found; blended whole): Face X-ray's blended images, an "
+        "identity swap; 0: self-blends only",
     )
     boundary_weight: float = Field(
         0.0,

@@ -177,19 +177,14 @@ def self_blend(
 
 
 def _donor_for(images: torch.Tensor, reals: list[int], i: int, rng, aligner, points) -> np.ndarray:
-    """Another real face of the batch than image `i`, drawn at random, as H x W x 3 uint8; aligned to image i by
-    their landmarks where `aligner` (a dfdetect.landmarks.FaceLandmarker) finds both faces, else as its crop
-    frames it (prepare's crops are centred). `points`: image i's landmarks when already found."""
+    """Another real face of the batch than image `i`, drawn at random, as H x W x 3 uint8; aligned onto image
+    i's landmarks `points` where `aligner` (a dfdetect.landmarks.FaceLandmarker) finds the donor's too, else as
+    its crop frames it (prepare's crops are centred)."""
     j = reals[int(rng.integers(len(reals) - 1))]
     j = reals[-1] if j == i else j  # len - 1 draws skip the last index: it stands in for i
     donor = images[j].permute(1, 2, 0).numpy()
-    if aligner is not None:
-        if points is None:
-            points = aligner.landmarks(images[i].permute(1, 2, 0).numpy())
-        donor_points = aligner.landmarks(donor) if points is not None else None
-        if donor_points is not None:
-            donor = aligned_donor(donor, donor_points, points)
-    return donor
+    donor_points = aligner.landmarks(donor) if aligner is not None and points is not None else None
+    return aligned_donor(donor, donor_points, points) if donor_points is not None else donor
 
 
 def sbi_batch(
@@ -246,7 +241,11 @@ def sbi_batch_with_masks(
         points = landmarker.landmarks(face) if landmarker is not None else None
         donor = None
         if donor_prob > 0 and len(reals) > 1 and rng.random() < donor_prob:
-            donor = _donor_for(images, reals, i, rng, aligner, points)
+            if landmarker is None and aligner is not None:  # the face's own landmarks, not yet looked for
+                points_for_donor = aligner.landmarks(face)
+            else:
+                points_for_donor = points
+            donor = _donor_for(images, reals, i, rng, aligner, points_for_donor)
         fake, mask = self_blend(face, rng, points, alteration, donor)
         fakes.append(torch.from_numpy(fake).permute(2, 0, 1))
         blend_masks.append(torch.from_numpy(mask).float())
