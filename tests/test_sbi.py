@@ -177,7 +177,7 @@ def test_paper_blends_shift_only_the_inside_copy(monkeypatch):
 
 
 def _stripes(vertical: bool, size: int = 96) -> np.ndarray:
-    """A grey face-sized image of 8-px stripes, one way or the other (the same colours, another pattern)."""
+    """A grey face-sized image of stripes 4 px wide, one way or the other (the same colours, another pattern)."""
     line = (np.arange(size) // 4 % 2 * 120 + 60).astype(np.uint8)
     img = np.broadcast_to(line[None, :] if vertical else line[:, None], (size, size))
     return np.repeat(img[..., None], 3, axis=2).copy()
@@ -190,8 +190,8 @@ def _pattern_share(img: np.ndarray) -> float:
 
 
 def test_donor_blends_take_the_inside_from_another_real_face_of_the_batch():
-    checks = (np.indices((96, 96)).sum(0) // 4 % 2 * 120 + 60).astype(np.uint8)  # a checkerboard: both ways at once
-    fake = np.repeat(checks[..., None], 3, axis=2)
+    diagonal = (np.indices((96, 96)).sum(0) // 4 % 2 * 120 + 60).astype(np.uint8)  # diagonal: both ways at once
+    fake = np.repeat(diagonal[..., None], 3, axis=2)
     images = torch.from_numpy(np.stack([_stripes(False), _stripes(True), fake])).permute(0, 3, 1, 2)
     labels = torch.tensor([0, 0, 1])  # two reals, one known fake (never a donor: its pattern would show both ways)
     own, _ = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), donor_prob=0.0)
