@@ -268,3 +268,91 @@ def test_training_with_donor_blends_aligns_the_donors_by_their_landmarks(prepare
     result = training.train(params, prepared_small, tmp_path / "models", track=False)
     assert result.completed and aligners and all(isinstance(a, FaceLandmarker) for a in aligners)
     assert aligned  # the ellipse mask needs no landmarks: the donors were aligned by the model loaded for them
+
+
+def _shape(yaw: float, scale: float = 1.0, angle: float = 0.0, shift=(0.0, 0.0)) -> np.ndarray:
+    """A 478-point stand-in for a face mesh whose five landmarks are a face turned by `yaw` (the nose moved
+    toward one eye), then scaled, rotated in-plane and shifted: only yaw changes its shape."""
+    from dfdetect.landmarks import EYE_CORNERS, MOUTH_CORNERS, NOSE_TIP
+
+    five = np.array([[-20, -10], [20, -10], [30 * yaw, 8], [-14, 22], [14, 22]], np.float64)
+    c, s = np.cos(angle), np.sin(angle)
+    five = five @ np.array([[c, s], [-s, c]]) * scale + np.array(shift) + 64
+    points = np.full((478, 2), 64.0)
+    for k, pair in enumerate(EYE_CORNERS):
+        points[list(pair)] = five[k]
+    points[NOSE_TIP] = five[2]
+    points[list(MOUTH_CORNERS)] = five[3:]
+    return points.astype(np.float32)
+
+
+def test_the_shape_distance_ignores_position_scale_and_rotation_and_sees_a_turned_head():
+    from dfdetect.sbi import shape_distance
+
+    front = _shape(0.0)
+    assert shape_distance(front, _shape(0.0, scale=1.4, angle=0.3, shift=(7, -5))) < 1e-6
+    slightly, strongly = shape_distance(front, _shape(0.2)), shape_distance(front, _shape(0.6))
+    assert 0 < slightly < strongly
+    assert shape_distance(_shape(0.4), _shape(-0.4)) > strongly  # turned the other way: no mirror allowed
+
+
+class _ShapesByImage:
+    """A landmarker whose faces are told apart by their first pixel: image k has the shape `shapes[k]`. Counts
+    its lookups."""
+
+    def __init__(self, shapes):
+        self.shapes, self.calls = shapes, 0
+
+    def landmarks(self, face):
+        self.calls += 1
+        return self.shapes[int(face[0, 0, 0])]
+
+
+def test_nearest_donors_are_shaped_like_the_face_and_each_mesh_is_looked_up_once(monkeypatch):
+    from dfdetect import sbi
+
+    yaws = [0.0, 0.05, -0.6, 0.6, 0.55, -0.55, 0.1, -0.1]  # face 0's three nearest: 1, 6, 7
+    images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(8, dtype=torch.uint8)
+    labels = torch.zeros(8, dtype=torch.long)
+    finder = _ShapesByImage([_shape(y) for y in yaws])
+    donors = []
+    monkeypatch.setattr(
+        sbi, "_donor_for", lambda images, j, *rest: donors.append(j) or images[j].permute(1, 2, 0).numpy()
+    )
+    for seed in range(6):
+        donors.clear()
+        finder.calls = 0
+        sbi.sbi_batch(
+            images,
+            labels,
+            1.0,
+            torch.Generator().manual_seed(seed),
+            donor_prob=1.0,
+            aligner=finder,
+            donor_choice="nearest",
+        )
+        assert donors[0] in {1, 6, 7}  # face 0 (frontal) never gets a head turned far either way
+        assert donors[3] in {4, 1, 6}  # face 3 (turned 0.6) gets 0.55 first
+        assert finder.calls == 8  # every face's mesh once, however many blends asked for it
+    random_donors = set()
+    for seed in range(12):
+        donors.clear()
+        sbi.sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(seed), donor_prob=1.0, aligner=finder)
+        random_donors.add(donors[0])
+    assert {2, 3, 4, 5} & random_donors  # random: turned heads too
+
+
+def test_nearest_donors_fall_back_to_random_where_no_face_is_found():
+    images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 0, 1, 0, 0])
+
+    class NoFace:
+        def landmarks(self, face):
+            return None
+
+    out, y = sbi_batch(
+        images, labels, 1.0, torch.Generator().manual_seed(2), donor_prob=1.0, aligner=NoFace(), donor_choice="nearest"
+    )
+    again, _ = sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(2), donor_prob=1.0, aligner=NoFace())
+    assert y.tolist() == [1, 1, 1, 1, 1, 1] and torch.equal(out, again)  # the random choice's draws exactly

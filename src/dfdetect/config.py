@@ -342,6 +342,13 @@ class SbiParams(Section):
         "whatever mask says, unaligned where no face is found; blended whole): Face X-ray's blended images, an "
         "identity swap; 0: self-blends only",
     )
+    donor_choice: Literal["random", "nearest"] = Field(
+        "random",
+        description="which other real face of the batch is a blend's donor (with donor_prob > 0): random, any of "
+        "them uniformly; nearest, one of the 3 whose five landmarks are shaped most like the face's once position, "
+        "scale and rotation are taken out (Face X-ray's choice: a turned head gets a donor turned the same way; "
+        "random where the face mesh finds no face)",
+    )
     boundary_weight: float = Field(
         0.0,
         ge=0.0,

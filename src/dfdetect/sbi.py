@@ -176,39 +176,65 @@ def self_blend(
     return blended.round().clip(0, 255).astype(np.uint8), mask
 
 
-def _donor_for(images: torch.Tensor, reals: list[int], i: int, rng, aligner, points) -> np.ndarray:
-    """Another real face of the batch than image `i`, drawn at random, as H x W x 3 uint8; aligned onto image
-    i's landmarks `points` where `aligner` (a dfdetect.landmarks.FaceLandmarker) finds the donor's too, else as
-    its crop frames it (prepare's crops are centred)."""
+def shape_distance(points: np.ndarray, other: np.ndarray) -> float:
+    """How differently two faces are posed and shaped: the Procrustes distance between their five landmarks
+    (eye centres, nose tip, mouth corners) once position, scale and in-plane rotation are taken out, which is
+    what aligned_donor takes out. 0 for the same shape; a turned head moves its nose off the eyes' middle."""
+    from .landmarks import five_points
+
+    a, b = five_points(points).astype(np.float64), five_points(other).astype(np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    a, b = a / (np.linalg.norm(a) or 1.0), b / (np.linalg.norm(b) or 1.0)
+    u, s, vt = np.linalg.svd(a.T @ b)
+    if np.linalg.det(u @ vt) < 0:  # a rotation, never a mirror: training flips faces, donors stay unflipped
+        s[-1] = -s[-1]
+    return float(np.sqrt(max(0.0, 2.0 - 2.0 * s.sum())))
+
+
+class _BatchLandmarks:
+    """Each image of a batch's landmarks (None where no face is found), looked up once by `finder` (a
+    dfdetect.landmarks.FaceLandmarker) however many blends ask: the face mesh costs a few ms a face."""
+
+    def __init__(self, images: torch.Tensor, finder) -> None:
+        self.images, self.finder, self.found = images, finder, {}
+
+    def __call__(self, j: int) -> np.ndarray | None:
+        if j not in self.found:
+            self.found[j] = self.finder.landmarks(self.images[j].permute(1, 2, 0).numpy())
+        return self.found[j]
+
+
+NEAREST_DONORS = 3  # donor_choice nearest draws among this many closest shapes: Face X-ray's random pick
+# among the nearest, scaled from its search over thousands of faces to a batch's dozen reals
+
+
+def _donor_index(reals: list[int], i: int, rng, choice: str, landmarks: _BatchLandmarks | None) -> int:
+    """Which other real of the batch gives image `i` its inside. `random`: any, uniformly. `nearest`: one of the
+    NEAREST_DONORS whose five landmarks are shaped most like i's (shape_distance; Face X-ray's choice, so a
+    turned head gets a donor turned the same way); random where i's or every other face's landmarks are missing."""
+    points = landmarks(i) if choice == "nearest" and landmarks is not None else None
+    if points is not None:
+        others = [(shape_distance(points, landmarks(j)), j) for j in reals if j != i and landmarks(j) is not None]
+        if others:
+            nearest = sorted(others)[:NEAREST_DONORS]
+            return nearest[int(rng.integers(len(nearest)))][1]
     j = reals[int(rng.integers(len(reals) - 1))]
-    j = reals[-1] if j == i else j  # len - 1 draws skip the last index: it stands in for i
+    return reals[-1] if j == i else j  # len - 1 draws skip the last index: it stands in for i
+
+
+def _donor_for(images: torch.Tensor, j: int, points, landmarks: _BatchLandmarks | None) -> np.ndarray:
+    """Image `j` of the batch as H x W x 3 uint8, aligned onto the face's landmarks `points` where both those
+    and the donor's (looked up in `landmarks`) are known, else as its crop frames it (prepare's crops are
+    centred)."""
     donor = images[j].permute(1, 2, 0).numpy()
-    donor_points = aligner.landmarks(donor) if aligner is not None and points is not None else None
+    donor_points = landmarks(j) if points is not None else None  # no lookup where the face has none
     return aligned_donor(donor, donor_points, points) if donor_points is not None else donor
 
 
-def sbi_batch(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    prob: float,
-    gen: torch.Generator,
-    landmarker=None,
-    alteration: str = "mild",
-    paired: bool = False,
-    donor_prob: float = 0.0,
-    aligner=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
-    fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
-    ellipse. `paired`: the chosen reals stay and their self-blends are appended after the batch, in the same
-    order (the same draws as unpaired, so the same self-blends). `donor_prob`: the chance that a self-blend takes
-    its inside from another real face of the batch instead of its own (Face X-ray's blended images; see
-    self_blend), aligned to the face by `aligner`'s landmarks (a FaceLandmarker; None: unaligned); 0 draws
-    nothing more, so the self-blends stay those of a run without donors. Seeded from `gen`,
-    so a resumed run makes the same ones."""
-    images, labels, _, _ = sbi_batch_with_masks(
-        images, labels, prob, gen, landmarker, alteration, paired, donor_prob, aligner
-    )
+def sbi_batch(*args, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """sbi_batch_with_masks' images and labels alone (the same arguments, the same draws): what training
+    needs when no head learns the blends' boundaries."""
+    images, labels, _, _ = sbi_batch_with_masks(*args, **options)
     return images, labels
 
 
@@ -222,10 +248,20 @@ def sbi_batch_with_masks(
     paired: bool = False,
     donor_prob: float = 0.0,
     aligner=None,
+    donor_choice: str = "random",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sbi_batch (the same draws, the same images and labels), and the blending masks (N x H x W float, zero
-    for reals) and which images' masks are known (reals and self-blends; not the given fakes, whose
-    manipulated region is unknown), for dfdetect.boundary."""
+    """Turn a random share `prob` of the real images of a uint8 N x 3 x H x W CPU batch into self-blended
+    fakes (label 1), masked by the face hull where `landmarker` (dfdetect.landmarks) finds the face, else by an
+    ellipse. `paired`: the chosen reals stay and their self-blends are appended after the batch, in the same
+    order (the same draws as unpaired, so the same self-blends). `donor_prob`: the chance that a self-blend takes
+    its inside from another real face of the batch instead of its own (Face X-ray's blended images; see
+    self_blend), chosen as `donor_choice` says (see _donor_index) and aligned to the face by `aligner`'s
+    landmarks (a FaceLandmarker; None: unaligned); 0 draws nothing more, so the self-blends stay those of a run
+    without donors. Seeded from `gen`, so a resumed run makes the same ones.
+
+    Returns the images, the labels, the blending masks (N x H x W float, zero for reals) and which images' masks
+    are known (reals and self-blends; not the given fakes, whose manipulated region is unknown), for
+    dfdetect.boundary."""
     n, h, w = images.shape[0], images.shape[2], images.shape[3]
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -235,17 +271,18 @@ def sbi_batch_with_masks(
     rng = np.random.default_rng(seed)
     picked = torch.nonzero(chosen).flatten().tolist()
     reals = torch.nonzero(labels == 0).flatten().tolist()
+    mask_landmarks = _BatchLandmarks(images, landmarker) if landmarker is not None else None
+    align_landmarks = mask_landmarks if aligner is landmarker else _BatchLandmarks(images, aligner)
+    if aligner is None:
+        align_landmarks = None
     fakes, blend_masks = [], []
     for i in picked:
         face = images[i].permute(1, 2, 0).numpy()
-        points = landmarker.landmarks(face) if landmarker is not None else None
+        points = mask_landmarks(i) if mask_landmarks is not None else None
         donor = None
         if donor_prob > 0 and len(reals) > 1 and rng.random() < donor_prob:
-            if landmarker is None and aligner is not None:  # the face's own landmarks, not yet looked for
-                points_for_donor = aligner.landmarks(face)
-            else:
-                points_for_donor = points
-            donor = _donor_for(images, reals, i, rng, aligner, points_for_donor)
+            j = _donor_index(reals, i, rng, donor_choice, align_landmarks)
+            donor = _donor_for(images, j, align_landmarks(i) if align_landmarks is not None else None, align_landmarks)
         fake, mask = self_blend(face, rng, points, alteration, donor)
         fakes.append(torch.from_numpy(fake).permute(2, 0, 1))
         blend_masks.append(torch.from_numpy(mask).float())

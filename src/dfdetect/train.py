@@ -367,6 +367,7 @@ class Trainer:
             "paired": t.sbi.paired,
             "donor_prob": t.sbi.donor_prob,
             "aligner": self.aligner,
+            "donor_choice": t.sbi.donor_choice,
         }
 
     def _set_up_model(self) -> None:
