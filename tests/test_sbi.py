@@ -2,6 +2,7 @@
 real faces alone."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import face_frames, small_params
 
@@ -293,7 +294,11 @@ def test_the_shape_distance_ignores_position_scale_and_rotation_and_sees_a_turne
     assert shape_distance(front, _shape(0.0, scale=1.4, angle=0.3, shift=(7, -5))) < 1e-6
     slightly, strongly = shape_distance(front, _shape(0.2)), shape_distance(front, _shape(0.6))
     assert 0 < slightly < strongly
-    assert shape_distance(_shape(0.4), _shape(-0.4)) > strongly  # turned the other way: no mirror allowed
+    assert shape_distance(_shape(0.4), _shape(-0.4)) > strongly  # turned the other way
+    mirrored = front.copy()
+    mirrored[:, 0] = 128 - mirrored[:, 0]  # each eye, mouth corner on the other side, its label kept
+    assert shape_distance(front, mirrored) > 1  # a mirror is no rotation: no donor could be aligned so
+    assert shape_distance(_shape(0.2), front) == pytest.approx(slightly)
 
 
 class _ShapesByImage:
@@ -335,6 +340,11 @@ def test_nearest_donors_are_shaped_like_the_face_and_each_mesh_is_looked_up_once
         assert donors[0] in {1, 6, 7}  # face 0 (frontal) never gets a head turned far either way
         assert donors[3] in {4, 1, 6}  # face 3 (turned 0.6) gets 0.55 first
         assert finder.calls == 8  # every face's mesh once, however many blends asked for it
+    finder.calls = 0
+    sbi.sbi_batch(images, labels, 1.0, torch.Generator().manual_seed(0), finder, donor_prob=1.0, aligner=finder)
+    assert finder.calls == 8  # the mask's landmarker as the aligner: one lookup serves both
+    with pytest.raises(ValueError, match="nearest"):
+        sbi.sbi_batch(images, labels, 1.0, torch.Generator(), donor_prob=1.0, donor_choice="nearest")
     random_donors = set()
     for seed in range(12):
         donors.clear()

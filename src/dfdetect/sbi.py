@@ -186,7 +186,7 @@ def shape_distance(points: np.ndarray, other: np.ndarray) -> float:
     a, b = a - a.mean(0), b - b.mean(0)
     a, b = a / (np.linalg.norm(a) or 1.0), b / (np.linalg.norm(b) or 1.0)
     u, s, vt = np.linalg.svd(a.T @ b)
-    if np.linalg.det(u @ vt) < 0:  # a rotation, never a mirror: training flips faces, donors stay unflipped
+    if np.linalg.det(u @ vt) < 0:  # a rotation, never a mirror: aligned_donor cannot mirror a donor either
         s[-1] = -s[-1]
     return float(np.sqrt(max(0.0, 2.0 - 2.0 * s.sum())))
 
@@ -211,7 +211,8 @@ NEAREST_DONORS = 3  # donor_choice nearest draws among this many closest shapes:
 def _donor_index(reals: list[int], i: int, rng, choice: str, landmarks: _BatchLandmarks | None) -> int:
     """Which other real of the batch gives image `i` its inside. `random`: any, uniformly. `nearest`: one of the
     NEAREST_DONORS whose five landmarks are shaped most like i's (shape_distance; Face X-ray's choice, so a
-    turned head gets a donor turned the same way); random where i's or every other face's landmarks are missing."""
+    turned head gets a donor turned the same way; faces without landmarks are never its donors, so fewer than
+    NEAREST_DONORS may be drawn among); random where i's or every other face's landmarks are missing."""
     points = landmarks(i) if choice == "nearest" and landmarks is not None else None
     if points is not None:
         others = [(shape_distance(points, landmarks(j)), j) for j in reals if j != i and landmarks(j) is not None]
@@ -257,11 +258,17 @@ def sbi_batch_with_masks(
     its inside from another real face of the batch instead of its own (Face X-ray's blended images; see
     self_blend), chosen as `donor_choice` says (see _donor_index) and aligned to the face by `aligner`'s
     landmarks (a FaceLandmarker; None: unaligned); 0 draws nothing more, so the self-blends stay those of a run
-    without donors. Seeded from `gen`, so a resumed run makes the same ones.
+    without donors. Seeded from `gen`, so a resumed run makes the same ones. `nearest` looks up the mesh of
+    every real face of a batch that makes a donor blend (each once), `random` only those of the blended faces
+    and their donors.
 
     Returns the images, the labels, the blending masks (N x H x W float, zero for reals) and which images' masks
     are known (reals and self-blends; not the given fakes, whose manipulated region is unknown), for
     dfdetect.boundary."""
+    if donor_choice not in ("random", "nearest"):
+        raise ValueError(f"donor_choice must be 'random' or 'nearest', got {donor_choice!r}")
+    if donor_choice == "nearest" and donor_prob > 0 and aligner is None:
+        raise ValueError("donor_choice 'nearest' needs an aligner (a FaceLandmarker) to compare the faces' shapes")
     n, h, w = images.shape[0], images.shape[2], images.shape[3]
     chosen = (torch.rand(n, generator=gen) < prob) & (labels == 0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -272,9 +279,10 @@ def sbi_batch_with_masks(
     picked = torch.nonzero(chosen).flatten().tolist()
     reals = torch.nonzero(labels == 0).flatten().tolist()
     mask_landmarks = _BatchLandmarks(images, landmarker) if landmarker is not None else None
-    align_landmarks = mask_landmarks if aligner is landmarker else _BatchLandmarks(images, aligner)
     if aligner is None:
         align_landmarks = None
+    else:  # both faces' points for the alignment come from the aligner, shared with the mask's where one model
+        align_landmarks = mask_landmarks if aligner is landmarker else _BatchLandmarks(images, aligner)
     fakes, blend_masks = [], []
     for i in picked:
         face = images[i].permute(1, 2, 0).numpy()
