@@ -24,15 +24,16 @@ from dfdetect.config import load_params
 from dfdetect.data import load_split, preprocess_config
 from dfdetect.models import create_model
 from dfdetect.overrides import apply_overrides
-from dfdetect.sbi import sbi_batch
+from dfdetect.sbi import batch_options, sbi_batch
 from dfdetect.train import augmented_batch, model_input, train_step
 
 
-def step_seconds(model, optimizer, scaler, rt, train, pre, images, labels, gen) -> float:
-    """One training step of recipe `train` on a uint8 batch, in seconds."""
+def step_seconds(model, optimizer, scaler, rt, train, sbi_options, pre, images, labels, gen) -> float:
+    """One training step of recipe `train` on a uint8 batch, in seconds (`sbi_options`: its sbi_batch
+    arguments, the face mesh included where the recipe uses it)."""
     started = time.perf_counter()
     if train.sbi.mode != "none":
-        images, labels = sbi_batch(images, labels, train.sbi.prob, gen, None, train.sbi.alteration, train.sbi.paired)
+        images, labels = sbi_batch(images, labels, gen=gen, **sbi_options)
     x = model_input(augmented_batch(images, train.augment, gen, rt), pre, rt)
     train_step(model, optimizer, scaler, rt, x, labels.float())
     return time.perf_counter() - started
@@ -57,13 +58,15 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=base.train.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    sbi_options = {name: batch_options(params.train.sbi) for name, params in recipes.items()}
     times = {name: [] for name in recipes}
     for step in range(4 + args.steps):
         idx = np.sort(rng.choice(len(split.labels), base.train.batch_size, replace=False))
         images = torch.from_numpy(np.ascontiguousarray(split.images[idx])).permute(0, 3, 1, 2).contiguous()
         labels = torch.from_numpy(split.labels[idx])
         for name, params in recipes.items():
-            seconds = step_seconds(model, optimizer, scaler, rt, params.train, pre, images, labels, gen)
+            options = sbi_options[name]
+            seconds = step_seconds(model, optimizer, scaler, rt, params.train, options, pre, images, labels, gen)
             if step >= 4:
                 times[name].append(seconds)
     medians = {name: float(np.median(v)) for name, v in times.items()}

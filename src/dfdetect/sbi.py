@@ -232,6 +232,28 @@ def _donor_for(images: torch.Tensor, j: int, points, landmarks: _BatchLandmarks 
     return aligned_donor(donor, donor_points, points) if donor_points is not None else donor
 
 
+def batch_options(sbi) -> dict:
+    """sbi_batch's keyword arguments (besides the batch and its generator) for a `train.sbi` section
+    (dfdetect.config): the face mesh loaded once, for the masks (`mask: landmarks`) and for aligning donors
+    (`donor_prob` > 0, whatever the mask), so that a missing model fails before any work."""
+    landmarker = aligner = None
+    if sbi.mode != "none" and (sbi.mask == "landmarks" or sbi.donor_prob > 0):
+        from .landmarks import FaceLandmarker
+
+        mesh = FaceLandmarker.load()
+        landmarker = mesh if sbi.mask == "landmarks" else None
+        aligner = mesh if sbi.donor_prob > 0 else None
+    return {
+        "prob": sbi.prob,
+        "landmarker": landmarker,
+        "alteration": sbi.alteration,
+        "paired": sbi.paired,
+        "donor_prob": sbi.donor_prob,
+        "aligner": aligner,
+        "donor_choice": sbi.donor_choice,
+    }
+
+
 def sbi_batch(*args, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """sbi_batch_with_masks' images and labels alone (the same arguments, the same draws): what training
     needs when no head learns the blends' boundaries."""

@@ -33,6 +33,7 @@ from .mixture import MixtureSampler
 from .models import ModelError, count_parameters, create_model
 from .preprocessing import PreprocessConfig, standardize, to_size
 from .progress import progress
+from .sbi import batch_options as sbi_batch_options
 from .sbi import sbi_batch, sbi_batch_with_masks
 from .weight_space import LINEAGE_KEY as MIXED
 from .weight_space import mix_with_pretrained, pretrained_weights
@@ -350,25 +351,7 @@ class Trainer:
         self.val_split = load_split(self.prepared_dir, "val")
         if t.sbi.mode == "only":  # real faces only: every fake seen in training is self-blended
             self.train_split = _reals_only(self.train_split)
-        self.landmarker = None
-        if t.sbi.mode != "none" and t.sbi.mask == "landmarks":  # loaded before any work: a missing model fails now
-            from .landmarks import FaceLandmarker
-
-            self.landmarker = FaceLandmarker.load()
-        self.aligner = None  # aligns donor faces (train.sbi.donor_prob) by their landmarks, whatever the mask
-        if t.sbi.mode != "none" and t.sbi.donor_prob > 0:
-            from .landmarks import FaceLandmarker
-
-            self.aligner = self.landmarker or FaceLandmarker.load()
-        self.sbi_options = {
-            "prob": t.sbi.prob,
-            "landmarker": self.landmarker,
-            "alteration": t.sbi.alteration,
-            "paired": t.sbi.paired,
-            "donor_prob": t.sbi.donor_prob,
-            "aligner": self.aligner,
-            "donor_choice": t.sbi.donor_choice,
-        }
+        self.sbi_options = sbi_batch_options(t.sbi)  # loads the face mesh now: a missing model fails before any work
 
     def _set_up_model(self) -> None:
         """The network, its frozen part, the weight average that ships, the optimizer, schedule and scaler."""
