@@ -272,14 +272,14 @@ def test_training_with_donor_blends_aligns_the_donors_by_their_landmarks(prepare
 
 
 def _shape(yaw: float, scale: float = 1.0, angle: float = 0.0, shift=(0.0, 0.0)) -> np.ndarray:
-    """A 478-point stand-in for a face mesh whose five landmarks are a face turned by `yaw` (the nose moved
+    """A 468-point stand-in for a face mesh whose five landmarks are a face turned by `yaw` (the nose moved
     toward one eye), then scaled, rotated in-plane and shifted: only yaw changes its shape."""
     from dfdetect.landmarks import EYE_CORNERS, MOUTH_CORNERS, NOSE_TIP
 
     five = np.array([[-20, -10], [20, -10], [30 * yaw, 8], [-14, 22], [14, 22]], np.float64)
     c, s = np.cos(angle), np.sin(angle)
     five = five @ np.array([[c, s], [-s, c]]) * scale + np.array(shift) + 64
-    points = np.full((478, 2), 64.0)
+    points = np.full((468, 2), 64.0)
     for k, pair in enumerate(EYE_CORNERS):
         points[list(pair)] = five[k]
     points[NOSE_TIP] = five[2]
@@ -323,7 +323,7 @@ def test_nearest_donors_are_shaped_like_the_face_and_each_mesh_is_looked_up_once
     finder = _ShapesByImage([_shape(y) for y in yaws])
     donors = []
     monkeypatch.setattr(
-        sbi, "_donor_for", lambda images, j, *rest: donors.append(j) or images[j].permute(1, 2, 0).numpy()
+        sbi, "_donor_for", lambda images, i, j, *rest: donors.append(j) or images[j].permute(1, 2, 0).numpy()
     )
     for seed in range(6):
         donors.clear()

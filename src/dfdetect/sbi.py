@@ -223,11 +223,11 @@ def _donor_index(reals: list[int], i: int, rng, choice: str, landmarks: _BatchLa
     return reals[-1] if j == i else j  # len - 1 draws skip the last index: it stands in for i
 
 
-def _donor_for(images: torch.Tensor, j: int, points, landmarks: _BatchLandmarks | None) -> np.ndarray:
-    """Image `j` of the batch as H x W x 3 uint8, aligned onto the face's landmarks `points` where both those
-    and the donor's (looked up in `landmarks`) are known, else as its crop frames it (prepare's crops are
-    centred)."""
+def _donor_for(images: torch.Tensor, i: int, j: int, landmarks: _BatchLandmarks | None) -> np.ndarray:
+    """Image `j` of the batch as H x W x 3 uint8, aligned onto image `i`'s face where `landmarks` (None: no
+    aligner) finds both faces, else as its crop frames it (prepare's crops are centred)."""
     donor = images[j].permute(1, 2, 0).numpy()
+    points = landmarks(i) if landmarks is not None else None
     donor_points = landmarks(j) if points is not None else None  # no lookup where the face has none
     return aligned_donor(donor, donor_points, points) if donor_points is not None else donor
 
@@ -312,7 +312,7 @@ def sbi_batch_with_masks(
         donor = None
         if donor_prob > 0 and len(reals) > 1 and rng.random() < donor_prob:
             j = _donor_index(reals, i, rng, donor_choice, align_landmarks)
-            donor = _donor_for(images, j, align_landmarks(i) if align_landmarks is not None else None, align_landmarks)
+            donor = _donor_for(images, i, j, align_landmarks)
         fake, mask = self_blend(face, rng, points, alteration, donor)
         fakes.append(torch.from_numpy(fake).permute(2, 0, 1))
         blend_masks.append(torch.from_numpy(mask).float())
