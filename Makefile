@@ -24,7 +24,7 @@ run: install  ## pull the versioned sample data and run prepare -> train -> eval
 test: install  ## lint, then the whole test suite (what .ci/run calls)
 	ruff check .
 	ruff format --check .
-	python -m pytest -q -ra
+	python -m pytest -q -ra --durations=15  # the slowest tests, to see where CI time goes
 
 test-fast: install  ## everything but the end-to-end tests that train
 	python -m pytest -q -ra -m "not slow"
